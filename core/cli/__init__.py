@@ -1,0 +1,70 @@
+"""The ``dinoscope`` command line.
+
+Sub-commands from ``core`` are listed in :data:`CORE_COMMANDS`. Domain packages add theirs through the
+entry-point group ``dinoscope.commands``: each entry point is a ``register(subparsers)`` function. This keeps
+``core`` free of any import of ``geodino`` or ``bio``.
+
+Every sub-command handler takes the parsed namespace and returns an exit status. A
+:class:`~core.errors.DinoscopeError` becomes a one-paragraph message on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+
+from core.errors import DinoscopeError
+
+log = logging.getLogger("dinoscope")
+
+# name -> module holding a ``register(subparsers)`` function; imported lazily so ``--help`` stays fast.
+CORE_COMMANDS: dict[str, str] = {
+    "weights": "core.cli.weights",
+}
+
+
+def _plugin_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
+    registrars = []
+    for ep in entry_points(group="dinoscope.commands"):
+        registrars.append(ep.load())
+    return registrars
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dinoscope", description="DINOv2 self-supervised vision for canopy "
+                                     "height mapping and cell-painting screens.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in CORE_COMMANDS.values():
+        importlib.import_module(module).register(sub)
+    for register in _plugin_registrars():
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 success, 2 user error, 1 unexpected failure)."""
+    from core.logging import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return int(args.func(args) or 0)
+    except DinoscopeError as err:
+        if args.verbose:
+            raise
+        print(f"dinoscope {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
