@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# dinoscope developer entry point. Each command sets up .venv on first use (CPU torch pinned by constraints.txt).
+#   ./dev.sh demo   set-up, then the main job on the embedded example data
+#   ./dev.sh test   set-up, then the test suite (what CI runs)
+#   ./dev.sh setup  set-up only
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+EXTRAS="geo,bio,dist,cluster,dev"
+
+setup() {
+  local stamp="$VENV/.dinoscope-installed"
+  if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt constraints.txt ]; then
+    return
+  fi
+  echo "==> setting up $VENV (torch pinned by constraints.txt)" >&2
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  # torch first, alone: with it in place nothing else can pull a CUDA build.
+  "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt torch
+  "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e ".[$EXTRAS]"
+  touch "$stamp"
+}
+
+export NO_ALBUMENTATIONS_UPDATE=1 DS_ACCELERATOR=cpu
+
+case "${1:-}" in
+  setup) setup ;;
+  demo)
+    setup
+    shift
+    exec "$VENV/bin/dinoscope" weights inspect tests/data/dinov2_reference/vit_p14_reg4.pt "$@"
+    ;;
+  test)
+    setup
+    shift
+    exec "$VENV/bin/python" -m pytest -q "$@"
+    ;;
+  *)
+    echo "usage: ./dev.sh demo|test|setup" >&2
+    exit 2
+    ;;
+esac
