@@ -1,0 +1,186 @@
+"""Typed schema of a pretraining (and distillation) recipe. Defaults are the DINOv2 ViT-L/16 defaults
+(facebookresearch/dinov2 ``ssl_default_config.yaml``) unless a comment says otherwise."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.errors import DinoscopeError
+
+
+@dataclass
+class ModelCfg:
+    arch: str = "vit_large"  # a core.models.BACKBONES name, or "custom" with embed_dim/depth/num_heads
+    patch_size: int = 16
+    img_size: int = 224  # positional-table size; other input sizes are interpolated
+    in_chans: int = 3
+    embed_dim: int = 0  # only for arch "custom"
+    depth: int = 0
+    num_heads: int = 0
+    drop_path_rate: float = 0.3
+    drop_path_uniform: bool = True
+    layerscale: float = 1e-5
+    ffn_layer: str = "mlp"
+    num_register_tokens: int = 0
+    interpolate_antialias: bool = False
+    interpolate_offset: float = 0.1
+    channel_adaptive: bool = False
+    attn_backend: str = "auto"
+    pretrained: str = ""  # initialise the student (and teacher) from these weights (load_backbone)
+
+
+@dataclass
+class HeadCfg:
+    n_prototypes: int = 65536
+    bottleneck_dim: int = 256
+    hidden_dim: int = 2048
+    nlayers: int = 3
+
+
+@dataclass
+class DinoCfg:
+    loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    head: HeadCfg = field(default_factory=HeadCfg)
+
+
+@dataclass
+class IbotCfg:
+    loss_weight: float = 1.0
+    mask_sample_probability: float = 0.5
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    separate_head: bool = False
+    head: HeadCfg = field(default_factory=HeadCfg)
+
+
+@dataclass
+class TeacherCfg:
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: float = 30
+    centering: str = "softmax"  # or "sinkhorn_knopp"
+
+
+@dataclass
+class OptimCfg:
+    epochs: int = 100
+    epoch_length: int = 1250  # iterations per "epoch", as DINOv2's OFFICIAL_EPOCH_LENGTH
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    base_lr: float = 0.004
+    scaling_rule: str = "sqrt_wrt_1024"  # or "none"
+    warmup_epochs: float = 10
+    min_lr: float = 1.0e-6
+    clip_grad: float = 3.0
+    freeze_last_layer_epochs: float = 1
+    patch_embed_lr_mult: float = 0.2
+    layerwise_decay: float = 0.9
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+
+@dataclass
+class CropsCfg:
+    global_crops_size: int = 224
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_crops_number: int = 8
+    local_crops_size: int = 96
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    channel_mode: str = "rgb"  # rgb | multispectral | fluorescence
+    blur_probs: str = "released"  # released | paper
+    mean: list[float] = field(default_factory=list)  # per channel; empty = ImageNet for RGB, else from the data
+    std: list[float] = field(default_factory=list)
+
+
+@dataclass
+class DataCfg:
+    kind: str = "image_folder"  # core.data.DATASET_KINDS, or a kind a domain package registers
+    params: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the dataset factory
+
+
+@dataclass
+class TrainCfg:
+    output_dir: str = "runs/pretrain"
+    batch_size_per_rank: int = 64
+    num_workers: int = 4
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    max_iters: int = 0  # 0 = epochs * epoch_length
+    checkpoint_every: int = 1250
+    keep_checkpoints: int = 3
+    log_every: int = 10
+
+
+@dataclass
+class DistCfg:
+    strategy: str = "single"  # single | deepspeed
+    zero_stage: int = 2
+    offload: bool = False
+
+
+@dataclass
+class EvalCfg:
+    every: int = 0  # iterations between kNN evaluations; 0 = off
+    train: DataCfg | None = None  # labelled sets for the periodic kNN
+    val: DataCfg | None = None
+    ks: list[int] = field(default_factory=lambda: [10, 20])
+
+
+@dataclass
+class DistillCfg:
+    teacher_weights: str = ""  # a frozen pretrained teacher (load_backbone) instead of the EMA teacher
+    teacher_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PretrainRecipe:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    dino: DinoCfg = field(default_factory=DinoCfg)
+    ibot: IbotCfg = field(default_factory=IbotCfg)
+    teacher: TeacherCfg = field(default_factory=TeacherCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    crops: CropsCfg = field(default_factory=CropsCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    dist: DistCfg = field(default_factory=DistCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    distill: DistillCfg = field(default_factory=DistillCfg)
+
+    def validate(self, path: str | os.PathLike | None = None) -> None:
+        """Impossible values fail here, before anything runs."""
+        choices = {
+            "teacher.centering": (self.teacher.centering, ("softmax", "sinkhorn_knopp")),
+            "train.precision": (self.train.precision, ("fp32", "bf16", "fp16")),
+            "dist.strategy": (self.dist.strategy, ("single", "deepspeed")),
+            "crops.channel_mode": (self.crops.channel_mode, ("rgb", "multispectral", "fluorescence")),
+            "crops.blur_probs": (self.crops.blur_probs, ("released", "paper")),
+            "optim.scaling_rule": (self.optim.scaling_rule, ("sqrt_wrt_1024", "none")),
+            "model.ffn_layer": (self.model.ffn_layer, ("mlp", "swiglu", "swiglufused")),
+        }
+        for key, (value, valid) in choices.items():
+            if value not in valid:
+                raise DinoscopeError(f"{key} is {value!r}", path=path, field=key, fix=f"use one of {valid}")
+        if self.dist.zero_stage not in (1, 2, 3):
+            raise DinoscopeError(f"dist.zero_stage is {self.dist.zero_stage}", path=path, field="dist.zero_stage",
+                                 fix="use 1, 2 or 3")
+        for key, value in (("train.batch_size_per_rank", self.train.batch_size_per_rank),
+                           ("optim.epochs", self.optim.epochs), ("optim.epoch_length", self.optim.epoch_length)):
+            if value < 1:
+                raise DinoscopeError(f"{key} must be at least 1, got {value}", path=path, field=key)
+        p = self.model.patch_size
+        for key, size in (("crops.global_crops_size", self.crops.global_crops_size),
+                          ("crops.local_crops_size", self.crops.local_crops_size)):
+            if size % p:
+                raise DinoscopeError(f"{key} {size} is not a multiple of model.patch_size {p}", path=path,
+                                     field=key, fix=f"use a multiple of {p}, e.g. {size - size % p or p}")
+        lo, hi = self.ibot.mask_ratio_min_max
+        if not 0 <= lo <= hi <= 1:
+            raise DinoscopeError("ibot.mask_ratio_min_max must satisfy 0 <= min <= max <= 1", path=path,
+                                 field="ibot.mask_ratio_min_max")
+
+    def total_iters(self) -> int:
+        return self.train.max_iters or self.optim.epochs * self.optim.epoch_length
