@@ -1,9 +1,144 @@
-"""`dinoscope cells` sub-commands (placeholder until the domain commands land)."""
+"""`dinoscope cells` sub-commands: well profiles from an embedding run, and their evaluation.
+
+    dinoscope cells profile RUN --platemap platemap.csv --out profiles.parquet
+    dinoscope cells evaluate profiles.parquet --out eval/
+
+Other cell commands plug in by adding a ``name -> add_parser`` entry to :data:`CELLS_COMMANDS`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def build_profiles(run_dir: str | os.PathLike, platemap_path: str | os.PathLike, out: str | os.PathLike, *,
+                   aggregate: str = "median", normalise: str = "mad_robustize", normalise_by: str = "plate",
+                   control_column: str = "role", control_value: str = "negative_control", level: str = "well",
+                   treatment_column: str = "treatment", drop_edge_cells: bool = False) -> dict[str, Any]:
+    """Aggregate, annotate, normalise (and optionally build treatment consensus); write Parquet atomically.
+
+    Returns the provenance stored in the Parquet file, which includes the plate-batch separation of the control
+    wells before and after normalisation.
+    """
+    from bio.evaluate import batch_separation
+    from bio.profiles import (aggregate_wells, annotate_wells, feature_columns, normalise_profiles, read_platemap,
+                              treatment_consensus, write_profiles)
+
+    platemap = read_platemap(platemap_path)  # read first: a bad plate map should fail before the long pass
+    wells = annotate_wells(aggregate_wells(run_dir, operation=aggregate, drop_edge_cells=drop_edge_cells), platemap)
+    controls = dict(control_column=control_column, control_value=control_value)
+    normalised = normalise_profiles(wells, method=normalise, by=None if normalise_by == "all" else "plate",
+                                    **controls)
+    separation = {"before_normalisation": batch_separation(wells, **controls),
+                  "after_normalisation": batch_separation(normalised, **controls)}
+    profiles = normalised if level == "well" else treatment_consensus(normalised, treatment_column=treatment_column,
+                                                                      operation=aggregate)
+    provenance = {"run": str(run_dir), "platemap": str(platemap_path), "aggregate": aggregate,
+                  "normalise": normalise, "normalise_by": normalise_by, "control_column": control_column,
+                  "control_value": control_value, "level": level, "drop_edge_cells": drop_edge_cells,
+                  "n_cells": int(wells["Metadata_n_cells"].sum()), "n_wells": int(len(wells)),
+                  "n_profiles": int(len(profiles)), "dim": len(feature_columns(profiles)),
+                  "batch_separation": separation}
+    write_profiles(profiles, out, provenance=provenance)
+    return provenance
+
+
+def _profile(args: argparse.Namespace) -> int:
+    provenance = build_profiles(args.run, args.platemap, args.out, aggregate=args.aggregate,
+                                normalise=args.normalise, normalise_by=args.normalise_by,
+                                control_column=args.control_column, control_value=args.control_value,
+                                level=args.level, treatment_column=args.treatment_column,
+                                drop_edge_cells=args.drop_edge_cells)
+    log.info("wrote %d %s profiles (%d cells, D=%d) to %s", provenance["n_profiles"], args.level,
+             provenance["n_cells"], provenance["dim"], args.out)
+    for stage, result in provenance["batch_separation"].items():
+        if "silhouette" in result:
+            log.info("plate separation of controls %s: silhouette %.3f, kNN plate accuracy %.2f (chance %.2f)",
+                     stage.replace("_", " "), result["silhouette"], result["knn_accuracy"],
+                     result["chance_accuracy"])
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from bio.evaluate import evaluate_profiles
+
+    metrics = evaluate_profiles(args.profiles, args.out, treatment_column=args.treatment_column,
+                                control_column=args.control_column, control_value=args.control_value,
+                                batch_column=args.batch_column, annotation_column=args.annotation_column,
+                                null_size=args.null_size, threshold=args.threshold, knn_k=args.knn_k,
+                                seed=args.seed, batch_size=args.batch_size)
+    activity = metrics["activity"]
+    if "skipped" in activity:
+        log.info("activity mAP skipped: %s", activity["skipped"])
+    else:
+        log.info("activity: mean mAP %.3f, %.0f%% of %d treatments retrieved at q < %g", activity["mean_map"],
+                 100 * activity["fraction_retrieved"], activity["n"], activity["threshold"])
+    log.info("wrote %s and %s", Path(args.out) / "metrics.json", Path(args.out) / "report.html")
+    return 0
+
+
+def _add_control_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--control-column", default="role", help="plate-map column marking controls")
+    parser.add_argument("--control-value", default="negative_control", help="value of negative-control wells")
+    parser.add_argument("--treatment-column", default="treatment", help="plate-map column naming treatments")
+
+
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="aggregate cell embeddings into normalised well profiles",
+                       description="Aggregate per-cell embeddings of RUN into well profiles, join the plate map, "
+                       "normalise each plate against its negative controls and write Parquet.")
+    p.add_argument("run", metavar="RUN", help="embedding run directory (embeddings.zarr + cells.parquet)")
+    p.add_argument("--platemap", required=True, help="CSV with plate, well, treatment, role (+ e.g. moa)")
+    p.add_argument("--out", required=True, help="output profiles .parquet")
+    p.add_argument("--aggregate", choices=("median", "mean"), default="median",
+                   help="cells -> well statistic (default: median)")
+    p.add_argument("--normalise", choices=("mad_robustize", "standardize", "spherize", "none"),
+                   default="mad_robustize", help="pycytominer method fitted on controls (default: mad_robustize)")
+    p.add_argument("--normalise-by", choices=("plate", "all"), default="plate",
+                   help="fit the normalisation per plate (default) or once on all controls")
+    p.add_argument("--level", choices=("well", "treatment"), default="well",
+                   help="write well profiles or treatment consensus profiles")
+    p.add_argument("--drop-edge-cells", action="store_true", help="skip cells flagged 'edge'")
+    _add_control_options(p)
+    p.set_defaults(func=_profile)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="mAP, kNN and batch-separation metrics for profiles",
+                       description="Score profiles: copairs mAP (activity vs controls, consistency by "
+                       "annotation), not-same-batch kNN, 1-NN macro-F1, plate separation; write metrics.json, "
+                       "figures and report.html into --out.")
+    p.add_argument("profiles", metavar="PROFILES", help="profiles .parquet from `dinoscope cells profile`")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--batch-column", default="plate", help="column whose values define batches for NSB kNN")
+    p.add_argument("--annotation-column", default="moa", help="annotation for consistency mAP (if present)")
+    p.add_argument("--null-size", type=int, default=10000, help="permutations for mAP p-values")
+    p.add_argument("--threshold", type=float, default=0.05, help="q-value threshold for 'retrieved'")
+    p.add_argument("--knn-k", type=int, default=1, help="neighbours for kNN (1 = CHAMMI 1-NN)")
+    p.add_argument("--batch-size", type=int, default=20000, help="pairs per copairs similarity batch")
+    p.add_argument("--seed", type=int, default=0)
+    _add_control_options(p)
+    p.set_defaults(func=_evaluate)
+
+
+CELLS_COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "profile": _add_profile,
+    "evaluate": _add_evaluate,
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this package's sub-commands to the `dinoscope` parser."""
+    """Add ``dinoscope cells`` and its sub-commands to the ``dinoscope`` parser."""
+    cells = subparsers.add_parser("cells", help="cell-painting screens: profiles and evaluation",
+                                  description="Cell-painting commands.")
+    sub = cells.add_subparsers(dest="cells_command", metavar="CELLS_COMMAND")
+    sub.required = True
+    for add in CELLS_COMMANDS.values():
+        add(sub)
