@@ -24,6 +24,8 @@ log = logging.getLogger("dinoscope")
 # name -> module holding a ``register(subparsers)`` function; imported lazily so ``--help`` stays fast.
 CORE_COMMANDS: dict[str, str] = {
     "weights": "core.cli.weights",
+    "pretrain": "core.cli.pretrain",
+    "eval": "core.cli.evaluate",
 }
 
 

@@ -107,7 +107,8 @@ def load_recipe(schema: type[T], path: str | os.PathLike | None = None, override
                 from None
         if not isinstance(data, dict):
             raise DinoscopeError("a recipe must be a mapping of sections", path=rpath)
-        data.pop("kind", None) if "kind" not in _fields_at(schema, "") else None
+        if "kind" not in _fields_at(schema, ""):
+            data.pop("kind", None)
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
         except OmegaConfBaseException as err:

@@ -73,3 +73,27 @@ def epoch_equivalent(iterations: int, batch_size: int, world_size: int, dataset_
 
 
 
+
+
+class ChannelsAsSamples(Dataset):
+    """Every channel of every image as its own single-channel sample (``H x W x 1``).
+
+    Bag-of-channels backbones encode each channel alone, so Channel-Adaptive DINO pretrains on single channels
+    (Cell-DINO's ``SEPARATE_CHANNELS`` mode, facebookresearch/dinov2 PR #575). Item ``i`` is channel ``i % C`` of
+    image ``i // C``; ``channel_names`` keeps one generic name.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.channels = len(dataset.channel_names)
+        self.channel_names = ["channel"]
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.channels
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.dataset[i // self.channels]
+        image, label = (item[0], item[1]) if isinstance(item, tuple) else (item, None)
+        c = i % self.channels
+        single = image[..., c:c + 1]
+        return single if label is None else (single, label)

@@ -1,0 +1,86 @@
+"""Recipe kinds: the ``kind:`` key of a recipe names its schema and the function that runs it.
+
+Core kinds are listed in :data:`CORE_KINDS`; domain packages add theirs through the entry-point group
+``dinoscope.recipes`` (``name = "package.module:OBJECT"`` where ``OBJECT`` is a :class:`RecipeKind`), so ``core``
+never imports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.errors import DinoscopeError
+
+ENTRY_POINT_GROUP = "dinoscope.recipes"
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeKind:
+    """A recipe kind.
+
+    Attributes:
+        schema: the dataclass a recipe of this kind is merged into (strict).
+        run: ``run(recipe, run_dir) -> exit status``; runs in every rank of a multi-process launch.
+        help: one line for ``dinoscope launch --help`` and the recipes README.
+        distributed: whether several processes make sense for this kind.
+    """
+
+    schema: type
+    run: Callable[[Any, Path], int]
+    help: str = ""
+    distributed: bool = True
+
+
+def _run_pretrain(recipe: Any, run_dir: Path) -> int:
+    from core.train.loop import train
+
+    train(recipe, run_dir)
+    return 0
+
+
+def _pretrain_schema() -> type:
+    from core.config.pretrain import PretrainRecipe
+
+    return PretrainRecipe
+
+
+CORE_KINDS: dict[str, Callable[[], RecipeKind]] = {
+    "pretrain": lambda: RecipeKind(_pretrain_schema(), _run_pretrain, "DINOv2 SSL pretraining (EMA teacher)"),
+    "distill": lambda: RecipeKind(_pretrain_schema(), _run_pretrain,
+                                  "DINOv2 distillation from a frozen pretrained teacher (distill.teacher_weights)"),
+}
+
+
+def recipe_kinds() -> dict[str, Callable[[], RecipeKind]]:
+    kinds: dict[str, Callable[[], RecipeKind]] = dict(CORE_KINDS)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        kinds.setdefault(ep.name, ep.load)
+    return kinds
+
+
+def get_kind(name: str, path: str | os.PathLike | None = None) -> RecipeKind:
+    kinds = recipe_kinds()
+    if name not in kinds:
+        raise DinoscopeError(f"unknown recipe kind {name!r}", path=path, field="kind",
+                             fix=f"use one of {sorted(kinds)}")
+    return kinds[name]()
+
+
+def recipe_kind_of(path: str | os.PathLike) -> str:
+    """The ``kind:`` of a recipe file (``pretrain`` when absent)."""
+    path = Path(path)
+    if not path.exists():
+        raise DinoscopeError("recipe not found", path=path, fix="check the path (recipes live under recipes/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise DinoscopeError(f"the recipe is not valid YAML ({err})", path=path) from None
+    kind = data.get("kind", "pretrain") if isinstance(data, dict) else "pretrain"
+    return str(kind)

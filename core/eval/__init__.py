@@ -1,0 +1,1 @@
+"""Frozen-feature evaluation: weighted kNN and linear probes (DINOv2 protocols)."""

@@ -1,0 +1,53 @@
+"""Export a training run's teacher backbone in the portable format (safetensors + JSON sidecar)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from core.errors import DinoscopeError
+from core.weights.meta import WeightMeta, default_channel_names, default_normalisation
+
+
+def export_run(run_dir: Path, out: Path, step: int | None = None) -> Path:
+    from core.config import PretrainRecipe, load_recipe
+    from core.ssl.build import backbone_kwargs
+    from core.train.checkpoint import consolidated_teacher_state_dict, find_latest
+    from core.weights import save_backbone
+    from core.weights.load import _META_KEYS
+
+    config = run_dir / "config.yaml"
+    if not config.exists():
+        raise DinoscopeError("not a run directory (no config.yaml)", path=run_dir,
+                             fix="pass the directory `dinoscope pretrain` wrote")
+    recipe = load_recipe(PretrainRecipe, config)
+    ckpt = find_latest(run_dir) if step is None else run_dir / "checkpoints" / f"step_{step:08d}"
+    if ckpt is None or not Path(ckpt).exists():
+        raise DinoscopeError("the run has no checkpoint to export", path=run_dir / "checkpoints",
+                             fix="train for at least train.checkpoint_every iterations first")
+    teacher = consolidated_teacher_state_dict(Path(ckpt))
+    backbone = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
+    from core.models import ARCH_SIZES
+
+    kwargs = backbone_kwargs(recipe.model)
+    if recipe.model.arch != "custom":
+        dim, depth, heads = ARCH_SIZES[recipe.model.arch]
+        kwargs.update(embed_dim=dim, depth=depth, num_heads=heads)
+    kwargs["mlp_ratio"] = 4.0
+    c = recipe.model.in_chans
+    mean, std = (list(recipe.crops.mean), list(recipe.crops.std)) if recipe.crops.mean else default_normalisation(c)
+    if recipe.crops.channel_mode == "fluorescence":
+        mean, std = [0.0] * c, [1.0] * c
+    names = _channel_names(recipe, c)
+    meta = WeightMeta(arch=recipe.model.arch, model_kwargs={k: v for k, v in kwargs.items() if k in _META_KEYS},
+                      channel_names=names, mean=mean, std=std, source_format="dinoscope",
+                      extra={"recipe": yaml.safe_load(config.read_text()), "checkpoint": str(ckpt),
+                             "input_normalisation": "per_image_zscore" if recipe.crops.channel_mode == "fluorescence"
+                             else "fixed"})
+    return save_backbone(backbone, meta, out)
+
+
+def _channel_names(recipe: object, c: int) -> list[str]:
+    names = getattr(recipe.data, "params", {}).get("channel_names") if hasattr(recipe, "data") else None
+    return list(names) if names and len(names) == c else default_channel_names(c)
