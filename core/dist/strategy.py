@@ -1,0 +1,362 @@
+"""Training strategies: who owns backward, clipping, the optimizer step, the EMA teacher and model state.
+
+The SSL meta-architecture only computes losses; a :class:`Strategy` does everything that depends on how the job is
+distributed. The training loop drives it the same way whatever the backend::
+
+    strategy.setup(student, teacher, param_groups, grad_clip=3.0, precision="bf16")
+    for it in ...:
+        for group in strategy.param_groups: group["lr"] = ...   # the loop owns the schedules
+        with strategy.autocast():
+            loss = meta_arch.compute_losses(batch)              # student forward happens in here
+        strategy.backward(loss)                                 # grad_accum times per step
+        grad_norms = strategy.clip_and_step()                   # {sub-module name: pre-clip grad norm}
+        strategy.zero_grad()
+        strategy.update_teacher(momentum)
+
+Implementations: :class:`SingleProcessStrategy` (plain PyTorch, data parallel over an existing process group) and
+``DeepSpeedStrategy`` (ZeRO 1/2/3, in :mod:`core.dist.deepspeed_strategy`, the only module importing deepspeed).
+:func:`build_strategy` picks one from an explicit name table and imports the DeepSpeed module lazily.
+
+Gradient clipping follows DINOv2 (Oquab et al. 2023, facebookresearch/dinov2 ``train.py``): each direct child of the
+student (backbone, dino_head, ibot_head...) is clipped to ``grad_clip`` on its own, not one global norm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from core.dist.env import average_gradients, get_rank, get_world_size
+from core.errors import DinoscopeError
+from core.train.ema import update_teacher
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Files a strategy writes into a checkpoint directory. The teacher is always a plain, full state dict so that it can
+# be read without DeepSpeed (see core.train.checkpoint.consolidated_teacher_state_dict).
+TEACHER_FILE = "teacher.pt"
+STUDENT_FILE = "student.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """What the training loop needs from a distribution backend."""
+
+    kind: str  # written into checkpoints; loading refuses a checkpoint of another kind
+
+    def setup(self, student: nn.Module, teacher: nn.Module, param_groups: Sequence[Mapping[str, Any]], *,
+              grad_clip: float | None = None, precision: Precision = "fp32", betas: tuple[float, float] | None = None,
+              eps: float | None = None) -> None:
+        """Take ownership of the modules and build the AdamW optimizer from ``param_groups``.
+
+        ``betas``/``eps`` given here override the constructor's (the loop owns the optimizer settings).
+        """
+
+    @property
+    def optimizer(self) -> Any:
+        """Object with the live ``param_groups`` (a torch optimizer or DeepSpeed's wrapper of one)."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Live optimizer groups (custom keys kept) whose ``lr``/``weight_decay`` the loop sets every step."""
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """Context for student and teacher forward passes and the loss.
+
+        Student forwards must run through the student's direct children (``student["backbone"](x)``...): the
+        DeepSpeed strategy hooks its once-per-micro-batch engine bookkeeping there.
+        """
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's mean-reduced loss (scaled by ``1/grad_accum``)."""
+
+    def clip_and_step(self) -> dict[str, float]:
+        """Average gradients over ranks, clip, step; returns the pre-clip grad norm of each student sub-module."""
+
+    def zero_grad(self) -> None: ...
+
+    def update_teacher(self, momentum: float) -> None:
+        """EMA ``t <- m t + (1 - m) s`` of every teacher parameter from the full student parameter."""
+
+    def save(self, directory: Path) -> None:
+        """Write model and optimizer state into ``directory`` (collective: every rank calls it)."""
+
+    def load(self, directory: Path) -> None:
+        """Restore what :meth:`save` wrote (collective)."""
+
+    def full_teacher_state_dict(self) -> dict[str, torch.Tensor]:
+        """Complete fp32 teacher state on rank 0 (CPU tensors), ``{}`` on other ranks (collective)."""
+
+    def full_student_state_dict(self) -> dict[str, torch.Tensor]:
+        """Complete fp32 student state on rank 0, ``{}`` on other ranks (collective)."""
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise DinoscopeError(f"unknown precision {precision!r}", field="precision",
+                             fix=f"use one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def check_grad_clip(grad_clip: float | None) -> float | None:
+    if grad_clip is not None and not grad_clip > 0:
+        raise DinoscopeError(f"grad_clip must be positive or null, got {grad_clip}", field="grad_clip",
+                             fix="use a positive max norm (DINOv2 uses 3.0) or null to disable clipping")
+    return grad_clip
+
+
+def autocast_context(precision: str, device_type: str) -> contextlib.AbstractContextManager[None]:
+    """``torch.autocast`` for bf16/fp16, nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def submodule_parameters(student: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Trainable parameters per direct child of the student: the units that DINOv2 clips separately."""
+    groups = {name: [p for p in child.parameters() if p.requires_grad] for name, child in student.named_children()}
+    own = [p for p in student.parameters(recurse=False) if p.requires_grad]
+    if own:
+        groups["_root"] = own
+    return {name: params for name, params in groups.items() if params}
+
+
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def load_torch_file(path: Path, what: str) -> Any:
+    """``torch.load(weights_only=True)`` with a clear error for a missing or unreadable checkpoint file."""
+    if not path.is_file():
+        raise DinoscopeError(f"the {what} file of this checkpoint is missing", path=path,
+                             fix="resume from a complete checkpoint directory (see the `latest` pointer)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several unrelated types for truncated or foreign files
+        raise DinoscopeError(f"cannot read the {what} file ({type(err).__name__}: {err})", path=path,
+                             fix="the file is damaged or not a dinoscope checkpoint; resume from an older step")\
+            from None
+
+
+def load_module_state(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise DinoscopeError(f"the {what} in this checkpoint does not match the model ({err})", path=path,
+                             field=what, fix="resume with the same model configuration the checkpoint was made with")\
+            from None
+
+
+class SingleProcessStrategy:
+    """Plain PyTorch training, data parallel when a process group with several ranks exists.
+
+    Data parallelism is done by averaging gradients with bucketed all-reduces at the step (after all micro-batches),
+    the same arithmetic as DDP's mean. DDP itself is not used because the student is a ``ModuleDict`` without a
+    ``forward``, its sub-modules run several times per step (global and local crops) and some heads may be idle in a
+    step; the price is that communication does not overlap with backward. Parameters and buffers are broadcast
+    from rank 0 at setup so every rank starts from the same weights.
+
+    Args:
+        grad_accum: micro-batches per optimizer step; each loss is scaled by ``1/grad_accum``.
+        betas, eps: AdamW hyper-parameters (DINOv2: (0.9, 0.999), 1e-8).
+        data_parallel: average gradients over the process group; default: when one with >1 ranks exists.
+    """
+
+    kind = "single"
+
+    def __init__(self, *, grad_accum: int = 1, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 data_parallel: bool | None = None) -> None:
+        if grad_accum < 1:
+            raise DinoscopeError(f"grad_accum must be >= 1, got {grad_accum}", field="grad_accum")
+        self.grad_accum = int(grad_accum)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
+        self._data_parallel_arg = data_parallel
+        self.data_parallel = False
+        self.grad_clip: float | None = None
+        self.precision = "fp32"
+        self._student: nn.Module | None = None
+        self._teacher: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._scaler: torch.amp.GradScaler | None = None
+
+    # -- setup -------------------------------------------------------------------------------------------------
+    def setup(self, student: nn.Module, teacher: nn.Module, param_groups: Sequence[Mapping[str, Any]], *,
+              grad_clip: float | None = None, precision: Precision = "fp32", betas: tuple[float, float] | None = None,
+              eps: float | None = None) -> None:
+        self.betas = self.betas if betas is None else (float(betas[0]), float(betas[1]))
+        self.eps = self.eps if eps is None else float(eps)
+        self.precision = check_precision(precision)
+        self.grad_clip = check_grad_clip(grad_clip)
+        self._student, self._teacher = student, teacher
+        teacher.requires_grad_(False)
+        world = get_world_size()
+        self.data_parallel = world > 1 if self._data_parallel_arg is None else bool(self._data_parallel_arg)
+        if self.data_parallel and world > 1:
+            _broadcast_module(student)
+            _broadcast_module(teacher)
+        self._optimizer = torch.optim.AdamW([dict(g) for g in param_groups], betas=self.betas, eps=self.eps)
+        if self.precision == "fp16":
+            self._scaler = torch.amp.GradScaler(self._device_type())
+        log.info("single-process strategy: precision %s, grad_clip %s per sub-module, data parallel over %d rank(s)",
+                 self.precision, self.grad_clip, world if self.data_parallel else 1)
+
+    @property
+    def student(self) -> nn.Module:
+        if self._student is None:
+            raise RuntimeError("call setup() first")
+        return self._student
+
+    @property
+    def teacher(self) -> nn.Module:
+        if self._teacher is None:
+            raise RuntimeError("call setup() first")
+        return self._teacher
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            raise RuntimeError("call setup() first")
+        return self._optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def _device_type(self) -> str:
+        first = next(self.student.parameters(), None)
+        return "cpu" if first is None else first.device.type
+
+    # -- step --------------------------------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        return autocast_context(self.precision, self._device_type())
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.grad_accum if self.grad_accum > 1 else loss
+        if self._scaler is not None:
+            loss = self._scaler.scale(loss)
+        loss.backward()
+
+    def clip_and_step(self) -> dict[str, float]:
+        if self.data_parallel and get_world_size() > 1:
+            # reduce before unscaling so an inf on any rank makes every rank skip the step
+            average_gradients(list(self.student.parameters()))
+        if self._scaler is not None:
+            self._scaler.unscale_(self.optimizer)
+        norms = {}
+        for name, params in submodule_parameters(self.student).items():
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads:
+                continue
+            if self.grad_clip is None:
+                norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.grad_clip,
+                                                      foreach=True)
+            norms[name] = float(norm)
+        if self._scaler is not None:
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+        else:
+            self.optimizer.step()
+        return norms
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def update_teacher(self, momentum: float) -> None:
+        update_teacher(self.teacher, self.student, momentum)
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        if get_rank() == 0:  # every rank holds identical state
+            torch.save(cpu_state_dict(self.student), directory / STUDENT_FILE)
+            torch.save(cpu_state_dict(self.teacher), directory / TEACHER_FILE)
+            torch.save({"optimizer": self.optimizer.state_dict(),
+                        "scaler": None if self._scaler is None else self._scaler.state_dict()},
+                       directory / OPTIMIZER_FILE)
+
+    def load(self, directory: Path) -> None:
+        directory = Path(directory)
+        if not (directory / STUDENT_FILE).is_file() and (directory / DEEPSPEED_DIR).is_dir():
+            raise DinoscopeError("this checkpoint was written by the DeepSpeed strategy", path=directory,
+                                 field="strategy", fix="resume with strategy 'deepspeed' and the same zero_stage")
+        load_module_state(self.student, load_torch_file(directory / STUDENT_FILE, "student"),
+                          directory / STUDENT_FILE, "student")
+        load_module_state(self.teacher, load_torch_file(directory / TEACHER_FILE, "teacher"),
+                          directory / TEACHER_FILE, "teacher")
+        state = load_torch_file(directory / OPTIMIZER_FILE, "optimizer")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise DinoscopeError(f"the optimizer state does not match the parameter groups ({err})",
+                                 path=directory / OPTIMIZER_FILE, field="optimizer",
+                                 fix="resume with the same model and parameter-group settings") from None
+        if self._scaler is not None and state.get("scaler"):
+            self._scaler.load_state_dict(state["scaler"])
+
+    def full_teacher_state_dict(self) -> dict[str, torch.Tensor]:
+        return cpu_state_dict(self.teacher) if get_rank() == 0 else {}
+
+    def full_student_state_dict(self) -> dict[str, torch.Tensor]:
+        return cpu_state_dict(self.student) if get_rank() == 0 else {}
+
+
+def _broadcast_module(module: nn.Module) -> None:
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
+# Options of the DeepSpeed strategy that a recipe's dist section always carries; meaningless without ZeRO.
+_DEEPSPEED_ONLY = frozenset({"zero_stage", "offload", "micro_batch_size", "ds_overrides", "module_grad_norms",
+                             "ema_gather_numel"})
+
+
+def _single(**kwargs: Any) -> Strategy:
+    ignored = sorted(_DEEPSPEED_ONLY.intersection(kwargs))
+    if kwargs.get("offload"):
+        log.warning("dist.offload is ignored by the single-process strategy")
+    if ignored:
+        log.debug("single-process strategy ignores %s", ignored)
+    return SingleProcessStrategy(**{k: v for k, v in kwargs.items() if k not in _DEEPSPEED_ONLY})
+
+
+def _deepspeed(**kwargs: Any) -> Strategy:
+    try:
+        module = importlib.import_module("core.dist.deepspeed_strategy")
+    except ImportError as err:
+        raise DinoscopeError(f"strategy 'deepspeed' needs the deepspeed package ({err})", field="dist.strategy",
+                             fix="pip install 'dinoscope[dist]', or use strategy 'single'") from None
+    return module.DeepSpeedStrategy(**kwargs)
+
+
+STRATEGIES: dict[str, Callable[..., Strategy]] = {"single": _single, "deepspeed": _deepspeed}
+
+
+def build_strategy(name: str, **kwargs: Any) -> Strategy:
+    """Build a strategy by name (``single`` or ``deepspeed``); keyword arguments go to its constructor."""
+    if name not in STRATEGIES:
+        raise DinoscopeError(f"unknown strategy {name!r}", field="dist.strategy",
+                             fix=f"use one of {', '.join(sorted(STRATEGIES))}")
+    try:
+        return STRATEGIES[name](**kwargs)
+    except TypeError as err:
+        raise DinoscopeError(f"bad options for strategy {name!r}: {err}", field="dist", fix="check the dist section")\
+            from None
