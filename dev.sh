@@ -29,7 +29,7 @@ case "${1:-}" in
   demo)
     setup
     shift
-    exec "$VENV/bin/dinoscope" weights inspect tests/data/dinov2_reference/vit_p14_reg4.pt "$@"
+    exec "$VENV/bin/dinoscope" demo "$@"
     ;;
   test)
     setup

@@ -26,6 +26,8 @@ CORE_COMMANDS: dict[str, str] = {
     "weights": "core.cli.weights",
     "pretrain": "core.cli.pretrain",
     "eval": "core.cli.evaluate",
+    "launch": "core.cli.launch",
+    "demo": "core.cli.demo",
 }
 
 
