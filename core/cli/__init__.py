@@ -56,7 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from core.logging import setup_logging
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may follow options (`pretrain R --output-dir D a.b=1`); anything else is an error.
+    stray = [a for a in extra if "=" in a and not a.startswith("-")]
+    if len(stray) != len(extra) or (stray and not isinstance(getattr(args, "overrides", None), list)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if stray:
+        args.overrides = list(args.overrides) + stray
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)

@@ -1,6 +1,6 @@
 """``dinoscope demo [--out DIR] [--quick]``: the main job on embedded data, end to end, with an HTML report.
 
-The steps are CLI invocations listed in ``recipes/demo/demo.yaml`` (so core stays free of domain imports): SSL
+The steps are CLI invocations listed in ``core/cli/demo_steps.yaml`` (so core stays free of domain imports): SSL
 pretraining on embedded synthetic data, export, kNN evaluation, then the canopy and cell-painting chains. Each
 step's outputs stay in ``DIR``; ``DIR/index.html`` links every picture and metrics file. Re-running resumes:
 finished steps (their ``done`` marker exists) are skipped.
@@ -22,7 +22,7 @@ from core.io import atomic_path
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
-DEMO_FILE = ROOT / "recipes" / "demo" / "demo.yaml"
+DEMO_FILE = Path(__file__).with_name("demo_steps.yaml")
 
 
 def _expand(argv: list, out: Path, quick: bool) -> list[str]:

@@ -61,8 +61,13 @@ CORE_KINDS: dict[str, Callable[[], RecipeKind]] = {
 def recipe_kinds() -> dict[str, Callable[[], RecipeKind]]:
     kinds: dict[str, Callable[[], RecipeKind]] = dict(CORE_KINDS)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        kinds.setdefault(ep.name, ep.load)
+        kinds.setdefault(ep.name, lambda ep=ep: _as_kind(ep.load()))
     return kinds
+
+
+def _as_kind(obj: Any) -> RecipeKind:
+    """Entry points name either a RecipeKind or a zero-argument callable returning one (cheap to import)."""
+    return obj if isinstance(obj, RecipeKind) else obj()
 
 
 def get_kind(name: str, path: str | os.PathLike | None = None) -> RecipeKind:

@@ -177,6 +177,15 @@ class PretrainRecipe:
             if size % p:
                 raise DinoscopeError(f"{key} {size} is not a multiple of model.patch_size {p}", path=path,
                                      field=key, fix=f"use a multiple of {p}, e.g. {size - size % p or p}")
+        total = self.total_iters()
+        o = self.optim
+        for key, epochs in (("optim.warmup_epochs", o.warmup_epochs),
+                            ("teacher.warmup_teacher_temp_epochs", self.teacher.warmup_teacher_temp_epochs),
+                            ("optim.freeze_last_layer_epochs", o.freeze_last_layer_epochs)):
+            if round(epochs * o.epoch_length) > total:
+                raise DinoscopeError(f"{key} = {epochs} epochs is {round(epochs * o.epoch_length)} iterations, more "
+                                     f"than the {total} the run has", path=path, field=key,
+                                     fix=f"shorten it to at most {total / o.epoch_length:g} epochs or train longer")
         lo, hi = self.ibot.mask_ratio_min_max
         if not 0 <= lo <= hi <= 1:
             raise DinoscopeError("ibot.mask_ratio_min_max must satisfy 0 <= min <= max <= 1", path=path,

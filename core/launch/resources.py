@@ -1,0 +1,188 @@
+"""Typed launch resources: how many processes, on which machines, for how long.
+
+Resources are kept apart from recipes (style.md §6.3): a recipe says *what* to train, a resource file under
+``recipes/launch/`` says *where*. Both go through the same strict loader (:func:`core.config.load_recipe`), so a
+typo in a resource file fails naming the closest valid key. Precedence, lowest first: the defaults below, the
+``--resources`` file, ``launch.<key>=value`` overrides on the command line, the dedicated ``--nodes``/``--nproc``/...
+flags.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.errors import DinoscopeError
+
+LAUNCHERS = ("local", "torchrun", "deepspeed", "slurm")
+SUBMITIT_CLUSTERS = ("slurm", "local")
+_MEM_RE = re.compile(r"^\d+(\.\d+)?([KMGT]B?)?$", re.IGNORECASE)
+_SBATCH_RE = re.compile(r"^--([A-Za-z][A-Za-z0-9_-]*)(?:=(.+))?$")
+_UNQUOTED_TIME_RE = re.compile(r"^time:[ \t]*([0-9][0-9-]*:[0-9:]*)[ \t]*(?:#.*)?$", re.MULTILINE)
+
+
+@dataclass
+class LaunchResources:
+    """Everything the launcher needs besides the recipe.
+
+    Attributes:
+        launcher: ``local`` (one process, in-process), ``torchrun`` or ``deepspeed`` (``nproc_per_node`` processes
+            on this machine) or ``slurm`` (a submitit job; one task per GPU).
+        nodes: machines (SLURM only; the local launchers use this machine).
+        nproc_per_node: processes per machine for torchrun/deepspeed, and SLURM tasks per node without GPUs.
+        gpus_per_node: GPUs per SLURM node; one task is started per GPU.
+        cpus_per_task: CPU cores per task (0 = cluster default).
+        mem: memory per node, SLURM syntax (``480G``; empty = cluster default; ``0`` = all of it).
+        partition, account, qos, constraint: the SLURM options of the same names (empty = not set).
+        time: wall-clock limit, SLURM syntax (``MM``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM:SS``).
+        job_name: SLURM job name.
+        sbatch_extra: further sbatch options, each ``--key=value`` or ``--flag``.
+        setup: shell lines run before the tasks start (``module load ...``).
+        env: environment variables set in every process.
+        requeue: on pre-emption or near the time limit, requeue the job; it resumes from the run's latest checkpoint.
+        max_timeout_requeues: how many times a job that hits its time limit is requeued.
+        signal_delay_s: seconds before the limit at which SLURM warns the job (time to requeue cleanly).
+        master_port: rendezvous port (0 = derived from the SLURM job id, or a free port locally).
+        global_batch_size: if set, ``train.batch_size_per_rank * world size`` must equal it (0 = no check).
+        cluster: submitit cluster for ``launcher: slurm``: ``slurm`` (sbatch) or ``local`` (submitit's local executor,
+            one machine, for testing the job function).
+        submitit_dir: where submitit keeps job pickles and logs (default ``<run dir>/submitit``).
+    """
+
+    launcher: str = "local"
+    nodes: int = 1
+    nproc_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 0
+    mem: str = ""
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    time: str = ""
+    job_name: str = "dinoscope"
+    sbatch_extra: list[str] = field(default_factory=list)
+    setup: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    requeue: bool = True
+    max_timeout_requeues: int = 3
+    signal_delay_s: int = 120
+    master_port: int = 0
+    global_batch_size: int = 0
+    cluster: str = "slurm"
+    submitit_dir: str = ""
+
+    def validate(self, path: str | os.PathLike | None = None) -> None:
+        """Impossible combinations fail here, before anything is started or submitted."""
+        for key, value, valid in (("launcher", self.launcher, LAUNCHERS), ("cluster", self.cluster, SUBMITIT_CLUSTERS)):
+            if value not in valid:
+                raise DinoscopeError(f"launch.{key} is {value!r}", path=path, field=f"launch.{key}",
+                                     fix=f"use one of {valid}")
+        for key in ("nodes", "nproc_per_node"):
+            if getattr(self, key) < 1:
+                raise DinoscopeError(f"launch.{key} must be at least 1, got {getattr(self, key)}", path=path,
+                                     field=f"launch.{key}")
+        for key in ("gpus_per_node", "cpus_per_task", "max_timeout_requeues", "signal_delay_s", "master_port",
+                    "global_batch_size"):
+            if getattr(self, key) < 0:
+                raise DinoscopeError(f"launch.{key} must not be negative, got {getattr(self, key)}", path=path,
+                                     field=f"launch.{key}")
+        if self.mem and not _MEM_RE.match(self.mem):
+            raise DinoscopeError(f"launch.mem {self.mem!r} is not a SLURM memory size", path=path, field="launch.mem",
+                                 fix="e.g. 480G, 512000M or 0 (all the node's memory)")
+        if self.time:
+            parse_time_minutes(self.time, path)
+        sbatch_options(self.sbatch_extra, path)
+        if self.launcher in ("local", "torchrun", "deepspeed") and self.nodes > 1:
+            raise DinoscopeError(f"launcher {self.launcher!r} runs on this machine only, but launch.nodes is "
+                                 f"{self.nodes}", path=path, field="launch.nodes",
+                                 fix="use --launcher slurm for several nodes, or --nodes 1")
+        if self.launcher == "local" and self.nproc_per_node > 1:
+            raise DinoscopeError(f"launcher 'local' runs one process, but launch.nproc_per_node is "
+                                 f"{self.nproc_per_node}", path=path, field="launch.nproc_per_node",
+                                 fix="use --launcher torchrun (or deepspeed) for several local processes")
+        if self.launcher == "slurm" and self.cluster == "slurm" and not self.time:
+            raise DinoscopeError("a SLURM job needs a time limit", path=path, field="launch.time",
+                                 fix="pass --time 72:00:00 or set time: in the resources file")
+        if self.launcher == "slurm" and self.cluster == "local" and self.nodes > 1:
+            raise DinoscopeError("submitit's local executor runs on one machine", path=path, field="launch.nodes",
+                                 fix="use launch.cluster=slurm for several nodes")
+
+    @property
+    def tasks_per_node(self) -> int:
+        """Processes per node: one per GPU on SLURM when GPUs are requested, else ``nproc_per_node``."""
+        if self.launcher == "local":
+            return 1
+        if self.launcher == "slurm" and self.gpus_per_node > 0:
+            return self.gpus_per_node
+        return self.nproc_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+def parse_time_minutes(text: str, path: str | os.PathLike | None = None) -> int:
+    """SLURM time limit -> whole minutes (rounded up). Accepts ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``,
+    ``D-H:M:S`` (the formats of ``sbatch --time``)."""
+    text = str(text).strip()
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if match is None:
+        raise DinoscopeError(f"launch.time {text!r} is not a SLURM time limit", path=path, field="launch.time",
+                             fix="use minutes (90), HH:MM:SS (72:00:00) or D-HH:MM:SS (3-00:00:00)")
+    days, first, second, third = match.groups()
+    if days is not None:  # D-H, D-H:M, D-H:M:S
+        seconds = int(days) * 86400 + int(first) * 3600 + int(second or 0) * 60 + int(third or 0)
+    elif third is not None:  # H:M:S
+        seconds = int(first) * 3600 + int(second) * 60 + int(third)
+    else:  # M or M:S
+        seconds = int(first) * 60 + int(second or 0)
+    if seconds <= 0:
+        raise DinoscopeError(f"launch.time {text!r} is zero", path=path, field="launch.time",
+                             fix="give a positive time limit")
+    return -(-seconds // 60)
+
+
+def sbatch_options(lines: list[str], path: str | os.PathLike | None = None) -> dict[str, str | bool]:
+    """``["--exclusive", "--mail-type=END"]`` -> ``{"exclusive": True, "mail-type": "END"}`` (``#SBATCH`` optional)."""
+    options: dict[str, str | bool] = {}
+    for line in lines:
+        text = str(line).strip()
+        text = text[len("#SBATCH"):].strip() if text.upper().startswith("#SBATCH") else text
+        match = _SBATCH_RE.match(text)
+        if match is None:
+            raise DinoscopeError(f"launch.sbatch_extra entry {line!r} is not an sbatch option", path=path,
+                                 field="launch.sbatch_extra", fix="write each as --key=value or --flag")
+        options[match[1]] = match[2] if match[2] is not None else True
+    return options
+
+
+def _quote_times(path: str | os.PathLike | None, overrides: list[str]) -> list[str]:
+    """YAML 1.1 reads an unquoted ``72:00:00`` as the base-60 integer 259200; keep SLURM times as written."""
+    fixed = []
+    if path is not None and Path(path).is_file():
+        match = _UNQUOTED_TIME_RE.search(Path(path).read_text())
+        if match:
+            fixed.append(f'time="{match[1]}"')
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "time" and ":" in value and value[:1] not in "'\"":
+            item = f'time="{value}"'
+        fixed.append(item)
+    return fixed
+
+
+def load_resources(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> LaunchResources:
+    """Strictly load a resource file (optional) and ``key=value`` overrides into :class:`LaunchResources`."""
+    from core.config import load_recipe
+
+    try:
+        return load_recipe(LaunchResources, path, _quote_times(path, list(overrides or [])))
+    except DinoscopeError as err:
+        field_name = err.field or ""
+        if field_name and not field_name.startswith("launch."):
+            field_name = f"launch.{field_name}"
+        raise DinoscopeError(f"launch resources: {err.message}", path=err.path, field=field_name or None,
+                             fix=err.fix) from None

@@ -1,0 +1,93 @@
+"""Every recipe under recipes/ validates against its kind's schema; every launch resource file validates; the shipped
+cluster recipes fit their resource files (world size x per-rank batch = global batch). No data files are needed."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from core.config import load_recipe
+from core.config.kinds import get_kind, recipe_kind_of
+from core.launch import plan_launch
+from core.launch.resources import LAUNCHERS, load_resources
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+LAUNCH = RECIPES / "launch"
+
+# Shipped recipe -> the resource file it is documented with (recipes/README.md).
+PAIRS = {
+    "geo/pretrain_vits14_zero2.yaml": "slurm_1node_8gpus.yaml",
+    "geo/pretrain_vitl14_zero2.yaml": "slurm_4nodes_8gpus.yaml",
+    "cluster/pretrain_vitg14_zero3_16nodes.yaml": "slurm_16nodes_8gpus.yaml",
+    "cluster/distill_vitl14_to_vits14.yaml": "slurm_4nodes_8gpus.yaml",
+}
+SHIPPED = [*PAIRS, "tiny/distill.yaml"]
+
+
+def _yaml_files(folder: Path) -> list[Path]:
+    return sorted([*folder.rglob("*.yaml"), *folder.rglob("*.yml")])
+
+
+def _recipe_files() -> list[Path]:
+    return [p for p in _yaml_files(RECIPES) if LAUNCH not in p.parents]
+
+
+def _first_key(path: Path) -> str | None:
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            return line.split(":", 1)[0].strip()
+    return None
+
+
+@pytest.mark.parametrize("path", _recipe_files(), ids=lambda p: str(p.relative_to(RECIPES)))
+def test_recipe_validates_against_its_kind(path: Path) -> None:
+    assert _first_key(path) == "kind", "a recipe starts with `kind: <name>`"
+    kind_name = recipe_kind_of(path)
+    kind = get_kind(kind_name, path)  # an unknown kind raises, naming the valid ones
+    recipe = load_recipe(kind.schema, path)
+    assert isinstance(recipe, kind.schema) and dataclasses.is_dataclass(recipe)
+    assert kind_name == yaml.safe_load(path.read_text())["kind"]
+
+
+@pytest.mark.parametrize("path", _yaml_files(LAUNCH), ids=lambda p: p.name)
+def test_launch_resource_file_validates(path: Path) -> None:
+    resources = load_resources(path)
+    assert resources.launcher in LAUNCHERS
+    assert resources.world_size >= 1
+    if resources.launcher == "slurm" and resources.cluster == "slurm":
+        assert resources.time, "a SLURM resource file sets a time limit"
+
+
+@pytest.mark.parametrize("recipe,resources", sorted(PAIRS.items()))
+def test_cluster_recipe_fits_its_resources(recipe: str, resources: str) -> None:
+    res = load_resources(LAUNCH / resources)
+    plan = plan_launch(RECIPES / recipe, [], res, check_paths=False)
+    assert plan.world_size == res.nodes * res.gpus_per_node
+    assert plan.recipe.train.batch_size_per_rank * plan.world_size == res.global_batch_size
+    assert plan.recipe.dist.strategy == "deepspeed"
+
+
+def test_vitg_recipe_is_zero3_on_16_nodes_of_8_gpus() -> None:
+    plan = plan_launch(RECIPES / "cluster/pretrain_vitg14_zero3_16nodes.yaml", [],
+                       load_resources(LAUNCH / "slurm_16nodes_8gpus.yaml"), check_paths=False)
+    assert (plan.recipe.model.arch, plan.recipe.model.patch_size, plan.recipe.dist.zero_stage) == ("vit_giant2", 14, 3)
+    assert (plan.resources.nodes, plan.resources.gpus_per_node, plan.world_size) == (16, 8, 128)
+
+
+def test_distill_recipes_name_a_teacher() -> None:
+    for name in ("cluster/distill_vitl14_to_vits14.yaml", "tiny/distill.yaml"):
+        recipe = load_recipe(get_kind("distill").schema, RECIPES / name)
+        assert recipe_kind_of(RECIPES / name) == "distill" and recipe.distill.teacher_weights.endswith(".safetensors")
+
+
+def test_readme_lists_the_shipped_recipes_and_resource_files() -> None:
+    readme = (RECIPES / "README.md").read_text()
+    for name in [*SHIPPED, "tiny/pretrain.yaml", *(f"launch/{p.name}" for p in _yaml_files(LAUNCH))]:
+        assert name in readme, f"recipes/README.md does not mention {name}"
+    for entry in ("config.yaml", "run_info.json", "metrics.jsonl", "loss_curve.png", "checkpoints/", "latest",
+                  "eval_knn.jsonl", "launch.json"):
+        assert entry in readme
