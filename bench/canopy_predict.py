@@ -1,0 +1,222 @@
+"""Benchmark tiled canopy prediction: pipeline throughput vs the model-only floor, and peak memory vs raster size.
+
+For each size (default 2,000^2, 20,000^2, and 2,000 wide x 20,000 tall to separate the effect of width from that
+of area) a synthetic 3-band uint8 GeoTIFF is written window by window
+(never held in memory), then a fresh subprocess runs :func:`geodino.predict.predict_raster` on it and reports its
+peak RSS (``ru_maxrss``), so the sizes do not share a process and the memory numbers are comparable. In the same
+subprocess the model alone is timed on the same tiles already in memory (a sample of the tile batches, repeated),
+which gives the floor the full pipeline (reads, normalisation, blending, writing, COG conversion) is compared to.
+``peak_rss_before_cog_mb`` is the peak at the end of tiling and blending, before the COG conversion starts.
+
+Usage: ``python bench/canopy_predict.py [--sizes 2000 20000 2000x20000] [--model conv3x3] [--tile 256 ...]``
+(a size is ``N`` for N x N or ``WIDTHxHEIGHT``).
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def make_input(path: Path, width: int, height: int, block: int = 512) -> None:
+    """Write a ``width`` x ``height`` 3-band uint8 GeoTIFF with a canopy-like texture, one block row at a time."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    profile = {"driver": "GTiff", "width": width, "height": height, "count": 3, "dtype": "uint8", "crs": "EPSG:32617",
+               "transform": from_origin(400000, 4000000, 0.6, 0.6), "nodata": 255, "tiled": True,
+               "blockxsize": block, "blockysize": block, "compress": "zstd", "zstd_level": 1,
+               "BIGTIFF": "IF_SAFER"}
+    rng = np.random.default_rng(0)
+    xx = np.arange(width, dtype=np.float32)[None, :]
+    with rasterio.open(path, "w", **profile) as dst:
+        for row in range(0, height, block):
+            h = min(block, height - row)
+            yy = np.arange(row, row + h, dtype=np.float32)[:, None]
+            crowns = 60 + 50 * np.sin(xx / 13.0) * np.cos(yy / 11.0) + rng.normal(0, 12, (h, width))
+            bands = np.stack([crowns * 0.8, crowns, crowns * 0.6]).clip(0, 254).astype(np.uint8)
+            dst.write(bands, window=Window(0, row, width, h))
+
+
+def conv3x3() -> Any:
+    """One fixed 3x3 convolution (3 -> 1 channels): about the cheapest model with a receptive field."""
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Conv2d(3, 1, 3, padding=1).eval()
+
+
+def conv3x3_two_layers() -> Any:
+    """3x3 conv (3 -> 8), ReLU, 3x3 conv (8 -> 1): about 3x the cost of :func:`conv3x3`."""
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 1, 3, padding=1)).eval()
+
+
+MODELS = {"conv3x3": conv3x3, "conv3x3x2": conv3x3_two_layers}
+
+
+def model_fn_for(name: str) -> Any:
+    import torch
+
+    net = MODELS[name]()
+
+    def model_fn(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"height": torch.relu(net(batch)[:, 0]) * 10}
+
+    return model_fn
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs in a fresh process: pipeline, then the model-only floor; reports times and peak RSS."""
+    import numpy as np
+    import torch
+    from rasterio.windows import Window
+
+    from geodino.normalise import BandNormaliser
+    from geodino.predict import predict_raster
+    from geodino.raster import RasterSource
+    from geodino.tiling import TileGrid
+
+    import geodino.cog
+
+    rss_after_imports = _rss_mb()
+    model_fn = model_fn_for(args.model)
+    peaks: dict[str, float] = {}
+    to_cog = geodino.cog.write_cog
+
+    def write_cog_recording_peak(*a: Any, **k: Any) -> Any:
+        peaks["before_cog"] = _peak_rss_mb()  # the tiling/blending phase is over
+        return to_cog(*a, **k)
+
+    geodino.cog.write_cog = write_cog_recording_peak
+    normaliser = BandNormaliser([127.5] * 3, [60.0] * 3)
+    out = Path(args.input).with_name(f"chm_{args.width}x{args.height}.tif")
+    with RasterSource(args.input) as src:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        predict_raster(model_fn, src, normaliser, out, tile=args.tile, overlap=args.overlap,
+                       batch_size=args.batch_size, num_workers=args.num_workers, resume=False, progress=False)
+        pipeline_s = time.perf_counter() - start
+        pipeline_cpu_s = time.process_time() - cpu_start
+        peak_pipeline, hwm_pipeline = _peak_rss_mb(), _hwm_mb()
+        grid = TileGrid(src.height, src.width, args.tile, args.overlap)
+        sample = []
+        for x in grid.cols[:args.batch_size * 4]:
+            data, valid = src.read(Window(x, grid.rows[0], args.tile, args.tile))
+            sample.append(normaliser(data, valid))
+    batches = [torch.from_numpy(np.stack(sample[i:i + args.batch_size]))
+               for i in range(0, len(sample), args.batch_size)]
+    with torch.inference_mode():
+        model_fn(batches[0])  # warm-up
+        tiles, start = 0, time.perf_counter()
+        while time.perf_counter() - start < args.floor_seconds or tiles < grid.n_tiles // 4 and tiles < 64:
+            for batch in batches:
+                model_fn(batch)
+                tiles += batch.shape[0]
+        per_tile = (time.perf_counter() - start) / tiles
+    model_only_s = per_tile * grid.n_tiles
+    megapixels = args.width * args.height / 1e6
+    return {"width": args.width, "height": args.height, "megapixels": megapixels, "tiles": grid.n_tiles,
+            "pipeline_s": round(pipeline_s, 2), "pipeline_cpu_s": round(pipeline_cpu_s, 2),
+            "pipeline_mpx_per_s": round(megapixels / pipeline_s, 3),
+            "model_only_s_estimate": round(model_only_s, 2),
+            "model_only_mpx_per_s": round(megapixels / model_only_s, 3),
+            "pipeline_vs_model_only": round(model_only_s / pipeline_s, 3),
+            "rss_after_imports_mb": round(rss_after_imports, 1), "peak_rss_mb": round(peak_pipeline, 1),
+            "peak_rss_before_cog_mb": round(peaks.get("before_cog", float("nan")), 1),
+            "vm_hwm_mb": round(hwm_pipeline, 1), "torch_threads": torch.get_num_threads(),
+            "output_bytes": out.stat().st_size}
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``N`` -> (N, N); ``WIDTHxHEIGHT`` -> (WIDTH, HEIGHT)."""
+    width, _, height = text.lower().partition("x")
+    return int(width), int(height or width)
+
+
+def _rss_mb(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _hwm_mb() -> float:
+    """Peak RSS of this process image only (not inherited over exec, unlike ``ru_maxrss``)."""
+    return _rss_mb("VmHWM")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=_size, nargs="+", default=[(2000, 2000), (20000, 20000), (2000, 20000)])
+    parser.add_argument("--model", choices=sorted(MODELS), default="conv3x3")
+    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--overlap", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--floor-seconds", type=float, default=5.0, help="how long to time the model alone")
+    parser.add_argument("--workdir", default=None, help="where inputs/outputs go (default: a temporary directory)")
+    parser.add_argument("--mode", choices=["run", "generate", "worker"], default="run", help=argparse.SUPPRESS)
+    parser.add_argument("--width", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--height", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode == "generate":
+        make_input(Path(args.input), args.width, args.height)
+        return
+    if args.mode == "worker":
+        print(json.dumps(worker(args)))
+        return
+
+    # This parent stays small (stdlib only) because Linux carries a process's peak RSS over fork and exec into the
+    # child's ru_maxrss: generating inputs here would inflate the workers' numbers.
+    os.environ.setdefault("DINOSCOPE_NO_PROGRESS", "1")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        results = []
+        for width, height in args.sizes:
+            path = Path(tmp) / f"rgb_{width}x{height}.tif"
+            common = [sys.executable, __file__, "--width", str(width), "--height", str(height), "--input", str(path)]
+            start = time.perf_counter()
+            subprocess.run([*common, "--mode", "generate"], check=True, cwd=REPO)
+            generate_s = time.perf_counter() - start
+            cmd = [*common, "--mode", "worker", "--tile", str(args.tile), "--overlap", str(args.overlap),
+                   "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers),
+                   "--floor-seconds", str(args.floor_seconds), "--model", args.model]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result["generate_input_s"] = round(generate_s, 2)
+            results.append(result)
+            for f in Path(tmp).glob("*"):
+                f.unlink()
+    report = {"model": args.model, "tile": args.tile, "overlap": args.overlap, "batch_size": args.batch_size,
+              "num_workers": args.num_workers, "cpus": os.cpu_count(), "parent_peak_rss_mb": round(_peak_rss_mb(), 1),
+              "results": results}
+    if len(results) > 1:
+        report["peak_rss_ratio_vs_first"] = [round(r["peak_rss_mb"] / results[0]["peak_rss_mb"], 3) for r in results]
+        report["pixel_ratio_vs_first"] = [round(r["megapixels"] / results[0]["megapixels"], 1) for r in results]
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+"""``dinoscope canopy fit``: train a canopy-height head on (image, lidar CHM) chips, validate, save the model.
+
+    dinoscope canopy fit recipes/tiny/canopy_fit.yaml                 # synthetic forests, random tiny ViT, CPU
+    dinoscope canopy fit recipes/geo/canopy_fit_vitl14.yaml data.pairs='[[rgb.tif,chm.tif]]'
+
+Chips come from :func:`geodino.chips.make_chip_dataset` with its spatial-block train/validation split. With a
+frozen backbone the features of every chip are computed once and memory-mapped from ``RUN/cache`` (float16), so
+each epoch only runs the head and memory stays flat however many chips there are; a later fit with the same
+backbone, layers, chips and normalisation reuses the cache. Each epoch is validated (JSONL log
+``RUN/metrics.jsonl``); the epoch with the lowest validation MAE is kept. The run writes ``RUN/model.safetensors``
+(+ sidecar), ``RUN/metrics.json`` (MAE, RMSE, R², bias on the validation split, and the same for predicting the
+training mean everywhere), ``RUN/pred_vs_ref.png`` and ``RUN/loss_curve.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.lib.format import open_memmap
+from torch import Tensor
+
+from core.config.loader import to_yaml
+from core.errors import DinoscopeError
+from core.io import atomic_path, write_json
+from core.logging import JsonlLogger, progress
+from core.models.vit import VisionTransformer
+from core.weights.load import load_backbone
+from core.weights.meta import WeightMeta
+from geodino.chips import ChipSampler, make_chip_dataset
+from geodino.config import CanopyFitRecipe
+from geodino.evaluate import HIST_BIN_M, HIST_MAX_M
+from geodino.metrics import RegressionAccumulator
+from geodino.model import CanopyModel, backbone_head_model, random_backbone, resolve_device, save_canopy_model
+from geodino.normalise import BandNormaliser
+from geodino.plots import density_scatter
+
+log = logging.getLogger(__name__)
+Batch = dict[str, Any]
+
+
+def fit_canopy(recipe: CanopyFitRecipe, run_dir: str | Path) -> dict[str, Any]:
+    """Run a ``canopy_fit`` recipe into ``run_dir``; returns what was written to ``metrics.json``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(to_yaml(recipe))
+    torch.manual_seed(recipe.train.seed)
+    device = resolve_device(recipe.train.device)
+    pairs = training_pairs(recipe, run_dir)
+    bands = [int(b) if str(b).isdigit() else b for b in recipe.data.bands] or None
+    backbone, meta, backbone_id = _backbone(recipe)
+    chips = _chip_splits(recipe, pairs, bands, meta)
+    if chips["train"].images[0].count != meta.in_chans:
+        raise DinoscopeError(f"the backbone takes {meta.in_chans} channels but {chips['train'].images[0].count} "
+                             f"bands are selected ({chips['train'].channel_names})", path=pairs[0][0],
+                             field="data.bands", fix="select matching bands, or adapt the backbone with "
+                             "backbone.overrides.in_chans=N")
+    layers = _layers(recipe, int(meta.model_kwargs["depth"]))
+    model = backbone_head_model(
+        backbone, meta, recipe.head.type, head_kwargs(recipe, meta.embed_dim, len(layers)), layers=layers,
+        feature_norm=recipe.backbone.feature_norm, normaliser=chips["train"].normaliser,
+        band_names=chips["train"].channel_names,
+        metadata={"gsd_m": float(chips["train"].images[0].res[0]), "crs": str(chips["train"].images[0].crs),
+                  "trained_on": [[str(a), str(b)] for a, b in pairs], "backbone": backbone_id,
+                  "chip_size": recipe.data.chip_size}).to(device)
+    frozen = recipe.backbone.frozen
+    model.net.backbone.requires_grad_(not frozen)
+    if frozen and recipe.backbone.cache_features:
+        key = {"backbone": backbone_id, "layers": layers, "feature_norm": recipe.backbone.feature_norm,
+               "pairs": [[_file_id(a), _file_id(b)] for a, b in pairs], "resampling": recipe.data.resampling}
+        sources = {s: FeatureCache(run_dir / "cache" / s, chips[s], model, key, recipe.optim.batch_size,
+                                   show_progress=recipe.train.progress) for s in chips}
+    else:
+        sources = {s: LiveChips(chips[s], recipe.train.num_workers) for s in chips}
+    train_mean = sources["train"].target_mean()
+    if recipe.head.mode == "regression":
+        torch.nn.init.constant_(model.net.head.conv.bias, train_mean)
+    history, best_epoch = _train(model, sources, recipe, device, run_dir)
+    final, hist = evaluate_source(model, sources["val"], recipe.optim.loss, device, train_mean=train_mean)
+    for chip_set in chips.values():
+        chip_set.close()
+    model.metadata["val_metrics"] = final["val"]
+    # A channel-adapted backbone differs from its file, so it is always embedded.
+    by_reference = recipe.backbone.weights and not recipe.backbone.embed and "in_chans" not in recipe.backbone.overrides
+    backbone_ref = recipe.backbone.weights if by_reference else None
+    model_path = save_canopy_model(model.cpu(), run_dir / "model.safetensors", backbone_path=backbone_ref)
+    edges = np.arange(0.0, HIST_MAX_M + HIST_BIN_M / 2, HIST_BIN_M)
+    plots = {"pred_vs_ref": density_scatter(hist, edges, run_dir / "pred_vs_ref.png", metrics=final["val"]).name,
+             "loss_curve": plot_losses(history, run_dir / "loss_curve.png", recipe.optim.loss).name}
+    result = {**final, "train_mean_height_m": train_mean, "best_epoch": best_epoch, "epochs": recipe.optim.epochs,
+              "n_chips": {s: len(c) for s, c in chips.items()}, "backbone": backbone_id, "frozen": frozen,
+              "head": {"type": recipe.head.type, "mode": recipe.head.mode}, "model": model_path.name,
+              "plots": plots, "units": "m", "split": "spatial blocks (geodino.chips)"}
+    write_json(run_dir / "metrics.json", result)
+    log.info("val MAE %.3f m RMSE %.3f m R2 %.3f bias %+.3f m (train-mean baseline MAE %.3f m) -> %s",
+             final["val"]["mae"], final["val"]["rmse"], final["val"]["r2"], final["val"]["bias"],
+             final["baseline_train_mean"]["mae"], model_path)
+    return result
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+def training_pairs(recipe: CanopyFitRecipe, run_dir: Path) -> list[tuple[Path, Path]]:
+    """The recipe's (image, CHM) pairs plus any synthetic forests it asks for (written once, then reused)."""
+    from geodino.synthetic import make_forest
+
+    pairs = [(Path(image), Path(chm)) for image, chm in recipe.data.pairs]
+    syn = recipe.data.synthetic
+    out = run_dir / "synthetic" / f"{syn.size}px_{syn.res:g}m"
+    for seed in range(syn.seed, syn.seed + syn.scenes):
+        rgb, chm = out / f"forest_seed{seed}_rgb.tif", out / f"forest_seed{seed}_chm.tif"
+        if not (rgb.exists() and chm.exists()):
+            rgb, chm = make_forest(out, size=syn.size, seed=seed, res=syn.res)
+        pairs.append((rgb, chm))
+    return pairs
+
+
+def _layers(recipe: CanopyFitRecipe, depth: int) -> list[int]:
+    layers = list(recipe.backbone.layers) or list(range(depth - recipe.backbone.n_layers, depth))
+    if min(layers) < 0 or max(layers) >= depth or layers != sorted(set(layers)):
+        raise DinoscopeError(f"backbone layers {layers} must be increasing block indices in [0, {depth})",
+                             field="backbone.layers", fix=f"the backbone has {depth} blocks; e.g. "
+                             f"layers: {list(range(max(0, depth - 4), depth))}")
+    return layers
+
+
+def _file_id(path: Path) -> list[Any]:
+    """Name, size and modification time: identifies a file's content for the cache, wherever it was copied."""
+    stat = path.stat()
+    return [path.name, stat.st_size, stat.st_mtime_ns]
+
+
+def _chip_splits(recipe: CanopyFitRecipe, pairs: list[tuple[Path, Path]], bands: list[int | str] | None,
+                 meta: WeightMeta) -> dict[str, ChipSampler]:
+    d = recipe.data
+    normaliser = None  # percentiles: computed by the train split from the images, then shared with val
+    if d.normalise == "weights_meta":
+        normaliser = BandNormaliser.from_weights_meta(meta.mean, meta.std, d.dtype_max)
+    common: dict[str, Any] = {"stride": d.stride or None, "block_size": d.block_size or None,
+                              "val_fraction": d.val_fraction, "seed": d.split_seed,
+                              "max_nodata_fraction": d.max_nodata_fraction, "bands": bands,
+                              "resampling": d.resampling}
+    train = make_chip_dataset(pairs, d.chip_size, split="train", normaliser=normaliser, **common)
+    val = make_chip_dataset(pairs, d.chip_size, split="val", normaliser=train.normaliser, **common)
+    return {"train": train, "val": val}
+
+
+def _backbone(recipe: CanopyFitRecipe) -> tuple[VisionTransformer, WeightMeta, dict[str, Any]]:
+    cfg = recipe.backbone
+    if cfg.weights:
+        backbone, meta = load_backbone(cfg.weights, **dict(cfg.overrides))
+        path = Path(cfg.weights)
+        stat = path.stat()
+        ident = {"weights": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                 "arch": meta.arch, "source_format": meta.source_format}
+        return backbone.eval(), meta, ident
+    backbone, meta = random_backbone(cfg.arch, cfg.patch_size, recipe.data.chip_size, dict(cfg.overrides))
+    ident = {"weights": None, "random_init": cfg.arch, "patch_size": cfg.patch_size, "seed": recipe.train.seed,
+             "overrides": dict(cfg.overrides)}
+    return backbone, meta, ident
+
+
+def head_kwargs(recipe: CanopyFitRecipe, embed_dim: int, n_layers: int) -> dict[str, Any]:
+    """Constructor keywords of the recipe's head (see :data:`geodino.model.HEADS`)."""
+    h = recipe.head
+    common = {"embed_dim": embed_dim, "n_bins": h.n_bins, "min_height": h.min_height, "max_height": h.max_height,
+              "bin_rule": h.bin_rule, "eps": h.eps}
+    if h.type == "dpt":
+        return {**common, "channels": h.dpt_channels}
+    return {**common, "n_layers": n_layers, "use_cls_token": h.use_cls_token, "mode": h.mode,
+            "upsample": h.upsample}
+
+
+class LiveChips:
+    """Chips read on the fly (fine-tuning, or a frozen backbone without cache): batches of images."""
+
+    def __init__(self, chips: ChipSampler, num_workers: int = 0) -> None:
+        self.chips = chips
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return len(self.chips)
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+                ) -> Iterator[Batch]:
+        loader = torch.utils.data.DataLoader(self.chips, batch_size=batch_size, shuffle=shuffle,
+                                             generator=generator, num_workers=self.num_workers)
+        for image, target, valid in loader:
+            yield {"image": image, "target": target, "valid": valid}
+
+    def target_mean(self) -> float:
+        total, count = 0.0, 0
+        for batch in self.batches(64):
+            total += float(batch["target"][batch["valid"]].double().sum())
+            count += int(batch["valid"].sum())
+        return total / max(count, 1)
+
+
+class FeatureCache:
+    """Frozen-backbone features of one chip split, computed once into ``directory`` and memory-mapped.
+
+    Files: ``patches.npy`` float16 ``[N, L, D, h, w]``, ``cls.npy`` float16 ``[N, L, D]``, ``target.npy`` float32
+    ``[N, S, S]``, ``valid.npy`` bool ``[N, S, S]``; ``key.json`` (written last) says what they were computed from.
+    """
+
+    def __init__(self, directory: Path, chips: ChipSampler, model: CanopyModel, key: dict[str, Any],
+                 batch_size: int, show_progress: bool = True) -> None:
+        self.dir = directory
+        size = chips.chip_size
+        self.padded = size + (-size % model.pad_multiple)
+        full_key = {**key, "chips": chips.chips, "chip_size": size, "normaliser": chips.normaliser.to_dict()}
+        digest = hashlib.sha256(json.dumps(full_key, sort_keys=True, default=str).encode()).hexdigest()
+        key_file = directory / "key.json"
+        stored = json.loads(key_file.read_text()) if key_file.exists() else {}
+        if stored.get("digest") != digest:
+            key_file.unlink(missing_ok=True)
+            self._build(chips, model, batch_size, digest, show_progress)
+        else:
+            log.info("reusing cached features in %s", directory)
+        self.mean = float(json.loads(key_file.read_text())["target_mean"])
+        self.arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r")
+                       for name in ("patches", "cls", "target", "valid")}
+
+    def __len__(self) -> int:
+        return int(self.arrays["target"].shape[0])
+
+    def target_mean(self) -> float:
+        return self.mean
+
+    def _build(self, chips: ChipSampler, model: CanopyModel, batch_size: int, digest: str, show_progress: bool
+               ) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        n, size, pad = len(chips), chips.chip_size, self.padded - chips.chip_size
+        device = next(model.parameters()).device
+        loader = torch.utils.data.DataLoader(chips, batch_size=batch_size, shuffle=False)
+        arrays: dict[str, np.ndarray] = {}
+        total, count, start = 0.0, 0, 0
+        for image, target, valid in progress(loader, total=len(loader), desc=f"features {chips.split}",
+                                             unit="batch", disable=None if show_progress else True):
+            with torch.inference_mode():
+                features = model.net.features(F.pad(image, (0, pad, 0, pad)).to(device))
+            patches = torch.stack([p for p, _ in features], 1).half().cpu().numpy()
+            cls = torch.stack([c for _, c in features], 1).half().cpu().numpy()
+            if not arrays:
+                shapes = {"patches": (patches.shape[1:], np.float16), "cls": (cls.shape[1:], np.float16),
+                          "target": ((size, size), np.float32), "valid": ((size, size), np.bool_)}
+                arrays = {k: open_memmap(self.dir / f"{k}.npy", mode="w+", dtype=dt, shape=(n, *shape))
+                          for k, (shape, dt) in shapes.items()}
+            stop = start + len(image)
+            for name, value in (("patches", patches), ("cls", cls), ("target", target.numpy()),
+                                ("valid", valid.numpy())):
+                arrays[name][start:stop] = value
+            total += float(target[valid].double().sum())
+            count += int(valid.sum())
+            start = stop
+        for array in arrays.values():
+            array.flush()
+        del arrays
+        write_json(self.dir / "key.json", {"digest": digest, "target_mean": total / max(count, 1), "n": n})
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+                ) -> Iterator[Batch]:
+        n = len(self)
+        order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
+        a = self.arrays
+        for i in range(0, n, batch_size):
+            idx = np.sort(order[i:i + batch_size])  # sorted reads are sequential on the memory map
+            patches = torch.from_numpy(np.ascontiguousarray(a["patches"][idx])).float()
+            cls = torch.from_numpy(np.ascontiguousarray(a["cls"][idx])).float()
+            features = [(patches[:, k], cls[:, k]) for k in range(patches.shape[1])]
+            yield {"features": features, "padded": (self.padded, self.padded),
+                   "target": torch.from_numpy(a["target"][idx]), "valid": torch.from_numpy(a["valid"][idx])}
+
+
+# -- training -----------------------------------------------------------------------------------------------------
+def forward_batch(model: CanopyModel, batch: Batch, device: torch.device) -> dict[str, Tensor]:
+    """Model outputs ``[B, S, S]`` for a batch of cached features or of images."""
+    if "features" not in batch:
+        return model(batch["image"].to(device))
+    features = [(p.to(device), c.to(device)) for p, c in batch["features"]]
+    size = batch["target"].shape[-1]
+    out = model.net.head(features, batch["padded"])
+    return {k: v[:, :size, :size] for k, v in out.items()}
+
+
+def masked_loss(pred: Tensor, target: Tensor, valid: Tensor, name: str = "l1") -> Tensor:
+    """Mean ``l1`` / ``mse`` / ``huber`` (delta 1 m) error over valid pixels."""
+    if name == "l1":
+        err = (pred - target).abs()
+    elif name == "mse":
+        err = (pred - target) ** 2
+    else:
+        err = F.huber_loss(pred, target, reduction="none", delta=1.0)
+    valid = valid.to(err.dtype)
+    return (err * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+def _train(model: CanopyModel, sources: dict[str, Any], recipe: CanopyFitRecipe, device: torch.device,
+           run_dir: Path) -> tuple[list[dict[str, float]], int]:
+    o, frozen = recipe.optim, recipe.backbone.frozen
+    groups = [{"params": list(model.net.head.parameters()), "lr": o.lr}]
+    if not frozen:
+        groups.append({"params": list(model.net.backbone.parameters()), "lr": o.lr * recipe.backbone.lr_mult})
+    optimizer = torch.optim.AdamW(groups, weight_decay=o.weight_decay)
+    steps = math.ceil(len(sources["train"]) / o.batch_size)
+    total, warmup = o.epochs * steps, max(1, int(o.warmup_epochs * steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * max(0, s - warmup) / max(1, total - warmup))))
+    generator = torch.Generator().manual_seed(recipe.train.seed)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    logger = JsonlLogger(run_dir / "metrics.jsonl")
+    trainable = model.net.head if frozen else model.net
+    history: list[dict[str, float]] = []
+    best_mae, best_state, best_epoch = math.inf, None, 0
+    epochs = progress(range(o.epochs), total=o.epochs, desc="fit", unit="epoch",
+                      disable=None if recipe.train.progress else True)
+    for epoch in epochs:
+        model.train()
+        model.net.backbone.train(not frozen)
+        loss_sum, pixels = 0.0, 0
+        for batch in sources["train"].batches(o.batch_size, shuffle=True, generator=generator):
+            valid = batch["valid"].to(device)
+            if not valid.any():
+                continue
+            out = forward_batch(model, batch, device)
+            loss = masked_loss(out["height"], batch["target"].to(device), valid, o.loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += float(loss.detach()) * int(valid.sum())
+            pixels += int(valid.sum())
+        val, _ = evaluate_source(model, sources["val"], o.loss, device, batch_size=o.batch_size)
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(pixels, 1), "val_loss": val["val"]["loss"],
+                  **{f"val_{k}": val["val"][k] for k in ("mae", "rmse", "r2", "bias")},
+                  "lr": scheduler.get_last_lr()[0]}
+        logger.log(**record)
+        history.append(record)
+        if record["val_mae"] < best_mae:
+            best_mae, best_epoch = record["val_mae"], epoch + 1
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in trainable.state_dict().items()})
+    if best_state is not None:
+        trainable.load_state_dict(best_state)
+    return history, best_epoch
+
+
+def evaluate_source(model: CanopyModel, source: Any, loss_name: str, device: torch.device, *,
+                    train_mean: float | None = None, batch_size: int = 16) -> tuple[dict[str, Any], np.ndarray]:
+    """Validation metrics (heights clamped at 0 m, as predicted), the loss, a (ref, pred) 2-D histogram and, with
+    ``train_mean``, the metrics of predicting that constant everywhere."""
+    model.eval()
+    metrics, baseline = RegressionAccumulator(), RegressionAccumulator()
+    edges = np.arange(0.0, HIST_MAX_M + HIST_BIN_M / 2, HIST_BIN_M)
+    hist = np.zeros((len(edges) - 1, len(edges) - 1), np.int64)
+    loss_sum, pixels = 0.0, 0
+    with torch.inference_mode():
+        for batch in source.batches(batch_size):
+            pred = forward_batch(model, batch, device)["height"].float().cpu().clamp_min(0.0)
+            target, valid = batch["target"], batch["valid"]
+            n = int(valid.sum())
+            loss_sum += float(masked_loss(pred, target, valid, loss_name)) * n
+            pixels += n
+            p, t, v = pred.numpy(), target.numpy(), valid.numpy()
+            metrics.update(p, t, v)
+            if train_mean is not None:
+                baseline.update(np.full_like(t, train_mean), t, v)
+            pair = np.clip(np.stack([t[v], p[v]]), edges[0], edges[-1] - 1e-6)
+            hist += np.histogram2d(pair[0], pair[1], bins=(edges, edges))[0].astype(np.int64)
+    result: dict[str, Any] = {"val": {**metrics.result(), "loss": loss_sum / max(pixels, 1)}}
+    if train_mean is not None:
+        result["baseline_train_mean"] = baseline.result()
+    return result, hist
+
+
+def plot_losses(history: list[dict[str, float]], path: Path, loss: str = "l1") -> Path:
+    """Training and validation loss per epoch (PNG, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
+    epochs = [r["epoch"] for r in history]
+    ax.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train")
+    ax.plot(epochs, [r["val_loss"] for r in history], marker="o", label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{loss} loss" + (" (m²)" if loss == "mse" else " (m)"))
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

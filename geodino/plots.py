@@ -1,0 +1,102 @@
+"""Evaluation figures: a pred-vs-ref density plot and map previews, drawn with matplotlib's Agg backend.
+
+Both take small, already-reduced inputs (a 2-D histogram, decimated previews), so drawing costs the same for any
+raster size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.io import atomic_path
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def density_scatter(hist: np.ndarray, edges: np.ndarray, path: str | os.PathLike, *,
+                    metrics: dict[str, Any] | None = None, coverage: float = 0.999) -> Path:
+    """Log-scaled 2-D histogram of (reference, prediction) pairs with a colour bar and the 1:1 line.
+
+    Args:
+        hist: counts, ``hist[i, j]`` = pixels with reference in bin ``i`` and prediction in bin ``j``.
+        edges: the shared bin edges (metres).
+        metrics: optional ``mae``/``rmse``/``r2``/``bias``/``n_pixels`` for the title.
+        coverage: axes stop where this fraction of both marginals is included, so rare outliers don't squash it.
+    """
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+    top = _axis_limit(hist, edges, coverage)
+    fig, ax = plt.subplots(figsize=(5.5, 4.8), dpi=120)
+    shown = np.ma.masked_equal(hist.T, 0)
+    vmax = max(1, int(hist.max()))
+    mesh = ax.pcolormesh(edges, edges, shown, cmap="viridis", norm=LogNorm(vmin=1, vmax=max(vmax, 2)))
+    ax.plot([0, top], [0, top], color="crimson", lw=1, ls="--", label="1:1")
+    ax.set_xlim(edges[0], top)
+    ax.set_ylim(edges[0], top)
+    ax.set_aspect("equal")
+    ax.set_xlabel("reference height (m)")
+    ax.set_ylabel("predicted height (m)")
+    ax.legend(loc="upper left", frameon=False)
+    fig.colorbar(mesh, ax=ax, label="pixels")
+    if metrics:
+        ax.set_title(f"n={metrics.get('n_pixels', 0):,}  MAE={metrics.get('mae', float('nan')):.2f} m  "
+                     f"RMSE={metrics.get('rmse', float('nan')):.2f} m\nR²={metrics.get('r2', float('nan')):.3f}  "
+                     f"bias={metrics.get('bias', float('nan')):+.2f} m", fontsize=9)
+    return _save(fig, path)
+
+
+def map_previews(pred: np.ndarray, ref: np.ndarray, path: str | os.PathLike, *, factor: int = 1) -> Path:
+    """Side-by-side prediction, reference and error (pred - ref) maps with colour bars; NaN is drawn blank."""
+    plt = _pyplot()
+    both = np.concatenate([pred[np.isfinite(pred)], ref[np.isfinite(ref)]])
+    vmax = float(np.percentile(both, 99)) if both.size else 1.0
+    error = pred - ref
+    finite_err = np.abs(error[np.isfinite(error)])
+    emax = float(np.percentile(finite_err, 99)) if finite_err.size else 1.0
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6), dpi=110)
+    panels = [(pred, "prediction (m)", "viridis", 0.0, max(vmax, 1e-6)),
+              (ref, "reference (m)", "viridis", 0.0, max(vmax, 1e-6)),
+              (error, "error: prediction - reference (m)", "RdBu_r", -max(emax, 1e-6), max(emax, 1e-6))]
+    for ax, (image, title, cmap, lo, hi) in zip(axes, panels):
+        im = ax.imshow(np.ma.masked_invalid(image), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="m")
+    if factor > 1:
+        fig.suptitle(f"previews decimated {factor}x", fontsize=9)
+    return _save(fig, path)
+
+
+def _axis_limit(hist: np.ndarray, edges: np.ndarray, coverage: float) -> float:
+    total = hist.sum()
+    if total == 0:
+        return float(edges[-1])
+    limits = []
+    for marginal in (hist.sum(axis=1), hist.sum(axis=0)):
+        index = int(np.searchsorted(np.cumsum(marginal) / total, coverage))
+        limits.append(edges[min(index + 1, len(edges) - 1)])
+    return float(max(max(limits), edges[0] + 1.0))
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
