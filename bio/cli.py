@@ -1,5 +1,8 @@
-"""`dinoscope cells` sub-commands: well profiles from an embedding run, and their evaluation.
+"""`dinoscope cells` sub-commands: embeddings and phenotype heads (:mod:`bio.cli_model`), well profiles from an
+embedding run, and their evaluation.
 
+    dinoscope cells embed plate.ome.zarr --weights backbone.safetensors --out RUN
+    dinoscope cells fit-head RUN --platemap platemap.csv --label moa --out HEAD
     dinoscope cells profile RUN --platemap platemap.csv --out profiles.parquet
     dinoscope cells evaluate profiles.parquet --out eval/
 
@@ -14,6 +17,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bio.cli_model import add_embed, add_fit_head
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +134,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 CELLS_COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "embed": add_embed,
+    "fit-head": add_fit_head,
     "profile": _add_profile,
     "evaluate": _add_evaluate,
 }
@@ -136,7 +143,7 @@ CELLS_COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``dinoscope cells`` and its sub-commands to the ``dinoscope`` parser."""
-    cells = subparsers.add_parser("cells", help="cell-painting screens: profiles and evaluation",
+    cells = subparsers.add_parser("cells", help="cell-painting screens: embeddings, heads, profiles, evaluation",
                                   description="Cell-painting commands.")
     sub = cells.add_subparsers(dest="cells_command", metavar="CELLS_COMMAND")
     sub.required = True

@@ -148,8 +148,12 @@ def _run_predict(args: argparse.Namespace) -> int:
                             overlap=args.overlap, batch_size=args.batch_size, out_dtype=args.dtype,
                             uint16_scale=args.uint16_scale, bands=bands, device=args.device,
                             num_workers=args.workers, num_heads=args.num_heads, resume=not args.no_resume)
+    from geodino.plots import raster_preview
+
     for path in written:
         print(path)
+        if path.suffix.lower() in (".tif", ".tiff"):
+            print(raster_preview(path))
     return 0
 
 

@@ -80,6 +80,33 @@ def map_previews(pred: np.ndarray, ref: np.ndarray, path: str | os.PathLike, *, 
     return _save(fig, path)
 
 
+def raster_preview(tif_path: str | os.PathLike, png_path: str | os.PathLike | None = None, *,
+                   max_side: int = 1024, label: str = "canopy height (m)") -> Path:
+    """PNG preview of a single-band height raster with a colour bar, read decimated (overviews when present), so
+    memory stays bounded whatever the raster size; nodata is drawn blank."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    tif_path = Path(tif_path)
+    with rasterio.open(tif_path) as src:
+        factor = max(1, -(-max(src.width, src.height) // max_side))
+        shape = (max(1, src.height // factor), max(1, src.width // factor))
+        band = src.read(1, out_shape=shape, masked=True, resampling=Resampling.average).astype("float32")
+        scale = src.scales[0] if src.scales else 1.0
+        values = np.where(band.mask, np.nan, band.filled(0) * scale)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=110)
+    finite = values[np.isfinite(values)]
+    vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
+    im = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=max(vmax, 1e-6),
+                   interpolation="nearest")
+    ax.set_title(f"{tif_path.name}" + (f" (decimated {factor}x)" if factor > 1 else ""), fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=label)
+    return _save(fig, png_path or tif_path.with_suffix(".png"))
+
+
 def _axis_limit(hist: np.ndarray, edges: np.ndarray, coverage: float) -> float:
     total = hist.sum()
     if total == 0:

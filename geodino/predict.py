@@ -67,6 +67,7 @@ def predict_raster(model_fn: ModelFn, source: RasterSource, normaliser: Callable
         ``out_path``.
     """
     out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     check_out_dtype(out_dtype, uint16_scale)
     if batch_size < 1 or num_workers < 1:
         raise DinoscopeError(f"batch_size and num_workers must be at least 1, got {batch_size} and {num_workers}",

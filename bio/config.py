@@ -1,0 +1,177 @@
+"""Recipe schemas and kinds for the cell commands: ``kind: cells_embed`` and ``kind: cells_profile``.
+
+The kinds are zero-argument callables returning a :class:`core.config.kinds.RecipeKind`, registered by the
+``dinoscope.recipes`` entry points ``cells_embed = "bio.config:cells_embed_kind"`` and
+``cells_profile = "bio.config:cells_profile_kind"``. ``dinoscope cells embed`` builds the same schema from its flags,
+so a recipe and a command line describe a run identically.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.config.kinds import RecipeKind
+from core.errors import DinoscopeError
+
+
+@dataclass
+class EmbedDataCfg:
+    sources: list[str] = field(default_factory=list)  # OME-Zarr plate roots and/or LoadData CSVs
+    channels: list[str] = field(default_factory=list)  # channels to embed, in order; empty = all
+    centroids: str = "detect"  # detect | table | labels
+    nuclei_table: str = ""  # CellProfiler nuclei CSV for centroids: table
+    label_channel: str = ""  # instance-mask channel (or NGFF labels/<name>) for centroids: labels
+    detect_channel: str = "DNA"  # nuclear stain for centroids: detect
+    illumination: str = ""  # .npz flat-fields per channel (bio.preprocess.save_illumination)
+
+
+@dataclass
+class EmbedModelCfg:
+    weights: str = ""  # backbone file (safetensors + sidecar, DINOv2 / Cell-DINO .pth)
+    weights_channels: list[str] = field(default_factory=list)  # model input names when the file has none
+    normalisation: str = "auto"  # auto | zscore | meta | none
+    n_last_blocks: int = 1
+    avgpool: bool = False
+    input_size: int = 0  # resize crops to this side before the model; 0 = crop size
+    batch_size: int = 256
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA autocast)
+
+
+@dataclass
+class EmbedCropsCfg:
+    size: int = 64
+    edge: str = "pad"  # pad (flagged in cells.parquet) | skip
+
+
+@dataclass
+class EmbedOutputCfg:
+    dir: str = "runs/cells_embed"
+    dtype: str = "float32"  # float32 | float16
+    chunk_rows: int = 0  # rows per zarr chunk; 0 = about 8 MiB per chunk
+    head: str = ""  # phenotype head from `dinoscope cells fit-head`: adds per-cell predictions
+    resume: bool = True
+
+
+@dataclass
+class CellsEmbedRecipe:
+    data: EmbedDataCfg = field(default_factory=EmbedDataCfg)
+    model: EmbedModelCfg = field(default_factory=EmbedModelCfg)
+    crops: EmbedCropsCfg = field(default_factory=EmbedCropsCfg)
+    output: EmbedOutputCfg = field(default_factory=EmbedOutputCfg)
+
+    def input_paths(self) -> list[tuple[str, str]]:
+        """``(key, path)`` of every input, for ``dinoscope launch``'s existence check."""
+        found = [(f"data.sources.{i}", s) for i, s in enumerate(self.data.sources)]
+        found += [(key, value) for key, value in (("data.nuclei_table", self.data.nuclei_table),
+                                                  ("data.illumination", self.data.illumination),
+                                                  ("model.weights", self.model.weights),
+                                                  ("output.head", self.output.head)) if value]
+        return found
+
+    def validate(self, path: str | os.PathLike | None = None) -> None:
+        choices = {"data.centroids": (self.data.centroids, ("detect", "table", "labels")),
+                   "model.normalisation": (self.model.normalisation, ("auto", "zscore", "meta", "none")),
+                   "model.precision": (self.model.precision, ("fp32", "bf16", "fp16")),
+                   "crops.edge": (self.crops.edge, ("pad", "skip")),
+                   "output.dtype": (self.output.dtype, ("float32", "float16"))}
+        _check_choices(choices, path)
+        if not self.data.sources:
+            raise DinoscopeError("no input plates", path=path, field="data.sources",
+                                 fix="list OME-Zarr plates or LoadData CSVs under data.sources")
+        if not self.model.weights:
+            raise DinoscopeError("no backbone weights", path=path, field="model.weights",
+                                 fix="set model.weights (e.g. the output of `dinoscope export`)")
+        needs = {"table": ("data.nuclei_table", self.data.nuclei_table),
+                 "labels": ("data.label_channel", self.data.label_channel)}.get(self.data.centroids)
+        if needs and not needs[1]:
+            raise DinoscopeError(f"data.centroids {self.data.centroids!r} needs {needs[0]}", path=path,
+                                 field=needs[0])
+        for key, value in (("crops.size", self.crops.size), ("model.batch_size", self.model.batch_size),
+                           ("model.n_last_blocks", self.model.n_last_blocks)):
+            if value < 1:
+                raise DinoscopeError(f"{key} must be at least 1, got {value}", path=path, field=key)
+
+
+@dataclass
+class CellsProfileRecipe:
+    run: str = ""  # embedding run directory (embeddings.zarr + cells.parquet)
+    platemap: str = ""  # CSV: plate, well, treatment, role (+ annotations such as moa)
+    output_dir: str = "runs/cells_profile"  # profiles.parquet and eval/ are written here
+    aggregate: str = "median"  # median | mean
+    normalise: str = "mad_robustize"  # mad_robustize | standardize | spherize | none
+    normalise_by: str = "plate"  # plate | all
+    level: str = "well"  # well | treatment
+    drop_edge_cells: bool = False
+    control_column: str = "role"
+    control_value: str = "negative_control"
+    treatment_column: str = "treatment"
+    evaluate: bool = True  # also run `dinoscope cells evaluate` into output_dir/eval
+    annotation_column: str = "moa"
+    batch_column: str = "plate"
+    null_size: int = 10000
+    knn_k: int = 1
+    seed: int = 0
+
+    def input_paths(self) -> list[tuple[str, str]]:
+        return [(key, getattr(self, key)) for key in ("run", "platemap") if getattr(self, key)]
+
+    def validate(self, path: str | os.PathLike | None = None) -> None:
+        _check_choices({"aggregate": (self.aggregate, ("median", "mean")),
+                        "normalise": (self.normalise, ("mad_robustize", "standardize", "spherize", "none")),
+                        "normalise_by": (self.normalise_by, ("plate", "all")),
+                        "level": (self.level, ("well", "treatment"))}, path)
+        for key in ("run", "platemap"):
+            if not getattr(self, key):
+                raise DinoscopeError(f"{key} is not set", path=path, field=key,
+                                     fix="give the embedding run directory and the plate-map CSV")
+
+
+def _check_choices(choices: dict[str, tuple[str, tuple[str, ...]]], path: str | os.PathLike | None) -> None:
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise DinoscopeError(f"{key} is {value!r}", path=path, field=key, fix=f"use one of {valid}")
+
+
+def run_embed(recipe: CellsEmbedRecipe, run_dir: Path) -> int:
+    """Run a ``cells_embed`` recipe into ``run_dir`` (every rank of a torchrun launch calls this)."""
+    from bio.embed import embed_plate
+
+    d, m, c, o = recipe.data, recipe.model, recipe.crops, recipe.output
+    embed_plate(d.sources, run_dir, weights=m.weights, channels=d.channels or None,
+                weights_channels=m.weights_channels or None, centroids=d.centroids,
+                nuclei_table=d.nuclei_table or None, label_channel=d.label_channel or None,
+                detect_channel=d.detect_channel, crop_size=c.size, edge=c.edge, batch_size=m.batch_size,
+                normalisation=m.normalisation, n_last_blocks=m.n_last_blocks, avgpool=m.avgpool,
+                input_size=m.input_size or None, dtype=o.dtype, chunk_rows=o.chunk_rows, head=o.head or None,
+                illumination=d.illumination or None, device=m.device, precision=m.precision, resume=o.resume)
+    return 0
+
+
+def run_profile(recipe: CellsProfileRecipe, run_dir: Path) -> int:
+    """Run a ``cells_profile`` recipe: profiles into ``run_dir/profiles.parquet``, metrics into ``run_dir/eval``."""
+    from bio.cli import build_profiles
+    from bio.evaluate import evaluate_profiles
+
+    r = recipe
+    controls = dict(control_column=r.control_column, control_value=r.control_value)
+    profiles = Path(run_dir) / "profiles.parquet"
+    build_profiles(r.run, r.platemap, profiles, aggregate=r.aggregate, normalise=r.normalise,
+                   normalise_by=r.normalise_by, level=r.level, treatment_column=r.treatment_column,
+                   drop_edge_cells=r.drop_edge_cells, **controls)
+    if r.evaluate:
+        evaluate_profiles(profiles, Path(run_dir) / "eval", treatment_column=r.treatment_column,
+                          batch_column=r.batch_column, annotation_column=r.annotation_column,
+                          null_size=r.null_size, knn_k=r.knn_k, seed=r.seed, **controls)
+    return 0
+
+
+def cells_embed_kind() -> RecipeKind:
+    return RecipeKind(CellsEmbedRecipe, run_embed, "per-cell embeddings of OME-Zarr plates / LoadData manifests")
+
+
+def cells_profile_kind() -> RecipeKind:
+    return RecipeKind(CellsProfileRecipe, run_profile, "well profiles, normalisation and evaluation of an "
+                      "embedding run", distributed=False)
