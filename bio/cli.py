@@ -133,7 +133,34 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_evaluate)
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from bio.synthetic import make_plate
+
+    screen = make_plate(args.out, n_rows=args.rows, n_cols=args.cols, fields=args.fields, size=args.size,
+                        seed=args.seed, plates=args.plates, version=args.ngff)
+    for path in [*screen.plates, screen.platemap, screen.nuclei]:
+        print(path)
+    return 0
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write a synthetic cell-painting screen (OME-Zarr plates + plate map)",
+                       description="Deterministic synthetic screen: 5 Cell Painting channels, active and inert "
+                       "treatments, DMSO controls on every plate, plate batch effects; writes plate<k>.ome.zarr, "
+                       "platemap.csv and a CellProfiler-style nuclei.csv.")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plates", type=int, default=2)
+    p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--cols", type=int, default=6)
+    p.add_argument("--fields", type=int, default=2)
+    p.add_argument("--size", type=int, default=128, help="field side in pixels")
+    p.add_argument("--ngff", choices=["0.4", "0.5"], default="0.5", help="OME-NGFF version")
+    p.set_defaults(func=_cmd_synth)
+
+
 CELLS_COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "synth": _add_synth,
     "embed": add_embed,
     "fit-head": add_fit_head,
     "profile": _add_profile,
