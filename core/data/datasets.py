@@ -302,7 +302,7 @@ def build_dataset(kind: str, **kwargs: Any) -> Dataset:
         raise DinoscopeError(f"unknown dataset kind {kind!r}", field="kind",
                              fix=f"use one of: {', '.join(sorted(kinds))}")
     factory = kinds[kind]
-    if isinstance(factory, EntryPoint):
+    if not callable(factory) and hasattr(factory, "load"):  # an entry point (duck-typed: backports differ)
         try:
             factory = factory.load()
         except ImportError as err:
