@@ -7,4 +7,10 @@ Modules (imported explicitly; this package imports nothing heavy):
 * :mod:`bio.preprocess` - per-plate illumination correction and per-channel normalisation.
 * :mod:`bio.cells` - nucleus centroids (CellProfiler tables, label images, built-in detection) and single-cell crops.
 * :mod:`bio.synthetic` - seeded synthetic Cell Painting plates with known treatment effects, for tests and demos.
+* :mod:`bio.backbone` - channel-matched backbones (fixed channels by name, or bag of channels for any subset).
+* :mod:`bio.embed` - resumable, rank-parallel per-cell embedding to zarr + parquet (``dinoscope cells embed``).
+* :mod:`bio.profiles` - streaming well profiles, normalisation against controls (pycytominer).
+* :mod:`bio.evaluate`, :mod:`bio.plots` - copairs mAP, kNN, batch separation; plots and an HTML report.
+* :mod:`bio.heads` - phenotype classifiers on embeddings (``dinoscope cells fit-head``).
+* :mod:`bio.pretrain_data` - single-cell crops as a ``data.kind: cells`` pretraining dataset.
 """
