@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.losses.sinkhorn import PendingSum, all_reduce_sum_async, sinkhorn_knopp
+from core.losses.sinkhorn import PendingSum, all_reduce_sum_async, fold_center_update, sinkhorn_knopp
 
 __all__ = ["DINOLoss", "cross_entropy_sum"]
 
@@ -91,8 +91,7 @@ class DINOLoss(nn.Module):
             return
         summed = self._pending.result()
         self._pending = None
-        batch_center = (summed[:-1] / summed[-1]).view_as(self.center)
-        self.center.copy_(self.center * self.center_momentum + batch_center * (1 - self.center_momentum))
+        fold_center_update(self.center, summed, self.center_momentum)
 
     def forward(self, student_output_list: Sequence[Tensor] | Tensor,
                 teacher_out_softmaxed_centered_list: Sequence[Tensor] | Tensor) -> Tensor:

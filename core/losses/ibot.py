@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.losses.sinkhorn import PendingSum, all_reduce_sum, all_reduce_sum_async, sinkhorn_knopp
+from core.losses.sinkhorn import (PendingSum, all_reduce_sum, all_reduce_sum_async, fold_center_update,
+                                  sinkhorn_knopp)
 
 __all__ = ["IBOTPatchLoss", "iBOTPatchLoss"]
 
@@ -86,8 +87,7 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - the reference name, kept for fam
             return
         summed = self._pending.result()
         self._pending = None
-        batch_center = (summed[:-1] / summed[-1]).view_as(self.center)
-        self.center.copy_(self.center * self.center_momentum + batch_center * (1 - self.center_momentum))
+        fold_center_update(self.center, summed, self.center_momentum)
 
     def forward(self, student_patch_tokens: Tensor, teacher_patch_tokens: Tensor, student_masks_flat: Tensor) -> Tensor:
         """Dense variant: mean over crops of the mean cross-entropy over that crop's masked patches.

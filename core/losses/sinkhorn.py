@@ -109,3 +109,10 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
         q = q / q.sum(dim=0, keepdim=True)
         q = q / total
     return (q * total).t()
+
+
+@torch.no_grad()
+def fold_center_update(center: Tensor, summed: Tensor, momentum: float) -> None:
+    """``c <- m c + (1 - m) mean`` in place, from ``summed = [sum over rows (K values), row count]`` (one collective)."""
+    batch_center = (summed[:-1] / summed[-1]).view_as(center)
+    center.copy_(center * momentum + batch_center * (1 - momentum))
