@@ -68,7 +68,30 @@ def _add_fit_and_predict(sub: argparse._SubParsersAction) -> None:
     add_model_commands(sub)
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from geodino.synthetic import make_forest
+
+    for i in range(args.scenes):
+        for path in make_forest(args.out, size=args.size, seed=args.seed + i, res=args.res, crs=args.crs):
+            print(path)
+    return 0
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write synthetic forest scenes (RGB GeoTIFF + matching CHM)",
+                       description="Deterministic synthetic forests: allometric crowns, sun-angle shadows whose "
+                       "length follows height, ground texture, gaps and nodata; RGB and CHM on one projected grid.")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--scenes", type=int, default=1, help="number of scenes (seeds seed, seed+1, ...)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=512, help="scene side in pixels")
+    p.add_argument("--res", type=float, default=0.5, help="pixel size in metres")
+    p.add_argument("--crs", default="EPSG:32617", help="projected CRS")
+    p.set_defaults(func=_cmd_synth)
+
+
 CANOPY_COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "synth": _add_synth,
     "fit, predict": _add_fit_and_predict,
     "evaluate": _add_evaluate,
     "zonal": _add_zonal,
