@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.losses.sinkhorn import PendingSum, all_reduce_sum_async, fold_center_update, sinkhorn_knopp
+from core.losses.sinkhorn import LazyCenter, PendingSum, all_reduce_sum_async, sinkhorn_knopp
 
 __all__ = ["DINOLoss", "cross_entropy_sum"]
 
@@ -40,7 +40,7 @@ def cross_entropy_sum(student_outputs: Sequence[Tensor] | Tensor, teacher_target
     return total
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(LazyCenter, nn.Module):
     """DINO loss on the class-token head outputs, with a lazily updated EMA center.
 
     Args:
@@ -83,15 +83,6 @@ class DINOLoss(nn.Module):
         rows = teacher_output.reshape(-1, teacher_output.shape[-1]).float()
         count = torch.full((1,), float(rows.shape[0]), device=rows.device)
         self._pending = all_reduce_sum_async(torch.cat([rows.sum(dim=0), count]))
-
-    @torch.no_grad()
-    def apply_center_update(self) -> None:
-        """Fold a pending update into ``c <- m c + (1 - m) mean(t)``; a no-op when nothing is pending."""
-        if self._pending is None:
-            return
-        summed = self._pending.result()
-        self._pending = None
-        fold_center_update(self.center, summed, self.center_momentum)
 
     def forward(self, student_output_list: Sequence[Tensor] | Tensor,
                 teacher_out_softmaxed_centered_list: Sequence[Tensor] | Tensor) -> Tensor:

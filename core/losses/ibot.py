@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.losses.sinkhorn import (PendingSum, all_reduce_sum, all_reduce_sum_async, fold_center_update,
+from core.losses.sinkhorn import (LazyCenter, PendingSum, all_reduce_sum, all_reduce_sum_async,
                                   sinkhorn_knopp)
 
 __all__ = ["IBOTPatchLoss", "iBOTPatchLoss"]
@@ -28,7 +28,7 @@ def _patch_cross_entropy(student: Tensor, teacher: Tensor, student_temp: float) 
     return torch.sum(teacher * F.log_softmax(student / student_temp, dim=-1), dim=-1)
 
 
-class iBOTPatchLoss(nn.Module):  # noqa: N801 - the reference name, kept for familiarity; alias IBOTPatchLoss below
+class iBOTPatchLoss(LazyCenter, nn.Module):  # noqa: N801 - the reference name, kept for familiarity; alias IBOTPatchLoss below
     """iBOT patch loss with a lazily updated EMA center of shape ``[1, 1, K]``.
 
     Args:
@@ -79,15 +79,6 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - the reference name, kept for fam
         group_means = tokens.mean(dim=1).reshape(-1, tokens.shape[-1])  # B x K
         count = torch.full((1,), float(group_means.shape[0]), device=tokens.device)
         self._pending = all_reduce_sum_async(torch.cat([group_means.sum(dim=0), count]))
-
-    @torch.no_grad()
-    def apply_center_update(self) -> None:
-        """Fold a pending update into ``c <- m c + (1 - m) mean(t)``; a no-op when nothing is pending."""
-        if self._pending is None:
-            return
-        summed = self._pending.result()
-        self._pending = None
-        fold_center_update(self.center, summed, self.center_momentum)
 
     def forward(self, student_patch_tokens: Tensor, teacher_patch_tokens: Tensor, student_masks_flat: Tensor) -> Tensor:
         """Dense variant: mean over crops of the mean cross-entropy over that crop's masked patches.

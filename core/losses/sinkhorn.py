@@ -111,8 +111,20 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     return (q * total).t()
 
 
-@torch.no_grad()
-def fold_center_update(center: Tensor, summed: Tensor, momentum: float) -> None:
-    """``c <- m c + (1 - m) mean`` in place, from ``summed = [sum over rows (K values), row count]`` (one collective)."""
-    batch_center = (summed[:-1] / summed[-1]).view_as(center)
-    center.copy_(center * momentum + batch_center * (1 - momentum))
+class LazyCenter:
+    """Mixin for losses with a lazily updated EMA centre: ``update_center`` stores a :class:`PendingSum` of
+    ``[sum over rows (K values), row count]`` in ``_pending``; the next use folds it into ``center``."""
+
+    center: Tensor
+    center_momentum: float
+    _pending: PendingSum | None
+
+    @torch.no_grad()
+    def apply_center_update(self) -> None:
+        """Fold a pending update into ``c <- m c + (1 - m) mean(t)``; a no-op when nothing is pending."""
+        if self._pending is None:
+            return
+        summed = self._pending.result()
+        self._pending = None
+        batch_center = (summed[:-1] / summed[-1]).view_as(self.center)
+        self.center.copy_(self.center * self.center_momentum + batch_center * (1 - self.center_momentum))
