@@ -33,8 +33,15 @@ def build_profiles(run_dir: str | os.PathLike, platemap_path: str | os.PathLike,
     wells before and after normalisation.
     """
     from bio.evaluate import batch_separation
-    from bio.profiles import (aggregate_wells, annotate_wells, feature_columns, normalise_profiles, read_platemap,
-                              treatment_consensus, write_profiles)
+    from bio.profiles import (
+        aggregate_wells,
+        annotate_wells,
+        feature_columns,
+        normalise_profiles,
+        read_platemap,
+        treatment_consensus,
+        write_profiles,
+    )
 
     platemap = read_platemap(platemap_path)  # read first: a bad plate map should fail before the long pass
     wells = annotate_wells(aggregate_wells(run_dir, operation=aggregate, drop_edge_cells=drop_edge_cells), platemap)

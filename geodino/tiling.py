@@ -36,7 +36,6 @@ from core.errors import DinoscopeError
 from geodino.raster import RasterSource
 
 
-
 def grid_starts(length: int, tile: int, stride: int) -> list[int]:
     """Tile origins along one axis: ``0, stride, 2*stride, ...`` and a last one ending on ``length``."""
     if length <= tile:

@@ -15,8 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.errors import DinoscopeError
-
 log = logging.getLogger(__name__)
 
 
@@ -89,8 +87,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("out", help="output .safetensors path")
     e.add_argument("--step", type=int, help="checkpoint iteration (default: latest)")
     e.set_defaults(func=cmd_export)
-
-
-def _require(path: Path, what: str) -> None:
-    if not path.exists():
-        raise DinoscopeError(f"{what} not found", path=path)

@@ -7,9 +7,18 @@ for labelled datasets, and the dataset has ``channel_names`` (and ``classes`` wh
 from __future__ import annotations
 
 from core.data.collate import collate_data_and_cast
-from core.data.datasets import (DATASET_KINDS, ENTRY_POINT_GROUP, IMAGE_EXTENSIONS, ImageFolderDataset,
-                                SyntheticShapesDataset, build_dataset, compute_channel_stats, dataset_kinds,
-                                read_image, scale_to_unit)
+from core.data.datasets import (
+                                DATASET_KINDS,
+                                ENTRY_POINT_GROUP,
+                                IMAGE_EXTENSIONS,
+                                ImageFolderDataset,
+                                SyntheticShapesDataset,
+                                build_dataset,
+                                compute_channel_stats,
+                                dataset_kinds,
+                                read_image,
+                                scale_to_unit,
+)
 from core.data.masking import MaskingGenerator
 from core.data.multicrop import BLUR_PROBS, CELL_DINO_CROPS, CHANNEL_MODES, MultiCropAugmentation
 from core.data.samplers import InfiniteSampler

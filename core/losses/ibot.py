@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.losses.sinkhorn import (LazyCenter, PendingSum, all_reduce_sum, all_reduce_sum_async,
-                                  sinkhorn_knopp)
+from core.losses.sinkhorn import LazyCenter, PendingSum, all_reduce_sum, all_reduce_sum_async, sinkhorn_knopp
 
 __all__ = ["IBOTPatchLoss", "iBOTPatchLoss"]
 

@@ -4,7 +4,6 @@ whatever the number of DataLoader workers."""
 
 from __future__ import annotations
 
-
 import random
 from collections.abc import Iterator
 from functools import partial
@@ -66,13 +65,6 @@ def build_ssl_loader(dataset: Dataset, augmentation: Any, *, batch_size: int, gl
     return DataLoader(AugmentedDataset(dataset, augmentation, seed, rank), batch_size=batch_size,
                       sampler=PositionedSampler(sampler, start), collate_fn=collate, num_workers=num_workers,
                       persistent_workers=num_workers > 0, drop_last=True)
-
-
-def epoch_equivalent(iterations: int, batch_size: int, world_size: int, dataset_size: int) -> float:
-    return iterations * batch_size * world_size / max(dataset_size, 1)
-
-
-
 
 
 class ChannelsAsSamples(Dataset):

@@ -21,8 +21,7 @@ from core.models.vit import VisionTransformer
 from core.weights.adapt import adapt_channel_stats, adapt_patch_embed
 from core.weights.formats import detect_format, strip_wrappers, to_canonical
 from core.weights.infer import infer_model_kwargs
-from core.weights.meta import (WeightMeta, default_channel_names, default_normalisation, read_sidecar,
-                               sidecar_path)
+from core.weights.meta import WeightMeta, default_channel_names, default_normalisation, read_sidecar, sidecar_path
 
 # Input statistics that the family's own code applies (not stored in its checkpoints).
 HRCH_MEAN = [0.430, 0.411, 0.296]  # HighResCanopyHeight src/transforms.py SSLNorm (GeoTIFF notebook)
