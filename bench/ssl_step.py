@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the device (H100/H200)")
     args = p.parse_args()
 
-    from core.config import PretrainRecipe, load_recipe
+    from core.config.pretrain import PretrainRecipe
     from core.data import MaskingGenerator, collate_data_and_cast
     from core.models import ARCH_SIZES, xformers_available
     from core.ssl.build import build_meta_arch
@@ -48,11 +48,14 @@ def main() -> None:
         print(json.dumps({"attn": "xformers", "skipped": "xformers is not importable here"}))
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    recipe = load_recipe(PretrainRecipe, None, [
-        f"model.arch={args.arch}", f"model.patch_size={args.patch}", f"model.img_size={args.global_size}",
-        f"model.attn_backend={args.attn}", "model.drop_path_rate=0.4", f"crops.global_crops_size={args.global_size}",
-        f"crops.local_crops_size={args.local_size}", f"crops.local_crops_number={args.locals}",
-        f"dino.head.n_prototypes={args.prototypes}", f"ibot.head.n_prototypes={args.prototypes}"])
+    # Built directly from the schema (no OmegaConf needed on a bare GPU image).
+    recipe = PretrainRecipe()
+    m, c = recipe.model, recipe.crops
+    m.arch, m.patch_size, m.img_size, m.attn_backend, m.drop_path_rate = (
+        args.arch, args.patch, args.global_size, args.attn, 0.4)
+    c.global_crops_size, c.local_crops_size, c.local_crops_number = args.global_size, args.local_size, args.locals
+    recipe.dino.head.n_prototypes = recipe.ibot.head.n_prototypes = args.prototypes
+    recipe.validate()
     meta = build_meta_arch(recipe).to(device)
     opt = torch.optim.AdamW([{"params": g["params"]} for g in _param_groups(meta, recipe)], lr=1e-4)
     grid = args.global_size // args.patch

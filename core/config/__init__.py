@@ -1,6 +1,20 @@
-"""Typed recipe schemas and strict loading."""
+"""Typed recipe schemas and strict loading (OmegaConf is imported only when a recipe is loaded)."""
 
-from core.config.loader import check_kwargs, load_recipe, to_yaml
-from core.config.pretrain import PretrainRecipe
+from __future__ import annotations
 
-__all__ = ["PretrainRecipe", "check_kwargs", "load_recipe", "to_yaml"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "check_kwargs": "core.config.loader",
+    "load_recipe": "core.config.loader",
+    "to_yaml": "core.config.loader",
+    "PretrainRecipe": "core.config.pretrain",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'core.config' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

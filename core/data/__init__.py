@@ -2,43 +2,39 @@
 
 Dataset contract: ``dataset[i]`` is an ``H x W x C`` numpy array (uint8, uint16 or float32), or ``(array, label)``
 for labelled datasets, and the dataset has ``channel_names`` (and ``classes`` when labelled).
+
+Names are imported lazily: the augmentation stack (albumentations, OpenCV) loads only when it is used, so masking,
+collate and samplers work (and import fast) without it.
 """
 
 from __future__ import annotations
 
-from core.data.collate import collate_data_and_cast
-from core.data.datasets import (
-                                DATASET_KINDS,
-                                ENTRY_POINT_GROUP,
-                                IMAGE_EXTENSIONS,
-                                ImageFolderDataset,
-                                SyntheticShapesDataset,
-                                build_dataset,
-                                compute_channel_stats,
-                                dataset_kinds,
-                                read_image,
-                                scale_to_unit,
-)
-from core.data.masking import MaskingGenerator
-from core.data.multicrop import BLUR_PROBS, CELL_DINO_CROPS, CHANNEL_MODES, MultiCropAugmentation
-from core.data.samplers import InfiniteSampler
+import importlib
+from typing import Any
 
-__all__ = [
-    "BLUR_PROBS",
-    "CELL_DINO_CROPS",
-    "CHANNEL_MODES",
-    "DATASET_KINDS",
-    "ENTRY_POINT_GROUP",
-    "IMAGE_EXTENSIONS",
-    "ImageFolderDataset",
-    "InfiniteSampler",
-    "MaskingGenerator",
-    "MultiCropAugmentation",
-    "SyntheticShapesDataset",
-    "build_dataset",
-    "collate_data_and_cast",
-    "compute_channel_stats",
-    "dataset_kinds",
-    "read_image",
-    "scale_to_unit",
-]
+_EXPORTS = {
+    "collate_data_and_cast": "core.data.collate",
+    "DATASET_KINDS": "core.data.datasets",
+    "ENTRY_POINT_GROUP": "core.data.datasets",
+    "IMAGE_EXTENSIONS": "core.data.datasets",
+    "ImageFolderDataset": "core.data.datasets",
+    "SyntheticShapesDataset": "core.data.datasets",
+    "build_dataset": "core.data.datasets",
+    "compute_channel_stats": "core.data.datasets",
+    "dataset_kinds": "core.data.datasets",
+    "read_image": "core.data.datasets",
+    "scale_to_unit": "core.data.datasets",
+    "MaskingGenerator": "core.data.masking",
+    "BLUR_PROBS": "core.data.multicrop",
+    "CELL_DINO_CROPS": "core.data.multicrop",
+    "CHANNEL_MODES": "core.data.multicrop",
+    "MultiCropAugmentation": "core.data.multicrop",
+    "InfiniteSampler": "core.data.samplers",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'core.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
