@@ -9,8 +9,7 @@ collate and samplers work (and import fast) without it.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from core.lazy import lazy_exports
 
 _EXPORTS = {
     "collate_data_and_cast": "core.data.collate",
@@ -32,9 +31,4 @@ _EXPORTS = {
     "InfiniteSampler": "core.data.samplers",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'core.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports("core.data", _EXPORTS)

@@ -43,9 +43,21 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 from torch import nn
 
 from core.dist.env import get_rank, get_world_size, init_distributed
-from core.dist.strategy import (DEEPSPEED_DIR, DEEPSPEED_TAG, STUDENT_FILE, TEACHER_FILE, Precision,
-                                autocast_context, check_grad_clip, check_precision, cpu_state_dict,
-                                load_module_state, load_torch_file, submodule_parameters)
+from core.dist.strategy import (
+    DEEPSPEED_DIR,
+    DEEPSPEED_TAG,
+    STUDENT_FILE,
+    TEACHER_FILE,
+    ModelsAfterSetup,
+    Precision,
+    autocast_context,
+    check_grad_clip,
+    check_precision,
+    cpu_state_dict,
+    load_module_state,
+    load_torch_file,
+    submodule_parameters,
+)
 from core.errors import DinoscopeError
 from core.train.ema import ema_update_, paired_parameters
 
@@ -148,7 +160,7 @@ class _EngineRoot(nn.Module):
         return None
 
 
-class DeepSpeedStrategy:
+class DeepSpeedStrategy(ModelsAfterSetup):
     """ZeRO stage 1, 2 or 3 through ``deepspeed.initialize`` (see the module docstring for the design).
 
     Args:
@@ -234,18 +246,6 @@ class DeepSpeedStrategy:
         if self._engine is None:
             raise RuntimeError("call setup() first")
         return self._engine
-
-    @property
-    def student(self) -> nn.Module:
-        if self._student is None:
-            raise RuntimeError("call setup() first")
-        return self._student
-
-    @property
-    def teacher(self) -> nn.Module:
-        if self._teacher is None:
-            raise RuntimeError("call setup() first")
-        return self._teacher
 
     @property
     def optimizer(self) -> Any:

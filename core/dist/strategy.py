@@ -162,7 +162,26 @@ def load_module_state(module: nn.Module, state: Mapping[str, torch.Tensor], path
             from None
 
 
-class SingleProcessStrategy:
+class ModelsAfterSetup:
+    """The student and teacher a strategy received in ``setup``; reading them earlier is a programming error."""
+
+    _student: nn.Module | None = None
+    _teacher: nn.Module | None = None
+
+    @property
+    def student(self) -> nn.Module:
+        if self._student is None:
+            raise RuntimeError("call setup() first")
+        return self._student
+
+    @property
+    def teacher(self) -> nn.Module:
+        if self._teacher is None:
+            raise RuntimeError("call setup() first")
+        return self._teacher
+
+
+class SingleProcessStrategy(ModelsAfterSetup):
     """Plain PyTorch training, data parallel when a process group with several ranks exists.
 
     Data parallelism is done by averaging gradients with bucketed all-reduces at the step (after all micro-batches),
@@ -215,18 +234,6 @@ class SingleProcessStrategy:
             self._scaler = torch.amp.GradScaler(self._device_type())
         log.info("single-process strategy: precision %s, grad_clip %s per sub-module, data parallel over %d rank(s)",
                  self.precision, self.grad_clip, world if self.data_parallel else 1)
-
-    @property
-    def student(self) -> nn.Module:
-        if self._student is None:
-            raise RuntimeError("call setup() first")
-        return self._student
-
-    @property
-    def teacher(self) -> nn.Module:
-        if self._teacher is None:
-            raise RuntimeError("call setup() first")
-        return self._teacher
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
