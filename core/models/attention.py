@@ -14,6 +14,8 @@ facebookresearch/dinov2 ``dinov2/layers/attention.py``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +25,10 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "math", "xformers")
 
 
 @functools.lru_cache(maxsize=1)
-def _xformers_ops():  # noqa: ANN202 - optional module
+def _xformers_ops() -> ModuleType | None:
     try:
         import xformers.ops as xops
-    except Exception:  # ImportError, or a broken binary build for this torch
+    except Exception:  # noqa: BLE001 - ImportError, or a broken binary build for this torch
         return None
     return xops
 
@@ -66,26 +68,48 @@ class Attention(nn.Module):
             return "xformers" if x.is_cuda and xformers_available() else "sdpa"
         return self._backend
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        B, N, D = x.shape
-        H = self.num_heads
-        qkv = self.qkv(x).reshape(B, N, 3, H, D // H)  # B x N x 3 x H x hd
-        backend = self._resolve_backend(x)
+    def _attend(self, qkv: Tensor, backend: str, attn_mask: Tensor | None = None) -> Tensor:
+        """``qkv [B, N, 3, H, hd]`` -> attended values ``[B, N, H * hd]`` with the chosen kernel."""
+        B, N, _, H, hd = qkv.shape
         drop = self.attn_drop if self.training else 0.0
         if backend == "xformers" and attn_mask is None:
             q, k, v = qkv.unbind(2)  # xformers wants B x N x H x hd
             out = _xformers_ops().memory_efficient_attention(q, k, v, p=drop, scale=self.scale)
-            out = out.reshape(B, N, D)
+            return out.reshape(B, N, H * hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B x H x N x hd
+        if backend == "math":
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if attn_mask is not None:
+                attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+                    else attn + attn_mask
+            attn = F.dropout(attn.softmax(dim=-1), p=drop)
+            out = attn @ v
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B x H x N x hd
-            if backend == "math":
-                attn = (q * self.scale) @ k.transpose(-2, -1)
-                if attn_mask is not None:
-                    attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
-                        else attn + attn_mask
-                attn = F.dropout(attn.softmax(dim=-1), p=drop)
-                out = attn @ v
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
-            out = out.transpose(1, 2).reshape(B, N, D)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        return out.transpose(1, 2).reshape(B, N, H * hd)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None,
+                seq_shapes: Sequence[tuple[int, int]] | None = None) -> Tensor:
+        """Attention over ``x [B, N, D]``, or over several token sets packed as ``x [sum_i B_i * N_i, D]``.
+
+        With ``seq_shapes = [(B_0, N_0), (B_1, N_1), ...]`` the rows of ``x`` are the token sets flattened one after
+        the other; ``qkv`` and ``proj`` then run once over all rows (one parameter gather under ZeRO-3) and only the
+        attention itself runs per set, so tokens never attend across sets or samples. Each set uses the same kernel
+        call as the unpacked path (no block-diagonal mask), so packed and unpacked results agree to rounding.
+        Returns the same layout as ``x``.
+        """
+        backend = self._resolve_backend(x)
+        D = x.shape[-1]
+        H = self.num_heads
+        if seq_shapes is None:
+            B, N, _ = x.shape
+            out = self._attend(self.qkv(x).reshape(B, N, 3, H, D // H), backend, attn_mask)
+        else:
+            if attn_mask is not None:
+                raise ValueError("attn_mask is not supported with packed token sets (seq_shapes)")
+            if x.ndim != 2 or x.shape[0] != sum(b * n for b, n in seq_shapes):
+                raise ValueError(f"packed tokens {tuple(x.shape)} do not match seq_shapes {list(seq_shapes)}")
+            qkv = self.qkv(x).split([b * n for b, n in seq_shapes])  # contiguous row ranges: views, no copy
+            out = torch.cat([self._attend(t.reshape(b, n, 3, H, D // H), backend).reshape(b * n, D)
+                             for t, (b, n) in zip(qkv, seq_shapes, strict=True)])
         return self.proj_drop(self.proj(out))

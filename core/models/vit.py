@@ -7,6 +7,11 @@ DINO / Cell-DINO (facebookresearch/dinov2 PR #575).
 
 The constructor takes the official keyword names, so the ``config`` dict of an official model maps onto it
 one-to-one; state-dict keys are hub-style (``blocks.{i}.…``) whatever ``block_chunks`` says.
+
+Like the official model, ``forward_features`` also takes a list of crop batches (DINOv2 feeds the global and the
+local crops of a step as one list). Here the list is packed into one token matrix, so the patch embedding, every
+block sub-module and the final norm run once for the whole list (see :mod:`core.models.block`): under ZeRO-3 each
+parameter is gathered once per forward and once per backward, not once per crop set.
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.models.block import Block
+from core.models.block import Block, pack_tokens, unpack_tokens
 from core.models.ffn import FFN_LAYERS
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches: ``[B, C, H, W] -> [B, H/p * W/p, D]`` (row-major patch order)."""
+    """Non-overlapping patches: ``[B, C, H, W] -> [B, H/p * W/p, D]`` (row-major patch order).
+
+    A list of images (any sizes, same channels) gives the list of token tensors from a single ``proj`` call.
+    """
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
@@ -31,12 +39,31 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _grid(self, x: Tensor) -> tuple[int, int]:
         H, W = x.shape[-2:]
         p = self.patch_size
         if H % p or W % p:
             raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}; crop or pad it first")
+        return H // p, W // p
+
+    def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
+        if isinstance(x, (list, tuple)):
+            return self._forward_many(x)
+        self._grid(x)
         return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+    def _forward_many(self, xs: Sequence[Tensor]) -> list[Tensor]:
+        # A stride-p, kernel-p conv sees each patch on its own, so every patch of every image can be a p x p image
+        # of its own: one proj call for crops of different sizes, with the values of the whole-image conv.
+        p = self.patch_size
+        patches, shapes = [], []
+        for x in xs:
+            h, w = self._grid(x)
+            B, C = x.shape[:2]
+            patches.append(x.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B * h * w, C, p, p))
+            shapes.append((B, h * w))
+        rows = self.norm(self.proj(torch.cat(patches)).flatten(1))  # [sum_i B_i * N_i, D], row-major patches
+        return unpack_tokens(rows, shapes)
 
 
 class VisionTransformer(nn.Module):
@@ -141,10 +168,34 @@ class VisionTransformer(nn.Module):
         patch_pos = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
         return torch.cat((class_pos, patch_pos), dim=1).to(previous_dtype)
 
-    def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
-        """``x [B, C, H, W]`` -> ``[B, 1+R+N, D]``; masked patches (``masks [B, N]`` bool) become the mask token."""
-        B, _, w, h = x.shape
-        x = self.patch_embed(x)
+    def prepare_tokens_with_masks(self, x: Tensor | Sequence[Tensor],
+                                  masks: Tensor | Sequence[Tensor | None] | None = None) -> Tensor | list[Tensor]:
+        """``x [B, C, H, W]`` -> ``[B, 1+R+N, D]``; masked patches (``masks [B, N]`` bool) become the mask token.
+
+        For a list of images (``masks`` None or a list of the same length, entries a mask or None), the list of
+        token tensors, with one patch-embedding call for all of them.
+        """
+        if isinstance(x, (list, tuple)):
+            masks_list = self._masks_list(x, masks)
+            patches = self.patch_embed(x)
+            return [self._finish_tokens(t, m, *xi.shape[-2:])
+                    for t, m, xi in zip(patches, masks_list, x, strict=True)]
+        return self._finish_tokens(self.patch_embed(x), masks, *x.shape[-2:])
+
+    @staticmethod
+    def _masks_list(x: Sequence[Tensor], masks: Sequence[Tensor | None] | None) -> list[Tensor | None]:
+        if not x:
+            raise ValueError("forward over a list of crops needs at least one crop tensor")
+        if masks is None:
+            return [None] * len(x)
+        if isinstance(masks, Tensor) or len(masks) != len(x):
+            raise ValueError(f"with a list of {len(x)} inputs, masks must be None or a list of {len(x)} entries "
+                             "(a [B_i, N_i] bool tensor or None each)")
+        return list(masks)
+
+    def _finish_tokens(self, x: Tensor, masks: Tensor | None, w: int, h: int) -> Tensor:
+        """Patch tokens ``x [B, N, D]`` of a ``w`` x ``h`` image -> mask token, class token, positions, registers."""
+        B = x.shape[0]
         if masks is not None:
             # Masking precedes the positional embedding, so masked slots keep their position.
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
@@ -156,8 +207,9 @@ class VisionTransformer(nn.Module):
         return x
 
     # ----------------------------------------------------------------------------------------------- outputs
-    def _split_outputs(self, x: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
-        x_norm = self.norm(x)
+    def _split_outputs(self, x: Tensor, masks: Tensor | None, x_norm: Tensor | None = None
+                       ) -> dict[str, Tensor | None]:
+        x_norm = self.norm(x) if x_norm is None else x_norm
         r = self.num_register_tokens
         return {
             "x_norm_clstoken": x_norm[:, 0],
@@ -167,21 +219,35 @@ class VisionTransformer(nn.Module):
             "masks": masks,
         }
 
-    def forward_features(self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor] | None = None
+    def forward_features(self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor | None] | None = None
                          ) -> dict | list[dict]:
-        """Token outputs as a dict (or a list of dicts for a list of inputs, e.g. global and local crops)."""
+        """Token outputs as a dict, or a list of dicts for a list of inputs (e.g. the global and local crops).
+
+        A list ``[x_i [B_i, C, H_i, W_i]]`` (any batch sizes and sizes) takes ``masks`` None or a list of the same
+        length (``[B_i, N_i]`` bool or None each). Its elements are computed together, each module called once
+        (see the module docstring), with the results of calling the model on each element alone.
+        """
         if isinstance(x, (list, tuple)):
-            masks_list = masks if masks is not None else [None] * len(x)
-            return [self.forward_features(xi, mi) for xi, mi in zip(x, masks_list, strict=True)]
+            masks_list = self._masks_list(x, masks)
+            rows, shapes = pack_tokens(self.prepare_tokens_with_masks(x, masks_list))
+            for blk in self.blocks:
+                rows = blk(rows, seq_shapes=shapes)
+            normed = unpack_tokens(self.norm(rows), shapes)
+            return [self._split_outputs(t, m, x_norm=n)
+                    for t, n, m in zip(unpack_tokens(rows, shapes), normed, masks_list, strict=True)]
         tokens = self.prepare_tokens_with_masks(x, masks)
         for blk in self.blocks:
             tokens = blk(tokens)
         return self._split_outputs(tokens, masks)
 
-    def forward(self, *args: object, is_training: bool = False, **kwargs: object) -> Tensor | dict:
-        ret = self.forward_features(*args, **kwargs)
+    def forward(self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor | None] | None = None,
+                is_training: bool = False) -> Tensor | dict | list:
+        """``head(class token)``; with ``is_training`` the :meth:`forward_features` output (a list for a list)."""
+        ret = self.forward_features(x, masks)
         if is_training:
             return ret
+        if isinstance(ret, list):
+            return [self.head(r["x_norm_clstoken"]) for r in ret]
         return self.head(ret["x_norm_clstoken"])
 
     def _collect_blocks(self, x: Tensor, n: int | Sequence[int]) -> list[Tensor]:
