@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
 from core.errors import DinoscopeError
+from core.train.preemption import TrainingInterrupted
 
 log = logging.getLogger("dinoscope")
 
@@ -71,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"dinoscope {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stopped:  # a scheduler signal: state saved, resume by running the same command
+        print(f"dinoscope {args.command}: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -30,12 +30,15 @@ class RecipeKind:
         run: ``run(recipe, run_dir) -> exit status``; runs in every rank of a multi-process launch.
         help: one line for ``dinoscope launch --help`` and the recipes README.
         distributed: whether several processes make sense for this kind.
+        owns_run_dir: ``run`` locks the run directory and writes ``config.yaml`` / ``run_info.json`` itself, after
+            its own checks (training does, so that a second launch cannot overwrite the first one's files).
     """
 
     schema: type
     run: Callable[[Any, Path], int]
     help: str = ""
     distributed: bool = True
+    owns_run_dir: bool = False
 
 
 def _run_pretrain(recipe: Any, run_dir: Path) -> int:
@@ -52,9 +55,11 @@ def _pretrain_schema() -> type:
 
 
 CORE_KINDS: dict[str, Callable[[], RecipeKind]] = {
-    "pretrain": lambda: RecipeKind(_pretrain_schema(), _run_pretrain, "DINOv2 SSL pretraining (EMA teacher)"),
+    "pretrain": lambda: RecipeKind(_pretrain_schema(), _run_pretrain, "DINOv2 SSL pretraining (EMA teacher)",
+                                   owns_run_dir=True),
     "distill": lambda: RecipeKind(_pretrain_schema(), _run_pretrain,
-                                  "DINOv2 distillation from a frozen pretrained teacher (distill.teacher_weights)"),
+                                  "DINOv2 distillation from a frozen pretrained teacher (distill.teacher_weights)",
+                                  owns_run_dir=True),
 }
 
 

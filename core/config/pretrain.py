@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,13 +114,32 @@ class TrainCfg:
     checkpoint_every: int = 1250
     keep_checkpoints: int = 3
     log_every: int = 10
+    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA exists, else cpu; or cpu | cuda | cuda:N
+    pin_memory: bool | None = None  # None: pinned host batches exactly when training on CUDA
+    persistent_workers: bool = True  # keep DataLoader workers alive between epochs (only with num_workers > 0)
+    prefetch_factor: int = 2  # batches each worker prepares ahead (only with num_workers > 0)
+    log_grad_norms: bool = True  # log per-module gradient norms on logging steps (clipping computes them anyway)
 
 
 @dataclass
 class DistCfg:
+    """How the run is distributed. The DeepSpeed keys mirror its ``zero_optimization`` section (sizes in elements);
+    ``deepspeed_overrides`` is deep-merged last and checked by DeepSpeed's own config parser."""
+
     strategy: str = "single"  # single | deepspeed
     zero_stage: int = 2
     offload: bool = False
+    grad_accum: int = 1  # micro-batches of train.batch_size_per_rank per optimizer step
+    overlap_comm: bool | None = None  # None: DeepSpeed's choice per stage (on for ZeRO-3)
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000  # ZeRO-1/2
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    stage3_max_live_parameters: int = 1_000_000_000
+    stage3_max_reuse_distance: int = 1_000_000_000
+    ema_gather_numel: int = 50_000_000  # ZeRO-3: student elements gathered at once for the EMA teacher update
+    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -190,6 +210,33 @@ class PretrainRecipe:
         if not 0 <= lo <= hi <= 1:
             raise DinoscopeError("ibot.mask_ratio_min_max must satisfy 0 <= min <= max <= 1", path=path,
                                  field="ibot.mask_ratio_min_max")
+        self._validate_distribution(path)
+
+    def _validate_distribution(self, path: str | os.PathLike | None) -> None:
+        d, t = self.dist, self.train
+        for key, value in (("dist.grad_accum", d.grad_accum), ("dist.reduce_bucket_size", d.reduce_bucket_size),
+                           ("dist.allgather_bucket_size", d.allgather_bucket_size),
+                           ("dist.stage3_prefetch_bucket_size", d.stage3_prefetch_bucket_size),
+                           ("dist.stage3_max_live_parameters", d.stage3_max_live_parameters),
+                           ("dist.ema_gather_numel", d.ema_gather_numel), ("train.prefetch_factor", t.prefetch_factor),
+                           ("train.log_every", t.log_every), ("train.checkpoint_every", t.checkpoint_every)):
+            if value < 1:
+                raise DinoscopeError(f"{key} must be at least 1, got {value}", path=path, field=key)
+        for key, value in (("dist.stage3_param_persistence_threshold", d.stage3_param_persistence_threshold),
+                           ("dist.stage3_max_reuse_distance", d.stage3_max_reuse_distance)):
+            if value < 0:
+                raise DinoscopeError(f"{key} must be >= 0, got {value}", path=path, field=key)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
+            raise DinoscopeError(f"train.device is {t.device!r}", path=path, field="train.device",
+                                 fix="use auto, cpu, cuda or cuda:N")
+        if self.dino.koleo_loss_weight and t.batch_size_per_rank < 2:
+            # KoLeo (Sablayrolles et al. 2019) is a nearest-neighbour entropy estimate over the images of one rank,
+            # as in DINOv2; with a single image per rank it has no neighbour and would be a constant.
+            raise DinoscopeError(f"the KoLeo regulariser needs at least 2 images per rank, but "
+                                 f"train.batch_size_per_rank is {t.batch_size_per_rank}", path=path,
+                                 field="dino.koleo_loss_weight",
+                                 fix="raise train.batch_size_per_rank to 2 or more (use dist.grad_accum to keep "
+                                     "memory down), or set dino.koleo_loss_weight=0")
 
     def total_iters(self) -> int:
         return self.train.max_iters or self.optim.epochs * self.optim.epoch_length

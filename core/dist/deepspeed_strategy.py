@@ -20,10 +20,16 @@ Design (see environment.md §2 for the CPU recipe it follows):
 * **Precision.** ``bf16`` uses DeepSpeed's ``torch_autocast`` mode: fp32 parameters and master weights, bf16 compute
   and bf16 gradient reduction for Linear/Conv weights, as DINOv2's FSDP mixed precision does. ``fp16`` uses
   DeepSpeed's native fp16 mode with dynamic loss scaling (parameters stored in fp16, fp32 masters).
-* **Clipping.** DeepSpeed clips one global norm over all of the student to ``grad_clip``, not DINOv2's per
-  sub-module rule (its gradients are partitioned inside the optimizer). :meth:`clip_and_step` still reports the
-  pre-clip norm of each sub-module (``safe_get_full_grad``, one collective per parameter; switch off with
-  ``module_grad_norms=False`` for very large models).
+* **Clipping.** DINOv2 clips the backbone, the DINO head and the iBOT head separately (Oquab et al. 2023,
+  facebookresearch/dinov2 ``train/train.py``), while DeepSpeed's ``gradient_clipping`` is one global norm, so it is
+  kept at 0 and :meth:`clip_and_step` clips per sub-module itself: every rank sums the squares of the gradient
+  fragments it owns (ZeRO-1/2: its slice of the flat partition, through the tensor-fragment mapping DeepSpeed keeps
+  for each parameter; ZeRO-3: ``safe_get_local_grad``), one all-reduce of a vector with one entry per sub-module
+  gives the norms, and each rank scales its own fragments by ``min(1, clip / (norm + 1e-6))`` before the optimizer
+  step (the same coefficient as ``torch.nn.utils.clip_grad_norm_``). No parameter is ever gathered for this.
+* **Resharding.** A checkpoint written at another world size is converted once with DeepSpeed's universal
+  checkpoint tool (``deepspeed.checkpoint.ds_to_universal``; Lian et al. 2024, arXiv:2406.18820) into
+  ``deepspeed/state_universal`` beside the original shards and loaded with ``checkpoint.load_universal``.
 """
 
 from __future__ import annotations
@@ -39,10 +45,16 @@ from typing import Any
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_grad, safe_set_local_grad
 from torch import nn
 
-from core.dist.env import get_rank, get_world_size, init_distributed
+from core.dist.device import module_device
+from core.dist.env import barrier, get_rank, get_world_size, init_distributed
 from core.dist.strategy import (
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
@@ -53,27 +65,30 @@ from core.dist.strategy import (
     autocast_context,
     check_grad_clip,
     check_precision,
+    clip_coefficients,
     cpu_state_dict,
     load_module_state,
     load_torch_file,
     submodule_parameters,
 )
 from core.errors import DinoscopeError
+from core.io import atomic_path
 from core.train.ema import ema_update_, paired_parameters
 
 log = logging.getLogger(__name__)
 
 ZERO_STAGES = (1, 2, 3)
 _ROOT_PREFIX = "student."
+UNIVERSAL_TAG = f"{DEEPSPEED_TAG}_universal"
 
 
 def build_ds_config(*, zero_stage: int, micro_batch_size: int, grad_accum: int, world_size: int,
                     grad_clip: float | None, precision: str, offload: bool = False,
-                    reduce_bucket_size: int = 50_000_000, overlap_comm: bool | None = None,
-                    contiguous_gradients: bool = True, stage3_prefetch_bucket_size: int = 50_000_000,
-                    stage3_param_persistence_threshold: int = 100_000,
-                    stage3_max_live_parameters: int = 1_000_000_000,
-                    overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    reduce_bucket_size: int = 50_000_000, allgather_bucket_size: int = 50_000_000,
+                    overlap_comm: bool | None = None, contiguous_gradients: bool = True,
+                    stage3_prefetch_bucket_size: int = 50_000_000, stage3_param_persistence_threshold: int = 100_000,
+                    stage3_max_live_parameters: int = 1_000_000_000, stage3_max_reuse_distance: int = 1_000_000_000,
+                    load_universal: bool = False, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON config for typed arguments; rare keys go through ``overrides`` (deep-merged).
 
     Raises:
@@ -92,11 +107,12 @@ def build_ds_config(*, zero_stage: int, micro_batch_size: int, grad_accum: int, 
                             "reduce_bucket_size": int(reduce_bucket_size),
                             "overlap_comm": zero_stage == 3 if overlap_comm is None else overlap_comm}
     if zero_stage < 3:
-        zero["allgather_bucket_size"] = int(reduce_bucket_size)
+        zero["allgather_bucket_size"] = int(allgather_bucket_size)
     else:
         zero.update(stage3_prefetch_bucket_size=int(stage3_prefetch_bucket_size),
                     stage3_param_persistence_threshold=int(stage3_param_persistence_threshold),
                     stage3_max_live_parameters=int(stage3_max_live_parameters),
+                    stage3_max_reuse_distance=int(stage3_max_reuse_distance),
                     stage3_gather_16bit_weights_on_model_save=False)
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -106,12 +122,15 @@ def build_ds_config(*, zero_stage: int, micro_batch_size: int, grad_accum: int, 
         "train_micro_batch_size_per_gpu": int(micro_batch_size),
         "gradient_accumulation_steps": int(grad_accum),
         "train_batch_size": int(micro_batch_size) * int(grad_accum) * int(world_size),
-        "gradient_clipping": float(grad_clip) if grad_clip else 0.0,
+        # Clipping is per sub-module (DeepSpeedStrategy.clip_and_step), never DeepSpeed's single global norm.
+        "gradient_clipping": 0.0,
         "zero_optimization": zero,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     if precision == "bf16":
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif precision == "fp16":
@@ -215,7 +234,14 @@ class DeepSpeedStrategy(ModelsAfterSetup):
         if self.precision == "fp16" and not get_accelerator().is_fp16_supported():
             raise DinoscopeError("DeepSpeed does not support fp16 on this device", field="train.precision",
                                  fix="use precision bf16 or fp32")
-        if get_accelerator().device_name() == "cpu":
+        accelerator = get_accelerator().device_name().split(":")[0]
+        placed = module_device(student).type
+        if placed != accelerator:
+            # DeepSpeed would silently move the student to its accelerator and leave the teacher behind.
+            raise DinoscopeError(f"the model was placed on {placed}, but DeepSpeed's accelerator is {accelerator}",
+                                 field="train.device", fix="set train.device to match (auto picks the GPU when "
+                                 "CUDA exists), or export DS_ACCELERATOR=cpu for a CPU run")
+        if accelerator == "cpu":
             skip_shm_comm_op()
         init_distributed(require_group=True)
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
@@ -267,26 +293,76 @@ class DeepSpeedStrategy(ModelsAfterSetup):
         if not boundary:
             self.engine.step()  # only advances DeepSpeed's micro-batch counter
 
-    def clip_and_step(self) -> dict[str, float]:
+    def clip_and_step(self, compute_norms: bool = True) -> dict[str, torch.Tensor]:
+        """Per-sub-module clipping on the ranks' own gradient fragments, then DeepSpeed's step.
+
+        Returns the pre-clip norm of each sub-module (0-dim tensors, the values the clip coefficients came from)
+        when clipping is on or ``compute_norms`` is true, otherwise ``{}`` and no extra work is done.
+        """
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError(f"clip_and_step() needs {self.grad_accum} backward() calls since the last step")
-        norms = self._submodule_grad_norms() if self.module_grad_norms else {}
+        norms: dict[str, torch.Tensor] = {}
+        if self.grad_clip is not None or (compute_norms and self.module_grad_norms):
+            fragments = self._local_grad_fragments()
+            norms = self._global_norms(fragments)
+            if self.grad_clip is not None:
+                self._scale_fragments(fragments, norms)
         self.engine.step()
         return norms
 
-    def _submodule_grad_norms(self) -> dict[str, float]:
-        norms = {}
+    def _local_grad_fragments(self) -> dict[str, list[tuple[nn.Parameter, torch.Tensor]]]:
+        """This rank's slice of every student gradient, per sub-module (valid between backward and step)."""
+        fragments: dict[str, list[tuple[nn.Parameter, torch.Tensor]]] = {}
         for name, params in submodule_parameters(self.student).items():
-            total = torch.zeros((), dtype=torch.float64)
-            seen = False
+            owned = []
             for param in params:
-                grad = safe_get_full_grad(param)  # collective under ZeRO: every rank walks the same params
+                if self.zero_stage == 3:
+                    grad = safe_get_local_grad(param)
+                else:
+                    mapping = getattr(param, "_hp_mapping", None)
+                    if mapping is None:  # no element of this parameter lies in this rank's partition
+                        continue
+                    grad = mapping.get_lp_grad_fragment(param._index_in_param_group)
+                    address = mapping.lp_fragment_address
+                    if grad.numel() == param.numel() and address.numel != param.numel():
+                        # a rank that keeps a full accumulation buffer owns only its address range of it
+                        grad = grad.reshape(-1).narrow(0, address.start, address.numel)
                 if grad is not None:
-                    total += grad.detach().double().pow(2).sum().cpu()
-                    seen = True
-            if seen:
-                norms[name] = float(total.sqrt())
-        return norms
+                    owned.append((param, grad))
+            fragments[name] = owned
+        return fragments
+
+    def _global_norms(self, fragments: dict[str, list[tuple[nn.Parameter, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+        """L2 norm of each sub-module's full gradient: local norms, one all-reduce of their squares, fp16 unscaled.
+
+        The local norm uses the same ``get_total_norm`` as the single-process strategy, so at world size 1 (where
+        a rank's fragments are the whole gradients) both strategies clip with bit-identical coefficients.
+        """
+        device = get_accelerator().current_device_name()
+        local = torch.zeros(len(fragments), dtype=torch.float32, device=device)
+        for index, owned in enumerate(fragments.values()):
+            if owned:
+                local[index] = torch.nn.utils.get_total_norm([g for _, g in owned], foreach=True).to(device)
+        if get_world_size() > 1:
+            squares = local.pow(2)
+            torch.distributed.all_reduce(squares)
+            local = squares.sqrt()
+        scale = float(getattr(self.engine.optimizer, "loss_scale", 1.0) or 1.0)  # fp16 gradients are loss-scaled
+        totals = local / scale if scale != 1.0 else local
+        return {name: totals[index] for index, name in enumerate(fragments)}
+
+    def _scale_fragments(self, fragments: dict[str, list[tuple[nn.Parameter, torch.Tensor]]],
+                         norms: dict[str, torch.Tensor]) -> None:
+        assert self.grad_clip is not None
+        for name, owned in fragments.items():
+            coefficient = clip_coefficients(norms[name], self.grad_clip)
+            if not torch.isfinite(norms[name]):
+                continue  # an overflowing fp16 step is skipped by DeepSpeed's loss scaler anyway
+            for param, grad in owned:
+                if self.zero_stage == 3:
+                    safe_set_local_grad(param, grad * coefficient.to(grad.device, grad.dtype))
+                else:
+                    grad.mul_(coefficient.to(grad.device, grad.dtype))
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
@@ -315,11 +391,15 @@ class DeepSpeedStrategy(ModelsAfterSetup):
     # -- state -------------------------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
         directory = Path(directory)
-        self.engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+        # The universal-checkpoint marker lets ds_to_universal reshard these shards for another world size later.
+        self.engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False,
+                                    client_state={UNIVERSAL_CHECKPOINT_INFO: {
+                                        UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
         if get_rank() == 0:
             torch.save(cpu_state_dict(self.teacher), directory / TEACHER_FILE)
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, saved_world_size: int | None = None) -> None:
+        """Load the ZeRO shards (converted to DeepSpeed's universal layout first when the world size changed)."""
         directory = Path(directory)
         ds_dir = directory / DEEPSPEED_DIR
         if not (ds_dir / DEEPSPEED_TAG).is_dir():
@@ -328,13 +408,30 @@ class DeepSpeedStrategy(ModelsAfterSetup):
                                  else "the DeepSpeed shards of this checkpoint are missing", path=ds_dir,
                                  field="strategy", fix="resume with strategy 'single'" if single
                                  else "resume from a complete checkpoint directory")
+        resharding = saved_world_size is not None and int(saved_world_size) != get_world_size()
+        if resharding != bool(self.zero_kwargs.get("load_universal")):
+            raise DinoscopeError(f"the checkpoint was written at world size {saved_world_size}, this run has "
+                                 f"{get_world_size()}, but the strategy was built with load_universal="
+                                 f"{bool(self.zero_kwargs.get('load_universal'))}", path=directory, field="dist",
+                                 fix="build the DeepSpeed strategy with load_universal=True exactly when the world "
+                                     "size changes (core.train.loop does this)")
+        tag = DEEPSPEED_TAG
+        if resharding:
+            tag = UNIVERSAL_TAG
+            if get_rank() == 0 and not (ds_dir / tag).is_dir():
+                convert_to_universal(ds_dir)
+            barrier()
+            log.info("resharding a checkpoint of world size %s to %d through %s", saved_world_size,
+                     get_world_size(), ds_dir / tag)
         try:
-            load_path, _ = self.engine.load_checkpoint(str(ds_dir), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+            load_path, _ = self.engine.load_checkpoint(str(ds_dir), tag=tag, load_optimizer_states=True,
                                                        load_lr_scheduler_states=False)
-        except (RuntimeError, ValueError, KeyError, AssertionError) as err:
-            raise DinoscopeError(f"DeepSpeed cannot load this checkpoint ({type(err).__name__}: {err})", path=ds_dir,
-                                 field="dist", fix="resume with the same model, zero_stage and world size, or "
-                                                   "consolidate it with zero_to_fp32 first") from None
+        except Exception as err:  # DeepSpeed raises ZeRORuntimeException, RuntimeError, AssertionError, KeyError...
+            raise DinoscopeError(f"DeepSpeed cannot load this checkpoint ({type(err).__name__}: "
+                                 f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})", path=ds_dir,
+                                 field="dist", fix="resume with the model, dist.zero_stage and train.precision the "
+                                 "checkpoint was written with; a different world size is handled automatically. "
+                                 "Or start from its weights only: model.pretrained=<exported .safetensors>") from None
         if load_path is None:
             raise DinoscopeError("DeepSpeed found no checkpoint to load", path=ds_dir, field="dist")
         teacher_file = directory / TEACHER_FILE
@@ -370,6 +467,33 @@ def consolidate_zero_checkpoint(ds_dir: Path, tag: str = DEEPSPEED_TAG) -> dict[
         raise DinoscopeError(f"cannot merge the ZeRO shards ({type(err).__name__}: {err})", path=ds_dir,
                              fix="pass a complete DeepSpeed checkpoint directory") from None
     return {k[len(_ROOT_PREFIX):] if k.startswith(_ROOT_PREFIX) else k: v for k, v in state.items()}
+
+
+def convert_to_universal(ds_dir: Path, tag: str = DEEPSPEED_TAG) -> Path:
+    """Convert ``ds_dir/tag`` (ZeRO shards of any world size) into ``ds_dir/<tag>_universal``, atomically.
+
+    DeepSpeed's own converter (``deepspeed.checkpoint.ds_to_universal``) writes one folder per parameter holding
+    its fp32 value and AdamW moments, which any data-parallel degree can load (arXiv:2406.18820).
+    """
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    final = Path(ds_dir) / f"{tag}_universal"
+    with atomic_path(final, is_dir=True) as tmp:
+        args = argparse.Namespace(input_folder=str(Path(ds_dir) / tag), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=False)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress
+                ds_to_universal.main(args)
+        except Exception as err:
+            raise DinoscopeError(f"DeepSpeed cannot convert this checkpoint to the universal layout "
+                                 f"({type(err).__name__}: {err})", path=Path(ds_dir) / tag, field="dist",
+                                 fix="resume at the world size the checkpoint was written with") from None
+    return final
 
 
 def _gather_one(param: nn.Parameter) -> torch.Tensor:

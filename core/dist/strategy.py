@@ -9,7 +9,7 @@ distributed. The training loop drives it the same way whatever the backend::
         with strategy.autocast():
             loss = meta_arch.compute_losses(batch)              # student forward happens in here
         strategy.backward(loss)                                 # grad_accum times per step
-        grad_norms = strategy.clip_and_step()                   # {sub-module name: pre-clip grad norm}
+        grad_norms = strategy.clip_and_step(compute_norms)      # {sub-module name: pre-clip grad norm}
         strategy.zero_grad()
         strategy.update_teacher(momentum)
 
@@ -85,8 +85,13 @@ class Strategy(Protocol):
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch's mean-reduced loss (scaled by ``1/grad_accum``)."""
 
-    def clip_and_step(self) -> dict[str, float]:
-        """Average gradients over ranks, clip, step; returns the pre-clip grad norm of each student sub-module."""
+    def clip_and_step(self, compute_norms: bool = True) -> dict[str, torch.Tensor]:
+        """Average gradients over ranks, clip each student sub-module, step.
+
+        Returns the pre-clip gradient norm of each sub-module as 0-dim tensors on the training device (no host
+        synchronisation): the very values the clip coefficients were computed from. With clipping off and
+        ``compute_norms`` false nothing is computed and ``{}`` is returned.
+        """
 
     def zero_grad(self) -> None: ...
 
@@ -96,8 +101,8 @@ class Strategy(Protocol):
     def save(self, directory: Path) -> None:
         """Write model and optimizer state into ``directory`` (collective: every rank calls it)."""
 
-    def load(self, directory: Path) -> None:
-        """Restore what :meth:`save` wrote (collective)."""
+    def load(self, directory: Path, saved_world_size: int | None = None) -> None:
+        """Restore what :meth:`save` wrote (collective), also when it was written at another world size."""
 
     def full_teacher_state_dict(self) -> dict[str, torch.Tensor]:
         """Complete fp32 teacher state on rank 0 (CPU tensors), ``{}`` on other ranks (collective)."""
@@ -118,6 +123,11 @@ def check_grad_clip(grad_clip: float | None) -> float | None:
         raise DinoscopeError(f"grad_clip must be positive or null, got {grad_clip}", field="grad_clip",
                              fix="use a positive max norm (DINOv2 uses 3.0) or null to disable clipping")
     return grad_clip
+
+
+def clip_coefficients(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``min(1, max_norm / (norm + 1e-6))``: the factor ``torch.nn.utils.clip_grad_norm_`` scales gradients by."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
 
 
 def autocast_context(precision: str, device_type: str) -> contextlib.AbstractContextManager[None]:
@@ -259,23 +269,22 @@ class SingleProcessStrategy(ModelsAfterSetup):
             loss = self._scaler.scale(loss)
         loss.backward()
 
-    def clip_and_step(self) -> dict[str, float]:
+    def clip_and_step(self, compute_norms: bool = True) -> dict[str, torch.Tensor]:
         if self.data_parallel and get_world_size() > 1:
             # reduce before unscaling so an inf on any rank makes every rank skip the step
             average_gradients(list(self.student.parameters()))
         if self._scaler is not None:
             self._scaler.unscale_(self.optimizer)
-        norms = {}
-        for name, params in submodule_parameters(self.student).items():
-            grads = [p.grad for p in params if p.grad is not None]
-            if not grads:
-                continue
-            if self.grad_clip is None:
-                norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-            else:
-                norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.grad_clip,
-                                                      foreach=True)
-            norms[name] = float(norm)
+        norms: dict[str, torch.Tensor] = {}
+        if self.grad_clip is not None or compute_norms:
+            for name, params in submodule_parameters(self.student).items():
+                with_grad = [p for p in params if p.grad is not None]
+                if not with_grad:
+                    continue
+                if self.grad_clip is None:
+                    norms[name] = torch.nn.utils.get_total_norm([p.grad for p in with_grad], foreach=True)
+                else:
+                    norms[name] = torch.nn.utils.clip_grad_norm_(with_grad, self.grad_clip, foreach=True)
         if self._scaler is not None:
             self._scaler.step(self.optimizer)
             self._scaler.update()
@@ -299,7 +308,8 @@ class SingleProcessStrategy(ModelsAfterSetup):
                         "scaler": None if self._scaler is None else self._scaler.state_dict()},
                        directory / OPTIMIZER_FILE)
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, saved_world_size: int | None = None) -> None:
+        # Every rank holds full state here, so a checkpoint of any world size loads as it is.
         directory = Path(directory)
         if not (directory / STUDENT_FILE).is_file() and (directory / DEEPSPEED_DIR).is_dir():
             raise DinoscopeError("this checkpoint was written by the DeepSpeed strategy", path=directory,
@@ -333,7 +343,10 @@ def _broadcast_module(module: nn.Module) -> None:
 
 # Options of the DeepSpeed strategy that a recipe's dist section always carries; meaningless without ZeRO.
 _DEEPSPEED_ONLY = frozenset({"zero_stage", "offload", "micro_batch_size", "ds_overrides", "module_grad_norms",
-                             "ema_gather_numel"})
+                             "ema_gather_numel", "load_universal", "overlap_comm", "contiguous_gradients",
+                             "reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                             "stage3_param_persistence_threshold", "stage3_max_live_parameters",
+                             "stage3_max_reuse_distance"})
 
 
 def _single(**kwargs: Any) -> Strategy:

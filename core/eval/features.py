@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from core.data.datasets import scale_to_unit
+from core.dist.device import module_device, place, wants_pinned_memory
 from core.weights.meta import default_normalisation
 
 
@@ -48,11 +49,13 @@ def extract(backbone: nn.Module, dataset: Dataset, *, size: int, mean: Sequence[
 
     was_training = backbone.training
     backbone.eval()
-    loader = DataLoader(EvalTransform(dataset, size, mean, std), batch_size=batch_size)
+    device = module_device(backbone)  # features are computed wherever the backbone lives, returned on the CPU
+    loader = DataLoader(EvalTransform(dataset, size, mean, std), batch_size=batch_size,
+                        pin_memory=wants_pinned_memory(device))
     feats, labels = [], []
     for x, y in loader:
-        layers = backbone.get_intermediate_layers(x, n_last_blocks, return_class_token=True)
-        feats.append(linear_input(layers, n_last_blocks=n_last_blocks, avgpool=avgpool))
+        layers = backbone.get_intermediate_layers(place(x, device), n_last_blocks, return_class_token=True)
+        feats.append(linear_input(layers, n_last_blocks=n_last_blocks, avgpool=avgpool).float().cpu())
         labels.append(y)
     backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels)

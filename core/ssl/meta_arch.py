@@ -2,9 +2,9 @@
 
 Loss composition follows Oquab et al. (arXiv:2304.07193, Sec. 3) and facebookresearch/dinov2
 ``train/ssl_meta_arch.py``: DINO cross-entropy between every student crop and every *other* teacher global crop
-(teacher global outputs swapped), normalised by ``Z = 2 * n_local + 2``; iBOT on the masked patches of the global
-crops; KoLeo on each global crop's student class tokens. Backward, clipping, stepping and the EMA are the training
-strategy's job (``core.dist``), not this module's.
+(teacher global outputs swapped), normalised by ``Z = 2 + max(2 * n_local, 1)``; iBOT on the masked patches of the
+global crops; KoLeo on each global crop's student class tokens. Backward, clipping, stepping and the EMA are the
+training strategy's job (``core.dist``), not this module's.
 
 Batch shapes (``B`` images, ``n_l`` local crops, ``N`` patches per global crop, ``M`` masked patches):
     global crops ``[2B, C, S, S]`` crop-major, local crops ``[n_l*B, C, s, s]``, masks ``[2B, N]``.
@@ -18,6 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from core.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+
+
+def loss_normaliser(n_local_crops: int) -> int:
+    """DINO loss normaliser ``Z = n_global_terms + n_local_terms`` of DINOv2's ``SSLMetaArch.forward_backward``.
+
+    ``n_global_terms = (2 - 1) * 2`` (each global crop against the other one) and ``n_local_terms =
+    max(2 * n_local, 1)``: the ``max`` keeps the official value 3, not 2, when a recipe has no local crops.
+    """
+    return 2 + max(2 * n_local_crops, 1)
 
 
 class SSLMetaArch(nn.Module):
@@ -80,13 +89,18 @@ class SSLMetaArch(nn.Module):
     def student_output(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Student logits for the (masked) global crops, the local crops and the masked patches."""
         backbone = self.student["backbone"]
-        g = backbone(batch["collated_global_crops"], masks=batch["collated_masks"], is_training=True)
+        if self.n_local_crops:
+            # One backbone call over both crop sets, as DINOv2's forward over a list of crops: every block runs
+            # once per step, so ZeRO-3 gathers each block's parameters once forward and once backward.
+            g, local = backbone([batch["collated_global_crops"], batch["collated_local_crops"]],
+                                masks=[batch["collated_masks"], None], is_training=True)
+        else:
+            g, local = backbone(batch["collated_global_crops"], masks=batch["collated_masks"], is_training=True), None
         out = {"global_cls": g["x_norm_clstoken"]}
         patches = g["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch["mask_indices_list"])
         cls = g["x_norm_clstoken"]
-        if self.n_local_crops:
-            local = backbone(batch["collated_local_crops"], is_training=True)["x_norm_clstoken"]
-            cls = torch.cat([local, cls])
+        if local is not None:
+            cls = torch.cat([local["x_norm_clstoken"], cls])
         dino_logits, ibot_logits = self._heads(self.student, cls, patches)
         n_local_rows = cls.shape[0] - out["global_cls"].shape[0]
         out["local_logits"] = dino_logits[:n_local_rows]
@@ -105,9 +119,7 @@ class SSLMetaArch(nn.Module):
     def compute_losses(self, student: dict[str, Tensor], teacher: dict[str, Tensor],
                        batch: dict[str, Any]) -> dict[str, Tensor]:
         """Weighted loss terms and their sum under ``total`` (the value to back-propagate)."""
-        n_global_terms = 2  # each global crop against the other one
-        n_local_terms = 2 * self.n_local_crops
-        z = n_global_terms + n_local_terms
+        z = loss_normaliser(self.n_local_crops)
         losses: dict[str, Tensor] = {}
         targets = teacher["dino"]  # 2 x B x K
         if self.n_local_crops:

@@ -247,25 +247,46 @@ def load_training_state(ckpt_dir: str | os.PathLike, strategy: Strategy) -> dict
     if not directory.is_dir():
         raise DinoscopeError("the checkpoint directory does not exist", path=directory,
                              fix="check the path, or resume from the run directory to use the latest checkpoint")
+    client = read_client_state(directory)
+    if client.get("strategy") != strategy.kind:
+        raise DinoscopeError(f"the checkpoint was written by strategy {client.get('strategy')!r} but this run uses "
+                             f"{strategy.kind!r}", path=directory, field="dist.strategy",
+                             fix=f"resume with dist.strategy={client.get('strategy')}")
+    saved_world = client.get("world_size")
+    strategy.load(directory, saved_world_size=saved_world)
+    rng_path = directory / rng_file(get_rank())
+    if saved_world == get_world_size() and rng_path.is_file():
+        restore_rng_state(load_torch_file(rng_path, "RNG state"))
+    else:
+        # Per-rank streams of another world size do not map onto this one: derive them from (seed, rank,
+        # iteration) so that a resharded resume is still deterministic (cluster.md, "Resuming at another world size").
+        seed = int(((client.get("config") or {}).get("train") or {}).get("seed", 0))
+        derive_rng_state(seed, get_rank(), int(client["iteration"]))
+        log.info("derived RNG streams for rank %d from (seed, rank, iteration): checkpoint world size %s, now %d",
+                 get_rank(), saved_world, get_world_size())
+    barrier()
+    return {**client, "path": str(directory)}
+
+
+def read_client_state(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """The small client state of a checkpoint (iteration, world size, config...) without loading any weights."""
+    directory = _resolve_step_dir(ckpt_dir)
     client = load_torch_file(directory / CLIENT_STATE_FILE, "client state")
     version = int(client.get("format_version", 0))
     if version > FORMAT_VERSION:
         raise DinoscopeError(f"checkpoint format_version {version} is newer than this dinoscope supports "
                              f"({FORMAT_VERSION})", path=directory / CLIENT_STATE_FILE, field="format_version",
                              fix="upgrade dinoscope")
-    if client.get("strategy") != strategy.kind:
-        raise DinoscopeError(f"the checkpoint was written by strategy {client.get('strategy')!r} but this run uses "
-                             f"{strategy.kind!r}", path=directory, field="dist.strategy",
-                             fix=f"resume with dist.strategy={client.get('strategy')}")
-    strategy.load(directory)
-    rng_path = directory / rng_file(get_rank())
-    if rng_path.is_file():
-        restore_rng_state(load_torch_file(rng_path, "RNG state"))
-    else:
-        log.warning("%s has no RNG state for rank %d (saved with world size %s); random streams restart", directory,
-                    get_rank(), client.get("world_size"))
-    barrier()
-    return {**client, "path": str(directory)}
+    return client
+
+
+def derive_rng_state(seed: int, rank: int, iteration: int) -> None:
+    """Seed python, numpy and torch (and CUDA) from ``(seed, rank, iteration)`` alone."""
+    entropy = np.random.SeedSequence([int(seed), int(rank), int(iteration)]).generate_state(2)
+    value = int(entropy[0]) << 32 | int(entropy[1])
+    random.seed(value)
+    np.random.seed(int(entropy[0]))
+    torch.manual_seed(value)
 
 
 def consolidated_teacher_state_dict(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:

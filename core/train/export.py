@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from core.dist.device import place
 from core.errors import DinoscopeError
 from core.weights.meta import WeightMeta, default_channel_names, default_normalisation
 
@@ -27,7 +28,8 @@ def export_run(run_dir: Path, out: Path, step: int | None = None) -> Path:
         raise DinoscopeError("the run has no checkpoint to export", path=run_dir / "checkpoints",
                              fix="train for at least train.checkpoint_every iterations first")
     teacher = consolidated_teacher_state_dict(Path(ckpt))
-    backbone = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
+    # the one placement function, so exported tensors are host tensors whatever device wrote the checkpoint
+    backbone = place({k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}, "cpu")
     from core.models import ARCH_SIZES
 
     kwargs = backbone_kwargs(recipe.model)

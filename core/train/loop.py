@@ -1,10 +1,13 @@
 """The pretraining loop: flat and readable (nanoGPT style), iteration-based and resumable.
 
+    open the run directory (lock, recipe check, resume point)              core.train.session
+    place the meta-architecture on the device; build the strategy          core.dist
     for it in range(start, total):
         schedules[it] -> optimizer groups
-        teacher targets, student logits, losses          (core.ssl.SSLMetaArch)
-        backward, clip per sub-module, step, EMA          (core.dist strategy)
-        reduce + NaN guard, log JSONL, progress, eval, checkpoint
+        grad_accum x (place batch, teacher targets, student logits, losses, backward)   core.ssl.SSLMetaArch
+        clip per sub-module, step, EMA                                     core.dist strategy
+        one all-reduce: losses + stop request; NaN guard; log JSONL, progress, kNN, checkpoint
+        on SIGTERM/SIGUSR2: checkpoint at this iteration, then stop (or requeue under submitit)
 """
 
 from __future__ import annotations
@@ -17,12 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from core.config.pretrain import PretrainRecipe
+from core.dist.device import activate, place, place_module, resolve_device, wants_pinned_memory
+from core.dist.env import get_world_size, has_process_group, init_distributed
+from core.dist.strategy import Strategy, build_strategy
 from core.errors import DinoscopeError
 from core.logging import JsonlLogger, progress
+from core.ssl.build import build_augmentation, build_data, build_meta_arch
+from core.train.checkpoint import load_training_state, save_training_state
+from core.train.data import ChannelsAsSamples, build_ssl_loader
 from core.train.param_groups import apply_optim_schedule, fuse_params_groups, get_params_groups_with_decay
+from core.train.preemption import StopRequest
+from core.train.report import write_loss_curve
 from core.train.schedules import build_schedules, scaled_lr
+from core.train.session import EVAL_FILE, METRICS_FILE, RunSession, broadcast_object, is_main_rank
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +50,13 @@ def _param_groups(meta_arch: Any, recipe: PretrainRecipe) -> list[dict]:
 
 
 def _schedules(recipe: PretrainRecipe, world_size: int) -> tuple[Any, float]:
-    """Per-iteration schedules; recipe durations in epochs are converted to whole iterations here."""
+    """Per-iteration schedules; recipe durations in epochs are converted to whole iterations here.
+
+    The learning rate scales with the images per optimizer step: per rank x ranks x accumulated micro-batches.
+    """
     o, t = recipe.optim, recipe.teacher
-    lr = scaled_lr(o.base_lr, recipe.train.batch_size_per_rank, world_size, rule=o.scaling_rule)
+    lr = scaled_lr(o.base_lr, recipe.train.batch_size_per_rank * recipe.dist.grad_accum, world_size,
+                   rule=o.scaling_rule)
 
     def iters(epochs: float) -> int:
         return int(round(epochs * o.epoch_length))
@@ -52,122 +69,174 @@ def _schedules(recipe: PretrainRecipe, world_size: int) -> tuple[Any, float]:
                            freeze_last_layer_epochs=iters(o.freeze_last_layer_epochs)), lr
 
 
-def _memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+def build_recipe_strategy(recipe: PretrainRecipe, *, resharding: bool = False) -> Strategy:
+    """The recipe's ``dist`` section as a strategy (``resharding``: the checkpoint has another world size)."""
+    d = recipe.dist
+    if d.strategy != "deepspeed":
+        return build_strategy("single", grad_accum=d.grad_accum)
+    return build_strategy("deepspeed", zero_stage=d.zero_stage, offload=d.offload,
+                          micro_batch_size=recipe.train.batch_size_per_rank, grad_accum=d.grad_accum,
+                          ema_gather_numel=d.ema_gather_numel, ds_overrides=dict(d.deepspeed_overrides),
+                          overlap_comm=d.overlap_comm, contiguous_gradients=d.contiguous_gradients,
+                          reduce_bucket_size=d.reduce_bucket_size, allgather_bucket_size=d.allgather_bucket_size,
+                          stage3_prefetch_bucket_size=d.stage3_prefetch_bucket_size,
+                          stage3_param_persistence_threshold=d.stage3_param_persistence_threshold,
+                          stage3_max_live_parameters=d.stage3_max_live_parameters,
+                          stage3_max_reuse_distance=d.stage3_max_reuse_distance, load_universal=resharding)
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _reduce(losses: torch.Tensor, stop: StopRequest) -> tuple[list[float], int]:
+    """Mean of the loss terms over ranks and the stop request of any rank, in one all-reduce and one host sync."""
+    packed = torch.cat([losses.float(), losses.new_tensor([float(stop.signum or 0)])])
+    if has_process_group() and get_world_size() > 1:
+        dist.all_reduce(packed)
+        packed[:-1] /= get_world_size()
+    values = packed.tolist()
+    return values[:-1], int(values[-1])
+
+
 def train(recipe: PretrainRecipe, run_dir: str | os.PathLike, *, resume: bool = True,
-          stop_after: int | None = None) -> dict[str, Any]:
+          stop_after: int | None = None, allow_recipe_change: bool = False, recipe_path: str | None = None,
+          overrides: list[str] | None = None) -> dict[str, Any]:
     """Pretrain (or distil) as the recipe says; returns the last logged metrics.
 
     ``stop_after`` ends the run early after that many iterations of this call (tests use it to simulate a crash).
-    """
-    from core.dist.env import all_reduce_mean, init_distributed
-    from core.dist.strategy import build_strategy
-    from core.ssl.build import build_augmentation, build_data, build_meta_arch
-    from core.train.checkpoint import find_latest, load_training_state, save_training_state
-    from core.train.data import ChannelsAsSamples, build_ssl_loader
-    from core.train.report import write_loss_curve
 
-    run_dir = Path(run_dir)
-    env = init_distributed()
+    Raises:
+        DinoscopeError: the run directory is locked by another run, the recipe changed since the checkpoint
+            (without ``allow_recipe_change``), a setting is impossible here, or the loss became NaN.
+        TrainingInterrupted: SIGTERM/SIGUSR2 arrived; a checkpoint at the reached iteration was saved first.
+    """
+    device = resolve_device(recipe.train.device)
+    activate(device)  # before the process group: NCCL binds each rank to its GPU
+    env = init_distributed("nccl" if device.type == "cuda" else "gloo")
+    session = RunSession(run_dir, recipe, env, resume=resume, allow_recipe_change=allow_recipe_change,
+                         recipe_path=recipe_path, overrides=overrides)
+    point = session.open()
+    try:
+        return _train(recipe, Path(run_dir), env, device, point, stop_after)
+    finally:
+        session.close()
+
+
+def _train(recipe: PretrainRecipe, run_dir: Path, env: Any, device: torch.device, point: Any,
+           stop_after: int | None) -> dict[str, Any]:
     torch.manual_seed(recipe.train.seed + env.rank)
     dataset = build_data(recipe.data)
     if recipe.model.channel_adaptive:
         dataset = ChannelsAsSamples(dataset)
-    meta_arch = build_meta_arch(recipe)
+    meta_arch = place_module(build_meta_arch(recipe), device)  # student, teacher, heads and loss centres
     schedules, lr = _schedules(recipe, env.world_size)
-    total = recipe.total_iters()
-    if recipe.dist.strategy == "deepspeed":
-        strategy = build_strategy("deepspeed", zero_stage=recipe.dist.zero_stage, offload=recipe.dist.offload,
-                                  micro_batch_size=recipe.train.batch_size_per_rank)
-    else:
-        strategy = build_strategy("single")
+    total, accum = recipe.total_iters(), recipe.dist.grad_accum
+    strategy = build_recipe_strategy(recipe, resharding=point.resharding(env.world_size))
     strategy.setup(meta_arch.student, meta_arch.teacher, _param_groups(meta_arch, recipe),
                    grad_clip=recipe.optim.clip_grad or None, precision=recipe.train.precision,
                    betas=(recipe.optim.adamw_beta1, recipe.optim.adamw_beta2))
-    start = 0
-    latest = find_latest(run_dir) if resume else None
-    if latest is not None:
-        state = load_training_state(latest, strategy)
-        start = int(state["iteration"])
-        meta_arch.load_loss_state(state["loss_state"])
-        log.info("resumed from %s at iteration %d", latest, start)
+    start, samples_seen = point.iteration, point.samples_seen
+    if point.checkpoint is not None:
+        state = load_training_state(point.checkpoint, strategy)
+        meta_arch.load_loss_state(place(state["loss_state"], device))
+        log.info("resumed from %s at iteration %d (sample %d)", point.checkpoint, start, samples_seen)
+    t = recipe.train
     loader = build_ssl_loader(dataset, build_augmentation(recipe.crops, recipe.model),
-                              batch_size=recipe.train.batch_size_per_rank,
-                              global_crops_size=recipe.crops.global_crops_size, patch_size=recipe.model.patch_size,
-                              mask_ratio=tuple(recipe.ibot.mask_ratio_min_max),
-                              mask_probability=recipe.ibot.mask_sample_probability, seed=recipe.train.seed,
-                              rank=env.rank, world_size=env.world_size, start_iteration=start,
-                              num_workers=recipe.train.num_workers)
-    metrics_log = JsonlLogger(run_dir / "metrics.jsonl")
+                              batch_size=t.batch_size_per_rank, global_crops_size=recipe.crops.global_crops_size,
+                              patch_size=recipe.model.patch_size, mask_ratio=tuple(recipe.ibot.mask_ratio_min_max),
+                              mask_probability=recipe.ibot.mask_sample_probability, seed=t.seed, rank=env.rank,
+                              world_size=env.world_size, start_position=samples_seen, num_workers=t.num_workers,
+                              pin_memory=wants_pinned_memory(device, t.pin_memory),
+                              persistent_workers=t.persistent_workers, prefetch_factor=t.prefetch_factor)
+    global_batch = t.batch_size_per_rank * env.world_size * accum
+    metrics_log = JsonlLogger(run_dir / METRICS_FILE)
     evaluator = _periodic_knn(recipe, run_dir)
     distill = bool(recipe.distill.teacher_weights)
-    log.info("training %d iterations from %d; world size %d; scaled lr %.3g; strategy %s", total, start,
-             env.world_size, lr, recipe.dist.strategy)
+    log.info("training %d iterations from %d on %s; world size %d x %d micro-batches of %d; scaled lr %.3g; %s",
+             total, start, device, env.world_size, accum, t.batch_size_per_rank, lr, recipe.dist.strategy)
     batches = iter(loader)
     last: dict[str, Any] = {}
     end = total if stop_after is None else min(total, start + stop_after)
-    t_last = time.perf_counter()
+    t_last, it_last = time.perf_counter(), start
     bar = progress(range(start, end), total=total, initial=start, desc="pretrain", unit="it")
-    for it in bar:
-        batch = next(batches)
-        s = schedules.at(it)
-        apply_optim_schedule(strategy.optimizer, s["lr"], s["wd"], s["last_layer_lr"])
-        with strategy.autocast():
-            losses = meta_arch(batch, teacher_temp=s["teacher_temp"])
-        strategy.backward(losses["total"])
-        grad_norms = strategy.clip_and_step()
-        strategy.zero_grad()
-        if not distill:
-            strategy.update_teacher(s["momentum"])
-
-        reduced = {k: float(all_reduce_mean(v.detach().float())) for k, v in losses.items()}
-        if not math.isfinite(reduced["total"]):
-            raise DinoscopeError(f"the loss became {reduced['total']} at iteration {it}; the run stopped cleanly "
-                                 "and the last checkpoint is intact", path=run_dir, field="optim.base_lr",
-                                 fix="lower optim.base_lr, raise optim.warmup_epochs or use train.precision=fp32")
-        if (it + 1) % recipe.train.log_every == 0 or it + 1 == end:
-            now = time.perf_counter()
-            n_its = recipe.train.log_every if (it + 1) % recipe.train.log_every == 0 else (it + 1 - start) or 1
-            images_s = n_its * recipe.train.batch_size_per_rank * env.world_size / max(now - t_last, 1e-9)
-            t_last = now
-            last = {"iteration": it + 1, **{f"loss/{k}": v for k, v in reduced.items()},
-                    **{f"grad_norm/{k}": float(v) for k, v in (grad_norms or {}).items()},
-                    **{k: float(v) for k, v in s.items()}, "images_per_s": images_s, "max_memory_mb": _memory_mb()}
-            if env.is_main:
-                metrics_log.log(**last)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{reduced['total']:.3f}", img_s=f"{images_s:.1f}", mem=f"{_memory_mb():.0f}M")
-        if evaluator and (it + 1) % recipe.eval.every == 0:
-            last.update(evaluator(meta_arch.teacher["backbone"], it + 1))
-        if (it + 1) % recipe.train.checkpoint_every == 0 or it + 1 == total:
-            save_training_state(run_dir, it + 1, strategy, loss_state=meta_arch.loss_state(),
-                                config=recipe, keep=recipe.train.keep_checkpoints)
-            if env.is_main:
-                write_loss_curve(metrics_log.path, run_dir / "loss_curve.png")
+    with StopRequest() as stop:
+        for it in bar:
+            s = schedules.at(it)
+            apply_optim_schedule(strategy.optimizer, s["lr"], s["wd"], s["last_layer_lr"])
+            log_step = (it + 1) % t.log_every == 0 or it + 1 == end
+            summed: torch.Tensor | None = None
+            for _ in range(accum):
+                batch = place(next(batches), device)
+                with strategy.autocast():
+                    losses = meta_arch(batch, teacher_temp=s["teacher_temp"])
+                strategy.backward(losses["total"])
+                terms = torch.stack([v.detach().float() for v in losses.values()])
+                summed = terms if summed is None else summed + terms
+            grad_norms = strategy.clip_and_step(compute_norms=log_step and t.log_grad_norms)
+            strategy.zero_grad()
+            if not distill:
+                strategy.update_teacher(s["momentum"])
+            assert summed is not None
+            values, stop_signal = _reduce(summed / accum, stop)
+            reduced = dict(zip(losses.keys(), values, strict=True))
+            samples_seen += global_batch
+            if not math.isfinite(reduced["total"]):
+                raise DinoscopeError(f"the loss became {reduced['total']} at iteration {it}; the run stopped "
+                                     "cleanly and the last checkpoint is intact", path=run_dir, field="optim.base_lr",
+                                     fix="lower optim.base_lr, raise optim.warmup_epochs or use train.precision=fp32")
+            if stop_signal and not stop.requested:
+                stop.request(stop_signal)  # another rank received the signal
+            if log_step:
+                now = time.perf_counter()
+                images_s = (it + 1 - it_last) * global_batch / max(now - t_last, 1e-9)
+                t_last, it_last = now, it + 1
+                last = {"iteration": it + 1, **{f"loss/{k}": v for k, v in reduced.items()},
+                        **{f"grad_norm/{k}": float(v) for k, v in grad_norms.items()},
+                        **{k: float(v) for k, v in s.items()}, "images_per_s": images_s,
+                        "max_memory_mb": _memory_mb(device)}
+                if env.is_main:
+                    metrics_log.log(**last)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{reduced['total']:.3f}", img_s=f"{images_s:.1f}",
+                                    mem=f"{_memory_mb(device):.0f}M")
+            if evaluator and (it + 1) % recipe.eval.every == 0:
+                last.update(evaluator(meta_arch.teacher["backbone"], it + 1))
+            saved = None
+            if (it + 1) % t.checkpoint_every == 0 or it + 1 == total or stop.requested:
+                saved = save_training_state(run_dir, it + 1, strategy, loss_state=meta_arch.loss_state(),
+                                            config=recipe, sampler_state={"samples_seen": samples_seen},
+                                            keep=t.keep_checkpoints)
+                if env.is_main:
+                    write_loss_curve(metrics_log.path, run_dir / "loss_curve.png")
+            if stop.requested:
+                stop.finish(it + 1, saved)
     return last
 
 
 def _periodic_knn(recipe: PretrainRecipe, run_dir: Path) -> Any:
+    """kNN of the teacher during training, computed and written once, by rank 0 (the teacher is full on every
+    rank, so no collective is needed), and broadcast so every rank returns the same metrics."""
     if not (recipe.eval.every and recipe.eval.train and recipe.eval.val):
         return None
-    from core.eval.knn import knn_evaluate
-    from core.ssl.build import build_data
+    from core.eval.knn import knn_evaluate  # deferred: pulls the evaluation stack only when kNN is on
 
-    train_set, val_set = build_data(recipe.eval.train), build_data(recipe.eval.val)
-    eval_log = JsonlLogger(run_dir / "eval_knn.jsonl")
+    main = is_main_rank()
+    train_set, val_set = (build_data(recipe.eval.train), build_data(recipe.eval.val)) if main else (None, None)
+    eval_log = JsonlLogger(run_dir / EVAL_FILE)
     mean, std = recipe.crops.mean or None, recipe.crops.std or None
 
     def evaluate(backbone: torch.nn.Module, iteration: int) -> dict[str, float]:
-        result = knn_evaluate(backbone, train_set, val_set, ks=list(recipe.eval.ks),
-                              size=recipe.crops.global_crops_size, mean=mean, std=std)
-        metrics = {f"knn/top1_k{k}": v for k, v in result["top1"].items()}
-        eval_log.log(iteration=iteration, **metrics)
-        return metrics
+        metrics: dict[str, float] = {}
+        if main:
+            result = knn_evaluate(backbone, train_set, val_set, ks=list(recipe.eval.ks),
+                                  size=recipe.crops.global_crops_size, mean=mean, std=std)
+            metrics = {f"knn/top1_k{k}": v for k, v in result["top1"].items()}
+            eval_log.log(iteration=iteration, **metrics)
+        return broadcast_object(metrics)
 
     return evaluate
