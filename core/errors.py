@@ -38,3 +38,31 @@ class DinoscopeError(Exception):
         if self.fix:
             text += f"\n  fix: {self.fix}"
         return text
+
+
+class TrainingInterrupted(Exception):  # noqa: N818 - it is an outcome, not an error: the state was saved
+    """A run stopped on a scheduler signal (SIGTERM, SIGUSR2) after saving its state at the iteration reached.
+
+    The CLI prints the message and exits with :attr:`exit_code` = 128 + signal number (143 for SIGTERM), the shell
+    convention for "terminated by a signal"; running the same command again resumes.
+
+    Attributes:
+        signum: the signal received.
+        iteration: completed iterations at the saved checkpoint.
+        checkpoint: the step directory written.
+    """
+
+    def __init__(self, signum: int, iteration: int, checkpoint: os.PathLike | str | None) -> None:
+        import signal
+
+        self.signum = int(signum)
+        self.iteration = int(iteration)
+        self.checkpoint = checkpoint
+        name = signal.Signals(self.signum).name
+        where = f"; state saved in {checkpoint}" if checkpoint else ""
+        super().__init__(f"stopped by {name} after iteration {iteration}{where}; run the same command again to "
+                         "resume from there")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -127,7 +127,7 @@ def _check_gsd(source: Any, model: Any) -> None:
 def _run_fit(args: argparse.Namespace) -> int:
     import json
 
-    from core.cli.pretrain import write_run_info
+    from core.train.run_info import write_run_info
     from core.config import load_recipe
     from geodino.config import CanopyFitRecipe
     from geodino.fit import fit_canopy

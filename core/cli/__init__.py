@@ -17,8 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
-from core.errors import DinoscopeError
-from core.train.preemption import TrainingInterrupted
+from core.errors import DinoscopeError, TrainingInterrupted
 
 log = logging.getLogger("dinoscope")
 

@@ -12,11 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from core.train.run_info import write_run_info
-
 log = logging.getLogger(__name__)
-
-__all__ = ["register", "write_run_info"]
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

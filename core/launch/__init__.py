@@ -2,7 +2,7 @@
 
     dinoscope launch recipes/tiny/pretrain.yaml                                   # one process (laptop / CI)
     dinoscope launch recipes/tiny/pretrain.yaml --launcher torchrun --nproc 2 dist.strategy=deepspeed
-    dinoscope launch recipes/cluster/pretrain_vitg14_zero3_16nodes.yaml \\
+    dinoscope launch recipes/cluster/pretrain_vitg14_16nodes.yaml \\
         --resources recipes/launch/slurm_16nodes_8gpus.yaml --dry-run              # print the job, submit nothing
 
 :func:`plan_launch` does every check that can be done before a process starts or a job is queued: the recipe

@@ -1,5 +1,9 @@
 """Running a launch plan on this machine: in-process (``local``) or as N processes (``torchrun``, ``deepspeed``).
 
+``torchrun`` also spans several machines without SLURM: the same command runs on every node, joined either by a
+``static`` rendezvous (``--nnodes N --node_rank R --master_addr A --master_port P``, one node rank per machine) or
+by ``c10d`` (``--rdzv_backend c10d --rdzv_endpoint A:P --rdzv_id ID``, ranks assigned as nodes join).
+
 Every rank runs the same worker command, ``python -m core.cli launch RECIPE [k=v ...] --worker --output-dir RUN``,
 which calls the recipe kind's ``run`` in-process; the rank layout comes from the environment the launcher exports
 (:class:`core.dist.env.DistEnv`), so the worker is the same under torchrun, the DeepSpeed launcher and SLURM.
@@ -10,6 +14,7 @@ Without CUDA, ``DS_ACCELERATOR=cpu`` is exported so DeepSpeed uses its CPU accel
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import shlex
@@ -42,12 +47,37 @@ def local_command(plan: LaunchPlan) -> list[str]:
             str(plan.run_dir)]
 
 
+def rdzv_id(plan: LaunchPlan) -> str:
+    """The c10d job id: ``launch.rdzv_id``, else one derived from the run directory as the command names it, so
+    every node running the same command agrees without a shared clock or random source."""
+    if plan.resources.rdzv_id:
+        return plan.resources.rdzv_id
+    return "dinoscope-" + hashlib.sha1(str(plan.run_dir).encode()).hexdigest()[:12]
+
+
+def _torchrun_rendezvous(plan: LaunchPlan, master_port: int | None) -> list[str]:
+    """torchrun's rendezvous options: ``--standalone`` on one machine without an address, else the multi-node form."""
+    from core.dist.env import DEFAULT_MASTER_PORT  # imported here: core.dist pulls in torch
+
+    res = plan.resources
+    if not res.multi_node:
+        return ["--standalone"]
+    # Every node must agree on the port, so a free port of this machine would not do: torchrun's default instead.
+    port = master_port or res.master_port or DEFAULT_MASTER_PORT
+    if res.rdzv_backend == "c10d":
+        return [f"--nnodes={res.nodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={res.master_addr}:{port}",
+                f"--rdzv_id={rdzv_id(plan)}"]
+    return [f"--nnodes={res.nodes}", f"--node_rank={res.node_rank}", f"--master_addr={res.master_addr}",
+            f"--master_port={port}"]
+
+
 def process_command(plan: LaunchPlan, master_port: int | None = None) -> list[str]:
-    """The full local multi-process command for ``torchrun`` or ``deepspeed``."""
+    """The full multi-process command for ``torchrun`` or ``deepspeed`` (for torchrun on several nodes: the command
+    of this node)."""
     n = plan.resources.nproc_per_node
     if plan.resources.launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
-                *_worker_args(plan)]
+        return [sys.executable, "-m", "torch.distributed.run", *_torchrun_rendezvous(plan, master_port),
+                f"--nproc_per_node={n}", "-m", *_worker_args(plan)]
     if plan.resources.launcher == "deepspeed":
         port = master_port or plan.resources.master_port or _free_port()
         # --no_local_rank: the worker reads LOCAL_RANK from the environment instead of a --local_rank argument.
@@ -73,7 +103,7 @@ def process_environment(plan: LaunchPlan, base: Mapping[str, str] | None = None,
         cuda = torch.cuda.is_available()
     if not cuda:
         env.setdefault("DS_ACCELERATOR", "cpu")
-    if plan.world_size > 1:
+    if plan.resources.nproc_per_node > 1:  # only ranks sharing this machine compete for its cores
         env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on one machine would otherwise oversubscribe the cores
     env.update({str(k): str(v) for k, v in plan.resources.env.items()})
     return env
@@ -91,9 +121,9 @@ def write_launch_record(plan: LaunchPlan, command: list[str] | str, extra: Mappi
 
 
 def _write_run_files(plan: LaunchPlan) -> None:
-    from core.cli.pretrain import write_run_info
     from core.config import to_yaml
     from core.io import atomic_path
+    from core.train.run_info import write_run_info
 
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(plan.run_dir / "config.yaml") as tmp:
@@ -112,7 +142,8 @@ def run_in_process(plan: LaunchPlan, *, record: bool = True) -> int:
 
     layout = DistEnv.from_environ()
     if layout.is_main:
-        _write_run_files(plan)
+        if not plan.kind.owns_run_dir:
+            _write_run_files(plan)
         if record:
             write_launch_record(plan, local_command(plan))
     status = int(plan.kind.run(plan.recipe, plan.run_dir) or 0)
@@ -125,9 +156,13 @@ def run_processes(plan: LaunchPlan) -> int:
     command = process_command(plan)
     env = process_environment(plan)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
-    write_launch_record(plan, command)
-    log.info("starting %d processes: %s", plan.world_size, shlex.join(command))
-    return subprocess.run(command, env=env).returncode
+    res = plan.resources
+    # One record per run: with a static rendezvous node 0 writes it; c10d commands are the same on every node, so
+    # whichever node writes last (atomically) leaves an equivalent record.
+    if not res.multi_node or res.rdzv_backend == "c10d" or res.node_rank == 0:
+        write_launch_record(plan, command, {"nodes": res.nodes} if res.multi_node else None)
+    log.info("starting %d of %d processes: %s", res.nproc_per_node, plan.world_size, shlex.join(command))
+    return subprocess.run(command, env=env, check=False).returncode
 
 
 def describe(plan: LaunchPlan) -> str:
@@ -142,6 +177,19 @@ def describe(plan: LaunchPlan) -> str:
         env = process_environment(plan, base={}, cuda=False)
         lines += ["", "# environment (without CUDA):", *(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())),
                   "", "# command:", shlex.join(process_command(plan, master_port=plan.resources.master_port or 29500)),
-                  "", "# each rank runs:", shlex.join(worker_command(plan))]
+                  *_multi_node_note(plan), "", "# each rank runs:", shlex.join(worker_command(plan))]
     return "\n".join(lines)
 
+
+def _multi_node_note(plan: LaunchPlan) -> list[str]:
+    res = plan.resources
+    if not res.multi_node:
+        return []
+    nodes = f"# {res.nodes} nodes x {res.nproc_per_node} processes = world size {plan.world_size}"
+    if res.rdzv_backend == "c10d":
+        note = (f"run the same command on every node; each joins the c10d store at {res.master_addr}:"
+                f"{res.master_port or 29500} and is given its node rank there")
+    else:
+        note = (f"run the same command on every node with --node-rank 0..{res.nodes - 1} (this is node "
+                f"{res.node_rank}); node 0 must be reachable at {res.master_addr}")
+    return [f"{nodes}: {note}"]

@@ -18,6 +18,7 @@ from core.errors import DinoscopeError
 
 LAUNCHERS = ("local", "torchrun", "deepspeed", "slurm")
 SUBMITIT_CLUSTERS = ("slurm", "local")
+RDZV_BACKENDS = ("static", "c10d")
 _MEM_RE = re.compile(r"^\d+(\.\d+)?([KMGT]B?)?$", re.IGNORECASE)
 _SBATCH_RE = re.compile(r"^--([A-Za-z][A-Za-z0-9_-]*)(?:=(.+))?$")
 _UNQUOTED_TIME_RE = re.compile(r"^time:[ \t]*([0-9][0-9-]*:[0-9:]*)[ \t]*(?:#.*)?$", re.MULTILINE)
@@ -30,7 +31,8 @@ class LaunchResources:
     Attributes:
         launcher: ``local`` (one process, in-process), ``torchrun`` or ``deepspeed`` (``nproc_per_node`` processes
             on this machine) or ``slurm`` (a submitit job; one task per GPU).
-        nodes: machines (SLURM only; the local launchers use this machine).
+        nodes: machines. SLURM allocates them; with ``torchrun`` the same command runs on every node (each with its
+            own ``node_rank``); ``local`` and ``deepspeed`` run on this machine only.
         nproc_per_node: processes per machine for torchrun/deepspeed, and SLURM tasks per node without GPUs.
         gpus_per_node: GPUs per SLURM node; one task is started per GPU.
         cpus_per_task: CPU cores per task (0 = cluster default).
@@ -44,7 +46,16 @@ class LaunchResources:
         requeue: on pre-emption or near the time limit, requeue the job; it resumes from the run's latest checkpoint.
         max_timeout_requeues: how many times a job that hits its time limit is requeued.
         signal_delay_s: seconds before the limit at which SLURM warns the job (time to requeue cleanly).
-        master_port: rendezvous port (0 = derived from the SLURM job id, or a free port locally).
+        master_port: rendezvous port (0 = derived from the SLURM job id, a free port for one machine, torchrun's
+            29500 across several nodes).
+        node_rank: this machine's index in ``[0, nodes)`` for a multi-node ``torchrun`` launch with the ``static``
+            backend (``c10d`` assigns node ranks itself).
+        master_addr: host of node 0 (``static``) or of the rendezvous store (``c10d``), reachable from every node;
+            required with ``torchrun`` on several nodes. SLURM derives it from the node list.
+        rdzv_backend: torchrun rendezvous: ``static`` (fixed ``node_rank`` per machine, ``MASTER_ADDR:PORT``) or
+            ``c10d`` (a TCP store at ``master_addr:master_port``; nodes join in any order and get ranks assigned).
+        rdzv_id: ``c10d`` job id shared by all nodes (empty = derived from the run directory, which every node names
+            the same way).
         global_batch_size: if set, ``train.batch_size_per_rank * world size`` must equal it (0 = no check).
         cluster: submitit cluster for ``launcher: slurm``: ``slurm`` (sbatch) or ``local`` (submitit's local executor,
             one machine, for testing the job function).
@@ -70,13 +81,18 @@ class LaunchResources:
     max_timeout_requeues: int = 3
     signal_delay_s: int = 120
     master_port: int = 0
+    node_rank: int = 0
+    master_addr: str = ""
+    rdzv_backend: str = "static"
+    rdzv_id: str = ""
     global_batch_size: int = 0
     cluster: str = "slurm"
     submitit_dir: str = ""
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
         """Impossible combinations fail here, before anything is started or submitted."""
-        for key, value, valid in (("launcher", self.launcher, LAUNCHERS), ("cluster", self.cluster, SUBMITIT_CLUSTERS)):
+        for key, value, valid in (("launcher", self.launcher, LAUNCHERS), ("cluster", self.cluster, SUBMITIT_CLUSTERS),
+                                  ("rdzv_backend", self.rdzv_backend, RDZV_BACKENDS)):
             if value not in valid:
                 raise DinoscopeError(f"launch.{key} is {value!r}", path=path, field=f"launch.{key}",
                                      fix=f"use one of {valid}")
@@ -85,20 +101,20 @@ class LaunchResources:
                 raise DinoscopeError(f"launch.{key} must be at least 1, got {getattr(self, key)}", path=path,
                                      field=f"launch.{key}")
         for key in ("gpus_per_node", "cpus_per_task", "max_timeout_requeues", "signal_delay_s", "master_port",
-                    "global_batch_size"):
+                    "global_batch_size", "node_rank"):
             if getattr(self, key) < 0:
                 raise DinoscopeError(f"launch.{key} must not be negative, got {getattr(self, key)}", path=path,
                                      field=f"launch.{key}")
+        if self.master_port > 65535:
+            raise DinoscopeError(f"launch.master_port {self.master_port} is not a TCP port", path=path,
+                                 field="launch.master_port", fix="use 1..65535, or 0 to choose one automatically")
         if self.mem and not _MEM_RE.match(self.mem):
             raise DinoscopeError(f"launch.mem {self.mem!r} is not a SLURM memory size", path=path, field="launch.mem",
                                  fix="e.g. 480G, 512000M or 0 (all the node's memory)")
         if self.time:
             parse_time_minutes(self.time, path)
         sbatch_options(self.sbatch_extra, path)
-        if self.launcher in ("local", "torchrun", "deepspeed") and self.nodes > 1:
-            raise DinoscopeError(f"launcher {self.launcher!r} runs on this machine only, but launch.nodes is "
-                                 f"{self.nodes}", path=path, field="launch.nodes",
-                                 fix="use --launcher slurm for several nodes, or --nodes 1")
+        self._validate_nodes(path)
         if self.launcher == "local" and self.nproc_per_node > 1:
             raise DinoscopeError(f"launcher 'local' runs one process, but launch.nproc_per_node is "
                                  f"{self.nproc_per_node}", path=path, field="launch.nproc_per_node",
@@ -109,6 +125,34 @@ class LaunchResources:
         if self.launcher == "slurm" and self.cluster == "local" and self.nodes > 1:
             raise DinoscopeError("submitit's local executor runs on one machine", path=path, field="launch.nodes",
                                  fix="use launch.cluster=slurm for several nodes")
+
+    def _validate_nodes(self, path: str | os.PathLike | None) -> None:
+        """Multi-node layout: only torchrun (one command per node) and SLURM (one job) span several machines."""
+        if self.launcher in ("local", "deepspeed") and self.nodes > 1:
+            # The DeepSpeed launcher reaches other nodes over ssh with a hostfile; torchrun runs the same ZeRO
+            # workers without either, so it is the one multi-node launcher outside SLURM.
+            raise DinoscopeError(f"launcher {self.launcher!r} runs on this machine only, but launch.nodes is "
+                                 f"{self.nodes}", path=path, field="launch.nodes",
+                                 fix="use --launcher torchrun (the same command on every node) or --launcher slurm "
+                                     "for several nodes, or --nodes 1")
+        if self.node_rank >= self.nodes:
+            raise DinoscopeError(f"launch.node_rank {self.node_rank} is outside [0, {self.nodes}) for "
+                                 f"{self.nodes} node(s)", path=path, field="launch.node_rank",
+                                 fix=f"give each machine its own --node-rank from 0 to {self.nodes - 1}, or raise "
+                                     f"--nodes")
+        if self.launcher == "slurm" and (self.master_addr or self.node_rank):
+            key = "master_addr" if self.master_addr else "node_rank"
+            flag = "--" + key.replace("_", "-")
+            raise DinoscopeError(f"launch.{key} is set, but SLURM derives the rendezvous from the job's node list",
+                                 path=path, field=f"launch.{key}", fix=f"remove launch.{key} ({flag})")
+        if self.launcher == "torchrun" and self.nodes > 1 and not self.master_addr:
+            raise DinoscopeError(f"a torchrun launch on {self.nodes} nodes needs the address of node 0", path=path,
+                                 field="launch.master_addr", fix="--master-addr HOST of node 0")
+
+    @property
+    def multi_node(self) -> bool:
+        """torchrun's multi-node form (explicit rendezvous) rather than ``--standalone``."""
+        return self.launcher == "torchrun" and (self.nodes > 1 or bool(self.master_addr))
 
     @property
     def tasks_per_node(self) -> int:

@@ -6,11 +6,13 @@ environment by :mod:`core.dist.env`: ``MASTER_ADDR`` = first host of ``SLURM_JOB
 from ``SLURM_JOB_ID`` (so every task agrees and concurrent jobs differ), ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` from
 ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS``. It then runs the recipe kind's ``run`` in-process.
 
-Pre-emption and time limits: SLURM signals the job ``signal_delay_s`` seconds before it is stopped; submitit then
-calls :meth:`TrainingJob.checkpoint`, which returns a ``DelayedSubmission`` of the *same* callable, and requeues the
-job. Nothing has to be saved at that moment: training always resumes from the run directory's latest checkpoint
-(``checkpoints/latest``), so the requeued job simply continues from the last ``train.checkpoint_every`` boundary
-(the iterations since then are recomputed). ``launch.requeue: false`` turns this off.
+Pre-emption and time limits: SLURM signals the job ``signal_delay_s`` seconds before it is stopped (USR2) and sends
+SIGTERM before SIGKILL on pre-emption. The training loop records the signal, finishes the current iteration, saves a
+checkpoint at that iteration on every rank (``core.train.preemption``), and then hands USR2 to submitit's handler,
+which calls :meth:`TrainingJob.checkpoint`; that returns a ``DelayedSubmission`` of the *same* callable and submitit
+requeues the job. The requeued job resumes from ``checkpoints/latest``, i.e. from the very iteration reached: no
+work is repeated, and it may run on another number of nodes (the checkpoint is resharded). ``launch.requeue: false``
+turns requeueing off (the run still saves and stops).
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ class TrainingJob:
         return run_in_process(plan, record=False)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """Called by submitit on pre-emption or timeout: requeue this same callable (state lives on disk)."""
+        """Called by submitit on pre-emption or timeout, after the loop saved its state: requeue this same
+        callable (it resumes from the run directory's latest checkpoint)."""
         if not self.requeue:
             return None
         from submitit.helpers import DelayedSubmission
@@ -229,5 +232,6 @@ def describe(plan: LaunchPlan) -> str:
               "", "# each task runs the pickled TrainingJob, equivalent to:",
               f"cd {shlex.quote(job_fn.workdir)} && {job_fn.equivalent_command()}",
               "", f"# pre-emption: requeue={'on' if res.requeue else 'off'}; USR2 {res.signal_delay_s} s before the "
-              f"limit -> TrainingJob.checkpoint() -> requeued, resumes from checkpoints/latest"]
+              + "limit (or SIGTERM) -> checkpoint at the iteration reached -> TrainingJob.checkpoint() -> requeued, "
+              + "resumes from checkpoints/latest"]
     return "\n".join(lines)

@@ -24,33 +24,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from core.errors import TrainingInterrupted
+
 log = logging.getLogger(__name__)
+
+__all__ = ["STOP_SIGNALS", "StopRequest", "TrainingInterrupted"]
 
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR2)
 Handler = Callable[[int, FrameType | None], Any] | int | None
-
-
-class TrainingInterrupted(Exception):
-    """A run stopped on a scheduler signal after saving its state.
-
-    Attributes:
-        signum: the signal received.
-        iteration: completed iterations at the saved checkpoint.
-        checkpoint: the step directory written.
-    """
-
-    def __init__(self, signum: int, iteration: int, checkpoint: Path | None) -> None:
-        self.signum = int(signum)
-        self.iteration = int(iteration)
-        self.checkpoint = checkpoint
-        name = signal.Signals(self.signum).name
-        where = f"; state saved in {checkpoint}" if checkpoint else ""
-        super().__init__(f"stopped by {name} after iteration {iteration}{where}; run the same command again to "
-                         "resume from there")
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 class StopRequest:
