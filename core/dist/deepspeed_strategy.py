@@ -73,7 +73,7 @@ from core.dist.strategy import (
 )
 from core.errors import DinoscopeError
 from core.io import atomic_path
-from core.train.ema import ema_update_, paired_parameters
+from core.dist.ema import ema_update_, paired_parameters
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from core.dist.env import average_gradients, get_rank, get_world_size
 from core.errors import DinoscopeError
-from core.train.ema import update_teacher
+from core.dist.ema import update_teacher
 
 log = logging.getLogger(__name__)
 

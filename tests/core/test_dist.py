@@ -26,7 +26,7 @@ from core.dist import DistEnv, all_reduce_mean, barrier, build_strategy, is_main
 from core.dist.env import first_slurm_host, free_port, init_distributed, shutdown_distributed
 from core.dist.strategy import SingleProcessStrategy, Strategy, submodule_parameters
 from core.errors import DinoscopeError
-from core.train.ema import ema_update_, update_teacher
+from core.dist.ema import ema_update_, update_teacher
 
 REPO = Path(__file__).parents[2]
 STEPS = 3

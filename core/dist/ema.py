@@ -1,4 +1,5 @@
-"""Exponential moving average (EMA) teacher update.
+"""Exponential moving average (EMA) teacher update (owned by the distribution layer: every strategy updates the
+teacher from full, possibly gathered, student parameters).
 
 DINO / DINOv2 keep a teacher that is never trained directly: after every optimizer step each teacher parameter
 becomes ``t <- m * t + (1 - m) * s`` where ``s`` is the matching student parameter and ``m`` the teacher momentum
