@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import DinoscopeError
 from core.io import atomic_path, write_json
 from core.models import LinearHead
+from core.train.supervised import SupervisedConfig, train_supervised
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def predict_proba(classifier: PhenotypeClassifier, embeddings: np.ndarray) -> np
     """Class probabilities ``[N, K]`` (float32) for float embeddings ``[N, D]``."""
     with torch.inference_mode():
         logits = classifier(torch.from_numpy(np.asarray(embeddings, dtype=np.float32)))
-        return F.softmax(logits, dim=-1).numpy()
+        return nn.functional.softmax(logits, dim=-1).numpy()
 
 
 def split_wells(labels: pd.Series, holdout_fraction: float, seed: int) -> np.ndarray:
@@ -149,23 +149,25 @@ def _read_rows(array: Any, rows: np.ndarray) -> np.ndarray:
 
 def _train(x: Tensor, y: Tensor, n_classes: int, *, epochs: int, lr: float, weight_decay: float, batch_size: int,
            seed: int) -> PhenotypeClassifier:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        classifier = PhenotypeClassifier(x.shape[1], n_classes)
-    classifier.feature_mean.copy_(x.mean(0))
-    classifier.feature_std.copy_(x.std(0, unbiased=False) + 1e-6)
+    """AdamW at a constant lr for ``epochs`` over seeded shuffles; the last epoch is kept (no validation split: the
+    held-out wells are scored once, afterwards)."""
     counts = torch.bincount(y, minlength=n_classes).float()
     weights = torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp(min=1)), torch.zeros(()))
-    opt = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(seed)
-    classifier.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=g).split(batch_size):
-            loss = F.cross_entropy(classifier(x[idx]), y[idx], weight=weights)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return classifier.eval()
+
+    def make_classifier() -> PhenotypeClassifier:
+        classifier = PhenotypeClassifier(x.shape[1], n_classes)
+        classifier.feature_mean.copy_(x.mean(0))
+        classifier.feature_std.copy_(x.std(0, unbiased=False) + 1e-6)
+        return classifier
+
+    def loss(classifier: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        features, labels = batch
+        return nn.functional.cross_entropy(classifier(features), labels, weight=weights)
+
+    cfg = SupervisedConfig(lrs=(lr,), epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
+                           optimizer="adamw", schedule="constant", seed=seed)
+    result = train_supervised(make_classifier, (x, y), loss, cfg, desc="phenotype head", show_progress=False)
+    return result.head  # type: ignore[return-value]
 
 
 def _metrics(probs: np.ndarray, truth: np.ndarray, wells: pd.DataFrame, classes: list[str],
@@ -181,13 +183,13 @@ def _metrics(probs: np.ndarray, truth: np.ndarray, wells: pd.DataFrame, classes:
     return {"label": label, "classes": classes, "n_test_cells": int(len(truth)), "n_test_wells": int(len(well_truth)),
             "macro_f1": float(np.mean(per_class)), "accuracy": float(accuracy_score(truth, pred)),
             "chance_macro_f1": 1.0 / len(present),
-            "per_class_f1": {classes[c]: float(f) for c, f in zip(present, per_class)},
+            "per_class_f1": {classes[c]: float(f) for c, f in zip(present, per_class, strict=True)},
             "well_macro_f1": float(f1_score(well_truth.loc[well_probs.index].to_numpy(), well_pred,
                                             labels=present, average="macro", zero_division=0))}
 
 
 def _well_list(wells: pd.DataFrame) -> list[str]:
-    return [f"{p}/{w}" for p, w in zip(wells["plate"], wells["well"])]
+    return [f"{p}/{w}" for p, w in zip(wells["plate"], wells["well"], strict=True)]
 
 
 def save_head(classifier: PhenotypeClassifier, meta: dict[str, Any], metrics: dict[str, Any],

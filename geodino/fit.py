@@ -6,34 +6,33 @@
 Chips come from :func:`geodino.chips.make_chip_dataset` with its spatial-block train/validation split. With a
 frozen backbone the features of every chip are computed once and memory-mapped from ``RUN/cache`` (float16), so
 each epoch only runs the head and memory stays flat however many chips there are; a later fit with the same
-backbone, layers, chips and normalisation reuses the cache. Each epoch is validated (JSONL log
-``RUN/metrics.jsonl``); the epoch with the lowest validation MAE is kept. The run writes ``RUN/model.safetensors``
+backbone, layers, chips and normalisation reuses the cache. :func:`core.train.supervised.train_supervised` trains
+the head and validates each epoch (JSONL log ``RUN/metrics.jsonl``); the epoch with the lowest validation MAE is
+kept. The run writes ``RUN/model.safetensors``
 (+ sidecar), ``RUN/metrics.json`` (MAE, RMSE, R², bias on the validation split, and the same for predicting the
 training mean everywhere), ``RUN/pred_vs_ref.png`` and ``RUN/loss_curve.png``.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from numpy.lib.format import open_memmap
 from torch import Tensor
 
 from core.config.loader import to_yaml
 from core.errors import DinoscopeError
 from core.io import atomic_path, write_json
-from core.logging import JsonlLogger, progress
+from core.logging import progress
 from core.models.vit import VisionTransformer
+from core.train.supervised import SupervisedConfig, train_supervised
 from core.weights.load import load_backbone
 from core.weights.meta import WeightMeta
 from geodino.chips import ChipSampler, make_chip_dataset
@@ -85,7 +84,7 @@ def fit_canopy(recipe: CanopyFitRecipe, run_dir: str | Path) -> dict[str, Any]:
     train_mean = sources["train"].target_mean()
     if recipe.head.mode == "regression":
         torch.nn.init.constant_(model.net.head.conv.bias, train_mean)
-    history, best_epoch = _train(model, sources, recipe, device, run_dir)
+    best_epoch = _train(model, sources, recipe, device, run_dir)
     final, hist = evaluate_source(model, sources["val"], recipe.optim.loss, device, train_mean=train_mean)
     for chip_set in chips.values():
         chip_set.close()
@@ -96,7 +95,7 @@ def fit_canopy(recipe: CanopyFitRecipe, run_dir: str | Path) -> dict[str, Any]:
     model_path = save_canopy_model(model.cpu(), run_dir / "model.safetensors", backbone_path=backbone_ref)
     edges = np.arange(0.0, HIST_MAX_M + HIST_BIN_M / 2, HIST_BIN_M)
     plots = {"pred_vs_ref": density_scatter(hist, edges, run_dir / "pred_vs_ref.png", metrics=final["val"]).name,
-             "loss_curve": plot_losses(history, run_dir / "loss_curve.png", recipe.optim.loss).name}
+             "loss_curve": "loss_curve.png"}  # drawn by the trainer
     result = {**final, "train_mean_height_m": train_mean, "best_epoch": best_epoch, "epochs": recipe.optim.epochs,
               "n_chips": {s: len(c) for s, c in chips.items()}, "backbone": backbone_id, "frozen": frozen,
               "head": {"type": recipe.head.type, "mode": recipe.head.mode}, "model": model_path.name,
@@ -247,7 +246,7 @@ class FeatureCache:
         for image, target, valid in progress(loader, total=len(loader), desc=f"features {chips.split}",
                                              unit="batch", disable=None if show_progress else True):
             with torch.inference_mode():
-                features = model.net.features(F.pad(image, (0, pad, 0, pad)).to(device))
+                features = model.net.features(torch.nn.functional.pad(image, (0, pad, 0, pad)).to(device))
             patches = torch.stack([p for p, _ in features], 1).half().cpu().numpy()
             cls = torch.stack([c for _, c in features], 1).half().cpu().numpy()
             if not arrays:
@@ -299,58 +298,43 @@ def masked_loss(pred: Tensor, target: Tensor, valid: Tensor, name: str = "l1") -
     elif name == "mse":
         err = (pred - target) ** 2
     else:
-        err = F.huber_loss(pred, target, reduction="none", delta=1.0)
+        err = torch.nn.functional.huber_loss(pred, target, reduction="none", delta=1.0)
     valid = valid.to(err.dtype)
     return (err * valid).sum() / valid.sum().clamp_min(1.0)
 
 
 def _train(model: CanopyModel, sources: dict[str, Any], recipe: CanopyFitRecipe, device: torch.device,
-           run_dir: Path) -> tuple[list[dict[str, float]], int]:
+           run_dir: Path) -> int:
+    """AdamW with warm-up and cosine decay (core.train.supervised), logged to ``RUN/metrics.jsonl`` and drawn in
+    ``RUN/loss_curve.png``; keeps the epoch of lowest validation MAE and returns it."""
     o, frozen = recipe.optim, recipe.backbone.frozen
-    groups = [{"params": list(model.net.head.parameters()), "lr": o.lr}]
-    if not frozen:
-        groups.append({"params": list(model.net.backbone.parameters()), "lr": o.lr * recipe.backbone.lr_mult})
-    optimizer = torch.optim.AdamW(groups, weight_decay=o.weight_decay)
-    steps = math.ceil(len(sources["train"]) / o.batch_size)
-    total, warmup = o.epochs * steps, max(1, int(o.warmup_epochs * steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * max(0, s - warmup) / max(1, total - warmup))))
-    generator = torch.Generator().manual_seed(recipe.train.seed)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    logger = JsonlLogger(run_dir / "metrics.jsonl")
     trainable = model.net.head if frozen else model.net
-    history: list[dict[str, float]] = []
-    best_mae, best_state, best_epoch = math.inf, None, 0
-    epochs = progress(range(o.epochs), total=o.epochs, desc="fit", unit="epoch",
-                      disable=None if recipe.train.progress else True)
-    for epoch in epochs:
-        model.train()
-        model.net.backbone.train(not frozen)
-        loss_sum, pixels = 0.0, 0
-        for batch in sources["train"].batches(o.batch_size, shuffle=True, generator=generator):
-            valid = batch["valid"].to(device)
-            if not valid.any():
-                continue
-            out = forward_batch(model, batch, device)
-            loss = masked_loss(out["height"], batch["target"].to(device), valid, o.loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += float(loss.detach()) * int(valid.sum())
-            pixels += int(valid.sum())
-        val, _ = evaluate_source(model, sources["val"], o.loss, device, batch_size=o.batch_size)
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(pixels, 1), "val_loss": val["val"]["loss"],
-                  **{f"val_{k}": val["val"][k] for k in ("mae", "rmse", "r2", "bias")},
-                  "lr": scheduler.get_last_lr()[0]}
-        logger.log(**record)
-        history.append(record)
-        if record["val_mae"] < best_mae:
-            best_mae, best_epoch = record["val_mae"], epoch + 1
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in trainable.state_dict().items()})
-    if best_state is not None:
-        trainable.load_state_dict(best_state)
-    return history, best_epoch
+    model.eval()  # the trainer switches only `trainable` to train mode: a frozen backbone stays in eval mode
+
+    def groups(_: torch.nn.Module, lr: float) -> list[dict[str, Any]]:
+        head = [{"params": list(model.net.head.parameters()), "lr": lr}]
+        return head if frozen else [*head, {"params": list(model.net.backbone.parameters()),
+                                            "lr": lr * recipe.backbone.lr_mult}]
+
+    def loss(_: torch.nn.Module, batch: Batch) -> tuple[Tensor, float] | None:
+        if not batch["valid"].any():
+            return None
+        out = forward_batch(model, batch, device)
+        return masked_loss(out["height"], batch["target"], batch["valid"], o.loss), int(batch["valid"].sum())
+
+    def val_metrics(_: torch.nn.Module, source: Any) -> dict[str, float]:
+        val = evaluate_source(model, source, o.loss, device, batch_size=o.batch_size)[0]["val"]
+        return {k: val[k] for k in ("loss", "mae", "rmse", "r2", "bias")}
+
+    cfg = SupervisedConfig(lrs=(o.lr,), epochs=o.epochs, batch_size=o.batch_size, weight_decay=o.weight_decay,
+                           optimizer="adamw", schedule="cosine", warmup_epochs=o.warmup_epochs, select="mae",
+                           mode="min", seed=recipe.train.seed)
+    result = train_supervised(lambda: trainable, sources["train"], loss, cfg, val=sources["val"], metric_fn=val_metrics,
+                              param_groups=groups, device=device, log_path=run_dir / "metrics.jsonl",
+                              plot_path=run_dir / "loss_curve.png",
+                              plot_ylabel=f"{o.loss} loss" + (" (m²)" if o.loss == "mse" else " (m)"),
+                              show_progress=recipe.train.progress)
+    return result.best_epoch
 
 
 def evaluate_source(model: CanopyModel, source: Any, loss_name: str, device: torch.device, *,
@@ -379,24 +363,3 @@ def evaluate_source(model: CanopyModel, source: Any, loss_name: str, device: tor
     if train_mean is not None:
         result["baseline_train_mean"] = baseline.result()
     return result, hist
-
-
-def plot_losses(history: list[dict[str, float]], path: Path, loss: str = "l1") -> Path:
-    """Training and validation loss per epoch (PNG, written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
-    epochs = [r["epoch"] for r in history]
-    ax.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train")
-    ax.plot(epochs, [r["val_loss"] for r in history], marker="o", label="validation")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"{loss} loss" + (" (m²)" if loss == "mse" else " (m)"))
-    ax.legend(frameon=False)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path

@@ -1,5 +1,5 @@
-"""Linear probes on frozen features, a grid of learning rates trained simultaneously (DINOv2 linear evaluation,
-Oquab et al. arXiv:2304.07193 Sec. 7; features: class tokens of the last blocks plus the mean patch token)."""
+"""Linear probes on frozen features over a grid of learning rates (DINOv2 linear evaluation, Oquab et al.
+arXiv:2304.07193 Sec. 7; features: class tokens of the last blocks plus the mean patch token)."""
 
 from __future__ import annotations
 
@@ -7,44 +7,41 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from core.dist.device import module_device, place
 from core.eval.features import extract
+from core.models.heads import LinearHead
+from core.train.supervised import SupervisedConfig, TensorSource, train_supervised
 
 LR_GRID = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 
 
 def train_linear_grid(xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, yva: torch.Tensor, *,
-                      lrs: Sequence[float] = LR_GRID, epochs: int = 100, batch_size: int = 256,
-                      seed: int = 0) -> dict[str, Any]:
-    """SGD (momentum 0.9) with a cosine schedule for one classifier per lr; returns every accuracy and the best."""
-    g = torch.Generator().manual_seed(seed)
+                      lrs: Sequence[float] = LR_GRID, epochs: int = 100, batch_size: int = 256, seed: int = 0,
+                      device: torch.device | str = "cpu", show_progress: bool = False) -> dict[str, Any]:
+    """SGD (momentum 0.9, lr scaled by ``batch_size / 256``) with a cosine schedule, one classifier per lr, each from
+    the same seeded init; every lr keeps its last epoch (as DINOv2 does) and the best validation top-1 wins."""
     n_cls = int(max(ytr.max(), yva.max())) + 1
     mean, std = xtr.mean(0), xtr.std(0) + 1e-6  # standardising features makes one lr grid fit every backbone
-    xtr, xva = (xtr - mean) / std, (xva - mean) / std
-    heads = nn.ModuleList(nn.Linear(xtr.shape[1], n_cls) for _ in lrs)
-    for h in heads:
-        nn.init.normal_(h.weight, std=0.01, generator=g)
-        nn.init.zeros_(h.bias)
-    scale = batch_size / 256
-    opt = torch.optim.SGD([{"params": h.parameters(), "lr": lr * scale} for h, lr in zip(heads, lrs)],
-                          momentum=0.9, weight_decay=0.0)
-    steps = epochs * max(1, -(-len(ytr) // batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=0)
-    for _ in range(epochs):
-        perm = torch.randperm(len(ytr), generator=g)
-        for start in range(0, len(ytr), batch_size):
-            idx = perm[start:start + batch_size]
-            loss = sum(F.cross_entropy(h(xtr[idx]), ytr[idx]) for h in heads)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    with torch.no_grad():
-        accs = {lr: float((h(xva).argmax(1) == yva).float().mean() * 100) for h, lr in zip(heads, lrs)}
-    best = max(accs, key=accs.get)
+    train, val = TensorSource((xtr - mean) / std, ytr), TensorSource((xva - mean) / std, yva)
+    scale = batch_size / 256  # DINOv2's linear rule: lrs are quoted for batches of 256
+
+    def loss(head: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(head(x), y)
+
+    def top1(head: nn.Module, source: TensorSource) -> dict[str, float]:
+        x, y = place((source.x, source.y), module_device(head))
+        return {"top1": float((head(x).argmax(1) == y).float().mean() * 100)}
+
+    cfg = SupervisedConfig(lrs=[lr * scale for lr in lrs], epochs=epochs, batch_size=batch_size, optimizer="sgd",
+                           momentum=0.9, schedule="cosine", restore_best=False, select="top1", mode="max", seed=seed)
+    result = train_supervised(lambda: LinearHead(xtr.shape[1], n_cls), train, loss, cfg, val=val, metric_fn=top1,
+                              device=device, desc="linear probe", show_progress=show_progress)
+    accs = {lr: run["metric"] for lr, run in zip(lrs, result.per_lr, strict=True)}
+    best = max(accs, key=accs.get)  # the first of equal accuracies, as the trainer chose
     return {"top1_per_lr": accs, "best_lr": best, "top1": accs[best]}
 
 
@@ -54,5 +51,7 @@ def linear_evaluate(backbone: nn.Module, train_set: Dataset, val_set: Dataset, *
     xtr, ytr = extract(backbone, train_set, size=size, mean=mean, std=std, n_last_blocks=n_last_blocks,
                        avgpool=True)
     xva, yva = extract(backbone, val_set, size=size, mean=mean, std=std, n_last_blocks=n_last_blocks, avgpool=True)
-    result = train_linear_grid(xtr, ytr, xva, yva, lrs=lrs, epochs=epochs)
+    # The probes train where the backbone lives (features come back on the CPU).
+    result = train_linear_grid(xtr, ytr, xva, yva, lrs=lrs, epochs=epochs, device=module_device(backbone),
+                               show_progress=True)
     return {**result, "n_train": len(ytr), "n_val": len(yva), "features": f"cls(last {n_last_blocks}) + avgpool"}
