@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
+import zarr
 
 from bio.io import ChannelSource, ChannelStack, FileCloser, Image, ZProjection, resolve_channel_names
 from core.errors import DinoscopeError
@@ -35,9 +37,6 @@ def length_in_micrometres(value: float | None, unit: str | None) -> float | None
 def read_tiff(path: str | os.PathLike, *, channel_names: Sequence[str] | None = None,
               z_projection: ZProjection = "first", timepoint: int = 0, series: int = 0) -> Image:
     """Open series ``series`` of a TIFF lazily as an :class:`~bio.io.Image` (all channels, file order)."""
-    import tifffile
-    import zarr
-
     path = Path(path)
     tif = _open_tiff(path)
     try:
@@ -47,7 +46,7 @@ def read_tiff(path: str | os.PathLike, *, channel_names: Sequence[str] | None = 
         tiff_series = tif.series[series]
         _check_complete(tif, tiff_series, path)
         axes = _normalise_axes(tiff_series.axes)
-        sizes = dict(zip(axes, tiff_series.shape))
+        sizes = dict(zip(axes, tiff_series.shape, strict=True))  # tifffile gives one axis letter per dimension
         if timepoint >= sizes.get("t", 1):
             raise DinoscopeError(f"timepoint {timepoint} requested but the file has {sizes.get('t', 1)}", path=path,
                                  field="timepoint", fix="choose an existing timepoint")
@@ -74,9 +73,10 @@ def read_tiff(path: str | os.PathLike, *, channel_names: Sequence[str] | None = 
 
 def write_ome_tiff(path: str | os.PathLike, data: np.ndarray, channel_names: Sequence[str], *,
                    pixel_size: float | None = None, axes: str = "CYX") -> Path:
-    """Write ``data`` laid out as ``axes`` to an OME-TIFF, channel names in the OME-XML; returns the path."""
-    import tifffile
+    """Write ``data`` laid out as ``axes`` to an OME-TIFF, channel names in the OME-XML; returns the path.
 
+    tifffile writes the OME-XML itself (``tifffile.OmeXml`` behind ``imwrite(ome=True, metadata=...)``).
+    """
     path = Path(path)
     data = np.asarray(data)
     axes = axes.upper()
@@ -97,8 +97,6 @@ def write_ome_tiff(path: str | os.PathLike, data: np.ndarray, channel_names: Seq
 
 
 def _open_tiff(path: Path) -> Any:
-    import tifffile
-
     try:
         return tifffile.TiffFile(path)
     except (tifffile.TiffFileError, OSError, ValueError, struct.error) as exc:
@@ -112,7 +110,9 @@ def _check_complete(tif: Any, series: Any, path: Path) -> None:
     for page in series.pages:
         if page is None:
             continue
-        ends = [offset + count for offset, count in zip(page.dataoffsets, page.databytecounts) if count]
+        # strict=False: a damaged file may list fewer byte counts than offsets; the pairs present still tell
+        ends = [offset + count for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False)
+                if count]
         if ends and max(ends) > size:
             raise DinoscopeError(f"file is truncated: pixel data runs to byte {max(ends)} but the file has {size}",
                                  path=path, fix="the copy is incomplete; copy or export the file again")
@@ -129,20 +129,24 @@ def _normalise_axes(axes: str) -> str:
 
 
 def _ome_channels(ome_xml: str | None, series: int) -> tuple[list[str | None], float | None]:
-    """Channel names and x pixel size (µm) of image ``series`` in an OME-XML document."""
+    """Channel names and x pixel size (µm) of image ``series`` in an OME-XML document.
+
+    Everything else (dtype, plane order, shape) comes from tifffile's own OME series parser. This stays on
+    ElementTree (``{*}`` matches any OME schema namespace) instead of ``tifffile.xml2dict``: xml2dict turns attribute
+    text into numbers and booleans, so channels named ``0405``, ``1.50`` or ``true`` would come back as ``405``,
+    ``1.5`` and ``True`` (tests/bio/test_io.py checks such names survive).
+    """
     if not ome_xml:
         return [], None
     try:
         root = ET.fromstring(ome_xml)
     except ET.ParseError:
         return [], None  # some vendor "OME" TIFFs carry no parsable XML (ark-analysis#1155): fall back to defaults
-    images = [el for el in root if el.tag.endswith("}Image") or el.tag == "Image"]
-    if series >= len(images):
-        return [], None
-    pixels = next((el for el in images[series] if el.tag.endswith("Pixels")), None)
+    images = root.findall("{*}Image")
+    pixels = images[series].find("{*}Pixels") if series < len(images) else None
     if pixels is None:
         return [], None
-    names = [ch.get("Name") for ch in pixels if ch.tag.endswith("Channel")]
+    names = [channel.get("Name") for channel in pixels.findall("{*}Channel")]
     size_x = pixels.get("PhysicalSizeX")
     pixel_size = length_in_micrometres(float(size_x), pixels.get("PhysicalSizeXUnit")) if size_x else None
     return names, pixel_size

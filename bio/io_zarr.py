@@ -9,12 +9,14 @@ names of ome/ome-zarr-py#248). NGFF 0.4 stores attributes in zarr v2 ``.zattrs``
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import zarr
 
 from bio.io import ChannelSource, ChannelStack, Image, ZProjection, resolve_channel_names
 from bio.io_tiff import length_in_micrometres
@@ -90,7 +92,7 @@ def read_ome_zarr_image(path: str | os.PathLike, *, channel_names: Sequence[str]
         raise DinoscopeError(f"resolution level {level['path']!r} listed in the metadata is missing", path=path,
                              field="multiscales[0].datasets[0].path", fix="re-write the image") from exc
     axes, units = _axes(multiscale, array.ndim, path)
-    sizes = dict(zip(axes, array.shape))
+    sizes = dict(zip(axes, array.shape, strict=True))  # _axes checked one letter per dimension
     if timepoint >= sizes.get("t", 1):
         raise DinoscopeError(f"timepoint {timepoint} requested but the image has {sizes.get('t', 1)}", path=path,
                              field="timepoint", fix="choose an existing timepoint")
@@ -152,19 +154,31 @@ def write_plate(path: str | os.PathLike,
                 images: Mapping[tuple[str, str, str], Any] | Iterable[tuple[tuple[str, str, str], Any]],
                 channel_names: Sequence[str], *, version: Literal["0.4", "0.5"] = "0.5",
                 plate_name: str | None = None, pixel_size: float | None = None, overwrite: bool = False) -> Path:
-    """Write an HCS plate field by field (memory holds one field at a time); see :func:`bio.io.write_ome_zarr_plate`."""
+    """Write an HCS plate field by field (memory holds one field at a time); see :func:`bio.io.write_ome_zarr_plate`.
+
+    All NGFF metadata (plate, well, multiscales, omero) is written by ome-zarr's writer for the chosen format, so the
+    0.4/0.5 differences (``.zattrs`` vs ``zarr.json`` under ``ome``, where ``version`` goes) are its business. The
+    pixel arrays are created with zarr directly rather than ``ome_zarr.writer.write_image``/``write_multiscale``:
+    those name levels ``s0, s1, ...`` (ours stay ``0``, as in plates already written) and route every field through
+    dask, where we write one channel at a time so lazy inputs are never loaded whole.
+    """
+    # deferred: ome_zarr imports dask and scikit-image (~0.8 s) that reading plates never needs
+    with warnings.catch_warnings():  # ome-zarr 0.18 builds a deprecated Scaler as a default argument at import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ome_zarr.format import FormatV04, FormatV05
+        from ome_zarr.writer import write_multiscales_metadata, write_plate_metadata, write_well_metadata
+
     path = Path(path)
     if version not in ("0.4", "0.5"):
         raise DinoscopeError(f"unsupported NGFF version {version!r}", field="version", fix="use '0.4' or '0.5'")
     if path.exists() and not overwrite:
         raise DinoscopeError("output already exists", path=path, fix="choose a new path or pass overwrite=True")
+    fmt = FormatV04() if version == "0.4" else FormatV05()
     items = images.items() if isinstance(images, Mapping) else images
     wells: dict[tuple[str, str], list[str]] = {}
-    well_groups: dict[tuple[str, str], Any] = {}
+    well_groups: dict[tuple[str, str], zarr.Group] = {}
     with atomic_path(path, is_dir=True) as tmp:
-        import zarr
-
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=2 if version == "0.4" else 3)
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=fmt.zarr_format)
         for (row, column, field_path), data in items:
             row, column, field_path = str(row), str(column), str(field_path)
             fields = wells.setdefault((row, column), [])
@@ -174,66 +188,58 @@ def write_plate(path: str | os.PathLike,
             fields.append(field_path)
             if (row, column) not in well_groups:
                 well_groups[row, column] = root.require_group(row).require_group(column)
-            _write_field(well_groups[row, column], field_path, data, channel_names, version, pixel_size, path)
+            group = well_groups[row, column].create_group(field_path)
+            dtype = _write_pixels(group, data, channel_names, path)
+            write_multiscales_metadata(group, fmt=fmt, **_multiscale_metadata(group.path, channel_names, dtype,
+                                                                              pixel_size))
         if not wells:
             raise DinoscopeError("no images to write", path=path, fix="pass at least one field")
         for (row, column), fields in wells.items():
-            well_meta = {"images": [{"path": f} for f in fields]}
-            well_groups[row, column].attrs.update(_versioned("well", well_meta, version))
-        name = plate_name or path.name.removesuffix(".zarr").removesuffix(".ome")
-        root.attrs.update(_versioned("plate", _plate_metadata(wells, name), version))
+            write_well_metadata(well_groups[row, column], list(fields), fmt=fmt)
+        rows = sorted({r for r, _ in wells}, key=lambda r: (len(r), r))
+        columns = sorted({c for _, c in wells}, key=lambda c: (0, int(c), c) if c.isdigit() else (1, 0, c))
+        well_paths = [f"{r}/{c}" for r, c in sorted(wells, key=lambda rc: (rows.index(rc[0]), columns.index(rc[1])))]
+        write_plate_metadata(root, rows, columns, well_paths, fmt=fmt, field_count=max(map(len, wells.values())),
+                             name=plate_name or path.name.removesuffix(".zarr").removesuffix(".ome"))
     return path
 
 
-def _write_field(well: Any, field_path: str, data: Any, channel_names: Sequence[str], version: str,
-                 pixel_size: float | None, plate_path: Path) -> None:
-    key = f"{well.path}/{field_path}"
+def _write_pixels(group: zarr.Group, data: Any, channel_names: Sequence[str], plate_path: Path) -> np.dtype:
+    """Write level ``0`` of one field, a C x Y x X array chunked per channel; returns its dtype."""
     shape = tuple(data.shape)
     if len(shape) != 3 or shape[0] != len(channel_names):
-        raise DinoscopeError(f"field {key} has shape {shape}, expected C x Y x X with C = {len(channel_names)}",
-                             path=plate_path, field=key, fix="pass one C x Y x X array per field, channels first")
-    dtype = np.dtype(data.dtype)
-    unit = {"unit": "micrometer"} if pixel_size is not None else {}
-    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", **unit},
-            {"name": "x", "type": "space", **unit}]
-    scale = [1.0, float(pixel_size or 1.0), float(pixel_size or 1.0)]
-    multiscale = {"name": key, "axes": axes,
-                  "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}
-    top = float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
-    omero = {"channels": [{"label": str(name), "color": _CHANNEL_COLOURS.get(str(name), "FFFFFF"), "active": True,
-                           "window": {"min": 0.0, "max": top, "start": 0.0, "end": top}} for name in channel_names]}
-    attributes = ({"multiscales": [{**multiscale, "version": "0.4"}], "omero": omero} if version == "0.4"
-                  else {"ome": {"version": "0.5", "multiscales": [multiscale], "omero": omero}})
-    group = well.create_group(field_path, attributes=attributes)
+        raise DinoscopeError(f"field {group.path} has shape {shape}, expected C x Y x X with C = "
+                             f"{len(channel_names)}", path=plate_path, field=group.path,
+                             fix="pass one C x Y x X array per field, channels first")
     chunks = (1, min(shape[1], _MAX_CHUNK), min(shape[2], _MAX_CHUNK))
-    layout: dict[str, Any] = ({"chunk_key_encoding": {"name": "v2", "separator": "/"}} if version == "0.4"
-                              else {"dimension_names": ["c", "y", "x"]})
+    # NGFF 0.4 (zarr v2) arrays use "/" chunk keys as the spec requires; 0.5 (zarr v3) arrays name their dimensions
+    layout: dict[str, Any] = ({"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+                              if group.metadata.zarr_format == 2 else {"dimension_names": ["c", "y", "x"]})
+    dtype = np.dtype(data.dtype)
     array = group.create_array("0", shape=shape, dtype=dtype, chunks=chunks, **layout)
     if isinstance(data, np.ndarray):
         array[...] = data
     else:
         for c in range(shape[0]):  # one channel at a time keeps lazy inputs from being loaded whole
             array[c] = np.asarray(data[c])
+    return dtype
 
 
-def _plate_metadata(wells: Mapping[tuple[str, str], list[str]], name: str) -> dict[str, Any]:
-    rows = sorted({r for r, _ in wells}, key=lambda r: (len(r), r))
-    columns = sorted({c for _, c in wells}, key=lambda c: (0, int(c), c) if c.isdigit() else (1, 0, c))
-    return {"name": name, "rows": [{"name": r} for r in rows], "columns": [{"name": c} for c in columns],
-            "wells": [{"path": f"{r}/{c}", "rowIndex": rows.index(r), "columnIndex": columns.index(c)}
-                      for r, c in sorted(wells, key=lambda rc: (rows.index(rc[0]), columns.index(rc[1])))],
-            "field_count": max(len(f) for f in wells.values())}
-
-
-def _versioned(key: str, meta: dict[str, Any], version: str) -> dict[str, Any]:
-    if version == "0.4":
-        return {key: {**meta, "version": "0.4"}}
-    return {"ome": {"version": "0.5", key: meta}}
+def _multiscale_metadata(name: str, channel_names: Sequence[str], dtype: np.dtype, pixel_size: float | None,
+                         ) -> dict[str, Any]:
+    """Keyword arguments of ``ome_zarr.writer.write_multiscales_metadata`` for one single-level C x Y x X field."""
+    top = float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
+    omero = {"channels": [{"label": str(name), "color": _CHANNEL_COLOURS.get(str(name), "FFFFFF"), "active": True,
+                           "window": {"min": 0.0, "max": top, "start": 0.0, "end": top}} for name in channel_names]}
+    size = float(pixel_size or 1.0)
+    unit = {"unit": "micrometer"} if pixel_size is not None else {}
+    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", **unit},
+            {"name": "x", "type": "space", **unit}]  # axis dicts, not axes_units=: that keyword is recent in ome-zarr
+    return {"datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, size, size]}]}],
+            "axes": axes, "name": name, "metadata": {"omero": omero}}
 
 
 def _open_group(path: Path) -> Any:
-    import zarr
-
     if not path.exists():
         raise DinoscopeError("zarr group not found", path=path, fix="check the path")
     try:

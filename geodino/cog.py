@@ -129,6 +129,13 @@ def write_vrt(paths: Sequence[str | os.PathLike], vrt_path: str | os.PathLike) -
 
     Sources are referenced relative to the VRT. Where rasters overlap the later one wins, except where it is
     nodata (each source carries its own NODATA, so nodata never hides valid pixels underneath).
+
+    Why the XML is written here rather than by GDAL's BuildVRT: rasterio bundles libgdal but exposes no public
+    BuildVRT (``rasterio.vrt`` offers only ``WarpedVRT``, a single warped source; its mosaic helper
+    ``_boundless_vrt_doc`` is private; ``rio`` has no buildvrt command); ``osgeo.gdal`` is not installed and PyPI's
+    ``gdal`` ships no wheels (pip finds no binary for it: it must be compiled against a system libgdal-dev), and
+    ``gdalbuildvrt`` comes only with a system GDAL (Debian ``gdal-bin``). Each route would add a heavy,
+    non-pip dependency for one small XML file. GDAL itself checks the result: the tests open the mosaic with rasterio.
     """
     vrt_path = Path(vrt_path)
     if not paths:

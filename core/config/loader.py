@@ -12,6 +12,7 @@ import difflib
 import os
 import re
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,23 +26,43 @@ T = TypeVar("T")
 
 
 def _line_of(path: Path | None, dotted: str) -> int | None:
-    """Best-effort line number of ``dotted`` (a.b.c) in a YAML file, following indentation."""
+    """1-based line of the key ``dotted`` in a YAML file, from PyYAML's node marks (``a.b``, list items ``a[0].b``).
+
+    The exact path wins; a duplicated key gives its last occurrence (the one ``safe_load`` keeps). OmegaConf reports
+    keys inside list elements without their path (``cc`` for ``items[1].cc``), so a key not found at its full path
+    is located only if exactly one key path in the file ends with it: an ambiguous key gives no line, never a wrong one.
+    """
     if path is None or not path.exists():
         return None
-    parts = dotted.split(".")
-    depth, indent = 0, -1
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        m = re.match(r"^(\s*)([A-Za-z0-9_]+)\s*:", line)
-        if not m:
-            continue
-        level = len(m[1])
-        if level <= indent and depth > 0:
-            return None
-        if m[2] == parts[depth] and level > indent:
-            if depth == len(parts) - 1:
-                return lineno
-            depth, indent = depth + 1, level
-    return None
+    try:
+        root = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    parts = tuple(re.findall(r"[^.\[\]]+", dotted))
+    if root is None or not parts:
+        return None
+    keys = list(_key_lines(root, (), set()))
+    exact = [line for key_path, line in keys if key_path == parts]
+    if exact:
+        return exact[-1]
+    ending = [line for key_path, line in keys if key_path[-len(parts):] == parts]
+    return ending[0] if len(ending) == 1 else None
+
+
+def _key_lines(node: yaml.Node, prefix: tuple[str, ...], walking: set[int]) -> Iterator[tuple[tuple[str, ...], int]]:
+    """``(key path, line)`` for every mapping key under ``node``; list items add their index to the path."""
+    if id(node) in walking:  # a recursive anchor (``a: &x [*x]``) would otherwise never end
+        return
+    walking.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            key_path = (*prefix, str(key.value))
+            yield key_path, key.start_mark.line + 1
+            yield from _key_lines(value, key_path, walking)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            yield from _key_lines(item, (*prefix, str(index)), walking)
+    walking.discard(id(node))
 
 
 def _fields_at(schema: type, dotted_parent: str) -> list[str]:

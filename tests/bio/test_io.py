@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,14 @@ def test_duplicate_channel_names_in_a_file_are_rejected(tmp_path: Path) -> None:
     assert io.read_image(path, channel_names=["DNA", "DNA2"]).channel_names == ["DNA", "DNA2"]
 
 
+def test_ome_tiff_channel_names_that_look_like_numbers_stay_text(tmp_path: Path) -> None:
+    names = ["0405", "1.50", "true", "DNA,ER", "1e3"]  # tifffile.xml2dict would give 405, 1.5, True, ..., 1000.0
+    path = io.write_ome_tiff(tmp_path / "lasers.ome.tif", _field(11, shape=(5, 8, 8)), names, pixel_size=325,
+                             axes="CYX")
+    image = io.read_image(path)
+    assert image.channel_names == names and image.pixel_size == pytest.approx(325)
+
+
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 def test_ome_zarr_plate_roundtrip(tmp_path: Path, version: str) -> None:
     keys = [(row, col, fld) for row in "AB" for col in ("1", "2", "10") for fld in ("0", "1")]
@@ -160,6 +169,20 @@ def test_our_plate_is_understood_by_the_ome_zarr_reader(tmp_path: Path) -> None:
     field_node = list(Reader(parse_url(str(path / "A" / "2" / "0")))())[0]
     assert field_node.metadata["channel_names"] == NAMES
     np.testing.assert_array_equal(np.asarray(field_node.data[0]), images[("A", "2", "0")])
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_our_plates_pass_the_ngff_models_without_warnings(tmp_path: Path, version: str) -> None:
+    pytest.importorskip("ome_zarr_models")  # an independent NGFF schema check, where installed
+    from ome_zarr_models.v04.hcs import HCS as HCS04
+    from ome_zarr_models.v05.hcs import HCS as HCS05
+
+    images = {(r, c, f): _field(10, shape=(5, 8, 8)) for r in "AB" for c in ("2", "11") for f in "01"}
+    path = io.write_ome_zarr_plate(tmp_path / "p.ome.zarr", images, NAMES, version=version, pixel_size=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a 0.5 plate without plate.version is accepted only with a warning
+        hcs = (HCS04 if version == "0.4" else HCS05).from_zarr(zarr.open_group(str(path), mode="r"))
+    assert len(list(hcs.well_groups)) == 4
 
 
 def _write_manifest(tmp_path: Path, rows: list[dict[str, str]]) -> Path:
