@@ -63,6 +63,7 @@ from core.dist.strategy import (
     ModelsAfterSetup,
     Precision,
     autocast_context,
+    broadcast_module,
     check_grad_clip,
     check_precision,
     clip_coefficients,
@@ -255,7 +256,7 @@ class DeepSpeedStrategy(ModelsAfterSetup):
         log.info("DeepSpeed config: %s", self.ds_config)
         self._student, self._teacher = student, teacher
         teacher.requires_grad_(False)
-        _broadcast_from_rank0(teacher)
+        broadcast_module(teacher)
         optimizer = torch.optim.AdamW([dict(g) for g in param_groups], betas=self.betas, eps=self.eps)
         self._engine, *_ = deepspeed.initialize(model=_EngineRoot(student), optimizer=optimizer,
                                                 config=self.ds_config)
@@ -512,10 +513,3 @@ def _numel_buckets(numels: Sequence[int], max_numel: int) -> Iterator[tuple[int,
         total += numel
     if start < len(numels):
         yield start, len(numels)
-
-
-@torch.no_grad()
-def _broadcast_from_rank0(module: nn.Module) -> None:
-    if get_world_size() > 1:
-        for tensor in list(module.parameters()) + list(module.buffers()):
-            torch.distributed.broadcast(tensor.data, src=0)

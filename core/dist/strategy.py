@@ -237,8 +237,8 @@ class SingleProcessStrategy(ModelsAfterSetup):
         world = get_world_size()
         self.data_parallel = world > 1 if self._data_parallel_arg is None else bool(self._data_parallel_arg)
         if self.data_parallel and world > 1:
-            _broadcast_module(student)
-            _broadcast_module(teacher)
+            broadcast_module(student)
+            broadcast_module(teacher)
         self._optimizer = torch.optim.AdamW([dict(g) for g in param_groups], betas=self.betas, eps=self.eps)
         if self.precision == "fp16":
             self._scaler = torch.amp.GradScaler(self._device_type())
@@ -335,8 +335,10 @@ class SingleProcessStrategy(ModelsAfterSetup):
         return cpu_state_dict(self.student) if get_rank() == 0 else {}
 
 
-def _broadcast_module(module: nn.Module) -> None:
-    with torch.no_grad():
+@torch.no_grad()
+def broadcast_module(module: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (tensors must already be on the backend's device)."""
+    if get_world_size() > 1:
         for tensor in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(tensor.data, src=0)
 
