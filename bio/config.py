@@ -12,24 +12,25 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.config.fields import input_path
 from core.config.kinds import RecipeKind
 from core.errors import DinoscopeError
 
 
 @dataclass
 class EmbedDataCfg:
-    sources: list[str] = field(default_factory=list)  # OME-Zarr plate roots and/or LoadData CSVs
+    sources: list[str] = input_path(default_factory=list)  # OME-Zarr plate roots and/or LoadData CSVs
     channels: list[str] = field(default_factory=list)  # channels to embed, in order; empty = all
     centroids: str = "detect"  # detect | table | labels
-    nuclei_table: str = ""  # CellProfiler nuclei CSV for centroids: table
+    nuclei_table: str = input_path()  # CellProfiler nuclei CSV for centroids: table
     label_channel: str = ""  # instance-mask channel (or NGFF labels/<name>) for centroids: labels
     detect_channel: str = "DNA"  # nuclear stain for centroids: detect
-    illumination: str = ""  # .npz flat-fields per channel (bio.preprocess.save_illumination)
+    illumination: str = input_path()  # .npz flat-fields per channel (bio.preprocess.save_illumination)
 
 
 @dataclass
 class EmbedModelCfg:
-    weights: str = ""  # backbone file (safetensors + sidecar, DINOv2 / Cell-DINO .pth)
+    weights: str = input_path()  # backbone file (safetensors + sidecar, DINOv2 / Cell-DINO .pth)
     weights_channels: list[str] = field(default_factory=list)  # model input names when the file has none
     normalisation: str = "auto"  # auto | zscore | meta | none
     n_last_blocks: int = 1
@@ -51,7 +52,7 @@ class EmbedOutputCfg:
     dir: str = "runs/cells_embed"
     dtype: str = "float32"  # float32 | float16
     chunk_rows: int = 0  # rows per zarr chunk; 0 = about 8 MiB per chunk
-    head: str = ""  # phenotype head from `dinoscope cells fit-head`: adds per-cell predictions
+    head: str = input_path()  # phenotype head from `dinoscope cells fit-head` (an input): per-cell predictions
     resume: bool = True
 
 
@@ -61,15 +62,6 @@ class CellsEmbedRecipe:
     model: EmbedModelCfg = field(default_factory=EmbedModelCfg)
     crops: EmbedCropsCfg = field(default_factory=EmbedCropsCfg)
     output: EmbedOutputCfg = field(default_factory=EmbedOutputCfg)
-
-    def input_paths(self) -> list[tuple[str, str]]:
-        """``(key, path)`` of every input, for ``dinoscope launch``'s existence check."""
-        found = [(f"data.sources.{i}", s) for i, s in enumerate(self.data.sources)]
-        found += [(key, value) for key, value in (("data.nuclei_table", self.data.nuclei_table),
-                                                  ("data.illumination", self.data.illumination),
-                                                  ("model.weights", self.model.weights),
-                                                  ("output.head", self.output.head)) if value]
-        return found
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
         choices = {"data.centroids": (self.data.centroids, ("detect", "table", "labels")),
@@ -97,8 +89,8 @@ class CellsEmbedRecipe:
 
 @dataclass
 class CellsProfileRecipe:
-    run: str = ""  # embedding run directory (embeddings.zarr + cells.parquet)
-    platemap: str = ""  # CSV: plate, well, treatment, role (+ annotations such as moa)
+    run: str = input_path()  # embedding run directory (embeddings.zarr + cells.parquet)
+    platemap: str = input_path()  # CSV: plate, well, treatment, role (+ annotations such as moa)
     output_dir: str = "runs/cells_profile"  # profiles.parquet and eval/ are written here
     aggregate: str = "median"  # median | mean
     normalise: str = "mad_robustize"  # mad_robustize | standardize | spherize | none
@@ -114,9 +106,6 @@ class CellsProfileRecipe:
     null_size: int = 10000
     knn_k: int = 1
     seed: int = 0
-
-    def input_paths(self) -> list[tuple[str, str]]:
-        return [(key, getattr(self, key)) for key in ("run", "platemap") if getattr(self, key)]
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
         _check_choices({"aggregate": (self.aggregate, ("median", "mean")),

@@ -323,3 +323,7 @@ def build_cells_dataset(*, plates: str | os.PathLike | Sequence[str | os.PathLik
                              centroids=centroids, nuclei_table=nuclei_table, label_channel=label_channel,
                              detect_channel=detect_channel, edge=edge, max_cells_per_field=max_cells_per_field,
                              seed=seed, cache_mb=cache_mb)
+
+
+# Keywords that name input paths, checked by `dinoscope launch` before a run (core.data.datasets contract).
+build_cells_dataset.input_params = ("plates", "nuclei_table")  # type: ignore[attr-defined]

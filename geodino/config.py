@@ -4,7 +4,8 @@
     dinoscope canopy fit recipes/geo/canopy_fit_vitl14.yaml data.pairs='[[img.tif,chm.tif]]'
     dinoscope canopy predict --model runs/tiny/canopy_fit/model.safetensors scene.tif --out chm.tif
 
-This module imports only dataclasses and the core kinds table: the heavy work is imported when a recipe runs.
+This module imports only dataclasses and core.config (kinds table, field metadata): the heavy work is imported when
+a recipe runs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.config.fields import input_path
 from core.config.kinds import RecipeKind
 from core.errors import DinoscopeError
 
@@ -28,7 +30,7 @@ class SyntheticCfg:
 
 @dataclass
 class FitDataCfg:
-    pairs: list[list[str]] = field(default_factory=list)  # [[image.tif, chm.tif], ...]; CHMs on any grid/CRS
+    pairs: list[list[str]] = input_path(default_factory=list)  # [[image.tif, chm.tif], ...]; CHMs on any grid/CRS
     bands: list[str] = field(default_factory=list)  # names or 1-based indices; empty = every band
     synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)
     chip_size: int = 64
@@ -44,7 +46,7 @@ class FitDataCfg:
 
 @dataclass
 class FitBackboneCfg:
-    weights: str = ""  # any load_backbone source; "" = randomly initialised `arch` (tests, baselines)
+    weights: str = input_path()  # any load_backbone source; "" = randomly initialised `arch` (tests, baselines)
     arch: str = "vit_test"  # only when weights is ""
     patch_size: int = 8  # only when weights is ""
     overrides: dict[str, Any] = field(default_factory=dict)  # load_backbone keywords, e.g. {num_heads: 4}
@@ -128,8 +130,8 @@ class CanopyFitRecipe:
 
 @dataclass
 class CanopyPredictRecipe:
-    model: str = ""  # model.safetensors from `canopy fit`, or a full HRCH .pth
-    inputs: list[str] = field(default_factory=list)
+    model: str = input_path()  # model.safetensors from `canopy fit`, or a full HRCH .pth
+    inputs: list[str] = input_path(default_factory=list)
     out: str = ""  # a .tif for one input; otherwise a directory (one COG per input + mosaic.vrt)
     uncertainty: bool = False
     tile: int = 256

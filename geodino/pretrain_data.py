@@ -178,3 +178,7 @@ def build_geotiff_dataset(*, paths: str | os.PathLike | Sequence[str | os.PathLi
         bands = list(bands)  # a recipe's ListConfig -> plain list
     return GeoTiffWindows(paths, window_size, bands=bands, length=length, seed=seed,
                           max_nodata_fraction=max_nodata_fraction, normaliser=normaliser)
+
+
+# Keywords that name input paths, checked by `dinoscope launch` before a run (core.data.datasets contract).
+build_geotiff_dataset.input_params = ("paths",)  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ import yaml
 
 from core.config import load_recipe
 from core.config.kinds import get_kind, recipe_kind_of
-from core.launch import plan_launch
+from core.launch import input_paths, plan_launch, resolve_run_dir
 from core.launch.resources import LAUNCHERS, load_resources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +26,27 @@ PAIRS = {
     "cluster/distill_vitl14_to_vits14.yaml": "slurm_4nodes_8gpus.yaml",
 }
 SHIPPED = [*PAIRS, "tiny/distill.yaml"]
+# Recipe -> the keys `dinoscope launch` checks for existence: schema fields marked input_path, and the data.params a
+# dataset kind lists in its factory's input_params. Nothing else, whatever a key is called.
+INPUT_KEYS = {
+    "bench/gpu_vitl14.yaml": set(),
+    "bio/cells_embed_vits8.yaml": {"data.sources", "data.nuclei_table", "model.weights"},
+    "bio/pretrain_channel_adaptive_vits.yaml": {"data.params.plates", "data.params.nuclei_table"},
+    "cluster/distill_vitl14_to_vits14.yaml": {"data.params.paths", "distill.teacher_weights"},
+    "cluster/pretrain_vitg14_16nodes.yaml": {"data.params.paths"},
+    "geo/canopy_fit_vitl14.yaml": {"data.pairs", "backbone.weights"},
+    "geo/canopy_predict_hrch.yaml": {"model", "inputs"},
+    "geo/pretrain_vitl14_zero2.yaml": {"data.params.paths"},
+    "geo/pretrain_vits14_zero2.yaml": {"data.params.paths"},
+    "tiny/canopy_fit.yaml": set(),
+    "tiny/canopy_predict.yaml": {"model", "inputs"},
+    "tiny/cells_embed.yaml": {"data.sources", "data.nuclei_table", "model.weights"},
+    "tiny/cells_pretrain.yaml": {"data.params.plates", "data.params.nuclei_table"},
+    "tiny/cells_profile.yaml": {"run", "platemap"},
+    "tiny/distill.yaml": {"distill.teacher_weights"},
+    "tiny/geo_pretrain.yaml": {"data.params.paths"},
+    "tiny/pretrain.yaml": set(),
+}
 
 
 def _yaml_files(folder: Path) -> list[Path]:
@@ -51,6 +72,18 @@ def test_recipe_validates_against_its_kind(path: Path) -> None:
     recipe = load_recipe(kind.schema, path)
     assert isinstance(recipe, kind.schema) and dataclasses.is_dataclass(recipe)
     assert kind_name == yaml.safe_load(path.read_text())["kind"]
+
+
+@pytest.mark.parametrize("name,keys", sorted(INPUT_KEYS.items()))
+def test_recipe_inputs_are_the_declared_keys(name: str, keys: set[str]) -> None:
+    path = RECIPES / name
+    assert path.exists(), f"{name} is gone: drop it from INPUT_KEYS"
+    kind_name = recipe_kind_of(path)
+    recipe = load_recipe(get_kind(kind_name, path).schema, path)
+    found = input_paths(recipe)
+    assert {key for key, _ in found} == keys
+    # What a run writes is never an input, although e.g. cells_profile's `run` (an input) is a run directory.
+    assert str(resolve_run_dir(recipe, kind_name, path)) not in {value for _, value in found}
 
 
 @pytest.mark.parametrize("path", _yaml_files(LAUNCH), ids=lambda p: p.name)

@@ -6,9 +6,23 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any
 
+from core.config.fields import dataset_params, input_path
 from core.errors import DinoscopeError
+
+# ``crops.channel_mode`` names a photometric chain: one core builds itself (core.data.photometric) or one a domain
+# registers in this entry-point group (geodino: multispectral, bio: fluorescence).
+AUGMENTATIONS_GROUP = "dinoscope.augmentations"
+CORE_CHANNEL_MODES = ("rgb",)
+
+
+def channel_modes() -> tuple[str, ...]:
+    """Every valid ``crops.channel_mode``: core's, then the registered ones. Only entry-point names are read, so
+    validating a recipe imports no chain (and this schema module stays free of core.data)."""
+    registered = sorted({ep.name for ep in entry_points(group=AUGMENTATIONS_GROUP)} - set(CORE_CHANNEL_MODES))
+    return (*CORE_CHANNEL_MODES, *registered)
 
 
 @dataclass
@@ -29,7 +43,7 @@ class ModelCfg:
     interpolate_offset: float = 0.1
     channel_adaptive: bool = False
     attn_backend: str = "auto"
-    pretrained: str = ""  # initialise the student (and teacher) from these weights (load_backbone)
+    pretrained: str = input_path()  # initialise the student (and teacher) from these weights (load_backbone)
 
 
 @dataclass
@@ -91,7 +105,7 @@ class CropsCfg:
     local_crops_number: int = 8
     local_crops_size: int = 96
     local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
-    channel_mode: str = "rgb"  # rgb | multispectral | fluorescence
+    channel_mode: str = "rgb"  # photometric chain: rgb, or a registered one (channel_modes())
     blur_probs: str = "released"  # released | paper
     mean: list[float] = field(default_factory=list)  # per channel; empty = ImageNet for RGB, else from the data
     std: list[float] = field(default_factory=list)
@@ -100,7 +114,7 @@ class CropsCfg:
 @dataclass
 class DataCfg:
     kind: str = "image_folder"  # core.data.DATASET_KINDS, or a kind a domain package registers
-    params: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the dataset factory
+    params: dict[str, Any] = dataset_params("kind")  # keyword arguments of the dataset factory
 
 
 @dataclass
@@ -152,7 +166,7 @@ class EvalCfg:
 
 @dataclass
 class DistillCfg:
-    teacher_weights: str = ""  # a frozen pretrained teacher (load_backbone) instead of the EMA teacher
+    teacher_weights: str = input_path()  # a frozen pretrained teacher (load_backbone) instead of the EMA teacher
     teacher_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -176,7 +190,7 @@ class PretrainRecipe:
             "teacher.centering": (self.teacher.centering, ("softmax", "sinkhorn_knopp")),
             "train.precision": (self.train.precision, ("fp32", "bf16", "fp16")),
             "dist.strategy": (self.dist.strategy, ("single", "deepspeed")),
-            "crops.channel_mode": (self.crops.channel_mode, ("rgb", "multispectral", "fluorescence")),
+            "crops.channel_mode": (self.crops.channel_mode, channel_modes()),
             "crops.blur_probs": (self.crops.blur_probs, ("released", "paper")),
             "optim.scaling_rule": (self.optim.scaling_rule, ("sqrt_wrt_1024", "none")),
             "model.ffn_layer": (self.model.ffn_layer, ("mlp", "swiglu", "swiglufused")),

@@ -2,7 +2,8 @@
 
 Contract (implemented by the datasets of every package): ``dataset[i]`` is an ``H x W x C`` numpy array of dtype
 uint8, uint16 or float32, and the dataset has ``channel_names: list[str]``. A labelled dataset returns
-``(array, int_label)`` and has ``classes: list[str]``.
+``(array, int_label)`` and has ``classes: list[str]``. A kind's factory declares which of its keyword arguments name
+input paths in ``factory.input_params`` (a tuple of names), so that ``dinoscope launch`` checks them before a run.
 
 Domain packages add kinds through the ``dinoscope.datasets`` entry-point group; :func:`build_dataset` looks there
 after :data:`DATASET_KINDS`. Also here: reading image files to the contract, scaling to [0, 1] by dtype, and the
@@ -142,6 +143,8 @@ class ImageFolderDataset(Dataset):
     corrupt or mixed folder fails before training starts.
     """
 
+    input_params = ("root",)  # recipe keywords that name input paths (see the module docstring)
+
     def __init__(self, root: str | os.PathLike, channel_names: Sequence[str] | None = None, labelled: bool = False,
                  extensions: Sequence[str] = IMAGE_EXTENSIONS) -> None:
         self.root = Path(root)
@@ -219,6 +222,7 @@ class SyntheticShapesDataset(Dataset):
     """
 
     CLASS_NAMES = ("disk_hstripes", "square_vstripes", "triangle_checker", "ring_dots")
+    input_params = ()  # generated in memory: reads no files
 
     def __init__(self, n: int = 512, size: int = 64, channels: int = 3, seed: int = 0, labelled: bool = False,
                  num_classes: int = 4) -> None:

@@ -16,26 +16,16 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-from collections.abc import Iterator
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from core.config.fields import DATASET_PARAMS_OF, INPUT_PATH, walk_fields
 from core.errors import DinoscopeError
 from core.launch.resources import LaunchResources, load_resources
 
 __all__ = ["LaunchPlan", "LaunchResources", "check_batch_size", "check_data_paths", "input_paths", "load_resources",
            "plan_launch", "resolve_run_dir"]
-
-# Which recipe keys name inputs that must exist. Schemas can be exact instead by defining ``input_paths()``.
-_INPUT_KEYS = frozenset({"path", "paths", "root", "roots", "manifest", "manifests", "files", "rasters", "raster",
-                         "teacher_weights", "pretrained", "weights", "chm", "input", "inputs", "source", "sources",
-                         "platemap", "illumination", "plate", "plates", "images"})
-_INPUT_SUFFIXES = ("_path", "_paths", "_root", "_roots", "_file", "_files", "_manifest", "_weights", "_raster",
-                   "_dir", "_table")
-# Keys that name an input only when their value looks like a path (``model: weights/x.pth``, not ``model: vit_l``).
-_PATH_LIKE_KEYS = frozenset({"model", "run", "head"})
-# Keys that name something the run writes, never an input, even when they end like one.
-_OUTPUT_WORDS = ("output", "out_", "cache", "log", "save", "export", "run_dir", "tmp", "work")
 
 
 @dataclasses.dataclass
@@ -67,48 +57,56 @@ class LaunchPlan:
         return get_kind(self.kind_name, self.recipe_path)
 
 
-def _walk(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
-    if dataclasses.is_dataclass(node) and not isinstance(node, type):
-        items: Any = ((f.name, getattr(node, f.name)) for f in dataclasses.fields(node))
-    elif isinstance(node, dict):
-        items = node.items()
-    else:
-        return
-    for key, value in items:
-        dotted = f"{prefix}{key}"
-        yield dotted, value
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                yield from _walk(item, f"{dotted}.{i}.")
-        else:
-            yield from _walk(value, f"{dotted}.")
-
-
-def _is_input(dotted: str, value: str) -> bool:
-    leaf = dotted.rsplit(".", 1)[-1].lower()
-    if any(word in leaf for word in _OUTPUT_WORDS):
-        return False
-    if leaf in _PATH_LIKE_KEYS:
-        return "/" in value or Path(value).suffix != ""
-    return leaf in _INPUT_KEYS or leaf.endswith(_INPUT_SUFFIXES)
-
-
 def input_paths(recipe: Any) -> list[tuple[str, str]]:
-    """``(recipe key, path)`` of every input a recipe names: the schema's own ``input_paths()`` when it has one,
-    otherwise every non-empty string (or list of strings) under a key that names an input (``paths``, ``root``,
-    ``manifest``, ``sources``, ``teacher_weights``, ``*_path``, ...; never ``output_dir`` and the like; ``model``,
-    ``run`` and ``head`` only when the value looks like a path). URLs are skipped."""
-    own = getattr(recipe, "input_paths", None)
-    if callable(own):
-        return [(str(k), str(v)) for k, v in own()]
-    found = []
-    for dotted, value in _walk(recipe, ""):
-        values = value if isinstance(value, list) else [value]
-        for item in values:
-            text = str(item) if isinstance(item, (str, os.PathLike)) else ""
-            if text and "://" not in text and _is_input(dotted, text):
-                found.append((dotted, text))
+    """``(recipe key, path)`` of every input a recipe names, as its schema declares them.
+
+    Two declarations count (:mod:`core.config.fields`): fields marked :func:`~core.config.fields.input_path` (a
+    string, or lists of strings), and, in a :func:`~core.config.fields.dataset_params` dict, the keyword arguments
+    that the dataset kind lists in its factory's ``input_params``. Key names mean nothing: an undeclared key is never
+    checked, whatever it is called. Empty values and URLs are skipped.
+
+    Raises:
+        DinoscopeError: a dataset kind that is unknown or cannot be imported (its inputs cannot be known).
+    """
+    found: list[tuple[str, str]] = []
+    for ref in walk_fields(recipe):
+        if ref.metadata.get(INPUT_PATH):
+            found += [(ref.key, path) for path in _paths(ref.value)]
+        kind_field = ref.metadata.get(DATASET_PARAMS_OF)
+        if kind_field and isinstance(ref.value, Mapping):
+            prefix = ref.key.rpartition(".")[0]
+            kind_key = f"{prefix}.{kind_field}" if prefix else kind_field
+            for name in _dataset_input_params(getattr(ref.owner, kind_field), kind_key):
+                found += [(f"{ref.key}.{name}", path) for path in _paths(ref.value.get(name))]
     return found
+
+
+def _paths(value: Any) -> list[str]:
+    """The non-empty, non-URL strings in a value (a path, or lists of them at any depth)."""
+    if isinstance(value, (str, os.PathLike)):
+        text = os.fspath(value)
+        return [text] if text and "://" not in text else []
+    if isinstance(value, (list, tuple)):
+        return [path for item in value for path in _paths(item)]
+    return []
+
+
+def _dataset_input_params(kind: str, kind_key: str) -> tuple[str, ...]:
+    """The keyword arguments of dataset kind ``kind`` that name input paths (its factory's ``input_params``)."""
+    # Deferred: core.data imports torch and PIL, which `dinoscope launch` must not wait for to reject a recipe typo.
+    from core.data.datasets import dataset_kinds
+
+    kinds = dataset_kinds()
+    if kind not in kinds:
+        raise DinoscopeError(f"unknown dataset kind {kind!r}", field=kind_key, fix=f"use one of {sorted(kinds)}")
+    factory = kinds[kind]
+    if not callable(factory) and hasattr(factory, "load"):  # an entry point (duck-typed: backports differ)
+        try:
+            factory = factory.load()
+        except ImportError as err:
+            raise DinoscopeError(f"the dataset kind {kind!r} could not be imported ({err})", field=kind_key,
+                                 fix=f"install the package that provides {factory.value}") from None
+    return tuple(getattr(factory, "input_params", ()))
 
 
 def check_data_paths(recipe: Any, recipe_path: str | os.PathLike | None = None) -> None:

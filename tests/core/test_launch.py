@@ -128,36 +128,14 @@ def test_check_data_paths_accepts_files_dirs_and_globs_and_ignores_outputs(tmp_p
     ok = [f"data.params.paths=[{tmp_path / 'a.tif'},{tmp_path}/*.tif,{tmp_path}]", "data.kind=geotiff",
           f"train.output_dir={tmp_path / 'not' / 'yet'}"]
     check_data_paths(load_recipe(PretrainRecipe, TINY, ok))
+    # data.kind geotiff declares `paths` an input (synthetic_shapes, TINY's kind, reads no files)
+    glob_recipe = [f"data.params.paths={tmp_path}/*.png", "data.kind=geotiff"]
     with pytest.raises(DinoscopeError, match=r"\*\.png' does not exist") as info:
-        check_data_paths(load_recipe(PretrainRecipe, TINY, [f"data.params.paths={tmp_path}/*.png"]))
+        check_data_paths(load_recipe(PretrainRecipe, TINY, glob_recipe))
     assert info.value.field == "data.params.paths"
     with pytest.raises(DinoscopeError) as info:
         check_data_paths(load_recipe(PretrainRecipe, TINY, [f"model.pretrained={tmp_path / 'w.pth'}"]))
     assert info.value.field == "model.pretrained"
-
-
-def test_input_paths_follow_key_names_unless_the_schema_lists_them() -> None:
-    import dataclasses
-
-    from core.launch import input_paths
-
-    @dataclasses.dataclass
-    class Predict:
-        model: str = "weights/hrch.pth"
-        head: str = "linear"  # not path-like: a choice, not a file
-        inputs: list[str] = dataclasses.field(default_factory=lambda: ["a.tif", "b/*.tif"])
-        out: str = "runs/predict"
-        cache_dir: str = "tmp/cache"
-        url_weights: str = "https://example.org/w.pth"
-
-    assert input_paths(Predict()) == [("model", "weights/hrch.pth"), ("inputs", "a.tif"), ("inputs", "b/*.tif")]
-
-    @dataclasses.dataclass
-    class Exact(Predict):
-        def input_paths(self) -> list[tuple[str, str]]:
-            return [("model", self.model)]
-
-    assert input_paths(Exact()) == [("model", "weights/hrch.pth")]
 
 
 def test_run_dir_comes_from_the_cli_then_the_recipe_then_the_kind() -> None:

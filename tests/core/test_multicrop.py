@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from core.data import BLUR_PROBS, CELL_DINO_CROPS, MultiCropAugmentation, read_image
-from core.data.multicrop import ChannelIntensityJitter
+from bio.augment import CELL_DINO_CROPS
+from core.data import BLUR_PROBS, MultiCropAugmentation, read_image
+from core.data.photometric import ChannelIntensityJitter
 from core.errors import DinoscopeError
 from core.weights.meta import IMAGENET_MEAN, IMAGENET_STD
 
@@ -169,7 +170,7 @@ def test_per_channel_intensity_jitter_is_independent_per_channel() -> None:
 def test_seed_makes_crops_reproducible() -> None:
     image = _image(40, 40, 3)
     first, second, other = (_small(seed=s)(image) for s in (7, 7, 8))
-    assert all(torch.equal(a, b) for a, b in zip(first["local_crops"], second["local_crops"]))
+    assert all(torch.equal(a, b) for a, b in zip(first["local_crops"], second["local_crops"], strict=True))
     assert not torch.equal(first["global_crops"][0], other["global_crops"][0])
 
 
@@ -196,7 +197,7 @@ def test_explicit_reseed_is_honoured_inside_workers() -> None:
     """Position-seeded augmentation (for exact resume) must give the same crops in a worker as in the parent."""
     in_workers = list(DataLoader(_SameImage(_small(), reseed_per_index=True), batch_size=None, num_workers=2))
     in_parent = [_SameImage(_small(), reseed_per_index=True)[i] for i in range(4)]
-    assert all(torch.equal(a, b) for a, b in zip(in_workers, in_parent))
+    assert all(torch.equal(a, b) for a, b in zip(in_workers, in_parent, strict=True))
     assert not torch.equal(in_parent[0], in_parent[1])
 
 
