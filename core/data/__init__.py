@@ -25,8 +25,8 @@ _EXPORTS = {
     "scale_to_unit": "core.data.datasets",
     "MaskingGenerator": "core.data.masking",
     "BLUR_PROBS": "core.data.multicrop",
-    "CELL_DINO_CROPS": "core.data.multicrop",
-    "CHANNEL_MODES": "core.data.multicrop",
+    "PhotometricChain": "core.data.photometric",
+    "build_chain": "core.data.photometric",
     "MultiCropAugmentation": "core.data.multicrop",
     "InfiniteSampler": "core.data.samplers",
 }

@@ -8,12 +8,12 @@ import yaml
 
 from core.dist.device import place
 from core.errors import DinoscopeError
-from core.weights.meta import WeightMeta, default_channel_names, default_normalisation
+from core.weights.meta import WeightMeta, default_channel_names
 
 
 def export_run(run_dir: Path, out: Path, step: int | None = None) -> Path:
     from core.config import PretrainRecipe, load_recipe
-    from core.ssl.build import backbone_kwargs
+    from core.ssl.build import backbone_kwargs, build_augmentation
     from core.train.checkpoint import consolidated_teacher_state_dict, find_latest
     from core.weights import save_backbone
     from core.weights.load import _META_KEYS
@@ -38,15 +38,16 @@ def export_run(run_dir: Path, out: Path, step: int | None = None) -> Path:
         kwargs.update(embed_dim=dim, depth=depth, num_heads=heads)
     kwargs["mlp_ratio"] = 4.0
     c = recipe.model.in_chans
-    mean, std = (list(recipe.crops.mean), list(recipe.crops.std)) if recipe.crops.mean else default_normalisation(c)
-    if recipe.crops.channel_mode == "fluorescence":
-        mean, std = [0.0] * c, [1.0] * c
+    # The augmentation chain of the recipe's channel mode knows how crops were normalised in training (a domain
+    # chain may standardise each crop itself, e.g. bio's fluorescence chain), so export asks it, not the mode name.
+    stats = build_augmentation(recipe.crops, recipe.model).normalisation(c)
+    per_image = stats is None
+    mean, std = ([0.0] * c, [1.0] * c) if per_image else stats
     names = _channel_names(recipe, c)
     meta = WeightMeta(arch=recipe.model.arch, model_kwargs={k: v for k, v in kwargs.items() if k in _META_KEYS},
                       channel_names=names, mean=mean, std=std, source_format="dinoscope",
                       extra={"recipe": yaml.safe_load(config.read_text()), "checkpoint": str(ckpt),
-                             "input_normalisation": "per_image_zscore" if recipe.crops.channel_mode == "fluorescence"
-                             else "fixed"})
+                             "input_normalisation": "per_image_zscore" if per_image else "fixed"})
     return save_backbone(backbone, meta, out)
 
 
