@@ -13,53 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from bio.cli_model import add_embed, add_fit_head
+from bio.profiling import build_profiles
 
 log = logging.getLogger(__name__)
-
-
-def build_profiles(run_dir: str | os.PathLike, platemap_path: str | os.PathLike, out: str | os.PathLike, *,
-                   aggregate: str = "median", normalise: str = "mad_robustize", normalise_by: str = "plate",
-                   control_column: str = "role", control_value: str = "negative_control", level: str = "well",
-                   treatment_column: str = "treatment", drop_edge_cells: bool = False) -> dict[str, Any]:
-    """Aggregate, annotate, normalise (and optionally build treatment consensus); write Parquet atomically.
-
-    Returns the provenance stored in the Parquet file, which includes the plate-batch separation of the control
-    wells before and after normalisation.
-    """
-    from bio.evaluate import batch_separation
-    from bio.profiles import (
-        aggregate_wells,
-        annotate_wells,
-        feature_columns,
-        normalise_profiles,
-        read_platemap,
-        treatment_consensus,
-        write_profiles,
-    )
-
-    platemap = read_platemap(platemap_path)  # read first: a bad plate map should fail before the long pass
-    wells = annotate_wells(aggregate_wells(run_dir, operation=aggregate, drop_edge_cells=drop_edge_cells), platemap)
-    controls = dict(control_column=control_column, control_value=control_value)
-    normalised = normalise_profiles(wells, method=normalise, by=None if normalise_by == "all" else "plate",
-                                    **controls)
-    separation = {"before_normalisation": batch_separation(wells, **controls),
-                  "after_normalisation": batch_separation(normalised, **controls)}
-    profiles = normalised if level == "well" else treatment_consensus(normalised, treatment_column=treatment_column,
-                                                                      operation=aggregate)
-    provenance = {"run": str(run_dir), "platemap": str(platemap_path), "aggregate": aggregate,
-                  "normalise": normalise, "normalise_by": normalise_by, "control_column": control_column,
-                  "control_value": control_value, "level": level, "drop_edge_cells": drop_edge_cells,
-                  "n_cells": int(wells["Metadata_n_cells"].sum()), "n_wells": int(len(wells)),
-                  "n_profiles": int(len(profiles)), "dim": len(feature_columns(profiles)),
-                  "batch_separation": separation}
-    write_profiles(profiles, out, provenance=provenance)
-    return provenance
 
 
 def _profile(args: argparse.Namespace) -> int:

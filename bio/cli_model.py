@@ -44,7 +44,8 @@ def embed_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from bio.config import CellsEmbedRecipe, run_embed
+    from bio.config import CellsEmbedRecipe
+    from bio.kinds import run_embed
     from core.config import load_recipe
 
     recipe = load_recipe(CellsEmbedRecipe, args.recipe, embed_overrides(args))

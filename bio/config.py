@@ -1,9 +1,8 @@
-"""Recipe schemas and kinds for the cell commands: ``kind: cells_embed`` and ``kind: cells_profile``.
+"""Recipe schemas for the cell commands: ``kind: cells_embed`` and ``kind: cells_profile``.
 
-The kinds are zero-argument callables returning a :class:`core.config.kinds.RecipeKind`, registered by the
-``dinoscope.recipes`` entry points ``cells_embed = "bio.config:cells_embed_kind"`` and
-``cells_profile = "bio.config:cells_profile_kind"``. ``dinoscope cells embed`` builds the same schema from its flags,
-so a recipe and a command line describe a run identically.
+Schemas only: the services that run them are wired in ``bio.kinds`` (entry points ``dinoscope.recipes``).
+``dinoscope cells embed`` builds the same schema from its flags, so a recipe and a command line describe a run
+identically.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.config.fields import input_path
-from core.config.kinds import RecipeKind
 from core.errors import DinoscopeError
 
 
@@ -122,45 +120,3 @@ def _check_choices(choices: dict[str, tuple[str, tuple[str, ...]]], path: str | 
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise DinoscopeError(f"{key} is {value!r}", path=path, field=key, fix=f"use one of {valid}")
-
-
-def run_embed(recipe: CellsEmbedRecipe, run_dir: Path) -> int:
-    """Run a ``cells_embed`` recipe into ``run_dir`` (every rank of a torchrun launch calls this)."""
-    from bio.embed import embed_plate
-
-    d, m, c, o = recipe.data, recipe.model, recipe.crops, recipe.output
-    embed_plate(d.sources, run_dir, weights=m.weights, channels=d.channels or None,
-                weights_channels=m.weights_channels or None, centroids=d.centroids,
-                nuclei_table=d.nuclei_table or None, label_channel=d.label_channel or None,
-                detect_channel=d.detect_channel, crop_size=c.size, edge=c.edge, batch_size=m.batch_size,
-                normalisation=m.normalisation, n_last_blocks=m.n_last_blocks, avgpool=m.avgpool,
-                input_size=m.input_size or None, dtype=o.dtype, chunk_rows=o.chunk_rows, head=o.head or None,
-                illumination=d.illumination or None, device=m.device, precision=m.precision, resume=o.resume)
-    return 0
-
-
-def run_profile(recipe: CellsProfileRecipe, run_dir: Path) -> int:
-    """Run a ``cells_profile`` recipe: profiles into ``run_dir/profiles.parquet``, metrics into ``run_dir/eval``."""
-    from bio.cli import build_profiles
-    from bio.evaluate import evaluate_profiles
-
-    r = recipe
-    controls = dict(control_column=r.control_column, control_value=r.control_value)
-    profiles = Path(run_dir) / "profiles.parquet"
-    build_profiles(r.run, r.platemap, profiles, aggregate=r.aggregate, normalise=r.normalise,
-                   normalise_by=r.normalise_by, level=r.level, treatment_column=r.treatment_column,
-                   drop_edge_cells=r.drop_edge_cells, **controls)
-    if r.evaluate:
-        evaluate_profiles(profiles, Path(run_dir) / "eval", treatment_column=r.treatment_column,
-                          batch_column=r.batch_column, annotation_column=r.annotation_column,
-                          null_size=r.null_size, knn_k=r.knn_k, seed=r.seed, **controls)
-    return 0
-
-
-def cells_embed_kind() -> RecipeKind:
-    return RecipeKind(CellsEmbedRecipe, run_embed, "per-cell embeddings of OME-Zarr plates / LoadData manifests")
-
-
-def cells_profile_kind() -> RecipeKind:
-    return RecipeKind(CellsProfileRecipe, run_profile, "well profiles, normalisation and evaluation of an "
-                      "embedding run", distributed=False)

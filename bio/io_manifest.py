@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bio.io import ChannelSource, ChannelStack, Image, channel_indices
+from bio.io_base import ChannelSource, ChannelStack, Image, channel_indices
 from bio.io_tiff import read_tiff
 from core.errors import DinoscopeError
 

@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from bio.io import ChannelSource, ChannelStack, FileCloser, Image, ZProjection, resolve_channel_names
+from bio.io_base import ChannelSource, ChannelStack, FileCloser, Image, ZProjection, resolve_channel_names
 from core.errors import DinoscopeError
 from core.io import atomic_path
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 
-from bio.io import ChannelSource, ChannelStack, Image, ZProjection, resolve_channel_names
+from bio.io_base import ChannelSource, ChannelStack, Image, ZProjection, resolve_channel_names
 from bio.io_tiff import length_in_micrometres
 from core.errors import DinoscopeError
 from core.io import atomic_path

@@ -1,11 +1,11 @@
-"""Recipe schemas and recipe kinds for ``canopy_fit`` and ``canopy_predict``.
+"""Recipe schemas for ``canopy_fit`` and ``canopy_predict``.
 
     dinoscope canopy fit recipes/tiny/canopy_fit.yaml                  # synthetic forests, CPU, about a minute
     dinoscope canopy fit recipes/geo/canopy_fit_vitl14.yaml data.pairs='[[img.tif,chm.tif]]'
     dinoscope canopy predict --model runs/tiny/canopy_fit/model.safetensors scene.tif --out chm.tif
 
-This module imports only dataclasses and core.config (kinds table, field metadata): the heavy work is imported when
-a recipe runs.
+Schemas only (dataclasses, field metadata and validation); ``geodino.kinds`` wires each schema to the service that
+runs it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from core.config.fields import input_path
-from core.config.kinds import RecipeKind
 from core.errors import DinoscopeError
 
 
@@ -158,36 +157,3 @@ def _choices(path: str | os.PathLike | None, checks: dict[str, tuple[str, tuple[
     for key, (value, valid) in checks.items():
         if value not in valid:
             raise DinoscopeError(f"{key} is {value!r}", path=path, field=key, fix=f"use one of {list(valid)}")
-
-
-def _run_fit(recipe: CanopyFitRecipe, run_dir: Path) -> int:
-    from geodino.fit import fit_canopy
-
-    fit_canopy(recipe, run_dir)
-    return 0
-
-
-def _run_predict(recipe: CanopyPredictRecipe, run_dir: Path) -> int:
-    from geodino.cli_model import predict_files
-
-    predict_files(recipe.model, recipe.inputs, recipe.out, uncertainty=recipe.uncertainty, tile=recipe.tile,
-                  overlap=recipe.overlap, batch_size=recipe.batch_size, out_dtype=recipe.dtype,
-                  uint16_scale=recipe.uint16_scale, bands=recipe.bands or None, device=recipe.device,
-                  num_workers=recipe.num_workers, num_heads=recipe.num_heads or None, resume=recipe.resume)
-    return 0
-
-
-CANOPY_FIT = RecipeKind(CanopyFitRecipe, _run_fit, "fit a canopy-height head on a frozen backbone (image/CHM pairs)",
-                        distributed=False)
-CANOPY_PREDICT = RecipeKind(CanopyPredictRecipe, _run_predict, "tiled canopy-height prediction into COGs",
-                            distributed=True)
-
-
-def canopy_fit_kind() -> RecipeKind:
-    """Entry point ``dinoscope.recipes: canopy_fit``."""
-    return CANOPY_FIT
-
-
-def canopy_predict_kind() -> RecipeKind:
-    """Entry point ``dinoscope.recipes: canopy_predict``."""
-    return CANOPY_PREDICT

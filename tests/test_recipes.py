@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from core.config import load_recipe
-from core.config.kinds import get_kind, recipe_kind_of
+from core.launch.kinds import get_kind, recipe_kind_of
 from core.launch import input_paths, plan_launch, resolve_run_dir
 from core.launch.resources import LAUNCHERS, load_resources
 

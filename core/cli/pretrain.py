@@ -18,13 +18,14 @@ log = logging.getLogger(__name__)
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from core.config import PretrainRecipe, load_recipe
     from core.dist.env import is_main_process
+    from core.eval.periodic import periodic_knn
     from core.train.loop import train
 
     recipe = load_recipe(PretrainRecipe, args.recipe, args.overrides)
     run_dir = Path(args.output_dir or recipe.train.output_dir)
     # A SIGTERM/SIGUSR2 stop raises TrainingInterrupted after saving; core.cli.main turns it into exit 128 + signal.
     last = train(recipe, run_dir, resume=not args.no_resume, allow_recipe_change=args.allow_recipe_change,
-                 recipe_path=args.recipe, overrides=list(args.overrides))
+                 recipe_path=args.recipe, overrides=list(args.overrides), evaluator=periodic_knn(recipe, run_dir))
     if is_main_process():
         print(json.dumps({"run_dir": str(run_dir), **last}, indent=2))
     return 0

@@ -52,7 +52,7 @@ class LaunchPlan:
 
     @property
     def kind(self) -> Any:
-        from core.config.kinds import get_kind
+        from core.launch.kinds import get_kind
 
         return get_kind(self.kind_name, self.recipe_path)
 
@@ -194,7 +194,7 @@ def plan_launch(recipe_path: str | os.PathLike, overrides: list[str] | None = No
         DinoscopeError: naming the file, the key and the fix for the first problem found.
     """
     from core.config import load_recipe
-    from core.config.kinds import get_kind, recipe_kind_of
+    from core.launch.kinds import get_kind, recipe_kind_of
 
     path = Path(recipe_path)
     kind_name = recipe_kind_of(path)

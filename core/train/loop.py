@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,11 @@ from core.train.param_groups import apply_optim_schedule, fuse_params_groups, ge
 from core.train.preemption import StopRequest
 from core.train.report import write_loss_curve
 from core.train.schedules import build_schedules, scaled_lr
-from core.train.session import EVAL_FILE, METRICS_FILE, RunSession, broadcast_object, is_main_rank
+from core.train.session import METRICS_FILE, RunSession
 
 log = logging.getLogger(__name__)
+
+Evaluator = Callable[[torch.nn.Module, int], dict[str, float]]
 
 
 def _param_groups(meta_arch: Any, recipe: PretrainRecipe) -> list[dict]:
@@ -105,9 +108,11 @@ def _reduce(losses: torch.Tensor, stop: StopRequest) -> tuple[list[float], int]:
 
 def train(recipe: PretrainRecipe, run_dir: str | os.PathLike, *, resume: bool = True,
           stop_after: int | None = None, allow_recipe_change: bool = False, recipe_path: str | None = None,
-          overrides: list[str] | None = None) -> dict[str, Any]:
+          overrides: list[str] | None = None, evaluator: Evaluator | None = None) -> dict[str, Any]:
     """Pretrain (or distil) as the recipe says; returns the last logged metrics.
 
+    ``evaluator(teacher_backbone, iteration) -> metrics`` runs every ``eval.every`` iterations on every rank (the
+    periodic kNN of ``core.eval.periodic``, built by the caller so that training does not depend on evaluation).
     ``stop_after`` ends the run early after that many iterations of this call (tests use it to simulate a crash).
 
     Raises:
@@ -122,13 +127,13 @@ def train(recipe: PretrainRecipe, run_dir: str | os.PathLike, *, resume: bool = 
                          recipe_path=recipe_path, overrides=overrides)
     point = session.open()
     try:
-        return _train(recipe, Path(run_dir), env, device, point, stop_after)
+        return _train(recipe, Path(run_dir), env, device, point, stop_after, evaluator)
     finally:
         session.close()
 
 
 def _train(recipe: PretrainRecipe, run_dir: Path, env: Any, device: torch.device, point: Any,
-           stop_after: int | None) -> dict[str, Any]:
+           stop_after: int | None, evaluator: Evaluator | None) -> dict[str, Any]:
     torch.manual_seed(recipe.train.seed + env.rank)
     dataset = build_data(recipe.data)
     if recipe.model.channel_adaptive:
@@ -155,7 +160,6 @@ def _train(recipe: PretrainRecipe, run_dir: Path, env: Any, device: torch.device
                               persistent_workers=t.persistent_workers, prefetch_factor=t.prefetch_factor)
     global_batch = t.batch_size_per_rank * env.world_size * accum
     metrics_log = JsonlLogger(run_dir / METRICS_FILE)
-    evaluator = _periodic_knn(recipe, run_dir)
     distill = bool(recipe.distill.teacher_weights)
     log.info("training %d iterations from %d on %s; world size %d x %d micro-batches of %d; scaled lr %.3g; %s",
              total, start, device, env.world_size, accum, t.batch_size_per_rank, lr, recipe.dist.strategy)
@@ -204,7 +208,7 @@ def _train(recipe: PretrainRecipe, run_dir: Path, env: Any, device: torch.device
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{reduced['total']:.3f}", img_s=f"{images_s:.1f}",
                                     mem=f"{_memory_mb(device):.0f}M")
-            if evaluator and (it + 1) % recipe.eval.every == 0:
+            if evaluator is not None and recipe.eval.every and (it + 1) % recipe.eval.every == 0:
                 last.update(evaluator(meta_arch.teacher["backbone"], it + 1))
             saved = None
             if (it + 1) % t.checkpoint_every == 0 or it + 1 == total or stop.requested:
@@ -216,27 +220,3 @@ def _train(recipe: PretrainRecipe, run_dir: Path, env: Any, device: torch.device
             if stop.requested:
                 stop.finish(it + 1, saved)
     return last
-
-
-def _periodic_knn(recipe: PretrainRecipe, run_dir: Path) -> Any:
-    """kNN of the teacher during training, computed and written once, by rank 0 (the teacher is full on every
-    rank, so no collective is needed), and broadcast so every rank returns the same metrics."""
-    if not (recipe.eval.every and recipe.eval.train and recipe.eval.val):
-        return None
-    from core.eval.knn import knn_evaluate  # deferred: pulls the evaluation stack only when kNN is on
-
-    main = is_main_rank()
-    train_set, val_set = (build_data(recipe.eval.train), build_data(recipe.eval.val)) if main else (None, None)
-    eval_log = JsonlLogger(run_dir / EVAL_FILE)
-    mean, std = recipe.crops.mean or None, recipe.crops.std or None
-
-    def evaluate(backbone: torch.nn.Module, iteration: int) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if main:
-            result = knn_evaluate(backbone, train_set, val_set, ks=list(recipe.eval.ks),
-                                  size=recipe.crops.global_crops_size, mean=mean, std=std)
-            metrics = {f"knn/top1_k{k}": v for k, v in result["top1"].items()}
-            eval_log.log(iteration=iteration, **metrics)
-        return broadcast_object(metrics)
-
-    return evaluate

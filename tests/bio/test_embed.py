@@ -303,7 +303,9 @@ def test_cell_recipes_validate_against_their_schema(recipe: str, schema: str) ->
     if schema == "PretrainRecipe":
         assert loaded.model.channel_adaptive and loaded.model.in_chans == 1 and loaded.data.kind == "cells"
         assert loaded.crops.channel_mode == "fluorescence"
-    kinds = {"cells_embed": bio.config.cells_embed_kind, "cells_profile": bio.config.cells_profile_kind}
+    import bio.kinds
+
+    kinds = {"cells_embed": bio.kinds.cells_embed_kind, "cells_profile": bio.kinds.cells_profile_kind}
     if kind in kinds:
         assert kinds[kind]().schema is cls
 
@@ -314,7 +316,7 @@ def test_synthetic_screen_acceptance(weights: Path, tmp_path: Path) -> None:
     Actives must be retrieved against controls better than inert treatments, and per-plate normalisation on the
     controls must remove the plate effect that fixed-statistics inputs keep.
     """
-    from bio.cli import build_profiles
+    from bio.profiling import build_profiles
     from bio.evaluate import evaluate_profiles
 
     screen = make_plate(tmp_path / "screen", n_rows=4, n_cols=6, fields=1, size=96, plates=2, seed=3)

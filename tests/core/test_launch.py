@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from core.cli import main
-from core.config.kinds import CORE_KINDS, RecipeKind
+from core.launch.kinds import CORE_KINDS, RecipeKind
 from core.config.pretrain import PretrainRecipe
 from core.errors import DinoscopeError
 from core.launch import check_data_paths, plan_launch

@@ -15,11 +15,12 @@ import torch
 from rasterio.windows import Window
 
 from core.config import load_recipe
-from core.config.kinds import RecipeKind
+from core.launch.kinds import RecipeKind
 from core.errors import DinoscopeError
 from core.weights import save_backbone
 from geodino.cli_model import add_model_commands
-from geodino.config import CanopyFitRecipe, CanopyPredictRecipe, canopy_fit_kind, canopy_predict_kind
+from geodino.config import CanopyFitRecipe, CanopyPredictRecipe
+from geodino.kinds import canopy_fit_kind, canopy_predict_kind
 from geodino.fit import fit_canopy
 from geodino.metrics import RegressionAccumulator
 from geodino.model import backbone_head_model, load_canopy_model, random_backbone, save_canopy_model

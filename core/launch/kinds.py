@@ -42,9 +42,10 @@ class RecipeKind:
 
 
 def _run_pretrain(recipe: Any, run_dir: Path) -> int:
+    from core.eval.periodic import periodic_knn  # deferred: torch and the training stack load only for a run
     from core.train.loop import train
 
-    train(recipe, run_dir)
+    train(recipe, run_dir, evaluator=periodic_knn(recipe, run_dir))
     return 0
 
 
