@@ -14,10 +14,14 @@ Every helper is an identity or a no-op when no process group exists, so single-p
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import re
 import socket
+import time
+import types
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -178,10 +182,60 @@ def init_distributed(backend: str | None = None, *, require_group: bool = False)
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group (avoids gloo aborting at interpreter exit)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    """Leave every process group and stop its communication threads before the interpreter exits; no-op without one.
+
+    ``destroy_process_group`` only unregisters the groups: a gloo group's worker threads stop (are joined, with the
+    GIL released) when the last Python reference to the group goes. A worker drops the tensors of each collective
+    just after the caller's ``wait()`` returned, and dropping a tensor that has a Python object needs the GIL. If a
+    group is still alive when interpreter finalization starts, a worker still doing that drop asks for the GIL
+    too late: CPython ends the thread with ``pthread_exit``, whose unwinding hits a ``noexcept`` frame, so the
+    process aborts (SIGABRT, "terminate called without an active exception") after its work succeeded.
+
+    Groups do stay alive: torch modules with ``group=group.WORLD`` defaults bind the live group when they are first
+    imported after ``init_process_group`` (``torch.distributed.nn.functional``, imported with ``torch._dynamo`` by
+    the first optimizer built, so in every training run), and DeepSpeed holds its groups in module globals and engine
+    objects. Hence: a barrier (no rank tears down while a peer is mid-collective), destroy, reset function defaults
+    bound to the destroyed groups to ``None`` (what they are when imported before the group exists; ``None`` means
+    the default group), collect, and only if something else still holds a group, hand over the GIL for a moment so
+    that its workers finish their last release now rather than during finalization.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+
+    def weak(group: object) -> weakref.ref | None:
+        try:
+            return weakref.ref(group)
+        except TypeError:  # cannot watch it: counted as still referenced below
+            return None
+
+    def unbind_defaults(groups: list[object]) -> None:
+        ids = {id(group) for group in groups}  # valid while the caller holds `groups`
+        for fn in gc.get_objects():
+            if isinstance(fn, types.FunctionType):
+                if fn.__defaults__ and any(id(v) in ids for v in fn.__defaults__):
+                    fn.__defaults__ = tuple(None if id(v) in ids else v for v in fn.__defaults__)
+                if fn.__kwdefaults__ and any(id(v) in ids for v in fn.__kwdefaults__.values()):
+                    fn.__kwdefaults__ = {k: None if id(v) in ids else v for k, v in fn.__kwdefaults__.items()}
+
+    world = getattr(dist.distributed_c10d, "_world", None)
+    # the default group and every new_group (DeepSpeed's too); only weak references from here on
+    refs = [weak(group) for group in list(getattr(world, "pg_map", None) or [dist.group.WORLD])]
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+    alive = [group for group in (ref() for ref in refs if ref is not None) if group is not None]
+    if alive:
+        unbind_defaults(alive)
+        del alive
+        gc.collect()  # groups left in reference cycles (e.g. a finished DeepSpeed engine) go now
+    lingering = sum(ref is None or ref() is not None for ref in refs)
+    if lingering:
+        # Still referenced (DeepSpeed's globals, a live engine, the caller): the threads live on until exit. Sleeping
+        # releases the GIL, so a worker waiting for it to drop the tensors of the last collective finishes now.
+        log.debug("%d process group(s) still referenced after destroy_process_group; letting their threads settle",
+                  lingering)
+        time.sleep(0.2)
 
 
 def has_process_group() -> bool:
