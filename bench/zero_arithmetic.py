@@ -6,7 +6,7 @@
 
 The student (backbone + DINO head + iBOT head) is built with the project's own builders under ``torch.device("meta")``,
 so nothing is allocated, and one student forward on meta tensors of the recipe's crop shapes records the order in
-which modules use their parameters. The arithmetic follows what ``core/dist/deepspeed_strategy.py`` asks DeepSpeed
+which modules use their parameters. The arithmetic follows what ``core/distributed/deepspeed_strategy.py`` asks DeepSpeed
 (0.19) to do, bf16 meaning DeepSpeed's ``torch_autocast`` mode:
 
 * memory: fp32 parameters (full for ZeRO-1/2, 1/N for ZeRO-3 except parameters below
@@ -47,7 +47,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = ROOT / "recipes" / "cluster" / "pretrain_vitg14_16nodes.yaml"
 GIB = 2**30
-_ROOT = "<engine root>"  # core.dist.deepspeed_strategy._EngineRoot, which owns the student
+_ROOT = "<engine root>"  # core.distributed.deepspeed_strategy._EngineRoot, which owns the student
 # DeepSpeed's torch_autocast gives parameters of exactly these classes a bf16 comm dtype (LOWER_PRECISION_SAFE_MODULES).
 _BF16_COMM_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

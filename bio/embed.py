@@ -150,7 +150,7 @@ def embed_plate(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     Returns:
         the run summary (also written to ``RUN/embed_summary.json``).
     """
-    from core.dist.env import DistEnv
+    from core.distributed.env import DistEnv
 
     env = DistEnv.from_environ()
     run = Path(out_dir)
@@ -275,7 +275,7 @@ def _start_barrier() -> None:
     because ranks finish far apart and a collective would time out."""
     import torch.distributed as dist
 
-    from core.dist.env import init_distributed
+    from core.distributed.env import init_distributed
 
     created = not (dist.is_available() and dist.is_initialized())
     init_distributed(backend="gloo")

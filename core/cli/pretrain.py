@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from core.config import PretrainRecipe, load_recipe
-    from core.dist.env import is_main_process
+    from core.distributed.env import is_main_process
     from core.eval.periodic import periodic_knn
     from core.train.loop import train
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from core.data.datasets import scale_to_unit
-from core.dist.device import module_device, place, wants_pinned_memory
+from core.distributed.device import module_device, place, wants_pinned_memory
 from core.weights.meta import default_normalisation
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from core.dist.device import module_device, place
+from core.distributed.device import module_device, place
 from core.eval.features import extract
 from core.models.heads import LinearHead
 from core.train.supervised import SupervisedConfig, TensorSource, train_supervised

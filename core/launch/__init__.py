@@ -180,7 +180,7 @@ def resolve_run_dir(recipe: Any, kind_name: str, recipe_path: str | os.PathLike,
 
 def _world_size_from_environment() -> int:
     """World size of an externally started job (``launch --launcher local`` under torchrun or srun), else 1."""
-    from core.dist.env import DistEnv
+    from core.distributed.env import DistEnv
 
     return DistEnv.from_environ().world_size
 

@@ -6,7 +6,7 @@ by ``c10d`` (``--rdzv_backend c10d --rdzv_endpoint A:P --rdzv_id ID``, ranks ass
 
 Every rank runs the same worker command, ``python -m core.cli launch RECIPE [k=v ...] --worker --output-dir RUN``,
 which calls the recipe kind's ``run`` in-process; the rank layout comes from the environment the launcher exports
-(:class:`core.dist.env.DistEnv`), so the worker is the same under torchrun, the DeepSpeed launcher and SLURM.
+(:class:`core.distributed.env.DistEnv`), so the worker is the same under torchrun, the DeepSpeed launcher and SLURM.
 Without CUDA, ``DS_ACCELERATOR=cpu`` is exported so DeepSpeed uses its CPU accelerator over gloo
 (environment.md §2).
 """
@@ -57,7 +57,7 @@ def rdzv_id(plan: LaunchPlan) -> str:
 
 def _torchrun_rendezvous(plan: LaunchPlan, master_port: int | None) -> list[str]:
     """torchrun's rendezvous options: ``--standalone`` on one machine without an address, else the multi-node form."""
-    from core.dist.env import DEFAULT_MASTER_PORT  # imported here: core.dist pulls in torch
+    from core.distributed.env import DEFAULT_MASTER_PORT  # imported here: core.distributed pulls in torch
 
     res = plan.resources
     if not res.multi_node:
@@ -87,7 +87,7 @@ def process_command(plan: LaunchPlan, master_port: int | None = None) -> list[st
 
 
 def _free_port() -> int:
-    from core.dist.env import free_port
+    from core.distributed.env import free_port
 
     return free_port()
 
@@ -138,7 +138,7 @@ def run_in_process(plan: LaunchPlan, *, record: bool = True) -> int:
     checkpoint when there is one. ``record`` writes ``launch.json`` (off for ranks started by a launcher, whose
     parent wrote it).
     """
-    from core.dist.env import DistEnv, shutdown_distributed
+    from core.distributed.env import DistEnv, shutdown_distributed
 
     layout = DistEnv.from_environ()
     if layout.is_main:

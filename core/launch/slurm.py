@@ -2,7 +2,7 @@
 
 The job has one task per GPU (``--ntasks-per-node = gpus_per_node``). Every task unpickles the same
 :class:`TrainingJob` and, before training, exports the torchrun-style rendezvous variables computed from the SLURM
-environment by :mod:`core.dist.env`: ``MASTER_ADDR`` = first host of ``SLURM_JOB_NODELIST``, ``MASTER_PORT`` derived
+environment by :mod:`core.distributed.env`: ``MASTER_ADDR`` = first host of ``SLURM_JOB_NODELIST``, ``MASTER_PORT`` derived
 from ``SLURM_JOB_ID`` (so every task agrees and concurrent jobs differ), ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` from
 ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS``. It then runs the recipe kind's ``run`` in-process.
 
@@ -43,7 +43,7 @@ def rendezvous_environ(environ: Mapping[str, str], master_port: int = 0) -> dict
         environ: the task's environment.
         master_port: fixed rendezvous port; 0 derives it from the job id.
     """
-    from core.dist.env import DEFAULT_MASTER_ADDR, DistEnv
+    from core.distributed.env import DEFAULT_MASTER_ADDR, DistEnv
 
     if "SLURM_PROCID" in environ:
         layout = DistEnv.from_environ({k: v for k, v in environ.items() if k not in TORCH_RENDEZVOUS_KEYS})

@@ -4,7 +4,7 @@ Loss composition follows Oquab et al. (arXiv:2304.07193, Sec. 3) and facebookres
 ``train/ssl_meta_arch.py``: DINO cross-entropy between every student crop and every *other* teacher global crop
 (teacher global outputs swapped), normalised by ``Z = 2 + max(2 * n_local, 1)``; iBOT on the masked patches of the
 global crops; KoLeo on each global crop's student class tokens. Backward, clipping, stepping and the EMA are the
-training strategy's job (``core.dist``), not this module's.
+training strategy's job (``core.distributed``), not this module's.
 
 Batch shapes (``B`` images, ``n_l`` local crops, ``N`` patches per global crop, ``M`` masked patches):
     global crops ``[2B, C, S, S]`` crop-major, local crops ``[n_l*B, C, s, s]``, masks ``[2B, N]``.

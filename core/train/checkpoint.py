@@ -38,8 +38,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from core.dist.env import barrier, get_rank, get_world_size, has_process_group
-from core.dist.strategy import DEEPSPEED_DIR, DEEPSPEED_TAG, STUDENT_FILE, TEACHER_FILE, Strategy, load_torch_file
+from core.distributed.env import barrier, get_rank, get_world_size, has_process_group
+from core.distributed.strategy import DEEPSPEED_DIR, DEEPSPEED_TAG, STUDENT_FILE, TEACHER_FILE, Strategy, load_torch_file
 from core.errors import DinoscopeError
 from core.io import atomic_path
 
@@ -308,7 +308,7 @@ def consolidated_student_state_dict(ckpt_dir: str | os.PathLike) -> dict[str, to
         raise DinoscopeError("the checkpoint holds no student state", path=directory,
                              fix="pass a complete step directory")
     try:
-        ds_module = importlib.import_module("core.dist.deepspeed_strategy")
+        ds_module = importlib.import_module("core.distributed.deepspeed_strategy")
     except ImportError as err:
         raise DinoscopeError(f"merging ZeRO shards needs deepspeed ({err})", path=directory / DEEPSPEED_DIR,
                              fix="pip install 'dinoscope[dist]'") from None

@@ -67,7 +67,7 @@ def build_ssl_loader(dataset: Dataset, augmentation: Any, *, batch_size: int, gl
                      persistent_workers: bool = True, prefetch_factor: int = 2) -> DataLoader:
     """Infinite loader of collated multi-crop batches for one rank, starting at global sample ``start_position``.
 
-    ``pin_memory`` pins host batches for non-blocking copies to a GPU (see :mod:`core.dist.device`);
+    ``pin_memory`` pins host batches for non-blocking copies to a GPU (see :mod:`core.distributed.device`);
     ``persistent_workers`` and ``prefetch_factor`` apply only with ``num_workers > 0``.
     """
     grid = global_crops_size // patch_size

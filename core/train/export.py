@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from core.dist.device import place
+from core.distributed.device import place
 from core.errors import DinoscopeError
 from core.weights.meta import WeightMeta, default_channel_names
 

@@ -1,11 +1,11 @@
 """The pretraining loop: flat and readable (nanoGPT style), iteration-based and resumable.
 
     open the run directory (lock, recipe check, resume point)              core.train.session
-    place the meta-architecture on the device; build the strategy          core.dist
+    place the meta-architecture on the device; build the strategy          core.distributed
     for it in range(start, total):
         schedules[it] -> optimizer groups
         grad_accum x (place batch, teacher targets, student logits, losses, backward)   core.ssl.SSLMetaArch
-        clip per sub-module, step, EMA                                     core.dist strategy
+        clip per sub-module, step, EMA                                     core.distributed strategy
         one all-reduce: losses + stop request; NaN guard; log JSONL, progress, kNN, checkpoint
         on SIGTERM/SIGUSR2: checkpoint at this iteration, then stop (or requeue under submitit)
 """
@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 
 from core.config.pretrain import PretrainRecipe
-from core.dist.device import activate, place, place_module, resolve_device, wants_pinned_memory
-from core.dist.env import get_world_size, has_process_group, init_distributed
-from core.dist.strategy import Strategy, build_strategy
+from core.distributed.device import activate, place, place_module, resolve_device, wants_pinned_memory
+from core.distributed.env import get_world_size, has_process_group, init_distributed
+from core.distributed.strategy import Strategy, build_strategy
 from core.errors import DinoscopeError
 from core.logging import JsonlLogger, progress
 from core.ssl.build import build_augmentation, build_data, build_meta_arch

@@ -24,7 +24,7 @@ from typing import Any
 import torch.distributed as dist
 
 from core.config.loader import to_yaml
-from core.dist.env import DistEnv, get_world_size, has_process_group
+from core.distributed.env import DistEnv, get_world_size, has_process_group
 from core.errors import DinoscopeError
 from core.io import atomic_path
 from core.lock import OutputLock

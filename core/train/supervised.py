@@ -6,10 +6,10 @@ heads (:mod:`bio.heads`). What only the domain knows comes in as callables:
 * ``make_head()`` builds the trainable module. It is called once per lr under ``torch.manual_seed(seed)``, so every
   lr of the grid starts from the same initialisation.
 * ``loss_fn(head, batch)`` returns the loss of one batch (already moved to the device with
-  :func:`core.dist.device.place`), or ``(loss, weight)`` to weight it in the logged epoch mean (valid pixels, say),
+  :func:`core.distributed.device.place`), or ``(loss, weight)`` to weight it in the logged epoch mean (valid pixels, say),
   or ``None`` to skip the batch without an optimizer or scheduler step.
 * ``metric_fn(head, val)`` returns validation metrics ``{name: float}``. It runs in eval mode without gradients and
-  gets the validation source as given, placing its batches itself (:func:`core.dist.device.module_device`).
+  gets the validation source as given, placing its batches itself (:func:`core.distributed.device.module_device`).
 
 Batches come from a :class:`BatchSource` (``len`` counts samples; ``batches(batch_size, shuffle, generator)``):
 :class:`TensorSource` for in-memory ``(x, y)``, or any domain object with that method (geodino's feature cache and
@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from core.dist.device import place, place_module
+from core.distributed.device import place, place_module
 from core.errors import DinoscopeError
 from core.logging import JsonlLogger, progress
 from core.plots import loss_curves
@@ -154,7 +154,7 @@ def train_supervised(make_head: Callable[[], nn.Module], train: BatchSource | tu
             stopping. Without them every lr runs all epochs and keeps its last weights.
         param_groups: ``(head, lr) -> optimizer groups`` (e.g. a smaller lr for a fine-tuned backbone); default:
             one group of the head's trainable parameters at ``lr``.
-        device: where the head trains; batches are moved there with :func:`core.dist.device.place`.
+        device: where the head trains; batches are moved there with :func:`core.distributed.device.place`.
         log_path: JSONL file, rewritten for this fit, one line per (lr, epoch).
         plot_path: PNG of the training (and, when ``metric_fn`` returns ``loss``, validation) loss per epoch and lr.
         plot_ylabel: the plot's y label (the loss and its unit).

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from deepspeed.utils import safe_get_full_fp32_param
 from torch import nn
 
-from core.dist.env import get_rank, get_world_size, init_distributed, shutdown_distributed
-from core.dist.strategy import build_strategy
+from core.distributed.env import get_rank, get_world_size, init_distributed, shutdown_distributed
+from core.distributed.strategy import build_strategy
 from core.train.checkpoint import load_training_state, save_training_state
 
 GLOBAL_BATCH = 12  # divisible by 1, 2 and 3 ranks

@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from core.dist.env import free_port, init_distributed, shutdown_distributed
-from core.dist.strategy import SingleProcessStrategy, Strategy, build_strategy
+from core.distributed.env import free_port, init_distributed, shutdown_distributed
+from core.distributed.strategy import SingleProcessStrategy, Strategy, build_strategy
 from core.errors import DinoscopeError
 from core.train.checkpoint import (CLIENT_STATE_FILE, FORMAT_VERSION, LATEST_FILE, checkpoints_dir,
                                    consolidated_student_state_dict, consolidated_teacher_state_dict, find_latest,

@@ -349,7 +349,7 @@ def test_two_local_processes_with_zero(tmp_path: Path, launcher: str, stage: int
 @pytest.mark.distributed
 def test_two_torchrun_nodes_on_this_machine(tmp_path: Path) -> None:
     """Two "nodes" (two torchrun commands with node ranks 0 and 1) join over a static rendezvous and train."""
-    from core.dist.env import free_port
+    from core.distributed.env import free_port
 
     run, port = tmp_path / "run", free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "DINOSCOPE_NO_PROGRESS": "1"}

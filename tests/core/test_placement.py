@@ -1,4 +1,4 @@
-"""Device placement in one place (core.dist.device): the rules, and proof that every tensor reaching the model in
+"""Device placement in one place (core.distributed.device): the rules, and proof that every tensor reaching the model in
 training and evaluation went through :func:`place`."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-import core.dist.device as device_module
+import core.distributed.device as device_module
 import core.train.loop as loop_module
 from core.config import PretrainRecipe, load_recipe
-from core.dist.device import module_device, place, resolve_device, wants_pinned_memory
+from core.distributed.device import module_device, place, resolve_device, wants_pinned_memory
 from core.errors import DinoscopeError
 
 ROOT = Path(__file__).resolve().parents[2]

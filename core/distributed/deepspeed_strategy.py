@@ -53,9 +53,9 @@ from deepspeed.checkpoint.constants import (
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_grad, safe_set_local_grad
 from torch import nn
 
-from core.dist.device import module_device
-from core.dist.env import barrier, get_rank, get_world_size, init_distributed
-from core.dist.strategy import (
+from core.distributed.device import module_device
+from core.distributed.env import barrier, get_rank, get_world_size, init_distributed
+from core.distributed.strategy import (
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
     STUDENT_FILE,
@@ -74,7 +74,7 @@ from core.dist.strategy import (
 )
 from core.errors import DinoscopeError
 from core.io import atomic_path
-from core.dist.ema import ema_update_, paired_parameters
+from core.distributed.ema import ema_update_, paired_parameters
 
 log = logging.getLogger(__name__)
 

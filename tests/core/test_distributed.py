@@ -22,11 +22,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from core.dist import DistEnv, all_reduce_mean, barrier, build_strategy, is_main_process
-from core.dist.env import first_slurm_host, free_port, init_distributed, shutdown_distributed
-from core.dist.strategy import SingleProcessStrategy, Strategy, submodule_parameters
+from core.distributed import DistEnv, all_reduce_mean, barrier, build_strategy, is_main_process
+from core.distributed.env import first_slurm_host, free_port, init_distributed, shutdown_distributed
+from core.distributed.strategy import SingleProcessStrategy, Strategy, submodule_parameters
 from core.errors import DinoscopeError
-from core.dist.ema import ema_update_, update_teacher
+from core.distributed.ema import ema_update_, update_teacher
 
 REPO = Path(__file__).parents[2]
 STEPS = 3
@@ -114,7 +114,7 @@ def test_build_strategy_table_and_lazy_deepspeed_import() -> None:
     with pytest.raises(DinoscopeError, match="unknown strategy 'fsdp'") as err:
         build_strategy("fsdp")
     assert "deepspeed, single" in str(err.value)
-    code = ("import sys, core, core.dist, core.train.checkpoint; from core.dist import build_strategy; "
+    code = ("import sys, core, core.distributed, core.train.checkpoint; from core.distributed import build_strategy; "
             "build_strategy('single'); assert 'deepspeed' not in sys.modules, 'deepspeed imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
 
@@ -167,7 +167,7 @@ def test_bad_strategy_settings_are_user_errors() -> None:
 
 
 def test_deepspeed_config_is_generated_from_typed_arguments_and_validated() -> None:
-    ds = pytest.importorskip("core.dist.deepspeed_strategy")
+    ds = pytest.importorskip("core.distributed.deepspeed_strategy")
     cfg = ds.build_ds_config(zero_stage=3, micro_batch_size=4, grad_accum=2, world_size=2, grad_clip=3.0,
                              precision="bf16", offload=True, overrides={"zero_optimization": {"overlap_comm": False}})
     # clipping is per sub-module in the strategy, never DeepSpeed's single global norm

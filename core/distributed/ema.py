@@ -60,7 +60,7 @@ def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> N
     """EMA of full (unsharded) student parameters into the teacher, matched by parameter name.
 
     Shapes are checked only through ``view_as``; partitioned students (ZeRO-3) must be gathered first, see
-    :class:`core.dist.deepspeed_strategy.DeepSpeedStrategy`.
+    :class:`core.distributed.deepspeed_strategy.DeepSpeedStrategy`.
     """
     teacher_params, student_params = paired_parameters(teacher, student)
     ema_update_(teacher_params, student_params, momentum)

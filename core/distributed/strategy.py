@@ -14,7 +14,7 @@ distributed. The training loop drives it the same way whatever the backend::
         strategy.update_teacher(momentum)
 
 Implementations: :class:`SingleProcessStrategy` (plain PyTorch, data parallel over an existing process group) and
-``DeepSpeedStrategy`` (ZeRO 1/2/3, in :mod:`core.dist.deepspeed_strategy`, the only module importing deepspeed).
+``DeepSpeedStrategy`` (ZeRO 1/2/3, in :mod:`core.distributed.deepspeed_strategy`, the only module importing deepspeed).
 :func:`build_strategy` picks one from an explicit name table and imports the DeepSpeed module lazily.
 
 Gradient clipping follows DINOv2 (Oquab et al. 2023, facebookresearch/dinov2 ``train.py``): each direct child of the
@@ -34,9 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from core.dist.env import average_gradients, get_rank, get_world_size
+from core.distributed.env import average_gradients, get_rank, get_world_size
 from core.errors import DinoscopeError
-from core.dist.ema import update_teacher
+from core.distributed.ema import update_teacher
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ def _single(**kwargs: Any) -> Strategy:
 
 def _deepspeed(**kwargs: Any) -> Strategy:
     try:
-        module = importlib.import_module("core.dist.deepspeed_strategy")
+        module = importlib.import_module("core.distributed.deepspeed_strategy")
     except ImportError as err:
         raise DinoscopeError(f"strategy 'deepspeed' needs the deepspeed package ({err})", field="dist.strategy",
                              fix="pip install 'dinoscope[dist]', or use strategy 'single'") from None
