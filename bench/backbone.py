@@ -49,8 +49,11 @@ def run_one(arch: str, batch: int, steps: int, dtype: str, backend: str, mode: s
         step()
         times.append(time.perf_counter() - t0)
     median = sorted(times)[len(times) // 2]
-    return {"images_per_s": round(batch / median, 3), "s_per_step": round(median, 4),
-            "peak_rss_growth_mb": round(_rss_mb() - base, 1)}
+    return {
+        "images_per_s": round(batch / median, 3),
+        "s_per_step": round(median, 4),
+        "peak_rss_growth_mb": round(_rss_mb() - base, 1),
+    }
 
 
 def main() -> None:
@@ -64,19 +67,38 @@ def main() -> None:
         dtype, backend, mode = args.one.split(",")
         print(json.dumps(run_one(args.arch, args.batch, args.steps, dtype, backend, mode)))
         return
-    results: dict = {"arch": f"{args.arch}/14", "img_size": 224, "batch": args.batch, "device": "cpu",
-                     "threads": torch.get_num_threads(), "torch": torch.__version__, "runs": {}}
+    results: dict = {
+        "arch": f"{args.arch}/14",
+        "img_size": 224,
+        "batch": args.batch,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "runs": {},
+    }
     for mode in ("fwd", "fwd_bwd"):
         for dtype in ("fp32", "bf16"):
             for backend in ("sdpa", "math"):
-                cmd = [sys.executable, __file__, "--arch", args.arch, "--batch", str(args.batch), "--steps",
-                       str(args.steps), "--one", f"{dtype},{backend},{mode}"]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--arch",
+                    args.arch,
+                    "--batch",
+                    str(args.batch),
+                    "--steps",
+                    str(args.steps),
+                    "--one",
+                    f"{dtype},{backend},{mode}",
+                ]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 results["runs"][f"{mode}/{dtype}/{backend}"] = json.loads(out.strip().splitlines()[-1])
     runs = results["runs"]
     results["sdpa_speedup_vs_math"] = {
         f"{m}/{d}": round(runs[f"{m}/{d}/sdpa"]["images_per_s"] / runs[f"{m}/{d}/math"]["images_per_s"], 3)
-        for m in ("fwd", "fwd_bwd") for d in ("fp32", "bf16")}
+        for m in ("fwd", "fwd_bwd")
+        for d in ("fp32", "bf16")
+    }
     print(json.dumps(results, indent=2))
 
 

@@ -38,10 +38,22 @@ def make_input(path: Path, width: int, height: int, block: int = 512) -> None:
     from rasterio.transform import from_origin
     from rasterio.windows import Window
 
-    profile = {"driver": "GTiff", "width": width, "height": height, "count": 3, "dtype": "uint8", "crs": "EPSG:32617",
-               "transform": from_origin(400000, 4000000, 0.6, 0.6), "nodata": 255, "tiled": True,
-               "blockxsize": block, "blockysize": block, "compress": "zstd", "zstd_level": 1,
-               "BIGTIFF": "IF_SAFER"}
+    profile = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32617",
+        "transform": from_origin(400000, 4000000, 0.6, 0.6),
+        "nodata": 255,
+        "tiled": True,
+        "blockxsize": block,
+        "blockysize": block,
+        "compress": "zstd",
+        "zstd_level": 1,
+        "BIGTIFF": "IF_SAFER",
+    }
     rng = np.random.default_rng(0)
     xx = np.arange(width, dtype=np.float32)[None, :]
     with rasterio.open(path, "w", **profile) as dst:
@@ -66,8 +78,9 @@ def conv3x3_two_layers() -> Any:
     import torch
 
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
-                               torch.nn.Conv2d(8, 1, 3, padding=1)).eval()
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 1, 3, padding=1)
+    ).eval()
 
 
 MODELS = {"conv3x3": conv3x3, "conv3x3x2": conv3x3_two_layers}
@@ -90,12 +103,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from rasterio.windows import Window
 
+    import geodino.cog
     from geodino.normalise import BandNormaliser
     from geodino.predict import predict_raster
     from geodino.raster import RasterSource
     from geodino.tiling import TileGrid
-
-    import geodino.cog
 
     rss_after_imports = _rss_mb()
     model_fn = model_fn_for(args.model)
@@ -111,18 +123,29 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.input).with_name(f"chm_{args.width}x{args.height}.tif")
     with RasterSource(args.input) as src:
         start, cpu_start = time.perf_counter(), time.process_time()
-        predict_raster(model_fn, src, normaliser, out, tile=args.tile, overlap=args.overlap,
-                       batch_size=args.batch_size, num_workers=args.num_workers, resume=False, progress=False)
+        predict_raster(
+            model_fn,
+            src,
+            normaliser,
+            out,
+            tile=args.tile,
+            overlap=args.overlap,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            resume=False,
+            progress=False,
+        )
         pipeline_s = time.perf_counter() - start
         pipeline_cpu_s = time.process_time() - cpu_start
         peak_pipeline, hwm_pipeline = _peak_rss_mb(), _hwm_mb()
         grid = TileGrid(src.height, src.width, args.tile, args.overlap)
         sample = []
-        for x in grid.cols[:args.batch_size * 4]:
+        for x in grid.cols[: args.batch_size * 4]:
             data, valid = src.read(Window(x, grid.rows[0], args.tile, args.tile))
             sample.append(normaliser(data, valid))
-    batches = [torch.from_numpy(np.stack(sample[i:i + args.batch_size]))
-               for i in range(0, len(sample), args.batch_size)]
+    batches = [
+        torch.from_numpy(np.stack(sample[i : i + args.batch_size])) for i in range(0, len(sample), args.batch_size)
+    ]
     with torch.inference_mode():
         model_fn(batches[0])  # warm-up
         tiles, start = 0, time.perf_counter()
@@ -133,16 +156,24 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         per_tile = (time.perf_counter() - start) / tiles
     model_only_s = per_tile * grid.n_tiles
     megapixels = args.width * args.height / 1e6
-    return {"width": args.width, "height": args.height, "megapixels": megapixels, "tiles": grid.n_tiles,
-            "pipeline_s": round(pipeline_s, 2), "pipeline_cpu_s": round(pipeline_cpu_s, 2),
-            "pipeline_mpx_per_s": round(megapixels / pipeline_s, 3),
-            "model_only_s_estimate": round(model_only_s, 2),
-            "model_only_mpx_per_s": round(megapixels / model_only_s, 3),
-            "pipeline_vs_model_only": round(model_only_s / pipeline_s, 3),
-            "rss_after_imports_mb": round(rss_after_imports, 1), "peak_rss_mb": round(peak_pipeline, 1),
-            "peak_rss_before_cog_mb": round(peaks.get("before_cog", float("nan")), 1),
-            "vm_hwm_mb": round(hwm_pipeline, 1), "torch_threads": torch.get_num_threads(),
-            "output_bytes": out.stat().st_size}
+    return {
+        "width": args.width,
+        "height": args.height,
+        "megapixels": megapixels,
+        "tiles": grid.n_tiles,
+        "pipeline_s": round(pipeline_s, 2),
+        "pipeline_cpu_s": round(pipeline_cpu_s, 2),
+        "pipeline_mpx_per_s": round(megapixels / pipeline_s, 3),
+        "model_only_s_estimate": round(model_only_s, 2),
+        "model_only_mpx_per_s": round(megapixels / model_only_s, 3),
+        "pipeline_vs_model_only": round(model_only_s / pipeline_s, 3),
+        "rss_after_imports_mb": round(rss_after_imports, 1),
+        "peak_rss_mb": round(peak_pipeline, 1),
+        "peak_rss_before_cog_mb": round(peaks.get("before_cog", float("nan")), 1),
+        "vm_hwm_mb": round(hwm_pipeline, 1),
+        "torch_threads": torch.get_num_threads(),
+        "output_bytes": out.stat().st_size,
+    }
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -200,18 +231,39 @@ def main() -> None:
             start = time.perf_counter()
             subprocess.run([*common, "--mode", "generate"], check=True, cwd=REPO)
             generate_s = time.perf_counter() - start
-            cmd = [*common, "--mode", "worker", "--tile", str(args.tile), "--overlap", str(args.overlap),
-                   "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers),
-                   "--floor-seconds", str(args.floor_seconds), "--model", args.model]
+            cmd = [
+                *common,
+                "--mode",
+                "worker",
+                "--tile",
+                str(args.tile),
+                "--overlap",
+                str(args.overlap),
+                "--batch-size",
+                str(args.batch_size),
+                "--num-workers",
+                str(args.num_workers),
+                "--floor-seconds",
+                str(args.floor_seconds),
+                "--model",
+                args.model,
+            ]
             done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             result["generate_input_s"] = round(generate_s, 2)
             results.append(result)
             for f in Path(tmp).glob("*"):
                 f.unlink()
-    report = {"model": args.model, "tile": args.tile, "overlap": args.overlap, "batch_size": args.batch_size,
-              "num_workers": args.num_workers, "cpus": os.cpu_count(), "parent_peak_rss_mb": round(_peak_rss_mb(), 1),
-              "results": results}
+    report = {
+        "model": args.model,
+        "tile": args.tile,
+        "overlap": args.overlap,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "cpus": os.cpu_count(),
+        "parent_peak_rss_mb": round(_peak_rss_mb(), 1),
+        "results": results,
+    }
     if len(results) > 1:
         report["peak_rss_ratio_vs_first"] = [round(r["peak_rss_mb"] / results[0]["peak_rss_mb"], 3) for r in results]
         report["pixel_ratio_vs_first"] = [round(r["megapixels"] / results[0]["megapixels"], 1) for r in results]

@@ -41,16 +41,31 @@ def make_weights(path: Path, arch: str, patch: int, crop: int) -> Path:
     from core.weights import WeightMeta, save_backbone
 
     dim, depth, heads = ARCH_SIZES[arch]
-    kwargs = dict(img_size=crop, patch_size=patch, in_chans=1, channel_adaptive=True, embed_dim=dim, depth=depth,
-                  num_heads=heads, mlp_ratio=4.0)
+    kwargs = dict(
+        img_size=crop,
+        patch_size=patch,
+        in_chans=1,
+        channel_adaptive=True,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4.0,
+    )
     torch.manual_seed(0)
-    meta = WeightMeta(arch=arch, model_kwargs=kwargs, channel_names=["channel"], mean=[0.0], std=[1.0],
-                      extra={"input_normalisation": "per_image_zscore"})
+    meta = WeightMeta(
+        arch=arch,
+        model_kwargs=kwargs,
+        channel_names=["channel"],
+        mean=[0.0],
+        std=[1.0],
+        extra={"input_normalisation": "per_image_zscore"},
+    )
     return save_backbone(VisionTransformer(**kwargs), meta, path)
 
 
-def run_one(screen: Path, weights: Path, out: Path, crop: int, centroids: str, batch: int,
-            floor_cells: int) -> dict[str, Any]:
+def run_one(
+    screen: Path, weights: Path, out: Path, crop: int, centroids: str, batch: int, floor_cells: int
+) -> dict[str, Any]:
     """In a fresh process: the full pipeline, then the model alone on crops already in memory."""
     import numpy as np
 
@@ -64,8 +79,16 @@ def run_one(screen: Path, weights: Path, out: Path, crop: int, centroids: str, b
     backbone = CellBackbone.load(weights, batch_size=batch)
     baseline = _rss_mb()
     t0 = time.perf_counter()
-    summary = embed_plate(plates, out, weights=weights, crop_size=crop, centroids=centroids,
-                          nuclei_table=screen / "nuclei.csv", batch_size=batch, resume=False)
+    summary = embed_plate(
+        plates,
+        out,
+        weights=weights,
+        crop_size=crop,
+        centroids=centroids,
+        nuclei_table=screen / "nuclei.csv",
+        batch_size=batch,
+        resume=False,
+    )
     pipeline_s = time.perf_counter() - t0
     peak = _rss_mb()
 
@@ -85,12 +108,18 @@ def run_one(screen: Path, weights: Path, out: Path, crop: int, centroids: str, b
         t0 = time.perf_counter()
         backbone.embed(in_memory, names)
         model_s = min(model_s, time.perf_counter() - t0)
-    return {"n_cells": summary["n_cells"], "n_fields": summary["n_fields"], "dim": summary["dim"],
-            "pipeline_s": round(pipeline_s, 3), "pipeline_cells_per_s": round(summary["n_cells"] / pipeline_s, 1),
-            "model_only_cells_per_s": round(len(in_memory) / model_s, 1),
-            "pipeline_vs_model_only": round(summary["n_cells"] / pipeline_s / (len(in_memory) / model_s), 3),
-            "rss_after_model_load_mb": round(baseline, 1), "peak_rss_mb": round(peak, 1),
-            "peak_rss_growth_mb": round(peak - baseline, 1)}
+    return {
+        "n_cells": summary["n_cells"],
+        "n_fields": summary["n_fields"],
+        "dim": summary["dim"],
+        "pipeline_s": round(pipeline_s, 3),
+        "pipeline_cells_per_s": round(summary["n_cells"] / pipeline_s, 1),
+        "model_only_cells_per_s": round(len(in_memory) / model_s, 1),
+        "pipeline_vs_model_only": round(summary["n_cells"] / pipeline_s / (len(in_memory) / model_s), 3),
+        "rss_after_model_load_mb": round(baseline, 1),
+        "peak_rss_mb": round(peak, 1),
+        "peak_rss_growth_mb": round(peak - baseline, 1),
+    }
 
 
 def main() -> None:
@@ -109,28 +138,48 @@ def main() -> None:
     os.environ.setdefault("DINOSCOPE_NO_PROGRESS", "1")
     if args.one:
         screen, weights, out = map(Path, args.one)
-        print(json.dumps(run_one(screen, weights, out, args.crop, args.centroids, args.batch_size,
-                                 args.floor_cells)))
+        print(json.dumps(run_one(screen, weights, out, args.crop, args.centroids, args.batch_size, args.floor_cells)))
         return
     import torch
 
     from bio.synthetic import make_plate
 
-    results: dict[str, Any] = {"arch": f"{args.arch}/{args.patch} bag of channels", "crop": args.crop,
-                               "channels": 5, "batch_size": args.batch_size, "centroids": args.centroids,
-                               "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "sizes": {}}
+    results: dict[str, Any] = {
+        "arch": f"{args.arch}/{args.patch} bag of channels",
+        "crop": args.crop,
+        "channels": 5,
+        "batch_size": args.batch_size,
+        "centroids": args.centroids,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "sizes": {},
+    }
     with tempfile.TemporaryDirectory(prefix="bench-cells-") as tmp:
         weights = make_weights(Path(tmp) / "w.safetensors", args.arch, args.patch, args.crop)
         for wells in args.wells:
             rows, cols = map(int, wells.split("x"))
             screen = Path(tmp) / f"screen_{wells}"
             make_plate(screen, n_rows=rows, n_cols=cols, fields=args.fields, size=args.field_size, plates=2)
-            cmd = [sys.executable, __file__, "--crop", str(args.crop), "--centroids", args.centroids,
-                   "--batch-size", str(args.batch_size), "--floor-cells", str(args.floor_cells), "--one",
-                   str(screen), str(weights), str(Path(tmp) / f"run_{wells}")]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--crop",
+                str(args.crop),
+                "--centroids",
+                args.centroids,
+                "--batch-size",
+                str(args.batch_size),
+                "--floor-cells",
+                str(args.floor_cells),
+                "--one",
+                str(screen),
+                str(weights),
+                str(Path(tmp) / f"run_{wells}"),
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
-            results["sizes"][f"2 plates x {wells} wells x {args.fields} fields of {args.field_size}^2"] = \
-                json.loads(out.strip().splitlines()[-1])
+            results["sizes"][f"2 plates x {wells} wells x {args.fields} fields of {args.field_size}^2"] = json.loads(
+                out.strip().splitlines()[-1]
+            )
     print(json.dumps(results, indent=2))
 
 

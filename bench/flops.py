@@ -79,14 +79,26 @@ def block_rates(drop_path_rate: float, depth: int, uniform: bool = True) -> list
     return [drop_path_rate * i / (depth - 1) for i in range(depth)]
 
 
-def ssl_step_flops_per_image(*, dim: int, depth: int, patch_size: int, global_size: int, local_size: int,
-                             n_local: int, drop_path_rate: float, drop_path_uniform: bool = True,
-                             mlp_ratio: float = 4.0, in_chans: int = 3, registers: int = 0,
-                             batch: int | None = None, heads: bool = True,
-                             dino_head: tuple[int, int, int, int] = (2048, 256, 65536, 3),
-                             ibot_head: tuple[int, int, int, int] | None = None,
-                             mask_probability: float = 0.5, mask_ratio: tuple[float, float] = (0.1, 0.5)
-                             ) -> dict[str, float]:
+def ssl_step_flops_per_image(
+    *,
+    dim: int,
+    depth: int,
+    patch_size: int,
+    global_size: int,
+    local_size: int,
+    n_local: int,
+    drop_path_rate: float,
+    drop_path_uniform: bool = True,
+    mlp_ratio: float = 4.0,
+    in_chans: int = 3,
+    registers: int = 0,
+    batch: int | None = None,
+    heads: bool = True,
+    dino_head: tuple[int, int, int, int] = (2048, 256, 65536, 3),
+    ibot_head: tuple[int, int, int, int] | None = None,
+    mask_probability: float = 0.5,
+    mask_ratio: tuple[float, float] = (0.1, 0.5),
+) -> dict[str, float]:
     """FLOPs per image of one training step, by part, and their ``total``.
 
     ``batch`` (images per rank) makes the stochastic-depth fraction exact (the kept count is rounded down per set:
@@ -123,8 +135,9 @@ def ssl_step_flops_per_image(*, dim: int, depth: int, patch_size: int, global_si
     return parts
 
 
-def mfu(images_per_s: float, flops_per_image: float, peak_tflops: float = DEFAULT_PEAK_TFLOPS,
-        n_devices: int = 1) -> float:
+def mfu(
+    images_per_s: float, flops_per_image: float, peak_tflops: float = DEFAULT_PEAK_TFLOPS, n_devices: int = 1
+) -> float:
     """Achieved model FLOP/s over the devices' peak."""
     return images_per_s * flops_per_image / (peak_tflops * 1e12 * n_devices)
 
@@ -144,18 +157,28 @@ def recipe_flops_per_image(config: dict[str, Any], *, heads: bool = True) -> dic
 
     ibot = config["ibot"]
     return ssl_step_flops_per_image(
-        dim=dim, depth=depth, patch_size=int(m["patch_size"]), global_size=int(c["global_crops_size"]),
-        local_size=int(c["local_crops_size"]), n_local=int(c["local_crops_number"]),
-        drop_path_rate=float(m["drop_path_rate"]), drop_path_uniform=bool(m.get("drop_path_uniform", True)),
-        in_chans=int(m.get("in_chans", 3)), registers=int(m.get("num_register_tokens", 0)),
-        batch=int(t["batch_size_per_rank"]), heads=heads, dino_head=head(config["dino"]["head"]),
+        dim=dim,
+        depth=depth,
+        patch_size=int(m["patch_size"]),
+        global_size=int(c["global_crops_size"]),
+        local_size=int(c["local_crops_size"]),
+        n_local=int(c["local_crops_number"]),
+        drop_path_rate=float(m["drop_path_rate"]),
+        drop_path_uniform=bool(m.get("drop_path_uniform", True)),
+        in_chans=int(m.get("in_chans", 3)),
+        registers=int(m.get("num_register_tokens", 0)),
+        batch=int(t["batch_size_per_rank"]),
+        heads=heads,
+        dino_head=head(config["dino"]["head"]),
         ibot_head=head(ibot["head"]) if ibot.get("separate_head") else None,
         mask_probability=float(ibot["mask_sample_probability"]),
-        mask_ratio=(float(ibot["mask_ratio_min_max"][0]), float(ibot["mask_ratio_min_max"][1])))
+        mask_ratio=(float(ibot["mask_ratio_min_max"][0]), float(ibot["mask_ratio_min_max"][1])),
+    )
 
 
-def summarize_run(run_dir: str | Path, *, warmup: int = 10, peak_tflops: float = DEFAULT_PEAK_TFLOPS,
-                  heads: bool = True) -> dict[str, Any]:
+def summarize_run(
+    run_dir: str | Path, *, warmup: int = 10, peak_tflops: float = DEFAULT_PEAK_TFLOPS, heads: bool = True
+) -> dict[str, Any]:
     """Throughput, MFU and peak memory of a run directory's ``metrics.jsonl`` (one row per logged iteration).
 
     images/s is the median of the per-row rates after the first ``warmup`` rows (all rows if there are no more);
@@ -174,12 +197,18 @@ def summarize_run(run_dir: str | Path, *, warmup: int = 10, peak_tflops: float =
     measured = rows[warmup:] or rows
     ips = statistics.median(float(r["images_per_s"]) for r in measured)
     flops = recipe_flops_per_image(config, heads=heads)
-    return {"images_per_s": round(ips, 2), "mfu": _sig(mfu(ips, flops["total"], peak_tflops, world)),
-            "gflops_per_image": _sig(flops["total"] / 1e9), "heads_counted": heads,
-            "peak_tflops": peak_tflops, "world_size": world,
-            "max_memory_mb": round(max(float(r["max_memory_mb"]) for r in rows), 1),
-            "iterations": int(rows[-1]["iteration"]), "measured_iterations": len(measured),
-            "final_loss": rows[-1].get("loss/total")}
+    return {
+        "images_per_s": round(ips, 2),
+        "mfu": _sig(mfu(ips, flops["total"], peak_tflops, world)),
+        "gflops_per_image": _sig(flops["total"] / 1e9),
+        "heads_counted": heads,
+        "peak_tflops": peak_tflops,
+        "world_size": world,
+        "max_memory_mb": round(max(float(r["max_memory_mb"]) for r in rows), 1),
+        "iterations": int(rows[-1]["iteration"]),
+        "measured_iterations": len(measured),
+        "final_loss": rows[-1].get("loss/total"),
+    }
 
 
 def ssl_step_bench_mfu(images_per_s: float, step_args: list[str], peak_tflops: float = DEFAULT_PEAK_TFLOPS) -> float:
@@ -189,16 +218,31 @@ def ssl_step_bench_mfu(images_per_s: float, step_args: list[str], peak_tflops: f
     trainer's. The defaults and fixed settings (drop path 0.4, default heads) are those of ``bench/ssl_step.py``.
     """
     p = argparse.ArgumentParser(add_help=False)
-    for name, default in (("arch", "vit_large"), ("patch", 14), ("batch", 32), ("global-size", 224),
-                          ("local-size", 98), ("locals", 8), ("prototypes", 65536)):
+    for name, default in (
+        ("arch", "vit_large"),
+        ("patch", 14),
+        ("batch", 32),
+        ("global-size", 224),
+        ("local-size", 98),
+        ("locals", 8),
+        ("prototypes", 65536),
+    ):
         p.add_argument("--" + name, type=type(default), default=default)
     a, _ = p.parse_known_args(step_args)
     from core.models.factories import ARCH_SIZES  # deferred: imports torch
 
     dim, depth, _ = ARCH_SIZES[a.arch]
-    f = ssl_step_flops_per_image(dim=dim, depth=depth, patch_size=a.patch, global_size=a.global_size,
-                                 local_size=a.local_size, n_local=a.locals, drop_path_rate=0.4, batch=a.batch,
-                                 dino_head=(2048, 256, a.prototypes, 3))
+    f = ssl_step_flops_per_image(
+        dim=dim,
+        depth=depth,
+        patch_size=a.patch,
+        global_size=a.global_size,
+        local_size=a.local_size,
+        n_local=a.locals,
+        drop_path_rate=0.4,
+        batch=a.batch,
+        dino_head=(2048, 256, a.prototypes, 3),
+    )
     return _sig(mfu(images_per_s, f["total"], peak_tflops))
 
 
@@ -219,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     line: dict[str, Any] = {"strategy": args.strategy}
     try:
-        line.update(summarize_run(args.run_dir, warmup=args.warmup, peak_tflops=args.peak_tflops,
-                                  heads=not args.no_heads))
+        line.update(
+            summarize_run(args.run_dir, warmup=args.warmup, peak_tflops=args.peak_tflops, heads=not args.no_heads)
+        )
     except (OSError, ValueError, KeyError) as err:  # a failed run may leave no or partial metrics
         line["error"] = f"no usable metrics in {args.run_dir}: {err}"
     line.update(wall_s=None if args.wall_s is None else round(args.wall_s, 1), exit_status=args.exit_status)

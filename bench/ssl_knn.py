@@ -23,8 +23,12 @@ def run(iters: int, out: Path, seed: int = 0) -> dict:
     from core.ssl.build import build_student_teacher
     from core.train.loop import train
 
-    overrides = [f"train.max_iters={iters}", f"train.checkpoint_every={iters}", f"train.seed={seed}",
-                 f"optim.warmup_epochs={max(iters // 10, 1) / 100}"]
+    overrides = [
+        f"train.max_iters={iters}",
+        f"train.checkpoint_every={iters}",
+        f"train.seed={seed}",
+        f"optim.warmup_epochs={max(iters // 10, 1) / 100}",
+    ]
     recipe = load_recipe(PretrainRecipe, ROOT / "recipes" / "tiny" / "pretrain.yaml", overrides)
     torch.manual_seed(seed)
     random_backbone, _ = build_student_teacher(recipe.model)
@@ -35,13 +39,16 @@ def run(iters: int, out: Path, seed: int = 0) -> dict:
 
     teacher = consolidated_teacher_state_dict(find_latest(out))
     trained, _ = build_student_teacher(recipe.model)
-    trained.load_state_dict({k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")})
+    trained.load_state_dict({k[len("backbone.") :]: v for k, v in teacher.items() if k.startswith("backbone.")})
     train_set = SyntheticShapesDataset(n=400, size=48, seed=101, labelled=True)
     val_set = SyntheticShapesDataset(n=200, size=48, seed=202, labelled=True)
     common = dict(ks=[10, 20], size=recipe.crops.global_crops_size)
-    return {"iterations": iters, "train_seconds": round(seconds, 1),
-            "knn_top1_random_init": knn_evaluate(random_backbone, train_set, val_set, **common)["top1"],
-            "knn_top1_pretrained": knn_evaluate(trained, train_set, val_set, **common)["top1"]}
+    return {
+        "iterations": iters,
+        "train_seconds": round(seconds, 1),
+        "knn_top1_random_init": knn_evaluate(random_backbone, train_set, val_set, **common)["top1"],
+        "knn_top1_pretrained": knn_evaluate(trained, train_set, val_set, **common)["top1"],
+    }
 
 
 def main() -> None:

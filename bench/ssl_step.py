@@ -52,7 +52,12 @@ def main() -> None:
     recipe = PretrainRecipe()
     m, c = recipe.model, recipe.crops
     m.arch, m.patch_size, m.img_size, m.attn_backend, m.drop_path_rate = (
-        args.arch, args.patch, args.global_size, args.attn, 0.4)
+        args.arch,
+        args.patch,
+        args.global_size,
+        args.attn,
+        0.4,
+    )
     c.global_crops_size, c.local_crops_size, c.local_crops_number = args.global_size, args.local_size, args.locals
     recipe.dino.head.n_prototypes = recipe.ibot.head.n_prototypes = args.prototypes
     recipe.validate()
@@ -61,8 +66,13 @@ def main() -> None:
     grid = args.global_size // args.patch
     masker = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
     g, s = args.global_size, args.local_size
-    samples = [{"global_crops": [torch.randn(3, g, g) for _ in range(2)],
-                "local_crops": [torch.randn(3, s, s) for _ in range(args.locals)]} for _ in range(args.batch)]
+    samples = [
+        {
+            "global_crops": [torch.randn(3, g, g) for _ in range(2)],
+            "local_crops": [torch.randn(3, s, s) for _ in range(args.locals)],
+        }
+        for _ in range(args.batch)
+    ]
     batch = collate_data_and_cast(samples, (0.1, 0.5), 0.5, torch.float32, grid * grid, masker)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -74,7 +84,7 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for t, st in zip(meta.teacher.parameters(), meta.student.parameters()):
+            for t, st in zip(meta.teacher.parameters(), meta.student.parameters(), strict=False):
                 t.lerp_(st.detach(), 0.006)
 
     for _ in range(args.warmup):
@@ -91,12 +101,20 @@ def main() -> None:
     dim, depth, _ = ARCH_SIZES[args.arch]
     n_g, n_l = grid * grid + 1, (s // args.patch) ** 2 + 1
     # student fwd+bwd (3x fwd) on 2 globals + locals, teacher fwd on 2 globals; heads ignored (small).
-    flops = args.batch * (3 * (2 * vit_flops(dim, depth, n_g) + args.locals * vit_flops(dim, depth, n_l))
-                          + 2 * vit_flops(dim, depth, n_g))
-    out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "arch": f"{args.arch}/{args.patch}",
-           "batch": args.batch, "crops": f"2x{g} + {args.locals}x{s}", "attn": args.attn, "precision": args.precision,
-           "s_per_step": round(dt, 4), "images_per_s": round(args.batch / dt, 2),
-           "model_tflops_per_step": round(flops / 1e12, 2)}
+    flops = args.batch * (
+        3 * (2 * vit_flops(dim, depth, n_g) + args.locals * vit_flops(dim, depth, n_l)) + 2 * vit_flops(dim, depth, n_g)
+    )
+    out = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "arch": f"{args.arch}/{args.patch}",
+        "batch": args.batch,
+        "crops": f"2x{g} + {args.locals}x{s}",
+        "attn": args.attn,
+        "precision": args.precision,
+        "s_per_step": round(dt, 4),
+        "images_per_s": round(args.batch / dt, 2),
+        "model_tflops_per_step": round(flops / 1e12, 2),
+    }
     if device == "cuda":
         out["mfu"] = round(flops / dt / (args.peak_tflops * 1e12), 4)
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

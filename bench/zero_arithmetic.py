@@ -6,8 +6,8 @@
 
 The student (backbone + DINO head + iBOT head) is built with the project's own builders under ``torch.device("meta")``,
 so nothing is allocated, and one student forward on meta tensors of the recipe's crop shapes records the order in
-which modules use their parameters. The arithmetic follows what ``core/distributed/deepspeed_strategy.py`` asks DeepSpeed
-(0.19) to do, bf16 meaning DeepSpeed's ``torch_autocast`` mode:
+which modules use their parameters. The arithmetic follows what ``core/distributed/deepspeed_strategy.py`` asks
+DeepSpeed (0.19) to do, bf16 meaning DeepSpeed's ``torch_autocast`` mode:
 
 * memory: fp32 parameters (full for ZeRO-1/2, 1/N for ZeRO-3 except parameters below
   ``stage3_param_persistence_threshold``, kept whole), DeepSpeed's fp32 master partition (ZeRO-1/2 clone the
@@ -66,8 +66,10 @@ def trace_student(meta_arch: nn.Module, recipe: Any) -> tuple[list[tuple[str, st
     too, as each step of the trace may prefetch), and the number of calls of each top-level student module."""
     events: list[tuple[str, str]] = []
     calls: Counter = Counter({name: 0 for name in meta_arch.student})
-    handles = [meta_arch.student[name].register_forward_pre_hook(lambda *_, n=name: calls.update([n]))
-               for name in meta_arch.student]
+    handles = [
+        meta_arch.student[name].register_forward_pre_hook(lambda *_, n=name: calls.update([n]))
+        for name in meta_arch.student
+    ]
     for name, module in meta_arch.student.named_modules():
         if name:  # the ModuleDict itself is never called
             handles.append(module.register_forward_pre_hook(lambda *_, n=name: events.append(("pre", n))))
@@ -76,10 +78,12 @@ def trace_student(meta_arch: nn.Module, recipe: Any) -> tuple[list[tuple[str, st
     g, loc, chans = crops.global_crops_size, crops.local_crops_size, recipe.model.in_chans
     n_patches = (g // p) ** 2
     with torch.device("meta"):
-        batch = {"collated_global_crops": torch.empty(2 * b, chans, g, g),
-                 "collated_local_crops": torch.empty(crops.local_crops_number * b, chans, loc, loc),
-                 "collated_masks": torch.zeros(2 * b, n_patches, dtype=torch.bool),
-                 "mask_indices_list": torch.zeros(b * n_patches // 4, dtype=torch.long)}  # any count will do
+        batch = {
+            "collated_global_crops": torch.empty(2 * b, chans, g, g),
+            "collated_local_crops": torch.empty(crops.local_crops_number * b, chans, loc, loc),
+            "collated_masks": torch.zeros(2 * b, n_patches, dtype=torch.bool),
+            "mask_indices_list": torch.zeros(b * n_patches // 4, dtype=torch.long),
+        }  # any count will do
     meta_arch.student.train()
     meta_arch.student_output(batch)
     for handle in handles:
@@ -93,10 +97,16 @@ def _mirror(events: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [("post" if kind == "pre" else "pre", name) for kind, name in reversed(events)]
 
 
-def simulate_zero3_gathers(events: list[tuple[str, str]], params: dict[str, list[nn.Parameter]], *,
-                           max_reuse_distance: int, persistence_threshold: int, prefetch_bucket_size: int,
-                           max_live_parameters: int, backward: list[tuple[str, str]] | None = None
-                           ) -> tuple[dict[str, Counter], int]:
+def simulate_zero3_gathers(
+    events: list[tuple[str, str]],
+    params: dict[str, list[nn.Parameter]],
+    *,
+    max_reuse_distance: int,
+    persistence_threshold: int,
+    prefetch_bucket_size: int,
+    max_live_parameters: int,
+    backward: list[tuple[str, str]] | None = None,
+) -> tuple[dict[str, Counter], int]:
     """How often each parameter is all-gathered in forward and backward of one micro-batch under ZeRO-3.
 
     Replays DeepSpeed's ``PartitionedParameterCoordinator`` on the recorded module order (forward, then the mirrored
@@ -109,8 +119,9 @@ def simulate_zero3_gathers(events: list[tuple[str, str]], params: dict[str, list
     elements held gathered at once.
     """
     backward = _mirror(events) if backward is None else backward
-    step_events = [(phase, kind, name) for phase, evs in (("forward", events), ("backward", backward))
-                   for kind, name in evs]
+    step_events = [
+        (phase, kind, name) for phase, evs in (("forward", events), ("backward", backward)) for kind, name in evs
+    ]
     order = [name for _, kind, name in step_events if kind == "pre"]  # DeepSpeed's module trace of one step
     queue = deque((q, step) for step, name in enumerate(order) for q in params[name])  # its parameter trace
     persistent = {id(q) for qs in params.values() for q in qs if q.numel() <= persistence_threshold}
@@ -164,8 +175,12 @@ def _bytes_per_element(module: nn.Module, precision: str) -> int:
 
 
 def _comm(elements: float, nbytes: float, psi: int, world: int) -> dict[str, float]:
-    return {"psi": round(elements / psi, 3), "elements": int(elements), "bytes": int(nbytes),
-            "wire_bytes_per_rank": int(nbytes * (world - 1) / world)}
+    return {
+        "psi": round(elements / psi, 3),
+        "elements": int(elements),
+        "bytes": int(nbytes),
+        "wire_bytes_per_rank": int(nbytes * (world - 1) / world),
+    }
 
 
 def _mean(weights: dict[int, int], values: Counter) -> float:
@@ -179,8 +194,11 @@ def arithmetic(recipe: Any, world: int) -> dict[str, Any]:
 
     precision, d, accum = recipe.train.precision, recipe.dist, recipe.dist.grad_accum
     if precision not in ("bf16", "fp32"):
-        raise DinoscopeError(f"the arithmetic covers bf16 autocast and fp32, not {precision!r}",
-                             field="train.precision", fix="train.precision=bf16 (DeepSpeed torch_autocast)")
+        raise DinoscopeError(
+            f"the arithmetic covers bf16 autocast and fp32, not {precision!r}",
+            field="train.precision",
+            fix="train.precision=bf16 (DeepSpeed torch_autocast)",
+        )
     meta_arch = build_student(recipe)
     events, calls = trace_student(meta_arch, recipe)
     owners = dict(meta_arch.student.named_modules())
@@ -192,15 +210,21 @@ def arithmetic(recipe: Any, world: int) -> dict[str, Any]:
     psi = sum(groups.values())
     teacher = sum(q.numel() for q in meta_arch.teacher.parameters())
     persistent = sum(n for n in numel.values() if n <= d.stage3_param_persistence_threshold)
-    sharded = {g: {i: n for i, n in numel.items() if group_of[i] == g and n > d.stage3_param_persistence_threshold}
-               for g in groups}
+    sharded = {
+        g: {i: n for i, n in numel.items() if group_of[i] == g and n > d.stage3_param_persistence_threshold}
+        for g in groups
+    }
     # The engine's root module is called first in each micro-batch (a trace step that prefetches) and has no backward.
     params[_ROOT] = []
     gathers, peak_live = simulate_zero3_gathers(
-        [("pre", _ROOT), ("post", _ROOT), *events], params, backward=_mirror(events),
+        [("pre", _ROOT), ("post", _ROOT), *events],
+        params,
+        backward=_mirror(events),
         max_reuse_distance=d.stage3_max_reuse_distance,
         persistence_threshold=d.stage3_param_persistence_threshold,
-        prefetch_bucket_size=d.stage3_prefetch_bucket_size, max_live_parameters=d.stage3_max_live_parameters)
+        prefetch_bucket_size=d.stage3_prefetch_bucket_size,
+        max_live_parameters=d.stage3_max_live_parameters,
+    )
     grad_bytes = sum(comm_bytes[i] * n for i, n in numel.items())
     comm_dtype_bytes = set(comm_bytes.values())  # one gradient bucket per comm dtype
 
@@ -212,12 +236,17 @@ def arithmetic(recipe: Any, world: int) -> dict[str, Any]:
         overlap = stage == 3 if d.overlap_comm is None else d.overlap_comm
         # ZeRO-1/2 stage gradients in fp32 buckets of reduce_bucket_size, one per comm dtype, doubled to overlap;
         # ZeRO-3 keeps one bucket per comm dtype, in that dtype.
-        reduce_buffer = (d.reduce_bucket_size * sum(comm_dtype_bytes) if stage == 3
-                         else 4 * d.reduce_bucket_size * len(comm_dtype_bytes) * (2 if overlap else 1))
-        mem = {"student_params_fp32": 4 * (psi if stage < 3 else shard(psi) + persistent),
-               "master_fp32": 4 * shard(psi) if stage < 3 else 0,
-               "grads_fp32": 4 * (psi if stage == 1 else shard(psi)),
-               "adamw_fp32": 8 * shard(psi)}
+        reduce_buffer = (
+            d.reduce_bucket_size * sum(comm_dtype_bytes)
+            if stage == 3
+            else 4 * d.reduce_bucket_size * len(comm_dtype_bytes) * (2 if overlap else 1)
+        )
+        mem = {
+            "student_params_fp32": 4 * (psi if stage < 3 else shard(psi) + persistent),
+            "master_fp32": 4 * shard(psi) if stage < 3 else 0,
+            "grads_fp32": 4 * (psi if stage == 1 else shard(psi)),
+            "adamw_fp32": 8 * shard(psi),
+        }
         mem["model_states"] = sum(mem.values())
         mem["teacher_fp32"] = 4 * teacher  # backbone + heads, full on every rank: it never enters DeepSpeed
         comm: dict[str, Any] = {}
@@ -231,14 +260,19 @@ def arithmetic(recipe: Any, world: int) -> dict[str, Any]:
         else:
             for phase in ("forward", "backward"):
                 counts = gathers[phase]
-                comm[f"{phase}_gathers"] = _comm(accum * sum(c * numel[i] for i, c in counts.items()),
-                                                 accum * sum(c * numel[i] * comm_bytes[i] for i, c in counts.items()),
-                                                 psi, world)
+                comm[f"{phase}_gathers"] = _comm(
+                    accum * sum(c * numel[i] for i, c in counts.items()),
+                    accum * sum(c * numel[i] * comm_bytes[i] for i, c in counts.items()),
+                    psi,
+                    world,
+                )
             comm["reduce_scatter_grads"] = _comm(accum * psi, accum * grad_bytes, psi, world)
             ema = psi - persistent
             comm["ema_gather"] = {**_comm(ema, 4 * ema, psi, world), "buckets": math.ceil(ema / d.ema_gather_numel)}
-            per_group = {g: round(accum * (_mean(w, gathers["forward"]) + _mean(w, gathers["backward"])) + 1, 2)
-                         for g, w in sharded.items()}
+            per_group = {
+                g: round(accum * (_mean(w, gathers["forward"]) + _mean(w, gathers["backward"])) + 1, 2)
+                for g, w in sharded.items()
+            }
             # Gathered parameters are cast back to fp32 after the bf16 transfer; the EMA bucket is gathered after the
             # step, when the forward/backward ones are released, so the larger of the two counts.
             mem["buffers"] = reduce_buffer + 4 * max(peak_live, d.ema_gather_numel)
@@ -247,21 +281,33 @@ def arithmetic(recipe: Any, world: int) -> dict[str, Any]:
         comm["total"] = _comm(sum(c["elements"] for c in parts), sum(c["bytes"] for c in parts), psi, world)
         stages[f"zero{stage}"] = {"memory_bytes": mem, "communication_per_step": comm, "gathers_per_step": per_group}
     b, crops, p = recipe.train.batch_size_per_rank, recipe.crops, recipe.model.patch_size
-    tokens = b * (2 * ((crops.global_crops_size // p) ** 2 + 1)
-                  + crops.local_crops_number * ((crops.local_crops_size // p) ** 2 + 1))
-    return {"world_size": world, "precision": precision, "grad_accum": accum, "batch_size_per_rank": b,
-            "params": {**groups, "student": psi, "teacher": teacher,
-                       "zero3_persistent": persistent,
-                       "bf16_comm": sum(n for i, n in numel.items() if comm_bytes[i] == 2)},
-            "student_calls_per_micro_batch": dict(calls),
-            "zero3_gathers_per_micro_batch": {g: {ph: _mean(w, gathers[ph]) for ph in gathers}
-                                              for g, w in sharded.items()},
-            "zero3_peak_gathered_elements": peak_live,
-            "activations": {"tokens_per_rank": tokens,
-                            "note": f"not included: activations of {b} images x (2 x {crops.global_crops_size}^2 + "
-                                    f"{crops.local_crops_number} x {crops.local_crops_size}^2 crops) = {tokens} "
-                                    f"tokens per rank come on top of every figure, the same for every stage"},
-            "stages": stages}
+    tokens = b * (
+        2 * ((crops.global_crops_size // p) ** 2 + 1)
+        + crops.local_crops_number * ((crops.local_crops_size // p) ** 2 + 1)
+    )
+    return {
+        "world_size": world,
+        "precision": precision,
+        "grad_accum": accum,
+        "batch_size_per_rank": b,
+        "params": {
+            **groups,
+            "student": psi,
+            "teacher": teacher,
+            "zero3_persistent": persistent,
+            "bf16_comm": sum(n for i, n in numel.items() if comm_bytes[i] == 2),
+        },
+        "student_calls_per_micro_batch": dict(calls),
+        "zero3_gathers_per_micro_batch": {g: {ph: _mean(w, gathers[ph]) for ph in gathers} for g, w in sharded.items()},
+        "zero3_peak_gathered_elements": peak_live,
+        "activations": {
+            "tokens_per_rank": tokens,
+            "note": f"not included: activations of {b} images x (2 x {crops.global_crops_size}^2 + "
+            f"{crops.local_crops_number} x {crops.local_crops_size}^2 crops) = {tokens} "
+            f"tokens per rank come on top of every figure, the same for every stage",
+        },
+        "stages": stages,
+    }
 
 
 def _gib(n: float) -> str:
@@ -283,27 +329,44 @@ def markdown(result: dict[str, Any]) -> str:
     def gathers(s: dict[str, Any]) -> str:
         return " / ".join(f"{v:g}" for v in s["gathers_per_step"].values())
 
-    mem = [("student fp32 parameters", "student_params_fp32"), ("fp32 master partition", "master_fp32"),
-           ("fp32 gradients", "grads_fp32"), ("AdamW states (2 x fp32)", "adamw_fp32"),
-           ("**model states**", "model_states"), ("EMA teacher (full fp32, every rank)", "teacher_fp32"),
-           ("gradient buckets + gathered parameters", "buffers"),
-           ("**total before activations**", "total_without_activations")]
+    mem = [
+        ("student fp32 parameters", "student_params_fp32"),
+        ("fp32 master partition", "master_fp32"),
+        ("fp32 gradients", "grads_fp32"),
+        ("AdamW states (2 x fp32)", "adamw_fp32"),
+        ("**model states**", "model_states"),
+        ("EMA teacher (full fp32, every rank)", "teacher_fp32"),
+        ("gradient buckets + gathered parameters", "buffers"),
+        ("**total before activations**", "total_without_activations"),
+    ]
     heads = ", ".join(f"{k} {pr[k]:,}" for k in pr if k.endswith("_head"))
     calls = ", ".join(f"{k} {v}" for k, v in result["student_calls_per_micro_batch"].items())
-    header = (f"Ψ = {pr['student']:,} student parameters (backbone {pr['backbone']:,}, {heads}); world size "
-              f"{result['world_size']}, {result['precision']}, {result['batch_size_per_rank']} images per rank, "
-              f"grad_accum {result['grad_accum']}. Student calls per micro-batch: {calls}.")
+    header = (
+        f"Ψ = {pr['student']:,} student parameters (backbone {pr['backbone']:,}, {heads}); world size "
+        f"{result['world_size']}, {result['precision']}, {result['batch_size_per_rank']} images per rank, "
+        f"grad_accum {result['grad_accum']}. Student calls per micro-batch: {calls}."
+    )
     lines = [textwrap.fill(header, 120), "", "| per rank | ZeRO-1 | ZeRO-2 | ZeRO-3 |", "|---|---|---|---|"]
     lines += [row(label, lambda s, k=key: _gib(s["memory_bytes"][k])) for label, key in mem]
     groups = " / ".join(k for k in pr if k == "backbone" or k.endswith("_head"))
-    lines += [row(f"gathers per step ({groups})", gathers),
-              row("EMA gather per step", lambda s: _psi(s["communication_per_step"]["ema_gather"])
-                  + (f" in {s['communication_per_step']['ema_gather']['buckets']} buckets"
-                     if s["communication_per_step"]["ema_gather"]["buckets"] else "")),
-              row("**communication per step**", lambda s: _psi(s["communication_per_step"]["total"])),
-              row("sent per rank (ring)", lambda s: _gib(s["communication_per_step"]["total"]["wire_bytes_per_rank"])),
-              "", textwrap.fill(f"Not included: {result['activations']['note'].split(': ', 1)[1]}.",
-                                120)]
+    lines += [
+        row(f"gathers per step ({groups})", gathers),
+        row(
+            "EMA gather per step",
+            lambda s: (
+                _psi(s["communication_per_step"]["ema_gather"])
+                + (
+                    f" in {s['communication_per_step']['ema_gather']['buckets']} buckets"
+                    if s["communication_per_step"]["ema_gather"]["buckets"]
+                    else ""
+                )
+            ),
+        ),
+        row("**communication per step**", lambda s: _psi(s["communication_per_step"]["total"])),
+        row("sent per rank (ring)", lambda s: _gib(s["communication_per_step"]["total"]["wire_bytes_per_rank"])),
+        "",
+        textwrap.fill(f"Not included: {result['activations']['note'].split(': ', 1)[1]}.", 120),
+    ]
     return "\n".join(lines)
 
 

@@ -18,12 +18,20 @@ import numpy as np
 from core.data.photometric import ChainSettings, ChannelIntensityJitter, PhotometricChain, check_probability
 
 # Cell-DINO's crop settings: ``MultiCropAugmentation(channel_mode="fluorescence", **CELL_DINO_CROPS)``.
-CELL_DINO_CROPS: dict[str, Any] = {"global_crops_scale": (0.4, 1.0), "local_crops_scale": (0.005, 0.4),
-                                   "interpolation": "bilinear"}
+CELL_DINO_CROPS: dict[str, Any] = {
+    "global_crops_scale": (0.4, 1.0),
+    "local_crops_scale": (0.005, 0.4),
+    "interpolation": "bilinear",
+}
 
 
-def fluorescence_chain(settings: ChainSettings, *, intensity_jitter_std: float = 0.2, channel_drop_prob: float = 0.0,
-                       protected_channels: Sequence[int] = ()) -> PhotometricChain:
+def fluorescence_chain(
+    settings: ChainSettings,
+    *,
+    intensity_jitter_std: float = 0.2,
+    channel_drop_prob: float = 0.0,
+    protected_channels: Sequence[int] = (),
+) -> PhotometricChain:
     """The Cell-DINO chain.
 
     Args:
@@ -33,10 +41,13 @@ def fluorescence_chain(settings: ChainSettings, *, intensity_jitter_std: float =
         protected_channels: channels never dropped (Cell-DINO protects the protein channel of HPA images).
     """
     check_probability("channel_drop_prob", channel_drop_prob)
-    shared = [DropRandomChannel(protected_channels=tuple(protected_channels), p=channel_drop_prob),
-              ChannelIntensityJitter(brightness=intensity_jitter_std, contrast=intensity_jitter_std,
-                                     distribution="normal", p=1.0),
-              SelfStandardize()]
+    shared = [
+        DropRandomChannel(protected_channels=tuple(protected_channels), p=channel_drop_prob),
+        ChannelIntensityJitter(
+            brightness=intensity_jitter_std, contrast=intensity_jitter_std, distribution="normal", p=1.0
+        ),
+        SelfStandardize(),
+    ]
     return PhotometricChain(shared=shared, vflip_prob=0.5, normalise=False)
 
 

@@ -93,19 +93,35 @@ class CellBackbone:
         weights_path, weights_sha256: provenance recorded with every embedding.
     """
 
-    def __init__(self, model: VisionTransformer, meta: WeightMeta, *, normalisation: str = "auto",
-                 n_last_blocks: int = 1, avgpool: bool = False, input_size: int | None = None,
-                 batch_size: int = 256, device: str = "auto", precision: str = "fp32",
-                 weights_path: str | None = None, weights_sha256: str | None = None) -> None:
+    def __init__(
+        self,
+        model: VisionTransformer,
+        meta: WeightMeta,
+        *,
+        normalisation: str = "auto",
+        n_last_blocks: int = 1,
+        avgpool: bool = False,
+        input_size: int | None = None,
+        batch_size: int = 256,
+        device: str = "auto",
+        precision: str = "fp32",
+        weights_path: str | None = None,
+        weights_sha256: str | None = None,
+    ) -> None:
         if normalisation not in NORMALISATIONS:
-            raise DinoscopeError(f"unknown normalisation {normalisation!r}", field="normalisation",
-                                 fix=f"use one of {', '.join(NORMALISATIONS)}")
+            raise DinoscopeError(
+                f"unknown normalisation {normalisation!r}",
+                field="normalisation",
+                fix=f"use one of {', '.join(NORMALISATIONS)}",
+            )
         if precision not in PRECISIONS:
-            raise DinoscopeError(f"unknown precision {precision!r}", field="precision",
-                                 fix=f"use one of {', '.join(PRECISIONS)}")
+            raise DinoscopeError(
+                f"unknown precision {precision!r}", field="precision", fix=f"use one of {', '.join(PRECISIONS)}"
+            )
         if not 1 <= n_last_blocks <= len(model.blocks):
-            raise DinoscopeError(f"n_last_blocks must be 1..{len(model.blocks)}, got {n_last_blocks}",
-                                 field="n_last_blocks")
+            raise DinoscopeError(
+                f"n_last_blocks must be 1..{len(model.blocks)}, got {n_last_blocks}", field="n_last_blocks"
+            )
         if batch_size < 1:
             raise DinoscopeError(f"batch_size must be positive, got {batch_size}", field="batch_size")
         if model.in_chans == 1 and not model.bag_of_channels:
@@ -118,8 +134,9 @@ class CellBackbone:
         self.avgpool = avgpool
         self.input_size = input_size or None
         self.batch_size = batch_size
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)
+        self.device = torch.device(
+            "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+        )
         self.autocast_dtype = PRECISIONS[precision] if self.device.type == "cuda" else None
         self.precision = precision if self.autocast_dtype is not None else "fp32"
         self.weights_path = weights_path
@@ -127,8 +144,14 @@ class CellBackbone:
         self.model = model.eval().to(self.device)
 
     @classmethod
-    def load(cls, source: str | os.PathLike | dict, *, weights_channels: Sequence[str] | None = None,
-             load_overrides: dict[str, Any] | None = None, **options: Any) -> CellBackbone:
+    def load(
+        cls,
+        source: str | os.PathLike | dict,
+        *,
+        weights_channels: Sequence[str] | None = None,
+        load_overrides: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> CellBackbone:
         """Load weights with :func:`core.weights.load_backbone` and wrap them.
 
         ``weights_channels`` names the model's input channels, in its order, when the checkpoint carries none or
@@ -139,9 +162,11 @@ class CellBackbone:
         model, meta = load_backbone(source, **(load_overrides or {}))
         if weights_channels and not meta.channel_adaptive:
             if len(weights_channels) != meta.in_chans:
-                raise DinoscopeError(f"{len(weights_channels)} weights channel names given but the model takes "
-                                     f"{meta.in_chans} channels", field="weights_channels",
-                                     fix=f"name exactly {meta.in_chans} channels, in the model's order")
+                raise DinoscopeError(
+                    f"{len(weights_channels)} weights channel names given but the model takes {meta.in_chans} channels",
+                    field="weights_channels",
+                    fix=f"name exactly {meta.in_chans} channels, in the model's order",
+                )
             meta.channel_names = [str(name) for name in weights_channels]
         path = None if isinstance(source, dict) else str(source)
         sha = file_sha256(source) if path else None
@@ -161,8 +186,9 @@ class CellBackbone:
         """Map the data's channel names onto the model's inputs (see the module docstring)."""
         data = [str(name) for name in data_channels]
         if len(set(data)) != len(data):
-            raise DinoscopeError(f"duplicate channel names {data}", field="channel_names",
-                                 fix="give every channel a distinct name")
+            raise DinoscopeError(
+                f"duplicate channel names {data}", field="channel_names", fix="give every channel a distinct name"
+            )
         if self.channel_adaptive:
             if not data:
                 raise DinoscopeError("no channels to embed", field="channels", fix="select at least one channel")
@@ -171,11 +197,17 @@ class CellBackbone:
         missing = [name for name in needed if name not in data]
         if missing:
             generic = all(name == f"ch{i}" for i, name in enumerate(needed))
-            fix = ("the weights carry generic channel names: name the model's channels in order with "
-                   "--weights-channels (e.g. DNA,RNA,ER,AGP,Mito)" if generic else
-                   "provide data with these channels (names must match exactly), or rename the data's channels")
-            raise DinoscopeError(f"the weights need channels {needed} but the data has {data}; missing {missing}",
-                                 field=missing[0], fix=fix)
+            fix = (
+                "the weights carry generic channel names: name the model's channels in order with "
+                "--weights-channels (e.g. DNA,RNA,ER,AGP,Mito)"
+                if generic
+                else "provide data with these channels (names must match exactly), or rename the data's channels"
+            )
+            raise DinoscopeError(
+                f"the weights need channels {needed} but the data has {data}; missing {missing}",
+                field=missing[0],
+                fix=fix,
+            )
         ignored = [name for name in data if name not in needed]
         return ChannelPlan([data.index(name) for name in needed], needed, ignored)
 
@@ -189,27 +221,35 @@ class CellBackbone:
         """``crops [N, C, S, S]`` with ``C`` named channels -> float32 embeddings ``[N, D]``."""
         plan = self.match_channels(channel_names)
         if crops.ndim != 4 or crops.shape[1] != len(channel_names):
-            raise DinoscopeError(f"crops have shape {tuple(crops.shape)}, expected N x {len(channel_names)} x S x S",
-                                 field="crops", fix="pass channels-first crops, one channel per name")
+            raise DinoscopeError(
+                f"crops have shape {tuple(crops.shape)}, expected N x {len(channel_names)} x S x S",
+                field="crops",
+                fix="pass channels-first crops, one channel per name",
+            )
         size = self.input_size or int(crops.shape[-1])
         if size % self.model.patch_size or crops.shape[-1] != crops.shape[-2]:
-            raise DinoscopeError(f"crop size {tuple(crops.shape[-2:])} is not a square multiple of the patch size "
-                                 f"{self.model.patch_size}", field="crop_size",
-                                 fix=f"use a crop size (or input_size) that is a multiple of {self.model.patch_size}")
+            raise DinoscopeError(
+                f"crop size {tuple(crops.shape[-2:])} is not a square multiple of the patch size "
+                f"{self.model.patch_size}",
+                field="crop_size",
+                fix=f"use a crop size (or input_size) that is a multiple of {self.model.patch_size}",
+            )
         out = np.empty((len(crops), self.embedding_dim(len(plan.indices))), np.float32)
         for start in range(0, len(crops), self.batch_size):
-            batch = _as_float_tensor(crops[start:start + self.batch_size], plan.indices)
-            out[start:start + len(batch)] = self._forward(self._normalise(batch, crops.dtype)).numpy()
+            batch = _as_float_tensor(crops[start : start + self.batch_size], plan.indices)
+            out[start : start + len(batch)] = self._forward(self._normalise(batch, crops.dtype)).numpy()
         return out
 
     @torch.inference_mode()
     def _forward(self, batch: Tensor) -> Tensor:
         batch = batch.to(self.device, non_blocking=True)
         if self.input_size and batch.shape[-1] != self.input_size:
-            batch = F.interpolate(batch, size=(self.input_size, self.input_size), mode="bilinear",
-                                  align_corners=False)
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
-                    else contextlib.nullcontext())
+            batch = F.interpolate(batch, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
         with autocast:
             layers = self.model.get_intermediate_layers(batch, self.n_last_blocks, return_class_token=True)
         return linear_input(layers, self.n_last_blocks, self.avgpool).float().cpu()
@@ -235,11 +275,18 @@ class CellBackbone:
         return {
             "channel_names": plan.names,
             "channel_mode": "bag_of_channels" if self.channel_adaptive else "fixed",
-            "normalisation": {"method": self.normalisation, "eps": ZSCORE_EPS if self.normalisation == "zscore"
-                              else None, "mean": self.meta.mean if self.normalisation == "meta" else None,
-                              "std": self.meta.std if self.normalisation == "meta" else None},
-            "features": {"n_last_blocks": self.n_last_blocks, "avgpool": self.avgpool,
-                         "input_size": self.input_size, "dim": self.embedding_dim(len(plan.names))},
+            "normalisation": {
+                "method": self.normalisation,
+                "eps": ZSCORE_EPS if self.normalisation == "zscore" else None,
+                "mean": self.meta.mean if self.normalisation == "meta" else None,
+                "std": self.meta.std if self.normalisation == "meta" else None,
+            },
+            "features": {
+                "n_last_blocks": self.n_last_blocks,
+                "avgpool": self.avgpool,
+                "input_size": self.input_size,
+                "dim": self.embedding_dim(len(plan.names)),
+            },
             "weights": {"path": self.weights_path, "sha256": self.weights_sha256, "meta": self.meta.to_dict()},
         }
 

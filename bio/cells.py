@@ -21,9 +21,15 @@ X_COLUMN = "Nuclei_Location_Center_X"
 Y_COLUMN = "Nuclei_Location_Center_Y"
 
 
-def centroids_from_table(table: str | os.PathLike | Any, *, plate: str | None = None, well: str | None = None,
-                         site: str | int | None = None, x_column: str = X_COLUMN, y_column: str = Y_COLUMN,
-                         ) -> np.ndarray:
+def centroids_from_table(
+    table: str | os.PathLike | Any,
+    *,
+    plate: str | None = None,
+    well: str | None = None,
+    site: str | int | None = None,
+    x_column: str = X_COLUMN,
+    y_column: str = Y_COLUMN,
+) -> np.ndarray:
     """Centroids ``(y, x)`` of the rows of a CellProfiler nuclei table matching ``plate``/``well``/``site``.
 
     The table is a CSV path or a DataFrame. Metadata columns may be called ``Metadata_Plate`` or ``plate`` (any
@@ -35,17 +41,24 @@ def centroids_from_table(table: str | os.PathLike | Any, *, plate: str | None = 
     frame = pd.read_csv(table) if source is not None else table
     for column in (x_column, y_column):
         if column not in frame.columns:
-            raise DinoscopeError(f"nuclei table has no column {column!r}", path=source, field=column,
-                                 fix="export nuclei locations from CellProfiler (Nuclei_Location_Center_X/Y) or "
-                                     "pass x_column/y_column")
+            raise DinoscopeError(
+                f"nuclei table has no column {column!r}",
+                path=source,
+                field=column,
+                fix="export nuclei locations from CellProfiler (Nuclei_Location_Center_X/Y) or pass x_column/y_column",
+            )
     keep = np.ones(len(frame), dtype=bool)
     for key, wanted in (("plate", plate), ("well", well), ("site", site)):
         if wanted is None:
             continue
         column = _metadata_column(frame.columns, key)
         if column is None:
-            raise DinoscopeError(f"nuclei table has no {key} column to filter on", path=source, field=key,
-                                 fix=f"add a Metadata_{key.title()} (or {key}) column, or do not filter by {key}")
+            raise DinoscopeError(
+                f"nuclei table has no {key} column to filter on",
+                path=source,
+                field=key,
+                fix=f"add a Metadata_{key.title()} (or {key}) column, or do not filter by {key}",
+            )
         keep &= frame[column].astype(str).to_numpy() == str(wanted)
     selected = frame.loc[keep, [y_column, x_column]].to_numpy(dtype=np.float64)
     return selected[np.isfinite(selected).all(axis=1)]
@@ -57,14 +70,18 @@ def centroids_from_labels(labels: np.ndarray) -> np.ndarray:
 
     labels = np.asarray(labels)
     if labels.ndim != 2 or labels.dtype.kind not in "ui":
-        raise DinoscopeError(f"labels must be a 2-d integer image, got {labels.ndim}-d {labels.dtype}",
-                             field="labels", fix="pass a Y x X instance mask with one integer id per nucleus")
+        raise DinoscopeError(
+            f"labels must be a 2-d integer image, got {labels.ndim}-d {labels.dtype}",
+            field="labels",
+            fix="pass a Y x X instance mask with one integer id per nucleus",
+        )
     props = sorted(regionprops(labels), key=lambda p: p.label)
     return np.array([p.centroid for p in props], dtype=np.float64).reshape(-1, 2)
 
 
-def detect_nuclei(image: np.ndarray, *, sigma: float = 2.0, min_area: int = 30, min_distance: int = 6,
-                  return_labels: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+def detect_nuclei(
+    image: np.ndarray, *, sigma: float = 2.0, min_area: int = 30, min_distance: int = 6, return_labels: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Find nuclei in a DNA-stain image: smoothing, Otsu threshold, distance-transform watershed.
 
     Touching nuclei are split by seeding a watershed of the inverted distance transform at its local maxima
@@ -88,8 +105,11 @@ def detect_nuclei(image: np.ndarray, *, sigma: float = 2.0, min_area: int = 30, 
 
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
-        raise DinoscopeError(f"detect_nuclei needs one Y x X channel, got shape {image.shape}", field="image",
-                             fix="pass the DNA channel only, e.g. image.channel('DNA')")
+        raise DinoscopeError(
+            f"detect_nuclei needs one Y x X channel, got shape {image.shape}",
+            field="image",
+            fix="pass the DNA channel only, e.g. image.channel('DNA')",
+        )
     labels = np.zeros(image.shape, dtype=np.int32)
     smooth = gaussian(image, sigma=sigma, preserve_range=True)
     if float(smooth.max()) > float(smooth.min()):
@@ -120,8 +140,9 @@ class CellCrops(NamedTuple):
     kept: np.ndarray
 
 
-def crop_cells(image_data: Any, centroids: np.ndarray, size: int, *, edge: Literal["pad", "skip"] = "pad",
-               pad_value: float = 0) -> CellCrops:
+def crop_cells(
+    image_data: Any, centroids: np.ndarray, size: int, *, edge: Literal["pad", "skip"] = "pad", pad_value: float = 0
+) -> CellCrops:
     """Cut a ``size x size`` box around each centroid from a ``C x Y x X`` field (or a ``Y x X`` plane).
 
     A box crossing the border is padded with ``pad_value`` (``edge="pad"``, flagged in ``at_edge``) or dropped
@@ -136,8 +157,11 @@ def crop_cells(image_data: Any, centroids: np.ndarray, size: int, *, edge: Liter
     if data.ndim == 2:
         data = data[None]
     if data.ndim != 3:
-        raise DinoscopeError(f"expected C x Y x X data, got shape {data.shape}", field="image_data",
-                             fix="pass image.data (channels first)")
+        raise DinoscopeError(
+            f"expected C x Y x X data, got shape {data.shape}",
+            field="image_data",
+            fix="pass image.data (channels first)",
+        )
     n_channels, height, width = data.shape
     centroids = np.asarray(centroids, dtype=np.float64).reshape(-1, 2)
     finite = np.isfinite(centroids).all(axis=1)
@@ -151,7 +175,7 @@ def crop_cells(image_data: Any, centroids: np.ndarray, size: int, *, edge: Liter
     for out, i in enumerate(kept):
         y0, x0 = max(top[i], 0), max(left[i], 0)
         y1, x1 = min(top[i] + size, height), min(left[i] + size, width)
-        crops[out, :, y0 - top[i]:y1 - top[i], x0 - left[i]:x1 - left[i]] = data[:, y0:y1, x0:x1]
+        crops[out, :, y0 - top[i] : y1 - top[i], x0 - left[i] : x1 - left[i]] = data[:, y0:y1, x0:x1]
     return CellCrops(crops=crops, at_edge=at_edge[kept], kept=kept)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from core.config.fields import input_path
 from core.errors import DinoscopeError
@@ -62,25 +61,39 @@ class CellsEmbedRecipe:
     output: EmbedOutputCfg = field(default_factory=EmbedOutputCfg)
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
-        choices = {"data.centroids": (self.data.centroids, ("detect", "table", "labels")),
-                   "model.normalisation": (self.model.normalisation, ("auto", "zscore", "meta", "none")),
-                   "model.precision": (self.model.precision, ("fp32", "bf16", "fp16")),
-                   "crops.edge": (self.crops.edge, ("pad", "skip")),
-                   "output.dtype": (self.output.dtype, ("float32", "float16"))}
+        choices = {
+            "data.centroids": (self.data.centroids, ("detect", "table", "labels")),
+            "model.normalisation": (self.model.normalisation, ("auto", "zscore", "meta", "none")),
+            "model.precision": (self.model.precision, ("fp32", "bf16", "fp16")),
+            "crops.edge": (self.crops.edge, ("pad", "skip")),
+            "output.dtype": (self.output.dtype, ("float32", "float16")),
+        }
         _check_choices(choices, path)
         if not self.data.sources:
-            raise DinoscopeError("no input plates", path=path, field="data.sources",
-                                 fix="list OME-Zarr plates or LoadData CSVs under data.sources")
+            raise DinoscopeError(
+                "no input plates",
+                path=path,
+                field="data.sources",
+                fix="list OME-Zarr plates or LoadData CSVs under data.sources",
+            )
         if not self.model.weights:
-            raise DinoscopeError("no backbone weights", path=path, field="model.weights",
-                                 fix="set model.weights (e.g. the output of `dinoscope export`)")
-        needs = {"table": ("data.nuclei_table", self.data.nuclei_table),
-                 "labels": ("data.label_channel", self.data.label_channel)}.get(self.data.centroids)
+            raise DinoscopeError(
+                "no backbone weights",
+                path=path,
+                field="model.weights",
+                fix="set model.weights (e.g. the output of `dinoscope export`)",
+            )
+        needs = {
+            "table": ("data.nuclei_table", self.data.nuclei_table),
+            "labels": ("data.label_channel", self.data.label_channel),
+        }.get(self.data.centroids)
         if needs and not needs[1]:
-            raise DinoscopeError(f"data.centroids {self.data.centroids!r} needs {needs[0]}", path=path,
-                                 field=needs[0])
-        for key, value in (("crops.size", self.crops.size), ("model.batch_size", self.model.batch_size),
-                           ("model.n_last_blocks", self.model.n_last_blocks)):
+            raise DinoscopeError(f"data.centroids {self.data.centroids!r} needs {needs[0]}", path=path, field=needs[0])
+        for key, value in (
+            ("crops.size", self.crops.size),
+            ("model.batch_size", self.model.batch_size),
+            ("model.n_last_blocks", self.model.n_last_blocks),
+        ):
             if value < 1:
                 raise DinoscopeError(f"{key} must be at least 1, got {value}", path=path, field=key)
 
@@ -106,14 +119,23 @@ class CellsProfileRecipe:
     seed: int = 0
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
-        _check_choices({"aggregate": (self.aggregate, ("median", "mean")),
-                        "normalise": (self.normalise, ("mad_robustize", "standardize", "spherize", "none")),
-                        "normalise_by": (self.normalise_by, ("plate", "all")),
-                        "level": (self.level, ("well", "treatment"))}, path)
+        _check_choices(
+            {
+                "aggregate": (self.aggregate, ("median", "mean")),
+                "normalise": (self.normalise, ("mad_robustize", "standardize", "spherize", "none")),
+                "normalise_by": (self.normalise_by, ("plate", "all")),
+                "level": (self.level, ("well", "treatment")),
+            },
+            path,
+        )
         for key in ("run", "platemap"):
             if not getattr(self, key):
-                raise DinoscopeError(f"{key} is not set", path=path, field=key,
-                                     fix="give the embedding run directory and the plate-map CSV")
+                raise DinoscopeError(
+                    f"{key} is not set",
+                    path=path,
+                    field=key,
+                    fix="give the embedding run directory and the plate-map CSV",
+                )
 
 
 def _check_choices(choices: dict[str, tuple[str, tuple[str, ...]]], path: str | os.PathLike | None) -> None:

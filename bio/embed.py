@@ -76,8 +76,15 @@ class PartWriter:
     def append(self, field: FieldInfo, result: FieldResult, seconds: float) -> None:
         name = f"field-{field.index:08d}.npz"
         self._write_rows(name, result)
-        self._commit({"field": field.index, "key": field.key, "rows": name, "n": len(result.cell_id),
-                      "seconds": round(seconds, 4)})
+        self._commit(
+            {
+                "field": field.index,
+                "key": field.key,
+                "rows": name,
+                "n": len(result.cell_id),
+                "seconds": round(seconds, 4),
+            }
+        )
         self.rows += len(result.cell_id)
 
     def _write_rows(self, name: str, result: FieldResult) -> None:
@@ -118,15 +125,34 @@ def _all_commits(run: Path) -> dict[int, tuple[Path, dict[str, Any]]]:
     return found
 
 
-def embed_plate(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, weights: str | os.PathLike,
-                channels: Sequence[str] | None = None, weights_channels: Sequence[str] | None = None,
-                centroids: str = "detect", nuclei_table: str | os.PathLike | None = None,
-                label_channel: str | None = None, detect_channel: str = "DNA", crop_size: int = 64,
-                edge: str = "pad", batch_size: int = 256, normalisation: str = "auto", n_last_blocks: int = 1,
-                avgpool: bool = False, input_size: int | None = None, dtype: str = "float32", chunk_rows: int = 0,
-                head: str | os.PathLike | None = None, illumination: str | os.PathLike | None = None,
-                device: str = "auto", precision: str = "fp32", resume: bool = True, prefetch: bool = True,
-                poll_seconds: float = 1.0) -> dict[str, Any]:
+def embed_plate(
+    sources: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    weights: str | os.PathLike,
+    channels: Sequence[str] | None = None,
+    weights_channels: Sequence[str] | None = None,
+    centroids: str = "detect",
+    nuclei_table: str | os.PathLike | None = None,
+    label_channel: str | None = None,
+    detect_channel: str = "DNA",
+    crop_size: int = 64,
+    edge: str = "pad",
+    batch_size: int = 256,
+    normalisation: str = "auto",
+    n_last_blocks: int = 1,
+    avgpool: bool = False,
+    input_size: int | None = None,
+    dtype: str = "float32",
+    chunk_rows: int = 0,
+    head: str | os.PathLike | None = None,
+    illumination: str | os.PathLike | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    resume: bool = True,
+    prefetch: bool = True,
+    poll_seconds: float = 1.0,
+) -> dict[str, Any]:
     """Embed every cell of OME-Zarr plates and/or LoadData manifests into ``out_dir`` (see the module docstring).
 
     Args:
@@ -160,16 +186,25 @@ def embed_plate(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     if crop_size < 1:
         raise DinoscopeError(f"crop size must be positive, got {crop_size}", field="crop_size")
     fields = list_fields(sources)
-    finder = CentroidFinder(centroids, nuclei_table=nuclei_table, label_channel=label_channel,
-                            detect_channel=detect_channel)
+    finder = CentroidFinder(
+        centroids, nuclei_table=nuclei_table, label_channel=label_channel, detect_channel=detect_channel
+    )
     names = _embedding_channels(fields, channels, label_channel)
     if env.world_size > 1 and str(device) in ("auto", "cuda"):
         import torch
 
         device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
-    backbone = CellBackbone.load(weights, weights_channels=weights_channels, normalisation=normalisation,
-                                 n_last_blocks=n_last_blocks, avgpool=avgpool, input_size=input_size,
-                                 batch_size=batch_size, device=device, precision=precision)
+    backbone = CellBackbone.load(
+        weights,
+        weights_channels=weights_channels,
+        normalisation=normalisation,
+        n_last_blocks=n_last_blocks,
+        avgpool=avgpool,
+        input_size=input_size,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+    )
     description = backbone.describe(names)
     classifier = head_meta = None
     if head:
@@ -180,12 +215,20 @@ def embed_plate(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     from bio.preprocess import load_illumination
 
     flats = load_illumination(illumination) if illumination else None
-    settings = {"sources": [str(Path(s).resolve()) for s in sources], "channels": names,
-                "centroids": finder.describe(), "crops": {"size": crop_size, "edge": edge},
-                "illumination": str(illumination) if illumination else None, "dtype": dtype,
-                "precision": backbone.precision, "normalisation": description["normalisation"],
-                "features": description["features"], "weights": backbone.weights_sha256 or str(weights),
-                "head": head_meta["sha256"] if head_meta else None, "n_fields": len(fields)}
+    settings = {
+        "sources": [str(Path(s).resolve()) for s in sources],
+        "channels": names,
+        "centroids": finder.describe(),
+        "crops": {"size": crop_size, "edge": edge},
+        "illumination": str(illumination) if illumination else None,
+        "dtype": dtype,
+        "precision": backbone.precision,
+        "normalisation": description["normalisation"],
+        "features": description["features"],
+        "weights": backbone.weights_sha256 or str(weights),
+        "head": head_meta["sha256"] if head_meta else None,
+        "n_fields": len(fields),
+    }
     if _prepare_run(run, settings, resume, env):
         log.info("%s is complete; nothing to do", run)
         return json.loads((run / "embed_summary.json").read_text()) if env.is_main else {"rank": env.rank}
@@ -204,8 +247,14 @@ def embed_plate(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike
             result = _embed_field(backbone, image_data, cents, ids, names, crop_size, edge, classifier, dtype)
             part.append(field, result, time.perf_counter() - t0)
             seconds = time.perf_counter() - t0
-            logger.log(rank=env.rank, field=field.index, key=field.key, n_cells=len(result.cell_id),
-                       seconds=seconds, cells_per_s=len(result.cell_id) / max(seconds, 1e-9))
+            logger.log(
+                rank=env.rank,
+                field=field.index,
+                key=field.key,
+                n_cells=len(result.cell_id),
+                seconds=seconds,
+                cells_per_s=len(result.cell_id) / max(seconds, 1e-9),
+            )
             yield from itertools.repeat(None, len(result.cell_id))
 
     for _ in progress(embed_fields(), desc=f"embed (rank {env.rank}/{env.world_size})", unit="cell"):
@@ -213,22 +262,37 @@ def embed_plate(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     if not env.is_main:
         return {"rank": env.rank, "fields": len(mine), "rows": part.rows}
     commits = _wait_for_all(run, len(fields), poll_seconds)
-    attrs = {**description, "crops": settings["crops"], "centroids": settings["centroids"],
-             "sources": settings["sources"], "illumination": settings["illumination"], "dtype": dtype,
-             "head": {k: head_meta[k] for k in ("label", "classes", "sha256", "path")} if head_meta else None,
-             "format": "dinoscope.cells.embed/1"}
+    attrs = {
+        **description,
+        "crops": settings["crops"],
+        "centroids": settings["centroids"],
+        "sources": settings["sources"],
+        "illumination": settings["illumination"],
+        "dtype": dtype,
+        "head": {k: head_meta[k] for k in ("label", "classes", "sha256", "path")} if head_meta else None,
+        "format": "dinoscope.cells.embed/1",
+    }
     n_cells = _merge(run, fields, commits, dim, dtype, chunk_rows, attrs, head_meta)
     shutil.rmtree(run / "parts", ignore_errors=True)
     seconds = time.perf_counter() - started
-    summary = {"run": str(run), "n_cells": n_cells, "n_fields": len(fields), "dim": dim, "dtype": dtype,
-               "channel_names": names, "seconds_this_call": seconds, "world_size": env.world_size}
+    summary = {
+        "run": str(run),
+        "n_cells": n_cells,
+        "n_fields": len(fields),
+        "dim": dim,
+        "dtype": dtype,
+        "channel_names": names,
+        "seconds_this_call": seconds,
+        "world_size": env.world_size,
+    }
     write_json(run / "embed_summary.json", summary)
     log.info("embedded %d cells from %d fields into %s (D=%d)", n_cells, len(fields), run, dim)
     return summary
 
 
-def _embedding_channels(fields: list[FieldInfo], channels: Sequence[str] | None,
-                        label_channel: str | None) -> list[str]:
+def _embedding_channels(
+    fields: list[FieldInfo], channels: Sequence[str] | None, label_channel: str | None
+) -> list[str]:
     from bio.io import channel_indices
 
     available = field_channel_names(fields[0])
@@ -258,9 +322,12 @@ def _prepare_run(run: Path, settings: dict[str, Any], resume: bool, env: Any) ->
         previous = json.loads(config.read_text())
         if previous != settings:
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise DinoscopeError(f"this run was started with different settings ({', '.join(changed)})", path=run,
-                                 field=changed[0], fix="use a new output directory, or pass --no-resume to start "
-                                                       "over")
+            raise DinoscopeError(
+                f"this run was started with different settings ({', '.join(changed)})",
+                path=run,
+                field=changed[0],
+                fix="use a new output directory, or pass --no-resume to start over",
+            )
         complete = (run / "embed_summary.json").exists()
     if not complete:
         run.mkdir(parents=True, exist_ok=True)
@@ -284,9 +351,13 @@ def _start_barrier() -> None:
         dist.destroy_process_group()
 
 
-def _read_ahead(opened: Iterator[tuple[FieldInfo, Any]], finder: CentroidFinder, names: list[str],
-                flats: dict[str, np.ndarray] | None, prefetch: bool) -> Iterator[tuple[FieldInfo, np.ndarray,
-                                                                                      np.ndarray, np.ndarray]]:
+def _read_ahead(
+    opened: Iterator[tuple[FieldInfo, Any]],
+    finder: CentroidFinder,
+    names: list[str],
+    flats: dict[str, np.ndarray] | None,
+    prefetch: bool,
+) -> Iterator[tuple[FieldInfo, np.ndarray, np.ndarray, np.ndarray]]:
     """Read pixels and find centroids of each field, one field ahead in a worker thread when ``prefetch``."""
 
     def load(item: tuple[FieldInfo, Any]) -> tuple[FieldInfo, np.ndarray, np.ndarray, np.ndarray]:
@@ -316,13 +387,22 @@ def _read_ahead(opened: Iterator[tuple[FieldInfo, Any]], finder: CentroidFinder,
             yield pending.result()
 
 
-def _embed_field(backbone: CellBackbone, data: np.ndarray, cents: np.ndarray, ids: np.ndarray,
-                 names: list[str], crop_size: int, edge: str, classifier: Any, dtype: str) -> FieldResult:
+def _embed_field(
+    backbone: CellBackbone,
+    data: np.ndarray,
+    cents: np.ndarray,
+    ids: np.ndarray,
+    names: list[str],
+    crop_size: int,
+    edge: str,
+    classifier: Any,
+    dtype: str,
+) -> FieldResult:
     from bio.cells import crop_cells
 
     parts: list[FieldResult] = []
     for start in range(0, len(cents), backbone.batch_size):
-        batch = crop_cells(data, cents[start:start + backbone.batch_size], crop_size, edge=edge)
+        batch = crop_cells(data, cents[start : start + backbone.batch_size], crop_size, edge=edge)
         kept = start + batch.kept
         emb = backbone.embed(batch.crops, names)
         probs = None
@@ -330,12 +410,17 @@ def _embed_field(backbone: CellBackbone, data: np.ndarray, cents: np.ndarray, id
             from bio.heads import predict_proba
 
             probs = predict_proba(classifier, emb)
-        parts.append(FieldResult(emb.astype(dtype), ids[kept], cents[kept, 0], cents[kept, 1], batch.at_edge,
-                                 probs))
+        parts.append(FieldResult(emb.astype(dtype), ids[kept], cents[kept, 0], cents[kept, 1], batch.at_edge, probs))
     if not parts:  # a field without cells still gets committed, with zero rows
         probs = None if classifier is None else np.zeros((0, classifier.head.linear.out_features), np.float32)
-        return FieldResult(np.zeros((0, backbone.embedding_dim(len(names))), dtype), np.zeros(0, np.int64),
-                           np.zeros(0), np.zeros(0), np.zeros(0, bool), probs)
+        return FieldResult(
+            np.zeros((0, backbone.embedding_dim(len(names))), dtype),
+            np.zeros(0, np.int64),
+            np.zeros(0),
+            np.zeros(0),
+            np.zeros(0, bool),
+            probs,
+        )
     joined = {name: np.concatenate([getattr(p, name) for p in parts]) for name in ("embeddings",) + _COLUMNS}
     probs = None if classifier is None else np.concatenate([p.probabilities for p in parts])
     return FieldResult(**joined, probabilities=probs)
@@ -348,8 +433,16 @@ def _wait_for_all(run: Path, n_fields: int, poll_seconds: float) -> dict[int, tu
     return commits
 
 
-def _merge(run: Path, fields: list[FieldInfo], commits: dict[int, tuple[Path, dict[str, Any]]], dim: int,
-           dtype: str, chunk_rows: int, attrs: dict[str, Any], head_meta: dict[str, Any] | None) -> int:
+def _merge(
+    run: Path,
+    fields: list[FieldInfo],
+    commits: dict[int, tuple[Path, dict[str, Any]]],
+    dim: int,
+    dtype: str,
+    chunk_rows: int,
+    attrs: dict[str, Any],
+    head_meta: dict[str, Any] | None,
+) -> int:
     """Concatenate the parts in field order into ``embeddings.zarr`` + ``cells.parquet``, writing whole chunks."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -359,8 +452,7 @@ def _merge(run: Path, fields: list[FieldInfo], commits: dict[int, tuple[Path, di
     rows = chunk_rows or max(64, _CHUNK_BYTES // max(1, dim * np.dtype(dtype).itemsize))
     with atomic_path(run / "embeddings.zarr", is_dir=True) as store, atomic_path(run / "cells.parquet") as table:
         group = zarr.open_group(store, mode="w", zarr_format=3)
-        group.attrs.update(json.loads(json.dumps({**attrs, "n_cells": n_total, "n_fields": len(fields)},
-                                                 default=str)))
+        group.attrs.update(json.loads(json.dumps({**attrs, "n_cells": n_total, "n_fields": len(fields)}, default=str)))
         array = group.create_array("embeddings", shape=(n_total, dim), chunks=(rows, dim), dtype=dtype)
         writer = pq.ParquetWriter(table, _cells_schema(head_meta))
         pending: list[dict[str, np.ndarray]] = []
@@ -378,9 +470,10 @@ def _merge(run: Path, fields: list[FieldInfo], commits: dict[int, tuple[Path, di
             if not take:
                 continue
             joined = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-            array[written:written + take] = joined["embeddings"][:take]
-            writer.write_table(pa.table(_cell_columns({k: v[:take] for k, v in joined.items()}, head_meta),
-                                        schema=writer.schema))
+            array[written : written + take] = joined["embeddings"][:take]
+            writer.write_table(
+                pa.table(_cell_columns({k: v[:take] for k, v in joined.items()}, head_meta), schema=writer.schema)
+            )
             pending = [{k: v[take:] for k, v in joined.items()}] if buffered > take else []
             written, buffered = written + take, buffered - take
         writer.close()
@@ -390,8 +483,15 @@ def _merge(run: Path, fields: list[FieldInfo], commits: dict[int, tuple[Path, di
 def _cells_schema(head_meta: dict[str, Any] | None) -> Any:
     import pyarrow as pa
 
-    columns = [("plate", pa.string()), ("well", pa.string()), ("site", pa.string()), ("cell_id", pa.int64()),
-               ("x", pa.float64()), ("y", pa.float64()), ("edge", pa.bool_())]
+    columns = [
+        ("plate", pa.string()),
+        ("well", pa.string()),
+        ("site", pa.string()),
+        ("cell_id", pa.int64()),
+        ("x", pa.float64()),
+        ("y", pa.float64()),
+        ("edge", pa.bool_()),
+    ]
     if head_meta:
         columns.append((f"predicted_{head_meta['label']}", pa.string()))
         columns += [(f"prob_{name}", pa.float32()) for name in head_meta["classes"]]

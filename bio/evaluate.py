@@ -38,9 +38,14 @@ def _unit_rows(feats: np.ndarray) -> np.ndarray:
     return x / np.where(norms > 0, norms, 1.0)
 
 
-def nearest_neighbours(feats: np.ndarray, k: int, *, queries: np.ndarray | None = None,
-                       candidates: np.ndarray | None = None,
-                       exclude_same: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbours(
+    feats: np.ndarray,
+    k: int,
+    *,
+    queries: np.ndarray | None = None,
+    candidates: np.ndarray | None = None,
+    exclude_same: Sequence[np.ndarray] = (),
+) -> tuple[np.ndarray, np.ndarray]:
     """Cosine k nearest neighbours, computed in row chunks.
 
     Args:
@@ -64,7 +69,7 @@ def nearest_neighbours(feats: np.ndarray, k: int, *, queries: np.ndarray | None 
     xc = x[c_rows]
     step = max(1, _NEIGHBOUR_BLOCK // len(c_rows))
     for s in range(0, len(q_rows), step):
-        qi = q_rows[s:s + step]
+        qi = q_rows[s : s + step]
         sims = x[qi] @ xc.T  # chunk x n_candidates
         forbid = qi[:, None] == c_rows[None, :]
         for codes in exclude_same:
@@ -75,20 +80,26 @@ def nearest_neighbours(feats: np.ndarray, k: int, *, queries: np.ndarray | None 
         top_sims = np.take_along_axis(sims, top, axis=1)
         order = np.argsort(-top_sims, axis=1, kind="stable")
         top, top_sims = np.take_along_axis(top, order, 1), np.take_along_axis(top_sims, order, 1)
-        out[s:s + len(qi), :k_eff] = np.where(np.isfinite(top_sims), c_rows[top], -1)
+        out[s : s + len(qi), :k_eff] = np.where(np.isfinite(top_sims), c_rows[top], -1)
     return q_rows, out
 
 
-def knn_classify(feats: np.ndarray, labels: np.ndarray, *, k: int = 1, queries: np.ndarray | None = None,
-                 candidates: np.ndarray | None = None, exclude_same: Sequence[np.ndarray] = ()) -> dict[str, Any]:
+def knn_classify(
+    feats: np.ndarray,
+    labels: np.ndarray,
+    *,
+    k: int = 1,
+    queries: np.ndarray | None = None,
+    candidates: np.ndarray | None = None,
+    exclude_same: Sequence[np.ndarray] = (),
+) -> dict[str, Any]:
     """Majority-vote kNN (ties go to the nearer class); returns accuracy and macro-F1 over queries."""
     from sklearn.metrics import f1_score
 
     codes, _ = pd.factorize(pd.Series(labels), sort=True)
-    q_rows, neighbours = nearest_neighbours(feats, k, queries=queries, candidates=candidates,
-                                            exclude_same=exclude_same)
+    q_rows, neighbours = nearest_neighbours(feats, k, queries=queries, candidates=candidates, exclude_same=exclude_same)
     truth, pred = [], []
-    for row, nbrs in zip(q_rows, neighbours):
+    for row, nbrs in zip(q_rows, neighbours, strict=False):
         votes = codes[nbrs[nbrs >= 0]]
         if len(votes) == 0:
             continue
@@ -100,25 +111,39 @@ def knn_classify(feats: np.ndarray, labels: np.ndarray, *, k: int = 1, queries: 
         return {**result, "accuracy": None, "macro_f1": None}
     truth_arr, pred_arr = np.asarray(truth), np.asarray(pred)
     result["accuracy"] = float((truth_arr == pred_arr).mean())
-    result["macro_f1"] = float(f1_score(truth_arr, pred_arr, labels=np.unique(truth_arr), average="macro",
-                                        zero_division=0))
+    result["macro_f1"] = float(
+        f1_score(truth_arr, pred_arr, labels=np.unique(truth_arr), average="macro", zero_division=0)
+    )
     return result
 
 
 def _controls(profiles: pd.DataFrame, control_column: str, control_value: str) -> np.ndarray:
     column = meta_column(control_column)
     if column not in profiles.columns:
-        raise DinoscopeError(f"profiles have no control column {column!r}", field=control_column,
-                             fix="pass --control-column naming the plate-map role column")
+        raise DinoscopeError(
+            f"profiles have no control column {column!r}",
+            field=control_column,
+            fix="pass --control-column naming the plate-map role column",
+        )
     is_control = (profiles[column].astype(str) == str(control_value)).to_numpy()
     if not is_control.any():
-        raise DinoscopeError(f"no profile has {control_column} == {control_value!r}", field=control_column,
-                             fix="mark negative controls in the plate map, or pass --control-value")
+        raise DinoscopeError(
+            f"no profile has {control_column} == {control_value!r}",
+            field=control_column,
+            fix="mark negative controls in the plate map, or pass --control-value",
+        )
     return is_control
 
 
-def batch_separation(profiles: pd.DataFrame, *, batch_column: str = "plate", control_column: str = "role",
-                     control_value: str = "negative_control", k: int = 5, seed: int = 0) -> dict[str, Any]:
+def batch_separation(
+    profiles: pd.DataFrame,
+    *,
+    batch_column: str = "plate",
+    control_column: str = "role",
+    control_value: str = "negative_control",
+    k: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
     """How well negative-control wells separate by plate: cosine silhouette and leave-one-out kNN accuracy."""
     from sklearn.metrics import silhouette_score
 
@@ -134,21 +159,40 @@ def batch_separation(profiles: pd.DataFrame, *, batch_column: str = "plate", con
     silhouette = silhouette_score(x, batches, metric="cosine", sample_size=min(len(x), 5000), random_state=seed)
     knn = knn_classify(x, batches, k=k)
     chance = float(pd.Series(batches).value_counts(normalize=True).max())
-    return {"n_control_wells": int(len(x)), "n_batches": n_batches, "silhouette": float(silhouette),
-            "knn_accuracy": knn["accuracy"], "chance_accuracy": chance, "k": k}
+    return {
+        "n_control_wells": int(len(x)),
+        "n_batches": n_batches,
+        "silhouette": float(silhouette),
+        "knn_accuracy": knn["accuracy"],
+        "chance_accuracy": chance,
+        "k": k,
+    }
 
 
 def _map_summary(maps: pd.DataFrame, label: str, threshold: float) -> dict[str, Any]:
     table = maps.drop(columns=["indices"], errors="ignore").rename(columns={label: "label"})
-    return {"n": int(len(table)), "mean_map": float(table["mean_average_precision"].mean()),
-            "fraction_retrieved": float(table["below_corrected_p"].mean()), "threshold": threshold,
-            "per_label": table.to_dict(orient="records")}
+    return {
+        "n": int(len(table)),
+        "mean_map": float(table["mean_average_precision"].mean()),
+        "fraction_retrieved": float(table["below_corrected_p"].mean()),
+        "threshold": threshold,
+        "per_label": table.to_dict(orient="records"),
+    }
 
 
-def phenotypic_activity(profiles: pd.DataFrame, *, treatment_column: str = "treatment", control_column: str = "role",
-                        control_value: str = "negative_control", match_controls_by: str | None = "plate",
-                        null_size: int = 10000, threshold: float = 0.05, seed: int = 0, batch_size: int = 20000,
-                        cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+def phenotypic_activity(
+    profiles: pd.DataFrame,
+    *,
+    treatment_column: str = "treatment",
+    control_column: str = "role",
+    control_value: str = "negative_control",
+    match_controls_by: str | None = "plate",
+    null_size: int = 10000,
+    threshold: float = 0.05,
+    seed: int = 0,
+    batch_size: int = 20000,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """copairs mAP of each treatment's replicate wells retrieved against negative-control wells.
 
     Negatives are restricted to controls of the same plate (``match_controls_by``), which is also what keeps the
@@ -161,25 +205,41 @@ def phenotypic_activity(profiles: pd.DataFrame, *, treatment_column: str = "trea
     tcol = _require(profiles, treatment_column)
     is_control = _controls(profiles, control_column, control_value)
     if not _has_text(profiles[tcol]).all():
-        raise DinoscopeError(f"{int((~_has_text(profiles[tcol])).sum())} profile(s) have a missing treatment",
-                             field=treatment_column, fix="fill the treatment of every well in the plate map")
+        raise DinoscopeError(
+            f"{int((~_has_text(profiles[tcol])).sum())} profile(s) have a missing treatment",
+            field=treatment_column,
+            fix="fill the treatment of every well in the plate map",
+        )
     meta = profiles[metadata_columns(profiles)].reset_index(drop=True)
     meta = assign_reference_index(meta, meta.index[is_control], reference_col=_REFERENCE)
     plate = meta_column(match_controls_by) if match_controls_by else None
     neg_sameby = [plate] if plate in meta.columns else []
     feats = profiles[feature_columns(profiles)].to_numpy(np.float32)
     try:
-        ap = average_precision(meta, feats, [tcol, _REFERENCE], [], neg_sameby, [tcol, _REFERENCE],
-                               batch_size=batch_size, distance="cosine", progress_bar=False)
+        ap = average_precision(
+            meta,
+            feats,
+            [tcol, _REFERENCE],
+            [],
+            neg_sameby,
+            [tcol, _REFERENCE],
+            batch_size=batch_size,
+            distance="cosine",
+            progress_bar=False,
+        )
     except UnpairedException as err:
         return {"skipped": f"no replicate/control pairs ({err}); activity needs >= 2 wells per treatment"}
     except ValueError as err:  # copairs rejects null metadata or NaN features
-        raise DinoscopeError(f"copairs rejected the profiles: {err}", field="profiles",
-                             fix="drop profiles with missing metadata or NaN features") from err
+        raise DinoscopeError(
+            f"copairs rejected the profiles: {err}",
+            field="profiles",
+            fix="drop profiles with missing metadata or NaN features",
+        ) from err
     ap = ap.loc[~is_control]
     with_pairs = ap.loc[ap["n_pos_pairs"] > 0, tcol].unique()
-    maps = mean_average_precision(ap, [tcol], null_size=null_size, threshold=threshold, seed=seed,
-                                  progress_bar=False, cache_dir=cache_dir)
+    maps = mean_average_precision(
+        ap, [tcol], null_size=null_size, threshold=threshold, seed=seed, progress_bar=False, cache_dir=cache_dir
+    )
     maps["n_replicates"] = maps[tcol].map(meta.loc[~is_control, tcol].value_counts()).astype(int)
     summary = _map_summary(maps, tcol, threshold)
     summary["negatives_matched_by"] = neg_sameby[0] if neg_sameby else None
@@ -187,11 +247,20 @@ def phenotypic_activity(profiles: pd.DataFrame, *, treatment_column: str = "trea
     return summary
 
 
-def phenotypic_consistency(profiles: pd.DataFrame, active: Sequence[str] | None, *, annotation_column: str = "moa",
-                           treatment_column: str = "treatment", control_column: str = "role",
-                           control_value: str = "negative_control", null_size: int = 10000,
-                           threshold: float = 0.05, seed: int = 0, batch_size: int = 20000,
-                           cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+def phenotypic_consistency(
+    profiles: pd.DataFrame,
+    active: Sequence[str] | None,
+    *,
+    annotation_column: str = "moa",
+    treatment_column: str = "treatment",
+    control_column: str = "role",
+    control_value: str = "negative_control",
+    null_size: int = 10000,
+    threshold: float = 0.05,
+    seed: int = 0,
+    batch_size: int = 20000,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """copairs mAP of treatments sharing an annotation (e.g. MoA), on treatment consensus profiles.
 
     Only ``active`` treatments are used when given (the copairs phenotypic-consistency recipe). Annotations with
@@ -218,23 +287,42 @@ def phenotypic_consistency(profiles: pd.DataFrame, active: Sequence[str] | None,
     try:
         if is_multi:
             meta[acol] = meta[acol].astype(str).str.split("|").map(lambda xs: [x.strip() for x in xs])
-            ap = multilabel.average_precision(meta, feats, [acol], [], [], [acol], multilabel_col=acol,
-                                              batch_size=batch_size, distance="cosine", progress_bar=False)
+            ap = multilabel.average_precision(
+                meta,
+                feats,
+                [acol],
+                [],
+                [],
+                [acol],
+                multilabel_col=acol,
+                batch_size=batch_size,
+                distance="cosine",
+                progress_bar=False,
+            )
         else:
-            ap = average_precision(meta, feats, [acol], [], [], [acol], batch_size=batch_size,
-                                   distance="cosine", progress_bar=False)
+            ap = average_precision(
+                meta, feats, [acol], [], [], [acol], batch_size=batch_size, distance="cosine", progress_bar=False
+            )
     except UnpairedException as err:
         return {"skipped": f"no two treatments share an annotation ({err})"}
-    maps = mean_average_precision(ap, [acol], null_size=null_size, threshold=threshold, seed=seed,
-                                  progress_bar=False, cache_dir=cache_dir)
+    maps = mean_average_precision(
+        ap, [acol], null_size=null_size, threshold=threshold, seed=seed, progress_bar=False, cache_dir=cache_dir
+    )
     summary = _map_summary(maps, acol, threshold)
     summary.update(annotation=acol, n_treatments=int(len(cons)), active_only=active is not None)
     return summary
 
 
-def knn_metrics(profiles: pd.DataFrame, *, treatment_column: str = "treatment", control_column: str = "role",
-                control_value: str = "negative_control", batch_column: str = "plate",
-                annotation_column: str | None = "moa", k: int = 1) -> dict[str, Any]:
+def knn_metrics(
+    profiles: pd.DataFrame,
+    *,
+    treatment_column: str = "treatment",
+    control_column: str = "role",
+    control_value: str = "negative_control",
+    batch_column: str = "plate",
+    annotation_column: str | None = "moa",
+    k: int = 1,
+) -> dict[str, Any]:
     """Not-same-batch kNN of treatment, and NSC / NSCB kNN of the annotation; accuracy and macro-F1 each."""
     tcol = _require(profiles, treatment_column)
     treated = ~_controls(profiles, control_column, control_value)
@@ -246,25 +334,31 @@ def knn_metrics(profiles: pd.DataFrame, *, treatment_column: str = "treatment", 
     if batches is None:
         out["treatment_nsb"] = {"skipped": f"no batch column {bcol}"}
     else:
-        out["treatment_nsb"] = knn_classify(feats, profiles[tcol].to_numpy(), k=k, queries=treated,
-                                            candidates=treated, exclude_same=[batches])
+        out["treatment_nsb"] = knn_classify(
+            feats, profiles[tcol].to_numpy(), k=k, queries=treated, candidates=treated, exclude_same=[batches]
+        )
     acol = meta_column(annotation_column) if annotation_column else None
     if acol and acol in profiles.columns:
         labelled = treated & _has_text(profiles[acol])
         labels = profiles[acol].astype(str).to_numpy()
-        out[f"{annotation_column}_nsc"] = knn_classify(feats, labels, k=k, queries=labelled, candidates=labelled,
-                                                       exclude_same=[treatments])
+        out[f"{annotation_column}_nsc"] = knn_classify(
+            feats, labels, k=k, queries=labelled, candidates=labelled, exclude_same=[treatments]
+        )
         if batches is not None:
-            out[f"{annotation_column}_nscb"] = knn_classify(feats, labels, k=k, queries=labelled,
-                                                            candidates=labelled, exclude_same=[treatments, batches])
+            out[f"{annotation_column}_nscb"] = knn_classify(
+                feats, labels, k=k, queries=labelled, candidates=labelled, exclude_same=[treatments, batches]
+            )
     return out
 
 
 def _require(profiles: pd.DataFrame, name: str) -> str:
     column = meta_column(name)
     if column not in profiles.columns:
-        raise DinoscopeError(f"profiles have no column {column!r}; they have {metadata_columns(profiles)}",
-                             field=name, fix="pass the right column name or re-run `dinoscope cells profile`")
+        raise DinoscopeError(
+            f"profiles have no column {column!r}; they have {metadata_columns(profiles)}",
+            field=name,
+            fix="pass the right column name or re-run `dinoscope cells profile`",
+        )
     return column
 
 
@@ -285,11 +379,22 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def evaluate_profiles(profiles_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                      treatment_column: str = "treatment", control_column: str = "role",
-                      control_value: str = "negative_control", batch_column: str = "plate",
-                      annotation_column: str = "moa", null_size: int = 10000, threshold: float = 0.05,
-                      knn_k: int = 1, seed: int = 0, batch_size: int = 20000, plots: bool = True) -> dict[str, Any]:
+def evaluate_profiles(
+    profiles_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    treatment_column: str = "treatment",
+    control_column: str = "role",
+    control_value: str = "negative_control",
+    batch_column: str = "plate",
+    annotation_column: str = "moa",
+    null_size: int = 10000,
+    threshold: float = 0.05,
+    knn_k: int = 1,
+    seed: int = 0,
+    batch_size: int = 20000,
+    plots: bool = True,
+) -> dict[str, Any]:
     """Run every evaluation on a profiles Parquet and write ``metrics.json``, plots and ``report.html``."""
     from bio import plots as plotting
 
@@ -303,25 +408,39 @@ def evaluate_profiles(profiles_path: str | os.PathLike, out_dir: str | os.PathLi
         stats = dict(null_size=null_size, threshold=threshold, seed=seed, batch_size=batch_size, cache_dir=cache)
         activity = phenotypic_activity(profiles, match_controls_by=batch_column, **common, **stats)
         # without replicate wells (treatment-level profiles) activity is unknown: use every treatment
-        active = None if "skipped" in activity else [r["label"] for r in activity["per_label"]
-                                                      if r["below_corrected_p"]]
-        consistency = phenotypic_consistency(profiles, active, annotation_column=annotation_column, **common,
-                                             **stats)
+        active = (
+            None if "skipped" in activity else [r["label"] for r in activity["per_label"] if r["below_corrected_p"]]
+        )
+        consistency = phenotypic_consistency(profiles, active, annotation_column=annotation_column, **common, **stats)
     metrics: dict[str, Any] = {
-        "profiles": str(profiles_path), "n_profiles": int(len(profiles)),
-        "n_features": len(feature_columns(profiles)), "provenance": provenance,
-        "activity": activity, "consistency": consistency,
-        "knn": knn_metrics(profiles, batch_column=batch_column, annotation_column=annotation_column, k=knn_k,
-                           **common),
-        "batch_separation": {"profiles": batch_separation(profiles, batch_column=batch_column,
-                                                          control_column=control_column,
-                                                          control_value=control_value, seed=seed),
-                             **provenance.get("batch_separation", {})},
+        "profiles": str(profiles_path),
+        "n_profiles": int(len(profiles)),
+        "n_features": len(feature_columns(profiles)),
+        "provenance": provenance,
+        "activity": activity,
+        "consistency": consistency,
+        "knn": knn_metrics(profiles, batch_column=batch_column, annotation_column=annotation_column, k=knn_k, **common),
+        "batch_separation": {
+            "profiles": batch_separation(
+                profiles,
+                batch_column=batch_column,
+                control_column=control_column,
+                control_value=control_value,
+                seed=seed,
+            ),
+            **provenance.get("batch_separation", {}),
+        },
     }
     metrics = _json_safe(metrics)
     if plots:
-        metrics["figures"] = plotting.write_figures(profiles, metrics, out, treatment_column=treatment_column,
-                                                    control_column=control_column, control_value=control_value)
+        metrics["figures"] = plotting.write_figures(
+            profiles,
+            metrics,
+            out,
+            treatment_column=treatment_column,
+            control_column=control_column,
+            control_value=control_value,
+        )
     write_json(out / "metrics.json", metrics)
     if plots:
         plotting.write_report(metrics, out / "report.html")

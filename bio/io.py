@@ -35,14 +35,35 @@ from bio.io_tiff import write_ome_tiff as _write_ome_tiff
 from bio.io_zarr import PlateLayout, iter_plate_fields, read_ome_zarr_image, read_plate_layout, write_plate
 from core.errors import DinoscopeError
 
-__all__ = ["ChannelSource", "ChannelStack", "FileCloser", "Image", "ManifestField", "PlateLayout", "ZProjection",
-           "channel_indices", "iter_fields", "iter_manifest_fields", "plate_layout", "read_image", "read_manifest",
-           "resolve_channel_names", "well_name", "write_ome_tiff", "write_ome_zarr_plate"]
+__all__ = [
+    "ChannelSource",
+    "ChannelStack",
+    "FileCloser",
+    "Image",
+    "ManifestField",
+    "PlateLayout",
+    "ZProjection",
+    "channel_indices",
+    "iter_fields",
+    "iter_manifest_fields",
+    "plate_layout",
+    "read_image",
+    "read_manifest",
+    "resolve_channel_names",
+    "well_name",
+    "write_ome_tiff",
+    "write_ome_zarr_plate",
+]
 
 
-def read_image(path: str | os.PathLike, channels: Sequence[str] | None = None, *,
-               channel_names: Sequence[str] | None = None, z_projection: ZProjection = "first",
-               timepoint: int = 0) -> Image:
+def read_image(
+    path: str | os.PathLike,
+    channels: Sequence[str] | None = None,
+    *,
+    channel_names: Sequence[str] | None = None,
+    z_projection: ZProjection = "first",
+    timepoint: int = 0,
+) -> Image:
     """Open an OME-TIFF / TIFF file or an OME-Zarr image group (also a plate field such as ``p.ome.zarr/A/1/0``).
 
     Args:
@@ -61,13 +82,19 @@ def read_image(path: str | os.PathLike, channels: Sequence[str] | None = None, *
     elif path.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8"):
         image = read_tiff(path, **options)
     else:
-        raise DinoscopeError(f"unsupported image format {path.suffix!r}", path=path,
-                             fix="use an OME-TIFF (.ome.tif) file or an OME-Zarr image group")
+        raise DinoscopeError(
+            f"unsupported image format {path.suffix!r}",
+            path=path,
+            fix="use an OME-TIFF (.ome.tif) file or an OME-Zarr image group",
+        )
     return image.select(channels)
 
 
-def iter_fields(plate_path: str | os.PathLike, channels: Sequence[str] | None = None, **options: Any,
-                ) -> Iterator[tuple[str, str, str, Image]]:
+def iter_fields(
+    plate_path: str | os.PathLike,
+    channels: Sequence[str] | None = None,
+    **options: Any,
+) -> Iterator[tuple[str, str, str, Image]]:
     """Yield ``(row, column, field, image)`` for every field of an OME-Zarr HCS plate, opened one at a time."""
     return iter_plate_fields(plate_path, channels, **options)
 
@@ -82,26 +109,40 @@ def read_manifest(csv_path: str | os.PathLike, *, check_files: bool = True) -> l
     return _read_manifest(csv_path, check_files=check_files)
 
 
-def iter_manifest_fields(csv_path: str | os.PathLike, channels: Sequence[str] | None = None,
-                         ) -> Iterator[tuple[str, str, str, Image]]:
+def iter_manifest_fields(
+    csv_path: str | os.PathLike,
+    channels: Sequence[str] | None = None,
+) -> Iterator[tuple[str, str, str, Image]]:
     """Yield ``(plate, well, site, image)`` for every row of a LoadData CSV, opened one at a time."""
     return _iter_manifest(csv_path, channels)
 
 
-def write_ome_tiff(path: str | os.PathLike, data: np.ndarray, channel_names: Sequence[str], *,
-                   pixel_size: float | None = None, axes: str = "CYX") -> Path:
+def write_ome_tiff(
+    path: str | os.PathLike,
+    data: np.ndarray,
+    channel_names: Sequence[str],
+    *,
+    pixel_size: float | None = None,
+    axes: str = "CYX",
+) -> Path:
     """Write ``data`` (``axes`` order, default ``C x Y x X``) as an OME-TIFF with named channels, atomically."""
     return _write_ome_tiff(path, data, channel_names, pixel_size=pixel_size, axes=axes)
 
 
-def write_ome_zarr_plate(path: str | os.PathLike,
-                         images: Mapping[tuple[str, str, str], Any] | Iterable[tuple[tuple[str, str, str], Any]],
-                         channel_names: Sequence[str], *, version: Literal["0.4", "0.5"] = "0.5",
-                         plate_name: str | None = None, pixel_size: float | None = None,
-                         overwrite: bool = False) -> Path:
+def write_ome_zarr_plate(
+    path: str | os.PathLike,
+    images: Mapping[tuple[str, str, str], Any] | Iterable[tuple[tuple[str, str, str], Any]],
+    channel_names: Sequence[str],
+    *,
+    version: Literal["0.4", "0.5"] = "0.5",
+    plate_name: str | None = None,
+    pixel_size: float | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write an OME-Zarr HCS plate from ``{(row, column, field): C x Y x X}`` (or an iterable of such pairs).
 
     NGFF 0.4 is written as zarr v2 with ``.zattrs``; NGFF 0.5 as zarr v3 with attributes under ``ome``.
     """
-    return write_plate(path, images, channel_names, version=version, plate_name=plate_name, pixel_size=pixel_size,
-                       overwrite=overwrite)
+    return write_plate(
+        path, images, channel_names, version=version, plate_name=plate_name, pixel_size=pixel_size, overwrite=overwrite
+    )

@@ -65,7 +65,7 @@ class ChannelSource:
 
     @property
     def shape(self) -> tuple[int, int]:
-        shape = dict(zip(self.axes, self.array.shape))
+        shape = dict(zip(self.axes, self.array.shape, strict=False))
         return shape["y"], shape["x"]
 
     def read(self, ys: slice | int = slice(None), xs: slice | int = slice(None)) -> np.ndarray:
@@ -85,9 +85,12 @@ class ChannelSource:
         except _INDEXING_ERRORS:
             raise
         except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unreadable
-            raise DinoscopeError(f"could not read pixel data ({type(exc).__name__}: {exc})", path=self.path,
-                                 field=self.name, fix="the file is probably truncated or corrupt; re-export it") \
-                from exc
+            raise DinoscopeError(
+                f"could not read pixel data ({type(exc).__name__}: {exc})",
+                path=self.path,
+                field=self.name,
+                fix="the file is probably truncated or corrupt; re-export it",
+            ) from exc
         if self.project_z:
             plane = plane.max(axis=kept.index("z"))
         return plane
@@ -104,8 +107,11 @@ class ChannelStack:
             raise ValueError("a ChannelStack needs at least one channel")
         shapes = {src.shape for src in sources}
         if len(shapes) != 1:
-            raise DinoscopeError(f"channels have different shapes {sorted(shapes)}", path=sources[0].path,
-                                 fix="all channels of one field must have the same Y x X size")
+            raise DinoscopeError(
+                f"channels have different shapes {sorted(shapes)}",
+                path=sources[0].path,
+                fix="all channels of one field must have the same Y x X size",
+            )
         self.sources = tuple(sources)
         self.dtype = np.result_type(*(np.dtype(src.array.dtype) for src in sources))
         self.shape: tuple[int, int, int] = (len(sources), *shapes.pop())
@@ -191,8 +197,11 @@ class Image:
         self.close()
 
 
-def channel_indices(available: Sequence[str], requested: Sequence[str], path: str | os.PathLike | None = None,
-                    ) -> list[int]:
+def channel_indices(
+    available: Sequence[str],
+    requested: Sequence[str],
+    path: str | os.PathLike | None = None,
+) -> list[int]:
     """Positions of ``requested`` names in ``available``; unknown or repeated names raise a DinoscopeError."""
     if isinstance(requested, str):
         requested = [requested]
@@ -201,28 +210,42 @@ def channel_indices(available: Sequence[str], requested: Sequence[str], path: st
         if name not in available:
             near = [a for a in available if a.lower() == str(name).lower()]
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise DinoscopeError(f"channel {name!r} not found{hint}; available channels: {', '.join(available)}",
-                                 path=path, field=str(name), fix="request channels by one of the available names")
+            raise DinoscopeError(
+                f"channel {name!r} not found{hint}; available channels: {', '.join(available)}",
+                path=path,
+                field=str(name),
+                fix="request channels by one of the available names",
+            )
         indices.append(list(available).index(name))
     if len(set(indices)) != len(indices):
-        raise DinoscopeError(f"channels requested more than once: {list(requested)}", path=path,
-                             fix="name each channel once")
+        raise DinoscopeError(
+            f"channels requested more than once: {list(requested)}", path=path, fix="name each channel once"
+        )
     return indices
 
 
-def resolve_channel_names(found: Sequence[str | None], override: Sequence[str] | None,
-                          path: str | os.PathLike) -> list[str]:
+def resolve_channel_names(
+    found: Sequence[str | None], override: Sequence[str] | None, path: str | os.PathLike
+) -> list[str]:
     """Channel names from the file, an explicit override, or ``ch0, ch1, ...`` for unnamed channels."""
     if override is not None:
         if len(override) != len(found):
-            raise DinoscopeError(f"channel_names has {len(override)} names but the image has {len(found)} channels",
-                                 path=path, field="channel_names", fix=f"give exactly {len(found)} names")
+            raise DinoscopeError(
+                f"channel_names has {len(override)} names but the image has {len(found)} channels",
+                path=path,
+                field="channel_names",
+                fix=f"give exactly {len(found)} names",
+            )
         names = [str(n) for n in override]
     else:
         names = [str(n) if n else f"ch{i}" for i, n in enumerate(found)]
     if len(set(names)) != len(names):
-        raise DinoscopeError(f"duplicate channel names {names}", path=path, field="channel_names",
-                             fix="pass channel_names=[...] with one distinct name per channel")
+        raise DinoscopeError(
+            f"duplicate channel names {names}",
+            path=path,
+            field="channel_names",
+            fix="pass channel_names=[...] with one distinct name per channel",
+        )
     return names
 
 

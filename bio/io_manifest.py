@@ -47,15 +47,21 @@ def read_manifest(csv_path: str | os.PathLike, *, check_files: bool = True) -> l
         channels = [c.removeprefix("FileName_") for c in header if c.startswith("FileName_")]
         if missing or not channels:
             what = f"missing columns {missing}" if missing else "no FileName_<Channel> columns"
-            raise DinoscopeError(f"not a LoadData manifest: {what}", path=csv_path, field=", ".join(missing) or None,
-                                 fix="the CSV needs Metadata_Plate, Metadata_Well, Metadata_Site and one "
-                                     "FileName_<Channel> column per channel (PathName_<Channel> optional)")
+            raise DinoscopeError(
+                f"not a LoadData manifest: {what}",
+                path=csv_path,
+                field=", ".join(missing) or None,
+                fix="the CSV needs Metadata_Plate, Metadata_Well, Metadata_Site and one "
+                "FileName_<Channel> column per channel (PathName_<Channel> optional)",
+            )
         fields = [_parse_row(row, line, channels, csv_path, check_files) for line, row in enumerate(reader, start=2)]
     return fields
 
 
-def iter_manifest_fields(csv_path: str | os.PathLike, channels: Sequence[str] | None = None,
-                         ) -> Iterator[tuple[str, str, str, Image]]:
+def iter_manifest_fields(
+    csv_path: str | os.PathLike,
+    channels: Sequence[str] | None = None,
+) -> Iterator[tuple[str, str, str, Image]]:
     """Yield ``(plate, well, site, image)`` per manifest row; only the requested channels' files are opened."""
     for site in read_manifest(csv_path):
         names = site.channel_names
@@ -64,17 +70,24 @@ def iter_manifest_fields(csv_path: str | os.PathLike, channels: Sequence[str] | 
         for name in wanted:
             plane = read_tiff(site.channel_paths[name], channel_names=None)
             if len(plane.channel_names) != 1:
-                raise DinoscopeError(f"expected one channel per file, found {len(plane.channel_names)}",
-                                     path=site.channel_paths[name], field=f"FileName_{name}",
-                                     fix=f"split the file into single-channel TIFFs (manifest line {site.line})")
+                raise DinoscopeError(
+                    f"expected one channel per file, found {len(plane.channel_names)}",
+                    path=site.channel_paths[name],
+                    field=f"FileName_{name}",
+                    fix=f"split the file into single-channel TIFFs (manifest line {site.line})",
+                )
             sources.append(_renamed(plane, name))
         try:
             stack = ChannelStack(sources)
         except DinoscopeError as exc:
-            raise DinoscopeError(f"channels of manifest line {site.line} differ in size: {exc.message}",
-                                 path=csv_path, fix="every channel file of a site must have the same size") from exc
-        image = Image(channel_names=list(wanted), data=stack, path=csv_path,
-                      metadata={"format": "loaddata", "line": site.line})
+            raise DinoscopeError(
+                f"channels of manifest line {site.line} differ in size: {exc.message}",
+                path=csv_path,
+                fix="every channel file of a site must have the same size",
+            ) from exc
+        image = Image(
+            channel_names=list(wanted), data=stack, path=csv_path, metadata={"format": "loaddata", "line": site.line}
+        )
         yield site.plate, site.well, site.site, image
 
 
@@ -82,22 +95,39 @@ def _renamed(plane: Image, name: str) -> ChannelSource:
     return replace(plane.data.sources[0], name=name)
 
 
-def _parse_row(row: dict[str, str], line: int, channels: list[str], csv_path: Path, check_files: bool,
-               ) -> ManifestField:
+def _parse_row(
+    row: dict[str, str],
+    line: int,
+    channels: list[str],
+    csv_path: Path,
+    check_files: bool,
+) -> ManifestField:
     paths: dict[str, Path] = {}
     for name in channels:
         file_name = (row.get(f"FileName_{name}") or "").strip()
         if not file_name:
-            raise DinoscopeError(f"line {line}: empty FileName_{name}", path=csv_path, field=f"FileName_{name}",
-                                 fix="give every channel a file name on every row")
+            raise DinoscopeError(
+                f"line {line}: empty FileName_{name}",
+                path=csv_path,
+                field=f"FileName_{name}",
+                fix="give every channel a file name on every row",
+            )
         folder = Path((row.get(f"PathName_{name}") or "").strip())
         path = Path(file_name) if Path(file_name).is_absolute() else folder / file_name
         if not path.is_absolute():
             path = csv_path.parent / path
         if check_files and not path.is_file():
-            raise DinoscopeError(f"line {line}: image file {path} does not exist", path=csv_path,
-                                 field=f"FileName_{name}",
-                                 fix="fix PathName_/FileName_ on that line, or copy the image there")
+            raise DinoscopeError(
+                f"line {line}: image file {path} does not exist",
+                path=csv_path,
+                field=f"FileName_{name}",
+                fix="fix PathName_/FileName_ on that line, or copy the image there",
+            )
         paths[name] = path
-    return ManifestField(plate=row["Metadata_Plate"], well=row["Metadata_Well"], site=row["Metadata_Site"],
-                         channel_paths=paths, line=line)
+    return ManifestField(
+        plate=row["Metadata_Plate"],
+        well=row["Metadata_Well"],
+        site=row["Metadata_Site"],
+        channel_paths=paths,
+        line=line,
+    )

@@ -68,8 +68,13 @@ def ome_attributes(group: Any) -> tuple[dict[str, Any], str]:
     return attrs, version or "0.4"
 
 
-def read_ome_zarr_image(path: str | os.PathLike, *, channel_names: Sequence[str] | None = None,
-                        z_projection: ZProjection = "first", timepoint: int = 0) -> Image:
+def read_ome_zarr_image(
+    path: str | os.PathLike,
+    *,
+    channel_names: Sequence[str] | None = None,
+    z_projection: ZProjection = "first",
+    timepoint: int = 0,
+) -> Image:
     """Open the full-resolution level of an OME-Zarr multiscale image group lazily."""
     path = Path(path)
     group = _open_group(path)
@@ -82,28 +87,50 @@ def read_ome_zarr_image(path: str | os.PathLike, *, channel_names: Sequence[str]
             fix = f"open one of the well's fields: {', '.join(map(str, fields))}"
         else:
             fix = "point at an OME-Zarr image group (it has 'multiscales' metadata)"
-        raise DinoscopeError("no 'multiscales' metadata: this is not an OME-Zarr image", path=path,
-                             field="multiscales", fix=fix)
+        raise DinoscopeError(
+            "no 'multiscales' metadata: this is not an OME-Zarr image", path=path, field="multiscales", fix=fix
+        )
     multiscale = meta["multiscales"][0]
     level = multiscale["datasets"][0]
     try:
         array = group[level["path"]]
     except KeyError as exc:
-        raise DinoscopeError(f"resolution level {level['path']!r} listed in the metadata is missing", path=path,
-                             field="multiscales[0].datasets[0].path", fix="re-write the image") from exc
+        raise DinoscopeError(
+            f"resolution level {level['path']!r} listed in the metadata is missing",
+            path=path,
+            field="multiscales[0].datasets[0].path",
+            fix="re-write the image",
+        ) from exc
     axes, units = _axes(multiscale, array.ndim, path)
     sizes = dict(zip(axes, array.shape, strict=True))  # _axes checked one letter per dimension
     if timepoint >= sizes.get("t", 1):
-        raise DinoscopeError(f"timepoint {timepoint} requested but the image has {sizes.get('t', 1)}", path=path,
-                             field="timepoint", fix="choose an existing timepoint")
+        raise DinoscopeError(
+            f"timepoint {timepoint} requested but the image has {sizes.get('t', 1)}",
+            path=path,
+            field="timepoint",
+            fix="choose an existing timepoint",
+        )
     labels = [ch.get("label") for ch in meta.get("omero", {}).get("channels", [])]
     n_channels = sizes.get("c", 1)
     names = resolve_channel_names(labels if len(labels) == n_channels else [None] * n_channels, channel_names, path)
-    sources = [ChannelSource(array=array, axes=axes, fixed={"t": timepoint, "c": i, "z": 0},
-                             project_z=z_projection == "max" and "z" in axes, path=str(path), name=name)
-               for i, name in enumerate(names)]
-    return Image(channel_names=names, data=ChannelStack(sources), pixel_size=_pixel_size(multiscale, axes, units),
-                 path=path, metadata={"format": "ome-zarr", "version": version, "axes": axes})
+    sources = [
+        ChannelSource(
+            array=array,
+            axes=axes,
+            fixed={"t": timepoint, "c": i, "z": 0},
+            project_z=z_projection == "max" and "z" in axes,
+            path=str(path),
+            name=name,
+        )
+        for i, name in enumerate(names)
+    ]
+    return Image(
+        channel_names=names,
+        data=ChannelStack(sources),
+        pixel_size=_pixel_size(multiscale, axes, units),
+        path=path,
+        metadata={"format": "ome-zarr", "version": version, "axes": axes},
+    )
 
 
 def read_plate_layout(plate_path: str | os.PathLike) -> PlateLayout:
@@ -112,9 +139,13 @@ def read_plate_layout(plate_path: str | os.PathLike) -> PlateLayout:
     meta, version = ome_attributes(_open_group(plate_path))
     plate = meta.get("plate")
     if not isinstance(plate, dict) or not plate.get("wells"):
-        raise DinoscopeError("no 'plate' metadata with wells: not an OME-Zarr HCS plate", path=plate_path,
-                             field="plate", fix="point at the plate root (the group holding the row folders), or "
-                                                "open a single image with bio.io.read_image")
+        raise DinoscopeError(
+            "no 'plate' metadata with wells: not an OME-Zarr HCS plate",
+            path=plate_path,
+            field="plate",
+            fix="point at the plate root (the group holding the row folders), or "
+            "open a single image with bio.io.read_image",
+        )
     rows = [r["name"] for r in plate.get("rows", [])]
     columns = [c["name"] for c in plate.get("columns", [])]
     wells = []
@@ -127,21 +158,35 @@ def read_plate_layout(plate_path: str | os.PathLike) -> PlateLayout:
         try:
             well_meta, _ = ome_attributes(_open_group(plate_path / well_path))
         except DinoscopeError as exc:
-            raise DinoscopeError(f"well {well_path!r} is listed in the plate metadata but missing on disk",
-                                 path=plate_path, field=f"plate.wells[{i}].path",
-                                 fix="restore the well folder, or remove the well from the plate metadata") from exc
+            raise DinoscopeError(
+                f"well {well_path!r} is listed in the plate metadata but missing on disk",
+                path=plate_path,
+                field=f"plate.wells[{i}].path",
+                fix="restore the well folder, or remove the well from the plate metadata",
+            ) from exc
         images = well_meta.get("well", {}).get("images")
         if not images:
-            raise DinoscopeError("well group has no 'well.images' metadata", path=plate_path / well_path,
-                                 field="well.images", fix="write the well metadata listing its fields")
-        wells.append(WellLayout(row=str(row), column=str(column), path=well_path,
-                                fields=tuple(str(img["path"]) for img in images)))
-    return PlateLayout(path=plate_path, name=plate.get("name"), version=version, rows=rows, columns=columns,
-                       wells=wells)
+            raise DinoscopeError(
+                "well group has no 'well.images' metadata",
+                path=plate_path / well_path,
+                field="well.images",
+                fix="write the well metadata listing its fields",
+            )
+        wells.append(
+            WellLayout(
+                row=str(row), column=str(column), path=well_path, fields=tuple(str(img["path"]) for img in images)
+            )
+        )
+    return PlateLayout(
+        path=plate_path, name=plate.get("name"), version=version, rows=rows, columns=columns, wells=wells
+    )
 
 
-def iter_plate_fields(plate_path: str | os.PathLike, channels: Sequence[str] | None = None, **options: Any,
-                      ) -> Iterator[tuple[str, str, str, Image]]:
+def iter_plate_fields(
+    plate_path: str | os.PathLike,
+    channels: Sequence[str] | None = None,
+    **options: Any,
+) -> Iterator[tuple[str, str, str, Image]]:
     """Yield ``(row, column, field, image)`` per field, each opened only when reached."""
     layout = read_plate_layout(plate_path)
     for well in layout.wells:
@@ -150,10 +195,16 @@ def iter_plate_fields(plate_path: str | os.PathLike, channels: Sequence[str] | N
             yield well.row, well.column, field_path, image.select(channels)
 
 
-def write_plate(path: str | os.PathLike,
-                images: Mapping[tuple[str, str, str], Any] | Iterable[tuple[tuple[str, str, str], Any]],
-                channel_names: Sequence[str], *, version: Literal["0.4", "0.5"] = "0.5",
-                plate_name: str | None = None, pixel_size: float | None = None, overwrite: bool = False) -> Path:
+def write_plate(
+    path: str | os.PathLike,
+    images: Mapping[tuple[str, str, str], Any] | Iterable[tuple[tuple[str, str, str], Any]],
+    channel_names: Sequence[str],
+    *,
+    version: Literal["0.4", "0.5"] = "0.5",
+    plate_name: str | None = None,
+    pixel_size: float | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write an HCS plate field by field (memory holds one field at a time); see :func:`bio.io.write_ome_zarr_plate`.
 
     All NGFF metadata (plate, well, multiscales, omero) is written by ome-zarr's writer for the chosen format, so the
@@ -183,15 +234,19 @@ def write_plate(path: str | os.PathLike,
             row, column, field_path = str(row), str(column), str(field_path)
             fields = wells.setdefault((row, column), [])
             if field_path in fields:
-                raise DinoscopeError(f"field {row}/{column}/{field_path} given twice", path=path,
-                                     fix="give each (row, column, field) once")
+                raise DinoscopeError(
+                    f"field {row}/{column}/{field_path} given twice",
+                    path=path,
+                    fix="give each (row, column, field) once",
+                )
             fields.append(field_path)
             if (row, column) not in well_groups:
                 well_groups[row, column] = root.require_group(row).require_group(column)
             group = well_groups[row, column].create_group(field_path)
             dtype = _write_pixels(group, data, channel_names, path)
-            write_multiscales_metadata(group, fmt=fmt, **_multiscale_metadata(group.path, channel_names, dtype,
-                                                                              pixel_size))
+            write_multiscales_metadata(
+                group, fmt=fmt, **_multiscale_metadata(group.path, channel_names, dtype, pixel_size)
+            )
         if not wells:
             raise DinoscopeError("no images to write", path=path, fix="pass at least one field")
         for (row, column), fields in wells.items():
@@ -199,8 +254,15 @@ def write_plate(path: str | os.PathLike,
         rows = sorted({r for r, _ in wells}, key=lambda r: (len(r), r))
         columns = sorted({c for _, c in wells}, key=lambda c: (0, int(c), c) if c.isdigit() else (1, 0, c))
         well_paths = [f"{r}/{c}" for r, c in sorted(wells, key=lambda rc: (rows.index(rc[0]), columns.index(rc[1])))]
-        write_plate_metadata(root, rows, columns, well_paths, fmt=fmt, field_count=max(map(len, wells.values())),
-                             name=plate_name or path.name.removesuffix(".zarr").removesuffix(".ome"))
+        write_plate_metadata(
+            root,
+            rows,
+            columns,
+            well_paths,
+            fmt=fmt,
+            field_count=max(map(len, wells.values())),
+            name=plate_name or path.name.removesuffix(".zarr").removesuffix(".ome"),
+        )
     return path
 
 
@@ -208,13 +270,19 @@ def _write_pixels(group: zarr.Group, data: Any, channel_names: Sequence[str], pl
     """Write level ``0`` of one field, a C x Y x X array chunked per channel; returns its dtype."""
     shape = tuple(data.shape)
     if len(shape) != 3 or shape[0] != len(channel_names):
-        raise DinoscopeError(f"field {group.path} has shape {shape}, expected C x Y x X with C = "
-                             f"{len(channel_names)}", path=plate_path, field=group.path,
-                             fix="pass one C x Y x X array per field, channels first")
+        raise DinoscopeError(
+            f"field {group.path} has shape {shape}, expected C x Y x X with C = {len(channel_names)}",
+            path=plate_path,
+            field=group.path,
+            fix="pass one C x Y x X array per field, channels first",
+        )
     chunks = (1, min(shape[1], _MAX_CHUNK), min(shape[2], _MAX_CHUNK))
     # NGFF 0.4 (zarr v2) arrays use "/" chunk keys as the spec requires; 0.5 (zarr v3) arrays name their dimensions
-    layout: dict[str, Any] = ({"chunk_key_encoding": {"name": "v2", "separator": "/"}}
-                              if group.metadata.zarr_format == 2 else {"dimension_names": ["c", "y", "x"]})
+    layout: dict[str, Any] = (
+        {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+        if group.metadata.zarr_format == 2
+        else {"dimension_names": ["c", "y", "x"]}
+    )
     dtype = np.dtype(data.dtype)
     array = group.create_array("0", shape=shape, dtype=dtype, chunks=chunks, **layout)
     if isinstance(data, np.ndarray):
@@ -225,18 +293,38 @@ def _write_pixels(group: zarr.Group, data: Any, channel_names: Sequence[str], pl
     return dtype
 
 
-def _multiscale_metadata(name: str, channel_names: Sequence[str], dtype: np.dtype, pixel_size: float | None,
-                         ) -> dict[str, Any]:
+def _multiscale_metadata(
+    name: str,
+    channel_names: Sequence[str],
+    dtype: np.dtype,
+    pixel_size: float | None,
+) -> dict[str, Any]:
     """Keyword arguments of ``ome_zarr.writer.write_multiscales_metadata`` for one single-level C x Y x X field."""
     top = float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
-    omero = {"channels": [{"label": str(name), "color": _CHANNEL_COLOURS.get(str(name), "FFFFFF"), "active": True,
-                           "window": {"min": 0.0, "max": top, "start": 0.0, "end": top}} for name in channel_names]}
+    omero = {
+        "channels": [
+            {
+                "label": str(name),
+                "color": _CHANNEL_COLOURS.get(str(name), "FFFFFF"),
+                "active": True,
+                "window": {"min": 0.0, "max": top, "start": 0.0, "end": top},
+            }
+            for name in channel_names
+        ]
+    }
     size = float(pixel_size or 1.0)
     unit = {"unit": "micrometer"} if pixel_size is not None else {}
-    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", **unit},
-            {"name": "x", "type": "space", **unit}]  # axis dicts, not axes_units=: that keyword is recent in ome-zarr
-    return {"datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, size, size]}]}],
-            "axes": axes, "name": name, "metadata": {"omero": omero}}
+    axes = [
+        {"name": "c", "type": "channel"},
+        {"name": "y", "type": "space", **unit},
+        {"name": "x", "type": "space", **unit},
+    ]  # axis dicts, not axes_units=: that keyword is recent in ome-zarr
+    return {
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, size, size]}]}],
+        "axes": axes,
+        "name": name,
+        "metadata": {"omero": omero},
+    }
 
 
 def _open_group(path: Path) -> Any:
@@ -245,8 +333,11 @@ def _open_group(path: Path) -> Any:
     try:
         return zarr.open_group(str(path), mode="r")
     except Exception as exc:  # noqa: BLE001 - zarr raises several types for "not a group"
-        raise DinoscopeError(f"not a readable zarr group ({type(exc).__name__}: {exc})", path=path,
-                             fix="point at an OME-Zarr group (it holds zarr.json or .zgroup/.zattrs)") from exc
+        raise DinoscopeError(
+            f"not a readable zarr group ({type(exc).__name__}: {exc})",
+            path=path,
+            fix="point at an OME-Zarr group (it holds zarr.json or .zgroup/.zattrs)",
+        ) from exc
 
 
 def _axes(multiscale: Mapping[str, Any], ndim: int, path: Path) -> tuple[str, dict[str, str]]:
@@ -263,8 +354,12 @@ def _axes(multiscale: Mapping[str, Any], ndim: int, path: Path) -> tuple[str, di
             units[letter] = axis["unit"]
     axes = "".join(letters)
     if len(axes) != ndim or not {"y", "x"} <= set(axes):
-        raise DinoscopeError(f"axes {letters} do not fit a {ndim}-d array with y and x", path=path,
-                             field="multiscales[0].axes", fix="fix the axes metadata to name every dimension")
+        raise DinoscopeError(
+            f"axes {letters} do not fit a {ndim}-d array with y and x",
+            path=path,
+            field="multiscales[0].axes",
+            fix="fix the axes metadata to name every dimension",
+        )
     return axes, units
 
 

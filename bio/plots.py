@@ -29,22 +29,30 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
-def _scatter_by_label(coords: np.ndarray, labels: pd.Series, is_control: np.ndarray, title: str, axis: str,
-                      path: Path) -> None:
+def _scatter_by_label(
+    coords: np.ndarray, labels: pd.Series, is_control: np.ndarray, title: str, axis: str, path: Path
+) -> None:
     """Wells as points coloured by treatment; controls in grey underneath; legend only when readable."""
     from matplotlib import colormaps
 
     fig = _figure(7.5, 5.5)
     ax = fig.add_subplot()
-    ax.scatter(coords[is_control, 0], coords[is_control, 1], s=14, c=_CONTROL_COLOUR, label="negative control",
-               alpha=0.7, linewidths=0)
+    ax.scatter(
+        coords[is_control, 0],
+        coords[is_control, 1],
+        s=14,
+        c=_CONTROL_COLOUR,
+        label="negative control",
+        alpha=0.7,
+        linewidths=0,
+    )
     treated = labels[~is_control]
     names = sorted(treated.astype(str).unique())
     tab20 = colormaps["tab20"].colors  # strong hues first, then their light twins; greys are for controls
     palette = [tab20[i] for i in [*range(0, 20, 2), *range(1, 20, 2)] if i not in (14, 15)]
     if len(names) > len(palette):
         palette = list(colormaps["turbo"].resampled(len(names))(np.arange(len(names))))
-    for name, colour in zip(names, palette):
+    for name, colour in zip(names, palette, strict=False):
         rows = np.flatnonzero(~is_control & (labels.astype(str) == name).to_numpy())
         ax.scatter(coords[rows, 0], coords[rows, 1], s=18, color=colour, label=name, linewidths=0)
     ax.set_xlabel(f"{axis} 1")
@@ -55,8 +63,9 @@ def _scatter_by_label(coords: np.ndarray, labels: pd.Series, is_control: np.ndar
     fig.savefig(path)
 
 
-def plot_embedding_2d(feats: np.ndarray, labels: pd.Series, is_control: np.ndarray, out_dir: Path,
-                      seed: int = 0) -> dict[str, str]:
+def plot_embedding_2d(
+    feats: np.ndarray, labels: pd.Series, is_control: np.ndarray, out_dir: Path, seed: int = 0
+) -> dict[str, str]:
     """PCA scatter of wells (plus UMAP when the optional ``umap`` package is importable)."""
     from sklearn.decomposition import PCA
 
@@ -64,9 +73,14 @@ def plot_embedding_2d(feats: np.ndarray, labels: pd.Series, is_control: np.ndarr
     if len(feats) >= 2 and feats.shape[1] >= 2:
         pca = PCA(n_components=2, random_state=seed).fit(feats)
         ratio = pca.explained_variance_ratio_
-        _scatter_by_label(pca.transform(feats), labels, is_control,
-                          f"PCA of well profiles ({ratio[0]:.0%}, {ratio[1]:.0%} variance)", "PC",
-                          out_dir / "pca.png")
+        _scatter_by_label(
+            pca.transform(feats),
+            labels,
+            is_control,
+            f"PCA of well profiles ({ratio[0]:.0%}, {ratio[1]:.0%} variance)",
+            "PC",
+            out_dir / "pca.png",
+        )
         written["pca"] = "pca.png"
     if importlib.util.find_spec("umap") is not None and len(feats) > 10:
         import umap
@@ -98,8 +112,15 @@ def plot_map_bars(table: pd.DataFrame, threshold: float, title: str, path: Path)
     fig.savefig(path)
 
 
-def write_figures(profiles: pd.DataFrame, metrics: dict[str, Any], out_dir: Path, *, treatment_column: str,
-                  control_column: str, control_value: str) -> dict[str, str]:
+def write_figures(
+    profiles: pd.DataFrame,
+    metrics: dict[str, Any],
+    out_dir: Path,
+    *,
+    treatment_column: str,
+    control_column: str,
+    control_value: str,
+) -> dict[str, str]:
     """Write every figure into ``out_dir``; returns ``{name: file name}``."""
     feats = profiles[feature_columns(profiles)].to_numpy(np.float32)
     labels = profiles[meta_column(treatment_column)]
@@ -134,8 +155,12 @@ def _summary_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"metric": f"{key}", "value": f"skipped: {section['skipped']}"})
         else:
             rows.append({"metric": f"{key} mean mAP", "value": section.get("mean_map")})
-            rows.append({"metric": f"{key} fraction retrieved (q < {section.get('threshold')})",
-                         "value": section.get("fraction_retrieved")})
+            rows.append(
+                {
+                    "metric": f"{key} fraction retrieved (q < {section.get('threshold')})",
+                    "value": section.get("fraction_retrieved"),
+                }
+            )
     for task, result in metrics.get("knn", {}).items():
         if "skipped" in result:
             rows.append({"metric": f"kNN {task}", "value": f"skipped: {result['skipped']}"})
@@ -152,20 +177,32 @@ def _summary_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 def write_report(metrics: dict[str, Any], path: Path) -> None:
     """A small self-contained HTML page: summary table, figures, per-treatment mAP table."""
     out_dir = path.parent
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>dinoscope profile evaluation</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px;text-align:left}"
-             "img{max-width:100%}</style></head><body>",
-             f"<h1>Profile evaluation</h1><p>{html.escape(str(metrics.get('profiles', '')))}</p>",
-             _table(_summary_rows(metrics), ["metric", "value"])]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>dinoscope profile evaluation</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+        "margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px;text-align:left}"
+        "img{max-width:100%}</style></head><body>",
+        f"<h1>Profile evaluation</h1><p>{html.escape(str(metrics.get('profiles', '')))}</p>",
+        _table(_summary_rows(metrics), ["metric", "value"]),
+    ]
     for name, file in metrics.get("figures", {}).items():
         data = base64.b64encode((out_dir / file).read_bytes()).decode()
         parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
     for key in ("activity", "consistency"):
         rows = metrics.get(key, {}).get("per_label")
         if rows:
-            columns = [c for c in ("label", "n_replicates", "mean_average_precision", "p_value",
-                                   "corrected_p_value", "below_corrected_p") if c in rows[0]]
+            columns = [
+                c
+                for c in (
+                    "label",
+                    "n_replicates",
+                    "mean_average_precision",
+                    "p_value",
+                    "corrected_p_value",
+                    "below_corrected_p",
+                )
+                if c in rows[0]
+            ]
             parts.append(f"<h2>{key} per label</h2>" + _table(rows, columns))
     provenance = metrics.get("provenance")
     if provenance:

@@ -30,8 +30,15 @@ NormMethod = Literal["percentile", "zscore", "none"]
 NORM_METHODS = ("percentile", "zscore", "none")
 
 
-def estimate_illumination(images: Iterable[Any], channel: str, *, sigma: float = 50.0, max_images: int = 64,
-                          statistic: Literal["median", "mean"] = "median", downsample: int = 4) -> np.ndarray:
+def estimate_illumination(
+    images: Iterable[Any],
+    channel: str,
+    *,
+    sigma: float = 50.0,
+    max_images: int = 64,
+    statistic: Literal["median", "mean"] = "median",
+    downsample: int = 4,
+) -> np.ndarray:
     """Smooth flat-field (``Y x X`` float32, mean 1) of ``channel`` from up to ``max_images`` fields.
 
     Args:
@@ -55,8 +62,12 @@ def estimate_illumination(images: Iterable[Any], channel: str, *, sigma: float =
         if full_shape is None:
             full_shape = plane.shape
         elif plane.shape != full_shape:
-            raise DinoscopeError(f"field size {plane.shape} differs from the first field's {full_shape}",
-                                 path=image.path, field=channel, fix="estimate illumination per image size")
+            raise DinoscopeError(
+                f"field size {plane.shape} differs from the first field's {full_shape}",
+                path=image.path,
+                field=channel,
+                fix="estimate illumination per image size",
+            )
         small = _block_mean(plane, downsample)
         if statistic == "median":
             planes.append(small)
@@ -66,8 +77,9 @@ def estimate_illumination(images: Iterable[Any], channel: str, *, sigma: float =
         if count >= max_images:
             break
     if full_shape is None:
-        raise DinoscopeError("no images to estimate illumination from", field=channel,
-                             fix="pass an iterable with at least one field")
+        raise DinoscopeError(
+            "no images to estimate illumination from", field=channel, fix="pass an iterable with at least one field"
+        )
     average = np.median(np.stack(planes), axis=0) if statistic == "median" else total / count
     smooth = gaussian_filter(average, sigma=max(sigma / downsample, 0.5), mode="nearest")
     flat = resize(smooth, full_shape, order=1, mode="edge", anti_aliasing=False).astype(np.float32)
@@ -80,8 +92,11 @@ def apply_illumination(data: np.ndarray, flatfield: np.ndarray) -> np.ndarray:
     data = np.asarray(data, dtype=np.float32)
     flatfield = np.asarray(flatfield, dtype=np.float32)
     if data.shape[-2:] != flatfield.shape[-2:]:
-        raise DinoscopeError(f"flat-field shape {flatfield.shape} does not match image shape {data.shape}",
-                             field="illumination", fix="estimate the flat-field on fields of the same size")
+        raise DinoscopeError(
+            f"flat-field shape {flatfield.shape} does not match image shape {data.shape}",
+            field="illumination",
+            fix="estimate the flat-field on fields of the same size",
+        )
     return data / np.maximum(flatfield, 1e-6)
 
 
@@ -99,12 +114,16 @@ def load_illumination(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with np.load(path) as archive:
             return {name: archive[name] for name in archive.files}
     except (OSError, ValueError) as exc:
-        raise DinoscopeError(f"not an illumination file ({exc})", path=path,
-                             fix="use an .npz written by bio.preprocess.save_illumination") from exc
+        raise DinoscopeError(
+            f"not an illumination file ({exc})",
+            path=path,
+            fix="use an .npz written by bio.preprocess.save_illumination",
+        ) from exc
 
 
-def normalise(data: np.ndarray, method: NormMethod = "percentile", *, low: float = 1.0, high: float = 99.0,
-              eps: float = 1e-7) -> np.ndarray:
+def normalise(
+    data: np.ndarray, method: NormMethod = "percentile", *, low: float = 1.0, high: float = 99.0, eps: float = 1e-7
+) -> np.ndarray:
     """Normalise each channel of ``data`` (``C x Y x X``, or ``Y x X``) on its own; returns float32."""
     if method not in NORM_METHODS:
         raise DinoscopeError(f"unknown normalisation {method!r}", field="method", fix=f"use one of {NORM_METHODS}")
@@ -117,8 +136,11 @@ def normalise(data: np.ndarray, method: NormMethod = "percentile", *, low: float
         std = data.std(axis=axes, keepdims=True)
         return (data - mean) / (std + eps)
     if not 0.0 <= low < high <= 100.0:
-        raise DinoscopeError(f"percentiles low={low}, high={high} are not 0 <= low < high <= 100", field="low/high",
-                             fix="e.g. low=1, high=99")
+        raise DinoscopeError(
+            f"percentiles low={low}, high={high} are not 0 <= low < high <= 100",
+            field="low/high",
+            fix="e.g. low=1, high=99",
+        )
     lo = np.percentile(data, low, axis=axes, keepdims=True)
     hi = np.percentile(data, high, axis=axes, keepdims=True)
     span = hi - lo
@@ -145,8 +167,9 @@ class NormalisationSpec:
 
     def __post_init__(self) -> None:
         if self.method not in NORM_METHODS:
-            raise DinoscopeError(f"unknown normalisation {self.method!r}", field="method",
-                                 fix=f"use one of {NORM_METHODS}")
+            raise DinoscopeError(
+                f"unknown normalisation {self.method!r}", field="method", fix=f"use one of {NORM_METHODS}"
+            )
 
     def apply(self, data: np.ndarray) -> np.ndarray:
         return normalise(data, self.method, low=self.low, high=self.high, eps=self.eps)
@@ -159,8 +182,9 @@ class NormalisationSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise DinoscopeError(f"unknown normalisation keys {unknown}", field=", ".join(unknown),
-                                 fix=f"use only {sorted(known)}")
+            raise DinoscopeError(
+                f"unknown normalisation keys {unknown}", field=", ".join(unknown), fix=f"use only {sorted(known)}"
+            )
         return cls(**values)
 
 

@@ -61,8 +61,11 @@ def list_fields(sources: Sequence[str | os.PathLike]) -> list[FieldInfo]:
     if isinstance(sources, (str, os.PathLike)) or not sources:
         sources = [sources] if isinstance(sources, (str, os.PathLike)) else []
     if not sources:
-        raise DinoscopeError("no input plates or manifests given", field="sources",
-                             fix="pass OME-Zarr plate roots and/or LoadData CSV files")
+        raise DinoscopeError(
+            "no input plates or manifests given",
+            field="sources",
+            fix="pass OME-Zarr plate roots and/or LoadData CSV files",
+        )
     fields: list[FieldInfo] = []
     for source in map(Path, sources):
         if source.suffix.lower() == ".csv":
@@ -73,14 +76,25 @@ def list_fields(sources: Sequence[str | os.PathLike]) -> list[FieldInfo]:
             plate = layout.name or source.name.removesuffix(".zarr").removesuffix(".ome")
             for well in layout.wells:
                 for field in well.fields:
-                    fields.append(FieldInfo(len(fields), plate, well_name(well.row, well.column), field, source,
-                                            source / well.path / field))
+                    fields.append(
+                        FieldInfo(
+                            len(fields),
+                            plate,
+                            well_name(well.row, well.column),
+                            field,
+                            source,
+                            source / well.path / field,
+                        )
+                    )
     seen: dict[str, FieldInfo] = {}
     for field in fields:
         if field.key in seen:
-            raise DinoscopeError(f"field {field.key} appears twice (in {seen[field.key].source} and "
-                                 f"{field.source})", path=field.source, field="plate",
-                                 fix="give every plate a distinct name; pass each source once")
+            raise DinoscopeError(
+                f"field {field.key} appears twice (in {seen[field.key].source} and {field.source})",
+                path=field.source,
+                field="plate",
+                fix="give every plate a distinct name; pass each source once",
+            )
         seen[field.key] = field
     return fields
 
@@ -120,17 +134,32 @@ class CentroidFinder:
         detect_channel: nuclear stain for ``detect``.
     """
 
-    def __init__(self, method: str, *, nuclei_table: str | os.PathLike | None = None,
-                 label_channel: str | None = None, detect_channel: str = "DNA") -> None:
+    def __init__(
+        self,
+        method: str,
+        *,
+        nuclei_table: str | os.PathLike | None = None,
+        label_channel: str | None = None,
+        detect_channel: str = "DNA",
+    ) -> None:
         if method not in CENTROID_METHODS:
-            raise DinoscopeError(f"unknown centroid source {method!r}", field="centroids",
-                                 fix=f"use one of {', '.join(CENTROID_METHODS)}")
+            raise DinoscopeError(
+                f"unknown centroid source {method!r}",
+                field="centroids",
+                fix=f"use one of {', '.join(CENTROID_METHODS)}",
+            )
         if method == "table" and not nuclei_table:
-            raise DinoscopeError("centroids 'table' needs a nuclei table", field="nuclei_table",
-                                 fix="pass --nuclei-table nuclei.csv (CellProfiler Nuclei_Location_Center_X/Y)")
+            raise DinoscopeError(
+                "centroids 'table' needs a nuclei table",
+                field="nuclei_table",
+                fix="pass --nuclei-table nuclei.csv (CellProfiler Nuclei_Location_Center_X/Y)",
+            )
         if method == "labels" and not label_channel:
-            raise DinoscopeError("centroids 'labels' needs the label image's name", field="label_channel",
-                                 fix="pass --label-channel NAME (a mask channel, or an NGFF labels/NAME image)")
+            raise DinoscopeError(
+                "centroids 'labels' needs the label image's name",
+                field="label_channel",
+                fix="pass --label-channel NAME (a mask channel, or an NGFF labels/NAME image)",
+            )
         self.method, self.table_path = method, nuclei_table
         self.label_channel, self.detect_channel = label_channel, detect_channel
         self._table: dict[tuple[str, ...], np.ndarray] = {}
@@ -138,9 +167,12 @@ class CentroidFinder:
             self._load_table(Path(nuclei_table))
 
     def describe(self) -> dict[str, Any]:
-        return {"method": self.method, "nuclei_table": str(self.table_path) if self.table_path else None,
-                "label_channel": self.label_channel,
-                "detect_channel": self.detect_channel if self.method == "detect" else None}
+        return {
+            "method": self.method,
+            "nuclei_table": str(self.table_path) if self.table_path else None,
+            "label_channel": self.label_channel,
+            "detect_channel": self.detect_channel if self.method == "detect" else None,
+        }
 
     def _load_table(self, path: Path) -> None:
         """Index the table once by field; only the location, id and metadata columns are read."""
@@ -148,37 +180,54 @@ class CentroidFinder:
 
         from bio.profiles import normalise_well_names
 
-        wanted = {X_COLUMN.lower(), Y_COLUMN.lower(), *map(str.lower, _ID_COLUMNS),
-                  *_TABLE_KEYS, *(f"metadata_{k}" for k in _TABLE_KEYS)}
+        wanted = {
+            X_COLUMN.lower(),
+            Y_COLUMN.lower(),
+            *map(str.lower, _ID_COLUMNS),
+            *_TABLE_KEYS,
+            *(f"metadata_{k}" for k in _TABLE_KEYS),
+        }
         try:
             frame = pd.read_csv(path, usecols=lambda column: str(column).lower() in wanted)
         except (OSError, ValueError) as err:
-            raise DinoscopeError(f"cannot read the nuclei table ({err})", path=path,
-                                 fix="pass a CSV exported from CellProfiler") from None
+            raise DinoscopeError(
+                f"cannot read the nuclei table ({err})", path=path, fix="pass a CSV exported from CellProfiler"
+            ) from None
         lower = {str(c).lower(): str(c) for c in frame.columns}
         columns = {k: lower.get(f"metadata_{k}", lower.get(k)) for k in _TABLE_KEYS}
         self._keys = [k for k in _TABLE_KEYS if columns[k]]
         if "well" not in self._keys:
-            raise DinoscopeError("the nuclei table has no well column", path=path, field="well",
-                                 fix="add Metadata_Well (or well), and plate / site columns for several of each")
+            raise DinoscopeError(
+                "the nuclei table has no well column",
+                path=path,
+                field="well",
+                fix="add Metadata_Well (or well), and plate / site columns for several of each",
+            )
         for column in (X_COLUMN, Y_COLUMN):
             if column not in frame.columns:
-                raise DinoscopeError(f"the nuclei table has no column {column!r}", path=path, field=column,
-                                     fix="export nuclei locations from CellProfiler (Nuclei_Location_Center_X/Y)")
+                raise DinoscopeError(
+                    f"the nuclei table has no column {column!r}",
+                    path=path,
+                    field=column,
+                    fix="export nuclei locations from CellProfiler (Nuclei_Location_Center_X/Y)",
+                )
         frame = frame[np.isfinite(frame[[X_COLUMN, Y_COLUMN]].to_numpy(np.float64)).all(axis=1)]
         self._centres = centroids_from_table(frame)
         id_column = next((c for c in _ID_COLUMNS if c in frame.columns), None)
         self._ids = frame[id_column].to_numpy(np.int64) if id_column else np.zeros(len(frame), np.int64)
         keys = pd.DataFrame({k: frame[columns[k]].astype(str).to_numpy() for k in self._keys})
         keys["well"] = normalise_well_names(keys["well"])
-        self._table = {(k if isinstance(k, tuple) else (k,)): rows
-                       for k, rows in keys.groupby(self._keys, sort=False).indices.items()}
+        self._table = {
+            (k if isinstance(k, tuple) else (k,)): rows
+            for k, rows in keys.groupby(self._keys, sort=False).indices.items()
+        }
         if id_column is None:  # number cells 1..n within each field, like CellProfiler
             for rows in self._table.values():
                 self._ids[rows] = np.arange(1, len(rows) + 1)
 
-    def find(self, field: FieldInfo, image: Image, data: np.ndarray | None = None,
-             names: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+    def find(
+        self, field: FieldInfo, image: Image, data: np.ndarray | None = None, names: Sequence[str] = ()
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Centroids ``[n, 2]`` and ids ``[n]``; ``data``/``names`` are the already read channels, to reuse."""
         if self.method == "table":
             import pandas as pd
@@ -190,8 +239,11 @@ class CentroidFinder:
             rows = self._table.get(key, np.zeros(0, np.int64))
             return self._centres[rows], self._ids[rows]
         if self.method == "detect":
-            plane = (data[list(names).index(self.detect_channel)] if data is not None and self.detect_channel in
-                     names else image.channel(self.detect_channel))
+            plane = (
+                data[list(names).index(self.detect_channel)]
+                if data is not None and self.detect_channel in names
+                else image.channel(self.detect_channel)
+            )
             centres = detect_nuclei(plane)
             return centres, np.arange(1, len(centres) + 1, dtype=np.int64)
         labels = self._label_image(field, image)
@@ -203,10 +255,12 @@ class CentroidFinder:
             return np.asarray(image.channel(name))
         ngff = field.path / "labels" / name if field.path is not None else None
         if ngff is None or not ngff.exists():
-            raise DinoscopeError(f"no label image {name!r}: not a channel ({', '.join(image.channel_names)}) and "
-                                 "no NGFF labels group", path=ngff or field.source, field="label_channel",
-                                 fix="add the masks as a channel (FileName_<name> in a manifest) or under "
-                                     "<field>/labels/<name>")
+            raise DinoscopeError(
+                f"no label image {name!r}: not a channel ({', '.join(image.channel_names)}) and no NGFF labels group",
+                path=ngff or field.source,
+                field="label_channel",
+                fix="add the masks as a channel (FileName_<name> in a manifest) or under <field>/labels/<name>",
+            )
         with read_image(ngff) as labels:
             return np.asarray(labels.data[0])
 
@@ -226,24 +280,41 @@ class SingleCellDataset(Dataset):
         cache_mb: decoded fields kept in memory per process (least recently used are dropped).
     """
 
-    def __init__(self, plates: Sequence[str | os.PathLike], *, crop_size: int = 64,
-                 channels: Sequence[str] | None = None, centroids: str = "table",
-                 nuclei_table: str | os.PathLike | None = None, label_channel: str | None = None,
-                 detect_channel: str = "DNA", edge: str = "skip", max_cells_per_field: int = 0,
-                 seed: int = 0, cache_mb: float = 256) -> None:
+    def __init__(
+        self,
+        plates: Sequence[str | os.PathLike],
+        *,
+        crop_size: int = 64,
+        channels: Sequence[str] | None = None,
+        centroids: str = "table",
+        nuclei_table: str | os.PathLike | None = None,
+        label_channel: str | None = None,
+        detect_channel: str = "DNA",
+        edge: str = "skip",
+        max_cells_per_field: int = 0,
+        seed: int = 0,
+        cache_mb: float = 256,
+    ) -> None:
         if crop_size < 1 or edge not in ("skip", "pad"):
-            raise DinoscopeError(f"need crop_size >= 1 and edge 'skip' or 'pad' (got {crop_size}, {edge!r})",
-                                 field="crop_size" if crop_size < 1 else "edge")
+            raise DinoscopeError(
+                f"need crop_size >= 1 and edge 'skip' or 'pad' (got {crop_size}, {edge!r})",
+                field="crop_size" if crop_size < 1 else "edge",
+            )
         self.fields = list_fields([plates] if isinstance(plates, (str, os.PathLike)) else list(plates))
         manifests = sorted({str(f.source) for f in self.fields if f.path is None})
         if manifests:
-            raise DinoscopeError("pretraining reads OME-Zarr plates only", path=manifests[0], field="plates",
-                                 fix="convert the manifest's images to an OME-Zarr plate (bio.io.write_ome_zarr_plate)")
+            raise DinoscopeError(
+                "pretraining reads OME-Zarr plates only",
+                path=manifests[0],
+                field="plates",
+                fix="convert the manifest's images to an OME-Zarr plate (bio.io.write_ome_zarr_plate)",
+            )
         self.crop_size, self.edge = crop_size, edge
         first = field_channel_names(self.fields[0])
         self.channel_names = list(channels) if channels else [c for c in first if c != label_channel]
-        finder = CentroidFinder(centroids, nuclei_table=nuclei_table, label_channel=label_channel,
-                                detect_channel=detect_channel)
+        finder = CentroidFinder(
+            centroids, nuclei_table=nuclei_table, label_channel=label_channel, detect_channel=detect_channel
+        )
         rng = np.random.default_rng(seed)
         field_of, centres = [], []
         for field in progress(self.fields, total=len(self.fields), desc="indexing cells", unit="field"):
@@ -258,19 +329,31 @@ class SingleCellDataset(Dataset):
         self.centres = np.concatenate(centres).astype(np.float32) if centres else np.zeros((0, 2), np.float32)
         self.field_of = np.concatenate(field_of) if field_of else np.zeros(0, np.int32)
         if not len(self.centres):
-            raise DinoscopeError("no cells found in the plates", path=self.fields[0].source, field="centroids",
-                                 fix="check the nuclei table / label images, or use edge='pad'")
+            raise DinoscopeError(
+                "no cells found in the plates",
+                path=self.fields[0].source,
+                field="centroids",
+                fix="check the nuclei table / label images, or use edge='pad'",
+            )
         self.cache_mb = cache_mb
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def _inside(self, centres: np.ndarray, height: int, width: int) -> np.ndarray:
         centre = np.floor(centres + 0.5)
-        keep = np.isfinite(centres).all(axis=1) & (centre >= 0).all(axis=1) & (centre[:, 0] < height) \
+        keep = (
+            np.isfinite(centres).all(axis=1)
+            & (centre >= 0).all(axis=1)
+            & (centre[:, 0] < height)
             & (centre[:, 1] < width)
+        )
         if self.edge == "skip":
             half = self.crop_size // 2
-            keep &= (centre[:, 0] - half >= 0) & (centre[:, 1] - half >= 0) \
-                & (centre[:, 0] - half + self.crop_size <= height) & (centre[:, 1] - half + self.crop_size <= width)
+            keep &= (
+                (centre[:, 0] - half >= 0)
+                & (centre[:, 1] - half >= 0)
+                & (centre[:, 0] - half + self.crop_size <= height)
+                & (centre[:, 1] - half + self.crop_size <= width)
+            )
         return keep
 
     def __len__(self) -> int:
@@ -285,7 +368,7 @@ class SingleCellDataset(Dataset):
         _, height, width = data.shape
         y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + size, height), min(left + size, width)
         out = np.zeros((size, size, data.shape[0]), np.float32)
-        out[y0 - top:y1 - top, x0 - left:x1 - left] = np.moveaxis(data[:, y0:y1, x0:x1], 0, -1)
+        out[y0 - top : y1 - top, x0 - left : x1 - left] = np.moveaxis(data[:, y0:y1, x0:x1], 0, -1)
         return out
 
     def _field(self, field_index: int) -> np.ndarray:
@@ -307,22 +390,55 @@ class SingleCellDataset(Dataset):
         return state
 
 
-def build_cells_dataset(*, plates: str | os.PathLike | Sequence[str | os.PathLike], crop_size: int = 64,
-                        channels: Sequence[str] | None = None, centroids: str = "table",
-                        nuclei_table: str | os.PathLike | None = None, label_channel: str | None = None,
-                        detect_channel: str = "DNA", edge: str = "skip", max_cells_per_field: int = 0,
-                        seed: int = 0, cache_mb: float = 256, **unexpected: Any) -> SingleCellDataset:
+def build_cells_dataset(
+    *,
+    plates: str | os.PathLike | Sequence[str | os.PathLike],
+    crop_size: int = 64,
+    channels: Sequence[str] | None = None,
+    centroids: str = "table",
+    nuclei_table: str | os.PathLike | None = None,
+    label_channel: str | None = None,
+    detect_channel: str = "DNA",
+    edge: str = "skip",
+    max_cells_per_field: int = 0,
+    seed: int = 0,
+    cache_mb: float = 256,
+    **unexpected: Any,
+) -> SingleCellDataset:
     """Factory for the recipe ``data.kind: cells``; the arguments are those of :class:`SingleCellDataset`."""
     if unexpected:
-        accepted = ["plates", "crop_size", "channels", "centroids", "nuclei_table", "label_channel",
-                    "detect_channel", "edge", "max_cells_per_field", "seed", "cache_mb"]
-        raise DinoscopeError(f"unknown keys {sorted(unexpected)} for data.kind cells",
-                             field=f"data.params.{sorted(unexpected)[0]}", fix=f"the accepted keys are {accepted}")
+        accepted = [
+            "plates",
+            "crop_size",
+            "channels",
+            "centroids",
+            "nuclei_table",
+            "label_channel",
+            "detect_channel",
+            "edge",
+            "max_cells_per_field",
+            "seed",
+            "cache_mb",
+        ]
+        raise DinoscopeError(
+            f"unknown keys {sorted(unexpected)} for data.kind cells",
+            field=f"data.params.{sorted(unexpected)[0]}",
+            fix=f"the accepted keys are {accepted}",
+        )
     plates = [plates] if isinstance(plates, (str, os.PathLike)) else [str(p) for p in plates]
-    return SingleCellDataset(plates, crop_size=crop_size, channels=list(channels) if channels else None,
-                             centroids=centroids, nuclei_table=nuclei_table, label_channel=label_channel,
-                             detect_channel=detect_channel, edge=edge, max_cells_per_field=max_cells_per_field,
-                             seed=seed, cache_mb=cache_mb)
+    return SingleCellDataset(
+        plates,
+        crop_size=crop_size,
+        channels=list(channels) if channels else None,
+        centroids=centroids,
+        nuclei_table=nuclei_table,
+        label_channel=label_channel,
+        detect_channel=detect_channel,
+        edge=edge,
+        max_cells_per_field=max_cells_per_field,
+        seed=seed,
+        cache_mb=cache_mb,
+    )
 
 
 # Keywords that name input paths, checked by `dinoscope launch` before a run (core.data.datasets contract).

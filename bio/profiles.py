@@ -63,8 +63,8 @@ def meta_column(name: str) -> str:
 
 def feature_columns(profiles: pd.DataFrame) -> list[str]:
     """The embedding feature columns ``emb_*`` in numeric order."""
-    cols = [c for c in profiles.columns if c.startswith(FEATURE_PREFIX) and c[len(FEATURE_PREFIX):].isdigit()]
-    return sorted(cols, key=lambda c: int(c[len(FEATURE_PREFIX):]))
+    cols = [c for c in profiles.columns if c.startswith(FEATURE_PREFIX) and c[len(FEATURE_PREFIX) :].isdigit()]
+    return sorted(cols, key=lambda c: int(c[len(FEATURE_PREFIX) :]))
 
 
 def metadata_columns(profiles: pd.DataFrame) -> list[str]:
@@ -86,30 +86,48 @@ def open_run(run_dir: str | os.PathLike) -> EmbeddingRun:
     """Open ``RUN/embeddings.zarr`` and ``RUN/cells.parquet`` and check that they describe the same cells."""
     root = Path(run_dir)
     if not root.is_dir():
-        raise DinoscopeError("embedding run directory not found", path=root,
-                             fix="pass the directory written by `dinoscope cells embed`")
+        raise DinoscopeError(
+            "embedding run directory not found", path=root, fix="pass the directory written by `dinoscope cells embed`"
+        )
     store = root / "embeddings.zarr"
     if not store.exists():
-        raise DinoscopeError("run has no embeddings", path=root, field="embeddings.zarr",
-                             fix="run `dinoscope cells embed` into this directory first, or pass the right RUN")
+        raise DinoscopeError(
+            "run has no embeddings",
+            path=root,
+            field="embeddings.zarr",
+            fix="run `dinoscope cells embed` into this directory first, or pass the right RUN",
+        )
     try:
         array = zarr.open_group(store, mode="r")["embeddings"]
     except Exception as err:  # zarr raises KeyError, FileNotFoundError or its own errors
-        raise DinoscopeError(f"cannot read array 'embeddings' ({err})", path=store, field="embeddings",
-                             fix="the store must be a zarr v3 group holding an [n_cells, D] array 'embeddings'") \
-            from err
+        raise DinoscopeError(
+            f"cannot read array 'embeddings' ({err})",
+            path=store,
+            field="embeddings",
+            fix="the store must be a zarr v3 group holding an [n_cells, D] array 'embeddings'",
+        ) from err
     if array.ndim != 2:
-        raise DinoscopeError(f"embeddings must be 2-D [n_cells, D], got shape {array.shape}", path=store,
-                             field="embeddings", fix="re-run the embedding command")
+        raise DinoscopeError(
+            f"embeddings must be 2-D [n_cells, D], got shape {array.shape}",
+            path=store,
+            field="embeddings",
+            fix="re-run the embedding command",
+        )
     cells = root / "cells.parquet"
     try:
         n_rows = pq.ParquetFile(cells).metadata.num_rows
     except Exception as err:
-        raise DinoscopeError(f"cannot read the per-cell table ({err})", path=cells,
-                             fix="the run needs cells.parquet with one row per embedding row") from err
+        raise DinoscopeError(
+            f"cannot read the per-cell table ({err})",
+            path=cells,
+            fix="the run needs cells.parquet with one row per embedding row",
+        ) from err
     if n_rows != array.shape[0]:
-        raise DinoscopeError(f"cells.parquet has {n_rows} rows but embeddings has {array.shape[0]}", path=root,
-                             fix="the run is incomplete or mixed; re-run the embedding command")
+        raise DinoscopeError(
+            f"cells.parquet has {n_rows} rows but embeddings has {array.shape[0]}",
+            path=root,
+            fix="the run is incomplete or mixed; re-run the embedding command",
+        )
     return EmbeddingRun(root, array, cells, int(array.shape[0]), int(array.shape[1]))
 
 
@@ -150,11 +168,17 @@ def _scan_wells(run: EmbeddingRun, columns: list[str], rows: int, drop_edge: boo
         row = pd.Series(np.arange(start, start + len(frame)), index=_keys(frame))[keep]
         part = row.groupby(level=[0, 1]).agg(["size", "min", "max"])
         part.columns = ["count", "first", "last"]
-        table = part if table is None else pd.concat([table, part]).groupby(level=[0, 1]).agg(
-            {"count": "sum", "first": "min", "last": "max"})
+        table = (
+            part
+            if table is None
+            else pd.concat([table, part]).groupby(level=[0, 1]).agg({"count": "sum", "first": "min", "last": "max"})
+        )
     if table is None or table.empty:
-        raise DinoscopeError("no cells to aggregate" + (" after dropping edge cells" if drop_edge else ""),
-                             path=run.cells_path, fix="check the run, or do not drop edge cells")
+        raise DinoscopeError(
+            "no cells to aggregate" + (" after dropping edge cells" if drop_edge else ""),
+            path=run.cells_path,
+            fix="check the run, or do not drop edge cells",
+        )
     return table.sort_index()
 
 
@@ -181,25 +205,35 @@ def _plan_median_passes(wells: pd.DataFrame, budget_cells: int) -> list[np.ndarr
     return [np.asarray(g) for g in groups]
 
 
-def _embedding_batches(run: EmbeddingRun, wells: pd.DataFrame, columns: list[str], rows: int,
-                       drop_edge: bool, desc: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _embedding_batches(
+    run: EmbeddingRun, wells: pd.DataFrame, columns: list[str], rows: int, drop_edge: bool, desc: str
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(well_codes, embeddings)`` per batch; codes index ``wells`` rows, dropped cells are removed."""
     n_batches = -(-run.n_cells // rows)
     for start, frame in progress(_cell_batches(run, columns, rows), total=n_batches, desc=desc, unit="batch"):
         codes = wells.index.get_indexer(_keys(frame))
-        emb = np.asarray(run.embeddings[start:start + len(frame)], dtype=np.float32)
+        emb = np.asarray(run.embeddings[start : start + len(frame)], dtype=np.float32)
         if not np.isfinite(emb).all():
             bad = start + int(np.flatnonzero(~np.isfinite(emb).all(axis=1))[0])
-            raise DinoscopeError(f"embedding row {bad} contains NaN or inf", path=run.root / "embeddings.zarr",
-                                 field="embeddings", fix="re-run the embedding command (check input images)")
+            raise DinoscopeError(
+                f"embedding row {bad} contains NaN or inf",
+                path=run.root / "embeddings.zarr",
+                field="embeddings",
+                fix="re-run the embedding command (check input images)",
+            )
         keep = codes >= 0
         if drop_edge:
             keep &= ~frame["edge"].astype(bool).to_numpy()
         yield codes[keep], emb[keep]
 
 
-def aggregate_wells(run_dir: str | os.PathLike, *, operation: str = "median", drop_edge_cells: bool = False,
-                    memory_budget_bytes: int = 2**30) -> pd.DataFrame:
+def aggregate_wells(
+    run_dir: str | os.PathLike,
+    *,
+    operation: str = "median",
+    drop_edge_cells: bool = False,
+    memory_budget_bytes: int = 2**30,
+) -> pd.DataFrame:
     """Aggregate per-cell embeddings into one profile per (plate, well), streaming over zarr chunks.
 
     Args:
@@ -212,14 +246,19 @@ def aggregate_wells(run_dir: str | os.PathLike, *, operation: str = "median", dr
         DataFrame with ``Metadata_plate``, ``Metadata_well``, ``Metadata_n_cells`` and ``emb_0..emb_{D-1}``.
     """
     if operation not in AGGREGATIONS:
-        raise DinoscopeError(f"unknown aggregation {operation!r}", field="aggregate",
-                             fix=f"use one of {', '.join(AGGREGATIONS)}")
+        raise DinoscopeError(
+            f"unknown aggregation {operation!r}", field="aggregate", fix=f"use one of {', '.join(AGGREGATIONS)}"
+        )
     run = open_run(run_dir)
     columns = ["plate", "well"] + (["edge"] if drop_edge_cells else [])
     missing = [c for c in columns if c not in pq.ParquetFile(run.cells_path).schema_arrow.names]
     if missing:
-        raise DinoscopeError(f"cells.parquet lacks column(s) {missing}", path=run.cells_path, field=missing[0],
-                             fix="the per-cell table needs plate, well, site, cell_id, x, y, edge")
+        raise DinoscopeError(
+            f"cells.parquet lacks column(s) {missing}",
+            path=run.cells_path,
+            field=missing[0],
+            fix="the per-cell table needs plate, well, site, cell_id, x, y, edge",
+        )
     rows = _batch_rows(run)
     wells = _scan_wells(run, columns, rows, drop_edge_cells)
     counts = wells["count"].to_numpy()
@@ -235,17 +274,38 @@ def aggregate_wells(run_dir: str | os.PathLike, *, operation: str = "median", dr
         budget = max(1, memory_budget_bytes // (4 * run.dim))
         passes = _plan_median_passes(wells, budget)
         for k, group in enumerate(passes):
-            _median_pass(run, wells, group, result, columns, rows, drop_edge_cells,
-                         f"aggregate (median, pass {k + 1}/{len(passes)})")
-    out = pd.DataFrame({"Metadata_plate": wells.index.get_level_values(0),
-                        "Metadata_well": wells.index.get_level_values(1), "Metadata_n_cells": counts})
+            _median_pass(
+                run,
+                wells,
+                group,
+                result,
+                columns,
+                rows,
+                drop_edge_cells,
+                f"aggregate (median, pass {k + 1}/{len(passes)})",
+            )
+    out = pd.DataFrame(
+        {
+            "Metadata_plate": wells.index.get_level_values(0),
+            "Metadata_well": wells.index.get_level_values(1),
+            "Metadata_n_cells": counts,
+        }
+    )
     feats = pd.DataFrame(result.astype(np.float32), columns=[f"{FEATURE_PREFIX}{j}" for j in range(run.dim)])
     log.info("aggregated %d cells into %d wells (%s)", counts.sum(), len(out), operation)
     return pd.concat([out, feats], axis=1)
 
 
-def _median_pass(run: EmbeddingRun, wells: pd.DataFrame, group: np.ndarray, result: np.ndarray,
-                 columns: list[str], rows: int, drop_edge: bool, desc: str) -> None:
+def _median_pass(
+    run: EmbeddingRun,
+    wells: pd.DataFrame,
+    group: np.ndarray,
+    result: np.ndarray,
+    columns: list[str],
+    rows: int,
+    drop_edge: bool,
+    desc: str,
+) -> None:
     """Buffer the cells of ``group``'s wells; a well's median is taken as soon as its last cell has been read."""
     in_group = np.zeros(len(wells), bool)
     in_group[group] = True
@@ -257,7 +317,7 @@ def _median_pass(run: EmbeddingRun, wells: pd.DataFrame, group: np.ndarray, resu
         codes, emb = codes[sel], emb[sel]
         order = np.argsort(codes, kind="stable")
         uniq, starts = np.unique(codes[order], return_index=True)
-        for code, part in zip(uniq, np.split(emb[order], starts[1:])):
+        for code, part in zip(uniq, np.split(emb[order], starts[1:]), strict=False):
             buffers.setdefault(int(code), []).append(part)
             need[code] -= len(part)
             if need[code] == 0:
@@ -276,20 +336,29 @@ def read_platemap(path: str | os.PathLike) -> pd.DataFrame:
     try:
         platemap = pd.read_csv(path, dtype=str, skipinitialspace=True)
     except (OSError, ValueError, pd.errors.ParserError) as err:
-        raise DinoscopeError(f"cannot read the plate map ({err})", path=path,
-                             fix="pass a CSV with columns plate, well, treatment, role") from err
+        raise DinoscopeError(
+            f"cannot read the plate map ({err})", path=path, fix="pass a CSV with columns plate, well, treatment, role"
+        ) from err
     platemap.columns = [str(c).strip() for c in platemap.columns]
     missing = [c for c in PLATEMAP_REQUIRED if c not in platemap.columns]
     if missing:
-        raise DinoscopeError(f"plate map lacks column(s) {missing}; it has {list(platemap.columns)}", path=path,
-                             field=missing[0], fix="add the columns plate, well, treatment, role")
+        raise DinoscopeError(
+            f"plate map lacks column(s) {missing}; it has {list(platemap.columns)}",
+            path=path,
+            field=missing[0],
+            fix="add the columns plate, well, treatment, role",
+        )
     platemap["well"] = normalise_well_names(platemap["well"])
     keys = [c for c in ("plate", "well") if c in platemap.columns]
     dup = platemap.duplicated(keys, keep=False)
     if dup.any():
         first = platemap.loc[dup, keys].iloc[0].to_dict()
-        raise DinoscopeError(f"plate map lists {dup.sum()} rows for repeated wells, e.g. {first}", path=path,
-                             field="well", fix="give each (plate, well) exactly one row")
+        raise DinoscopeError(
+            f"plate map lists {dup.sum()} rows for repeated wells, e.g. {first}",
+            path=path,
+            field="well",
+            fix="give each (plate, well) exactly one row",
+        )
     return platemap
 
 
@@ -302,8 +371,11 @@ def annotate_wells(wells: pd.DataFrame, platemap: pd.DataFrame) -> pd.DataFrame:
     unmatched = merged["_merge"] == "left_only"
     if unmatched.all():
         example = wells[on].iloc[0].to_dict()
-        raise DinoscopeError(f"no well of the run is in the plate map (e.g. {example})", field="plate/well",
-                             fix="check the plate names and well ids in the plate map")
+        raise DinoscopeError(
+            f"no well of the run is in the plate map (e.g. {example})",
+            field="plate/well",
+            fix="check the plate names and well ids in the plate map",
+        )
     if unmatched.any():
         log.warning("dropping %d wells absent from the plate map", int(unmatched.sum()))
     merged = merged.loc[~unmatched].drop(columns="_merge").reset_index(drop=True)
@@ -311,8 +383,14 @@ def annotate_wells(wells: pd.DataFrame, platemap: pd.DataFrame) -> pd.DataFrame:
     return merged[meta + [c for c in merged.columns if c not in meta]]
 
 
-def normalise_profiles(profiles: pd.DataFrame, *, method: str = "mad_robustize", control_column: str = "role",
-                       control_value: str = "negative_control", by: str | None = "plate") -> pd.DataFrame:
+def normalise_profiles(
+    profiles: pd.DataFrame,
+    *,
+    method: str = "mad_robustize",
+    control_column: str = "role",
+    control_value: str = "negative_control",
+    by: str | None = "plate",
+) -> pd.DataFrame:
     """Normalise features of each plate (``by``) against its negative-control wells with ``pycytominer.normalize``.
 
     ``mad_robustize`` subtracts the controls' median and divides by their scaled MAD, ``standardize`` uses mean and
@@ -322,16 +400,23 @@ def normalise_profiles(profiles: pd.DataFrame, *, method: str = "mad_robustize",
     from pycytominer import normalize
 
     if method not in NORMALISATIONS:
-        raise DinoscopeError(f"unknown normalisation {method!r}", field="normalise",
-                             fix=f"use one of {', '.join(NORMALISATIONS)}")
+        raise DinoscopeError(
+            f"unknown normalisation {method!r}", field="normalise", fix=f"use one of {', '.join(NORMALISATIONS)}"
+        )
     column = meta_column(control_column)
     if column not in profiles.columns:
-        raise DinoscopeError(f"no control column {control_column!r} in the profiles", field=control_column,
-                             fix="pass --control-column naming a plate-map column (e.g. role)")
+        raise DinoscopeError(
+            f"no control column {control_column!r} in the profiles",
+            field=control_column,
+            fix="pass --control-column naming a plate-map column (e.g. role)",
+        )
     is_control = profiles[column].astype(str) == str(control_value)
     if not is_control.any():
-        raise DinoscopeError(f"no well has {control_column} == {control_value!r}", field=control_column,
-                             fix="mark negative-control wells in the plate map, or pass --control-value")
+        raise DinoscopeError(
+            f"no well has {control_column} == {control_value!r}",
+            field=control_column,
+            fix="mark negative-control wells in the plate map, or pass --control-value",
+        )
     if method == "none":
         return profiles.copy()
     features, meta = feature_columns(profiles), metadata_columns(profiles)
@@ -341,28 +426,37 @@ def normalise_profiles(profiles: pd.DataFrame, *, method: str = "mad_robustize",
     for name, group in groups:
         n_controls = int(is_control[group.index].sum())
         if n_controls < 2:
-            raise DinoscopeError(f"plate {name!r} has {n_controls} control well(s); normalisation needs >= 2",
-                                 field=control_column, fix="add control wells to that plate, or drop the plate")
+            raise DinoscopeError(
+                f"plate {name!r} has {n_controls} control well(s); normalisation needs >= 2",
+                field=control_column,
+                fix="add control wells to that plate, or drop the plate",
+            )
         try:
-            parts.append(normalize(profiles=group, features=features, meta_features=meta, samples=query,
-                                   method=method))
+            parts.append(normalize(profiles=group, features=features, meta_features=meta, samples=query, method=method))
         except ValueError as err:
-            raise DinoscopeError(f"{method} failed on plate {name!r}: {err}", field="normalise",
-                                 fix="use mad_robustize, or more control wells for spherize") from err
+            raise DinoscopeError(
+                f"{method} failed on plate {name!r}: {err}",
+                field="normalise",
+                fix="use mad_robustize, or more control wells for spherize",
+            ) from err
     out = pd.concat(parts).loc[profiles.index]
     out[features] = out[features].astype(np.float32)
     return out
 
 
-def treatment_consensus(profiles: pd.DataFrame, *, treatment_column: str = "treatment",
-                        operation: str = "median") -> pd.DataFrame:
+def treatment_consensus(
+    profiles: pd.DataFrame, *, treatment_column: str = "treatment", operation: str = "median"
+) -> pd.DataFrame:
     """One consensus profile per treatment (``pycytominer.consensus``), keeping metadata constant per treatment."""
     from pycytominer import consensus
 
     column = meta_column(treatment_column)
     if column not in profiles.columns:
-        raise DinoscopeError(f"no treatment column {treatment_column!r}", field=treatment_column,
-                             fix="the plate map needs a treatment column")
+        raise DinoscopeError(
+            f"no treatment column {treatment_column!r}",
+            field=treatment_column,
+            fix="the plate map needs a treatment column",
+        )
     per_well = {"Metadata_plate", "Metadata_well", "Metadata_n_cells", column}
     filled = profiles.copy()
     constant = []
@@ -370,8 +464,9 @@ def treatment_consensus(profiles: pd.DataFrame, *, treatment_column: str = "trea
         if c not in per_well and (filled.groupby(column)[c].nunique(dropna=False) <= 1).all():
             filled[c] = filled[c].fillna("")  # groupby would drop treatments whose annotation is missing
             constant.append(c)
-    out = consensus(filled, replicate_columns=[column] + constant, operation=operation,
-                    features=feature_columns(profiles))
+    out = consensus(
+        filled, replicate_columns=[column] + constant, operation=operation, features=feature_columns(profiles)
+    )
     sizes = profiles.groupby(column).agg(Metadata_n_wells=(column, "size"))
     if "Metadata_n_cells" in profiles.columns:
         sizes["Metadata_n_cells"] = profiles.groupby(column)["Metadata_n_cells"].sum()
@@ -379,8 +474,9 @@ def treatment_consensus(profiles: pd.DataFrame, *, treatment_column: str = "trea
     return out[metadata_columns(out) + feature_columns(out)].reset_index(drop=True)
 
 
-def write_profiles(profiles: pd.DataFrame, path: str | os.PathLike, *,
-                   provenance: dict[str, Any] | None = None) -> None:
+def write_profiles(
+    profiles: pd.DataFrame, path: str | os.PathLike, *, provenance: dict[str, Any] | None = None
+) -> None:
     """Write profiles to Parquet atomically; ``provenance`` travels in the file's schema metadata."""
     table = pa.Table.from_pandas(profiles, preserve_index=False)
     if provenance is not None:
@@ -397,11 +493,16 @@ def read_profiles(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises OSError/ArrowInvalid for missing or corrupt files
-        raise DinoscopeError(f"cannot read profiles ({err})", path=path,
-                             fix="pass a Parquet file written by `dinoscope cells profile`") from err
+        raise DinoscopeError(
+            f"cannot read profiles ({err})", path=path, fix="pass a Parquet file written by `dinoscope cells profile`"
+        ) from err
     raw = (table.schema.metadata or {}).get(PROVENANCE_KEY)
     profiles = table.to_pandas()
     if not feature_columns(profiles):
-        raise DinoscopeError("no feature columns emb_0..emb_N", path=path, field="emb_*",
-                             fix="pass a Parquet file written by `dinoscope cells profile`")
+        raise DinoscopeError(
+            "no feature columns emb_0..emb_N",
+            path=path,
+            field="emb_*",
+            fix="pass a Parquet file written by `dinoscope cells profile`",
+        )
     return profiles, (json.loads(raw) if raw else {})

@@ -20,10 +20,20 @@ from bio.profiles import (
 )
 
 
-def build_profiles(run_dir: str | os.PathLike, platemap_path: str | os.PathLike, out: str | os.PathLike, *,
-                   aggregate: str = "median", normalise: str = "mad_robustize", normalise_by: str = "plate",
-                   control_column: str = "role", control_value: str = "negative_control", level: str = "well",
-                   treatment_column: str = "treatment", drop_edge_cells: bool = False) -> dict[str, Any]:
+def build_profiles(
+    run_dir: str | os.PathLike,
+    platemap_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    aggregate: str = "median",
+    normalise: str = "mad_robustize",
+    normalise_by: str = "plate",
+    control_column: str = "role",
+    control_value: str = "negative_control",
+    level: str = "well",
+    treatment_column: str = "treatment",
+    drop_edge_cells: bool = False,
+) -> dict[str, Any]:
     """Aggregate, annotate, normalise (and optionally build treatment consensus); write Parquet atomically.
 
     Returns the provenance stored in the Parquet file, which includes the plate-batch separation of the control
@@ -32,17 +42,31 @@ def build_profiles(run_dir: str | os.PathLike, platemap_path: str | os.PathLike,
     platemap = read_platemap(platemap_path)  # read first: a bad plate map should fail before the long pass
     wells = annotate_wells(aggregate_wells(run_dir, operation=aggregate, drop_edge_cells=drop_edge_cells), platemap)
     controls = dict(control_column=control_column, control_value=control_value)
-    normalised = normalise_profiles(wells, method=normalise, by=None if normalise_by == "all" else "plate",
-                                    **controls)
-    separation = {"before_normalisation": batch_separation(wells, **controls),
-                  "after_normalisation": batch_separation(normalised, **controls)}
-    profiles = normalised if level == "well" else treatment_consensus(normalised, treatment_column=treatment_column,
-                                                                      operation=aggregate)
-    provenance = {"run": str(run_dir), "platemap": str(platemap_path), "aggregate": aggregate,
-                  "normalise": normalise, "normalise_by": normalise_by, "control_column": control_column,
-                  "control_value": control_value, "level": level, "drop_edge_cells": drop_edge_cells,
-                  "n_cells": int(wells["Metadata_n_cells"].sum()), "n_wells": int(len(wells)),
-                  "n_profiles": int(len(profiles)), "dim": len(feature_columns(profiles)),
-                  "batch_separation": separation}
+    normalised = normalise_profiles(wells, method=normalise, by=None if normalise_by == "all" else "plate", **controls)
+    separation = {
+        "before_normalisation": batch_separation(wells, **controls),
+        "after_normalisation": batch_separation(normalised, **controls),
+    }
+    profiles = (
+        normalised
+        if level == "well"
+        else treatment_consensus(normalised, treatment_column=treatment_column, operation=aggregate)
+    )
+    provenance = {
+        "run": str(run_dir),
+        "platemap": str(platemap_path),
+        "aggregate": aggregate,
+        "normalise": normalise,
+        "normalise_by": normalise_by,
+        "control_column": control_column,
+        "control_value": control_value,
+        "level": level,
+        "drop_edge_cells": drop_edge_cells,
+        "n_cells": int(wells["Metadata_n_cells"].sum()),
+        "n_wells": int(len(wells)),
+        "n_profiles": int(len(profiles)),
+        "dim": len(feature_columns(profiles)),
+        "batch_separation": separation,
+    }
     write_profiles(profiles, out, provenance=provenance)
     return provenance

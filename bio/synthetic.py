@@ -75,9 +75,18 @@ class SyntheticScreen:
     channel_names: tuple[str, ...] = CHANNELS
 
 
-def make_plate(out_path: str | os.PathLike, *, n_rows: int = 4, n_cols: int = 6, fields: int = 2, size: int = 128,
-               seed: int = 0, plates: int = 2, version: Literal["0.4", "0.5"] = "0.5",
-               cells_per_field: int | None = None) -> SyntheticScreen:
+def make_plate(
+    out_path: str | os.PathLike,
+    *,
+    n_rows: int = 4,
+    n_cols: int = 6,
+    fields: int = 2,
+    size: int = 128,
+    seed: int = 0,
+    plates: int = 2,
+    version: Literal["0.4", "0.5"] = "0.5",
+    cells_per_field: int | None = None,
+) -> SyntheticScreen:
     """Write ``plates`` synthetic plates under ``out_path`` plus ``platemap.csv`` and ``nuclei.csv``.
 
     Plates are ``<out_path>/plate<k>.ome.zarr`` with fields ``{row}/{column}/{field}``; in the CSVs wells are named
@@ -87,11 +96,17 @@ def make_plate(out_path: str | os.PathLike, *, n_rows: int = 4, n_cols: int = 6,
     n_wells = n_rows * n_cols
     n_treated = len(TREATMENTS) - 1
     if n_rows < 1 or n_rows > 26 or n_cols < 1 or n_wells < n_treated + 2:
-        raise DinoscopeError(f"a {n_rows} x {n_cols} plate cannot hold {n_treated} treatments plus 2 control wells",
-                             field="n_rows/n_cols", fix=f"use at least {n_treated + 2} wells and at most 26 rows")
+        raise DinoscopeError(
+            f"a {n_rows} x {n_cols} plate cannot hold {n_treated} treatments plus 2 control wells",
+            field="n_rows/n_cols",
+            fix=f"use at least {n_treated + 2} wells and at most 26 rows",
+        )
     if size < 4 * CELL_RADIUS or fields < 1 or plates < 1:
-        raise DinoscopeError(f"size={size}, fields={fields}, plates={plates} too small", field="size",
-                             fix=f"use size >= {int(4 * CELL_RADIUS)} and at least one field and plate")
+        raise DinoscopeError(
+            f"size={size}, fields={fields}, plates={plates} too small",
+            field="size",
+            fix=f"use size >= {int(4 * CELL_RADIUS)} and at least one field and plate",
+        )
     root = Path(out_path)
     root.mkdir(parents=True, exist_ok=True)
     n_cells = cells_per_field or max(1, round(0.35 * size * size / (math.pi * CELL_RADIUS**2)))
@@ -103,22 +118,27 @@ def make_plate(out_path: str | os.PathLike, *, n_rows: int = 4, n_cols: int = 6,
             platemap_rows.append([plate, well_name(row, column), treatment, TREATMENTS[treatment].role])
         batch = _BatchEffect.draw(np.random.default_rng([seed, plate_index, 2]), size)
 
-        def fields_of_plate(plate: str = plate, plate_index: int = plate_index, layout: dict = layout,
-                            batch: _BatchEffect = batch) -> Iterator[tuple[tuple[str, str, str], np.ndarray]]:
+        def fields_of_plate(
+            plate: str = plate, plate_index: int = plate_index, layout: dict = layout, batch: _BatchEffect = batch
+        ) -> Iterator[tuple[tuple[str, str, str], np.ndarray]]:
             for well_index, ((row, column), treatment) in enumerate(layout.items()):
                 for site in range(fields):
                     rng = np.random.default_rng([seed, plate_index, 3, well_index, site])
                     image, centres = _render_field(rng, size, n_cells, TREATMENTS[treatment].phenotype, batch)
-                    nuclei_rows.extend([plate, well_name(row, column), site, i + 1, x, y]
-                                       for i, (y, x) in enumerate(centres))
+                    nuclei_rows.extend(
+                        [plate, well_name(row, column), site, i + 1, x, y] for i, (y, x) in enumerate(centres)
+                    )
                     yield (row, column, str(site)), image
 
         path = root / f"{plate}.ome.zarr"
         write_ome_zarr_plate(path, fields_of_plate(), CHANNELS, version=version, plate_name=plate, overwrite=True)
         plate_paths.append(path)
     platemap = _write_csv(root / "platemap.csv", ["plate", "well", "treatment", "role"], platemap_rows)
-    nuclei = _write_csv(root / "nuclei.csv", ["plate", "well", "site", "ObjectNumber", "Nuclei_Location_Center_X",
-                                              "Nuclei_Location_Center_Y"], nuclei_rows)
+    nuclei = _write_csv(
+        root / "nuclei.csv",
+        ["plate", "well", "site", "ObjectNumber", "Nuclei_Location_Center_X", "Nuclei_Location_Center_Y"],
+        nuclei_rows,
+    )
     return SyntheticScreen(root=root, plates=plate_paths, platemap=platemap, nuclei=nuclei)
 
 
@@ -145,14 +165,25 @@ class _BatchEffect:
         angle = rng.uniform(0, 2 * np.pi)
         slope, vignette = rng.uniform(0.05, 0.2), rng.uniform(0.1, 0.3)
         centre = rng.uniform(-0.3, 0.3, size=2)
-        illumination = (1 + slope * (np.cos(angle) * xx + np.sin(angle) * yy)
-                        - vignette * ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / 2)
-        return cls(gain=rng.uniform(0.75, 1.25, len(CHANNELS)), offset=rng.uniform(0.03, 0.08, len(CHANNELS)),
-                   illumination=illumination.astype(np.float32))
+        illumination = (
+            1
+            + slope * (np.cos(angle) * xx + np.sin(angle) * yy)
+            - vignette * ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / 2
+        )
+        return cls(
+            gain=rng.uniform(0.75, 1.25, len(CHANNELS)),
+            offset=rng.uniform(0.03, 0.08, len(CHANNELS)),
+            illumination=illumination.astype(np.float32),
+        )
 
 
-def _render_field(rng: np.random.Generator, size: int, n_cells: int, pheno: Phenotype, batch: _BatchEffect,
-                  ) -> tuple[np.ndarray, list[tuple[float, float]]]:
+def _render_field(
+    rng: np.random.Generator,
+    size: int,
+    n_cells: int,
+    pheno: Phenotype,
+    batch: _BatchEffect,
+) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """One ``5 x size x size`` uint16 field and its nucleus centres ``(y, x)``."""
     from scipy.ndimage import gaussian_filter
 
@@ -174,13 +205,15 @@ def _render_field(rng: np.random.Generator, size: int, n_cells: int, pheno: Phen
     puncta = np.clip(texture(0.7) * 2.5 - 1.0, 0, 1)
     puncta *= tubular.mean() / max(puncta.mean(), 1e-6)  # same mean signal, different texture
     mito = (1 - pheno.mito_fragmentation) * tubular + pheno.mito_fragmentation * puncta
-    clean = np.stack([
-        maps["nuc"] * (0.85 + 0.3 * texture(1.5)),
-        0.6 * pheno.er_gain * maps["er"],
-        0.25 * cyto + maps["nucleoli"] + 0.8 * granules * np.minimum(cyto, 1.0),
-        maps["agp"],
-        0.9 * cyto * mito,
-    ])
+    clean = np.stack(
+        [
+            maps["nuc"] * (0.85 + 0.3 * texture(1.5)),
+            0.6 * pheno.er_gain * maps["er"],
+            0.25 * cyto + maps["nucleoli"] + 0.8 * granules * np.minimum(cyto, 1.0),
+            maps["agp"],
+            0.9 * cyto * mito,
+        ]
+    )
     # the illumination falls on the cells and on the autofluorescent background alike; the camera offset is added later
     signal = batch.illumination * (batch.gain[:, None, None] * clean + batch.offset[:, None, None])
     # read noise plus shot noise that grows with the square root of the signal
@@ -202,8 +235,13 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, margin: floa
     return placed
 
 
-def _draw_cell(rng: np.random.Generator, maps: dict[str, np.ndarray], cy: float, cx: float, pheno: Phenotype,
-               ) -> None:
+def _draw_cell(
+    rng: np.random.Generator,
+    maps: dict[str, np.ndarray],
+    cy: float,
+    cx: float,
+    pheno: Phenotype,
+) -> None:
     """Add one cell's nucleus, cytoplasm, perinuclear ER, membrane/Golgi and nucleoli to the field maps."""
     size = maps["nuc"].shape[0]
     theta = rng.uniform(0, np.pi)

@@ -19,8 +19,9 @@ class DinoscopeError(Exception):
         fix: what to do about it.
     """
 
-    def __init__(self, message: str, *, path: str | os.PathLike | None = None, field: str | None = None,
-                 fix: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, path: str | os.PathLike | None = None, field: str | None = None, fix: str | None = None
+    ) -> None:
         self.message = message
         self.path = None if path is None else str(path)
         self.field = field
@@ -60,8 +61,9 @@ class TrainingInterrupted(Exception):  # noqa: N818 - it is an outcome, not an e
         self.checkpoint = checkpoint
         name = signal.Signals(self.signum).name
         where = f"; state saved in {checkpoint}" if checkpoint else ""
-        super().__init__(f"stopped by {name} after iteration {iteration}{where}; run the same command again to "
-                         "resume from there")
+        super().__init__(
+            f"stopped by {name} after iteration {iteration}{where}; run the same command again to resume from there"
+        )
 
     @property
     def exit_code(self) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
     """A module-level ``__getattr__`` for ``package`` that resolves ``exports`` on first access."""
 
-    def __getattr__(name: str) -> Any:
+    def __getattr__(name: str) -> Any:  # noqa: N807 - PEP 562 requires this name for a module attribute hook
         if name not in exports:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         return getattr(importlib.import_module(exports[name]), name)

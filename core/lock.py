@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 NO_LOCK_ENV = "DINOSCOPE_NO_LOCK"
 DIR_LOCK_NAME = ".dinoscope.lock"
 CONFLICT_FIX = "wait for that run to finish, stop it, or choose another output"
-UNSUPPORTED_FIX = ("put the output on a local or lock-capable file system, or set DINOSCOPE_NO_LOCK=1 to run without "
-                   "the lock (at your own risk)")
+UNSUPPORTED_FIX = (
+    "put the output on a local or lock-capable file system, or set DINOSCOPE_NO_LOCK=1 to run without "
+    "the lock (at your own risk)"
+)
 # errno values meaning "this file system cannot lock" rather than "someone else holds it" (ENOTSUP is EOPNOTSUPP on
 # Linux but a distinct value elsewhere).
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
@@ -121,17 +123,25 @@ class OutputLock:
         try:
             self.lock_file.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise DinoscopeError(f"cannot create the directory for the lock file: {err.strerror or err}",
-                                 path=self.target, field=self.what,
-                                 fix="choose an output in a location you can write to") from None
+            raise DinoscopeError(
+                f"cannot create the directory for the lock file: {err.strerror or err}",
+                path=self.target,
+                field=self.what,
+                fix="choose an output in a location you can write to",
+            ) from None
         key = os.path.realpath(self.lock_file)
         with _HELD_GUARD:
             if key in _HELD:
-                raise RuntimeError(f"{self.lock_file} is already locked by this process; a lock is not re-entrant "
-                                   "(release it before acquiring it again)")
+                raise RuntimeError(
+                    f"{self.lock_file} is already locked by this process; a lock is not re-entrant "
+                    "(release it before acquiring it again)"
+                )
             if no_lock_requested():
-                log.warning("%s=1: writing %s without a lock; a second run on the same output would corrupt it",
-                            NO_LOCK_ENV, self.target)
+                log.warning(
+                    "%s=1: writing %s without a lock; a second run on the same output would corrupt it",
+                    NO_LOCK_ENV,
+                    self.target,
+                )
                 self.info = _describe(self.target, self.lock_file, locked=False)
                 return self.info
             fd, writable = self._open()
@@ -146,8 +156,9 @@ class OutputLock:
             if writable:
                 self._write_record(fd, info)
             else:
-                log.warning("%s is not writable: locked, but the holder record still names the previous run",
-                            self.lock_file)
+                log.warning(
+                    "%s is not writable: locked, but the holder record still names the previous run", self.lock_file
+                )
             _HELD[key] = fd
         self._fd, self._key, self._owner_pid, self.info = fd, key, os.getpid(), info
         return info
@@ -163,35 +174,56 @@ class OutputLock:
             return os.open(self.lock_file, flags | os.O_RDWR, 0o666), True
         except PermissionError:
             if not self.lock_file.exists():
-                raise DinoscopeError(f"cannot create the lock file {self.lock_file.name}: permission denied",
-                                     path=self.target, field=self.what,
-                                     fix="choose an output in a directory you can write to") from None
+                raise DinoscopeError(
+                    f"cannot create the lock file {self.lock_file.name}: permission denied",
+                    path=self.target,
+                    field=self.what,
+                    fix="choose an output in a directory you can write to",
+                ) from None
             try:
                 return os.open(self.lock_file, flags | os.O_RDONLY, 0o666), False
             except OSError as err:
-                raise DinoscopeError(f"cannot open the lock file {self.lock_file}: {err.strerror}",
-                                     path=self.target, field=self.what,
-                                     fix="make the lock file readable or choose another output") from None
+                raise DinoscopeError(
+                    f"cannot open the lock file {self.lock_file}: {err.strerror}",
+                    path=self.target,
+                    field=self.what,
+                    fix="make the lock file readable or choose another output",
+                ) from None
         except OSError as err:
-            raise DinoscopeError(f"cannot create the lock file {self.lock_file.name}: {err.strerror}",
-                                 path=self.target, field=self.what,
-                                 fix="choose an output on a writable file system") from None
+            raise DinoscopeError(
+                f"cannot create the lock file {self.lock_file.name}: {err.strerror}",
+                path=self.target,
+                field=self.what,
+                fix="choose an output on a writable file system",
+            ) from None
 
     def _refuse(self, fd: int, err: OSError) -> None:
         """Turn a failed flock into the right exception (always raises)."""
         if err.errno in _UNSUPPORTED:
-            raise DinoscopeError(f"the file system does not support locks ({err.strerror or err}), so this {self.what} "
-                                 f"cannot be protected against a second run writing it (lock file {self.lock_file})",
-                                 path=self.target, field=self.what, fix=UNSUPPORTED_FIX)
+            raise DinoscopeError(
+                f"the file system does not support locks ({err.strerror or err}), so this {self.what} "
+                f"cannot be protected against a second run writing it (lock file {self.lock_file})",
+                path=self.target,
+                field=self.what,
+                fix=UNSUPPORTED_FIX,
+            )
         if err.errno not in _CONFLICT:
-            raise DinoscopeError(f"cannot lock {self.lock_file}: {err.strerror or err}", path=self.target,
-                                 field=self.what, fix=UNSUPPORTED_FIX)
+            raise DinoscopeError(
+                f"cannot lock {self.lock_file}: {err.strerror or err}",
+                path=self.target,
+                field=self.what,
+                fix=UNSUPPORTED_FIX,
+            )
         record = _read_record(fd)
         if record.get("host") == socket.gethostname() and record.get("pid") == os.getpid():
             # Our own record, yet not in the registry: the same file reached through another path (bind mount).
             raise RuntimeError(f"{self.lock_file} is already locked by this process through another path")
-        raise DinoscopeError(f"this {self.what} is in use: {describe_holder(record)}", path=self.target,
-                             field=self.what, fix=CONFLICT_FIX)
+        raise DinoscopeError(
+            f"this {self.what} is in use: {describe_holder(record)}",
+            path=self.target,
+            field=self.what,
+            fix=CONFLICT_FIX,
+        )
 
     def _write_record(self, fd: int, info: LockInfo) -> None:
         """Replace the record in place (truncate, write, fsync): the file itself must stay, see :meth:`release`."""
@@ -206,9 +238,12 @@ class OutputLock:
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-            raise DinoscopeError(f"cannot write the lock record {self.lock_file}: {err.strerror or err}",
-                                 path=self.target, field=self.what,
-                                 fix="free space on, or fix permissions of, the output file system") from None
+            raise DinoscopeError(
+                f"cannot write the lock record {self.lock_file}: {err.strerror or err}",
+                path=self.target,
+                field=self.what,
+                fix="free space on, or fix permissions of, the output file system",
+            ) from None
 
     # -------------------------------------------------------------------------------------------------- release
     def release(self) -> None:
@@ -250,8 +285,9 @@ class OutputLock:
 
 
 @contextlib.contextmanager
-def exclusive_lock(target: str | os.PathLike, *, what: str = "output", is_dir: bool | None = None
-                   ) -> Iterator[LockInfo]:
+def exclusive_lock(
+    target: str | os.PathLike, *, what: str = "output", is_dir: bool | None = None
+) -> Iterator[LockInfo]:
     """Hold an exclusive lock on ``target`` for the body of a ``with``; see :class:`OutputLock`.
 
     Args:
@@ -270,8 +306,16 @@ def exclusive_lock(target: str | os.PathLike, *, what: str = "output", is_dir: b
 # ------------------------------------------------------------------------------------------------------ records
 def _describe(target: Path, lock_file: Path, *, locked: bool) -> LockInfo:
     started = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    return LockInfo(target=target, lock_file=lock_file, locked=locked, pid=os.getpid(), host=socket.gethostname(),
-                    started=started, argv=[str(a) for a in sys.argv], user=_user())
+    return LockInfo(
+        target=target,
+        lock_file=lock_file,
+        locked=locked,
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        started=started,
+        argv=[str(a) for a in sys.argv],
+        user=_user(),
+    )
 
 
 def _user() -> str:
@@ -316,8 +360,10 @@ def describe_holder(record: dict[str, Any]) -> str:
     """One phrase naming the holder, e.g. ``locked by pid 1234 on host node7 since ..., running `dinoscope ...```."""
     pid, host = record.get("pid"), record.get("host")
     if not isinstance(pid, int) or not host:
-        return ("locked by another process whose record is empty or incomplete (it may be starting right now, or "
-                "predate lock records)")
+        return (
+            "locked by another process whose record is empty or incomplete (it may be starting right now, or "
+            "predate lock records)"
+        )
     text = f"locked by pid {pid} on host {host}"
     if record.get("user"):
         text += f" (user {record['user']})"
@@ -330,7 +376,9 @@ def describe_holder(record: dict[str, Any]) -> str:
     if host == socket.gethostname() and not _pid_alive(pid):
         # flock dies with its holder, so a dead pid still "holding" means another process inherited the open file,
         # e.g. a child started with os.fork outside Python's fork hooks, or a launcher that passed the descriptor.
-        text += (f"; pid {pid} no longer exists on this host, so either a process it started (sharing its open lock "
-                 "file) still holds the lock, or the current holder could not rewrite a read-only record: look for "
-                 "leftover processes using this output")
+        text += (
+            f"; pid {pid} no longer exists on this host, so either a process it started (sharing its open lock "
+            "file) still holds the lock, or the current holder could not rewrite a read-only record: look for "
+            "leftover processes using this output"
+        )
     return text

@@ -38,15 +38,23 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "", unit: str = "it",
-             initial: int = 0, disable: bool | None = None) -> Iterator[T]:
+def progress(
+    iterable: Iterable[T],
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    initial: int = 0,
+    disable: bool | None = None,
+) -> Iterator[T]:
     """A tqdm progress bar with rate and ETA, silenced when ``DINOSCOPE_NO_PROGRESS`` is set or on ranks > 0."""
     from tqdm.auto import tqdm
 
     if disable is None:
         disable = bool(os.environ.get("DINOSCOPE_NO_PROGRESS")) or int(os.environ.get("RANK", "0")) > 0
-    yield from tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, disable=disable,
-                    dynamic_ncols=True, smoothing=0.1)
+    yield from tqdm(
+        iterable, total=total, desc=desc, unit=unit, initial=initial, disable=disable, dynamic_ncols=True, smoothing=0.1
+    )
 
 
 class JsonlLogger:

@@ -37,10 +37,19 @@ def save_png(fig: Figure, path: str | os.PathLike) -> Path:
     return path
 
 
-def loss_curves(series: Mapping[str, Series], path: str | os.PathLike, *, xlabel: str = "epoch",
-                ylabel: str = "loss", title: str | None = None, log_y: bool | None = False,
-                styles: Mapping[str, Mapping[str, Any]] | None = None, secondary: Mapping[str, Series] | None = None,
-                secondary_label: str = "learning rate", size: tuple[float, float] = (7.0, 4.0)) -> Path:
+def loss_curves(
+    series: Mapping[str, Series],
+    path: str | os.PathLike,
+    *,
+    xlabel: str = "epoch",
+    ylabel: str = "loss",
+    title: str | None = None,
+    log_y: bool | None = False,
+    styles: Mapping[str, Mapping[str, Any]] | None = None,
+    secondary: Mapping[str, Series] | None = None,
+    secondary_label: str = "learning rate",
+    size: tuple[float, float] = (7.0, 4.0),
+) -> Path:
     """Several named curves on one axis, optionally with a second quantity (the lr) on a twin axis.
 
     Args:

@@ -52,8 +52,9 @@ class AlignedTarget:
         band: 1-based band of the target to read.
     """
 
-    def __init__(self, target_path: str | os.PathLike, like: RasterSource, resampling: str = "bilinear",
-                 band: int = 1) -> None:
+    def __init__(
+        self, target_path: str | os.PathLike, like: RasterSource, resampling: str = "bilinear", band: int = 1
+    ) -> None:
         self.path = Path(target_path)
         self.like = like
         self.resampling = resampling
@@ -71,18 +72,37 @@ class AlignedTarget:
         src, like = self._target.dataset, self.like
         for name, crs, path in (("target", src.crs, self.path), ("image", like.crs, like.path)):
             if crs is None:
-                raise DinoscopeError(f"the {name} raster has no CRS, so it cannot be aligned", path=path,
-                                     field="crs", fix="assign the CRS, e.g. `gdal_edit.py -a_srs EPSG:32617 FILE`")
+                raise DinoscopeError(
+                    f"the {name} raster has no CRS, so it cannot be aligned",
+                    path=path,
+                    field="crs",
+                    fix="assign the CRS, e.g. `gdal_edit.py -a_srs EPSG:32617 FILE`",
+                )
         # On an identical grid, read directly: no warping cost and bit-exact values.
-        if (src.crs == like.crs and src.transform == like.transform and (src.width, src.height)
-                == (like.width, like.height)):
+        if (
+            src.crs == like.crs
+            and src.transform == like.transform
+            and (src.width, src.height) == (like.width, like.height)
+        ):
             return
         try:
-            self._vrt = WarpedVRT(src, crs=like.crs, transform=like.transform, width=like.width,
-                                  height=like.height, resampling=method, dtype="float32", nodata=np.nan)
+            self._vrt = WarpedVRT(
+                src,
+                crs=like.crs,
+                transform=like.transform,
+                width=like.width,
+                height=like.height,
+                resampling=method,
+                dtype="float32",
+                nodata=np.nan,
+            )
         except RasterioError as err:
-            raise DinoscopeError(f"cannot warp the target onto the image grid ({err})", path=self.path,
-                                 field="crs", fix="check that both rasters have valid, compatible CRSs") from None
+            raise DinoscopeError(
+                f"cannot warp the target onto the image grid ({err})",
+                path=self.path,
+                field="crs",
+                fix="check that both rasters have valid, compatible CRSs",
+            ) from None
 
     def overlaps(self) -> bool:
         """Whether the target's footprint intersects the image extent at all."""
@@ -107,9 +127,13 @@ class AlignedTarget:
                 part = self._vrt.read(self.band, window=Window(icol, irow, iwidth, iheight))
             except RasterioError as err:
                 cause = f": {err.__cause__}" if err.__cause__ else ""
-                raise DinoscopeError(f"could not read the target while warping it: {err}{cause}", path=self.path,
-                                     field="pixels", fix="the file is probably truncated or corrupt") from None
-            values[irow - row:irow - row + iheight, icol - col:icol - col + iwidth] = part
+                raise DinoscopeError(
+                    f"could not read the target while warping it: {err}{cause}",
+                    path=self.path,
+                    field="pixels",
+                    fix="the file is probably truncated or corrupt",
+                ) from None
+            values[irow - row : irow - row + iheight, icol - col : icol - col + iwidth] = part
         return values, np.isfinite(values)
 
     def close(self) -> None:
@@ -130,8 +154,9 @@ class AlignedTarget:
         self.__init__(state["path"], state["like"], state["resampling"], state["band"])  # type: ignore[misc]
 
 
-def align_to_grid(target_path: str | os.PathLike, like: RasterSource, window: Window | None = None,
-                  resampling: str = "bilinear") -> tuple[np.ndarray, np.ndarray]:
+def align_to_grid(
+    target_path: str | os.PathLike, like: RasterSource, window: Window | None = None, resampling: str = "bilinear"
+) -> tuple[np.ndarray, np.ndarray]:
     """Reproject and resample band 1 of ``target_path`` onto ``like``'s grid, or one window of it.
 
     Returns:
@@ -143,8 +168,14 @@ def align_to_grid(target_path: str | os.PathLike, like: RasterSource, window: Wi
         return target.read(window)
 
 
-def align_raster_file(target_path: str | os.PathLike, like_path: str | os.PathLike, out_path: str | os.PathLike,
-                      *, resampling: str = "bilinear", block_size: int = 512) -> Path:
+def align_raster_file(
+    target_path: str | os.PathLike,
+    like_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    resampling: str = "bilinear",
+    block_size: int = 512,
+) -> Path:
     """Write ``target_path`` aligned to ``like_path``'s grid as a tiled float32 GeoTIFF (nodata NaN).
 
     The output is written window by window (memory bounded by ``block_size``) to a temporary name and renamed on
@@ -153,13 +184,29 @@ def align_raster_file(target_path: str | os.PathLike, like_path: str | os.PathLi
     out_path = Path(out_path)
     with RasterSource(like_path) as like, AlignedTarget(target_path, like, resampling=resampling) as target:
         if not target.overlaps():
-            raise DinoscopeError("the target raster does not overlap the image", path=target_path, field="bounds",
-                                 fix=f"give a target that covers part of {like_path}")
+            raise DinoscopeError(
+                "the target raster does not overlap the image",
+                path=target_path,
+                field="bounds",
+                fix=f"give a target that covers part of {like_path}",
+            )
         tile = tile_size_for(like.width, like.height)
-        profile = {"driver": "GTiff", "dtype": "float32", "count": 1, "width": like.width, "height": like.height,
-                   "crs": like.crs, "transform": like.transform, "nodata": np.nan, "tiled": True,
-                   "blockxsize": tile, "blockysize": tile, "compress": "deflate", "predictor": 3,
-                   "BIGTIFF": "IF_SAFER"}
+        profile = {
+            "driver": "GTiff",
+            "dtype": "float32",
+            "count": 1,
+            "width": like.width,
+            "height": like.height,
+            "crs": like.crs,
+            "transform": like.transform,
+            "nodata": np.nan,
+            "tiled": True,
+            "blockxsize": tile,
+            "blockysize": tile,
+            "compress": "deflate",
+            "predictor": 3,
+            "BIGTIFF": "IF_SAFER",
+        }
         with atomic_path(out_path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
             for window in grid_windows(like.width, like.height, block_size):
                 values, _ = target.read(window)
@@ -174,5 +221,6 @@ def _resampling(name: str) -> Resampling:
     try:
         return RESAMPLING[name]
     except KeyError:
-        raise DinoscopeError(f"unknown resampling {name!r}", field="resampling",
-                             fix=f"use one of {sorted(RESAMPLING)}") from None
+        raise DinoscopeError(
+            f"unknown resampling {name!r}", field="resampling", fix=f"use one of {sorted(RESAMPLING)}"
+        ) from None

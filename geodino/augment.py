@@ -14,6 +14,7 @@ from core.data.photometric import ChainSettings, ChannelIntensityJitter, Photome
 def multispectral_chain(settings: ChainSettings) -> PhotometricChain:
     """Per-band brightness/contrast jitter (``color_jitter_prob``, ``brightness``, ``contrast``), blur per crop slot
     as in DINOv2, no solarisation; mean/std default to 0.5 / 0.25 per band (better: the data's own statistics)."""
-    jitter = ChannelIntensityJitter(brightness=settings.brightness, contrast=settings.contrast,
-                                    distribution="uniform", p=settings.color_jitter_prob)
+    jitter = ChannelIntensityJitter(
+        brightness=settings.brightness, contrast=settings.contrast, distribution="uniform", p=settings.color_jitter_prob
+    )
     return PhotometricChain(shared=[jitter], per_crop=blur_per_crop(settings))

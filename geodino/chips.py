@@ -59,10 +59,21 @@ class ChipSampler(Dataset):
     (facebookresearch/HighResCanopyHeight ``inference.py``).
     """
 
-    def __init__(self, pairs: Sequence[PathPair], chip_size: int, *, stride: int | None = None,
-                 split: Split = "train", block_size: int | None = None, val_fraction: float = 0.2, seed: int = 0,
-                 max_nodata_fraction: float = 0.5, bands: Sequence[int | str] | None = None,
-                 normaliser: BandNormaliser | None = None, resampling: str = "bilinear") -> None:
+    def __init__(
+        self,
+        pairs: Sequence[PathPair],
+        chip_size: int,
+        *,
+        stride: int | None = None,
+        split: Split = "train",
+        block_size: int | None = None,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        max_nodata_fraction: float = 0.5,
+        bands: Sequence[int | str] | None = None,
+        normaliser: BandNormaliser | None = None,
+        resampling: str = "bilinear",
+    ) -> None:
         _check_arguments(pairs, chip_size, stride, split, block_size, val_fraction, max_nodata_fraction)
         self.chip_size = chip_size
         self.stride = stride or chip_size
@@ -76,14 +87,19 @@ class ChipSampler(Dataset):
             check_band_count(image, self.images[0].count, expected_by=f"the first image ({self.images[0].path})")
         for image in self.images:
             _check_north_up(image)
-        self.targets = [AlignedTarget(target, like=image, resampling=resampling)
-                        for image, (_, target) in zip(self.images, pairs)]
+        self.targets = [
+            AlignedTarget(target, like=image, resampling=resampling)
+            for image, (_, target) in zip(self.images, pairs, strict=False)
+        ]
         if normaliser is None:
             normaliser = BandNormaliser.from_percentiles(self.images)
         elif normaliser.count != self.images[0].count:
-            raise DinoscopeError(f"the normaliser has {normaliser.count} bands but {self.images[0].count} are "
-                                 "selected", path=self.images[0].path, field="bands",
-                                 fix="select the bands the normalisation was computed for")
+            raise DinoscopeError(
+                f"the normaliser has {normaliser.count} bands but {self.images[0].count} are selected",
+                path=self.images[0].path,
+                field="bands",
+                fix="select the bands the normalisation was computed for",
+            )
         self.normaliser = normaliser
         self.channel_names = self.images[0].band_names
         # Block edge in CRS units, shared by every raster so that rasters in one CRS share one block grid.
@@ -93,10 +109,13 @@ class ChipSampler(Dataset):
         for index in range(len(self.images)):
             self.chips.extend(self._scan(index))
         if not self.chips:
-            raise DinoscopeError(f"no usable {split} chips of {chip_size} px in {len(pairs)} raster pair(s)",
-                                 path=pairs[0][0], field="split",
-                                 fix="use larger rasters, a smaller chip_size or block_size, another seed, or a "
-                                     "val_fraction that gives this split some blocks; check nodata coverage")
+            raise DinoscopeError(
+                f"no usable {split} chips of {chip_size} px in {len(pairs)} raster pair(s)",
+                path=pairs[0][0],
+                field="split",
+                fix="use larger rasters, a smaller chip_size or block_size, another seed, or a "
+                "val_fraction that gives this split some blocks; check nodata coverage",
+            )
         log.info("%s split: %d chips of %d px from %d pair(s)", split, len(self.chips), chip_size, len(pairs))
 
     def __len__(self) -> int:
@@ -132,7 +151,7 @@ class ChipSampler(Dataset):
     def block_split(self, crs_key: str, block_x: int, block_y: int) -> Split:
         """The split a block belongs to: a stable hash, uniform in [0, 1), compared with ``val_fraction``."""
         digest = hashlib.blake2b(f"{self.seed}|{crs_key}|{block_x}|{block_y}".encode(), digest_size=8).digest()
-        return "val" if int.from_bytes(digest, "big") / 2 ** 64 < self.val_fraction else "train"
+        return "val" if int.from_bytes(digest, "big") / 2**64 < self.val_fraction else "train"
 
     def _scan(self, index: int) -> list[tuple[int, int, int]]:
         image, target = self.images[index], self.targets[index]
@@ -165,48 +184,82 @@ class ChipSampler(Dataset):
                 for row in rows:
                     for col in cols:
                         r, c = row - rows[0], col - cols[0]
-                        if invalid[r:r + size, c:c + size].mean() <= self.max_nodata_fraction:
+                        if invalid[r : r + size, c : c + size].mean() <= self.max_nodata_fraction:
                             chips.append((index, col, row))
         return chips
 
 
-def make_chip_dataset(pairs: Sequence[PathPair], chip_size: int, *, stride: int | None = None,
-                      split: Split = "train", block_size: int | None = None, val_fraction: float = 0.2,
-                      seed: int = 0, max_nodata_fraction: float = 0.5, bands: Sequence[int | str] | None = None,
-                      normaliser: BandNormaliser | None = None, resampling: str = "bilinear") -> ChipSampler:
+def make_chip_dataset(
+    pairs: Sequence[PathPair],
+    chip_size: int,
+    *,
+    stride: int | None = None,
+    split: Split = "train",
+    block_size: int | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    max_nodata_fraction: float = 0.5,
+    bands: Sequence[int | str] | None = None,
+    normaliser: BandNormaliser | None = None,
+    resampling: str = "bilinear",
+) -> ChipSampler:
     """Build the chip dataset of one split; see :class:`ChipSampler` for the arguments.
 
     Call it twice with the same arguments but ``split="train"`` and ``split="val"`` to get disjoint splits;
     pass the train set's ``normaliser`` to the val set when you supply your own scaling.
     """
-    return ChipSampler(pairs, chip_size, stride=stride, split=split, block_size=block_size,
-                       val_fraction=val_fraction, seed=seed, max_nodata_fraction=max_nodata_fraction, bands=bands,
-                       normaliser=normaliser, resampling=resampling)
+    return ChipSampler(
+        pairs,
+        chip_size,
+        stride=stride,
+        split=split,
+        block_size=block_size,
+        val_fraction=val_fraction,
+        seed=seed,
+        max_nodata_fraction=max_nodata_fraction,
+        bands=bands,
+        normaliser=normaliser,
+        resampling=resampling,
+    )
 
 
-def _check_arguments(pairs: Sequence[PathPair], chip_size: int, stride: int | None, split: str,
-                     block_size: int | None, val_fraction: float, max_nodata_fraction: float) -> None:
+def _check_arguments(
+    pairs: Sequence[PathPair],
+    chip_size: int,
+    stride: int | None,
+    split: str,
+    block_size: int | None,
+    val_fraction: float,
+    max_nodata_fraction: float,
+) -> None:
     if not pairs:
-        raise DinoscopeError("no (image, target) pairs given", field="pairs",
-                             fix="give at least one (image.tif, chm.tif) pair")
+        raise DinoscopeError(
+            "no (image, target) pairs given", field="pairs", fix="give at least one (image.tif, chm.tif) pair"
+        )
     if split not in ("train", "val"):
         raise DinoscopeError(f"unknown split {split!r}", field="split", fix="use 'train' or 'val'")
     if chip_size < 1 or (stride is not None and stride < 1):
-        raise DinoscopeError(f"chip_size and stride must be positive (got {chip_size}, {stride})",
-                             field="chip_size")
+        raise DinoscopeError(f"chip_size and stride must be positive (got {chip_size}, {stride})", field="chip_size")
     if block_size is not None and block_size < chip_size:
-        raise DinoscopeError(f"block_size {block_size} is smaller than chip_size {chip_size}", field="block_size",
-                             fix="a block must hold at least one chip; use block_size >= chip_size")
+        raise DinoscopeError(
+            f"block_size {block_size} is smaller than chip_size {chip_size}",
+            field="block_size",
+            fix="a block must hold at least one chip; use block_size >= chip_size",
+        )
     if not 0.0 <= val_fraction <= 1.0:
         raise DinoscopeError(f"val_fraction must lie in [0, 1], got {val_fraction}", field="val_fraction")
     if not 0.0 <= max_nodata_fraction <= 1.0:
-        raise DinoscopeError(f"max_nodata_fraction must lie in [0, 1], got {max_nodata_fraction}",
-                             field="max_nodata_fraction")
+        raise DinoscopeError(
+            f"max_nodata_fraction must lie in [0, 1], got {max_nodata_fraction}", field="max_nodata_fraction"
+        )
 
 
 def _check_north_up(image: RasterSource) -> None:
     t = image.transform
     if t.b != 0 or t.d != 0 or t.a <= 0 or t.e >= 0:
-        raise DinoscopeError("the image grid is rotated or flipped; spatial blocks need a north-up grid",
-                             path=image.path, field="transform",
-                             fix="warp it north-up first, e.g. `gdalwarp SRC DST` without -r options")
+        raise DinoscopeError(
+            "the image grid is rotated or flipped; spatial blocks need a north-up grid",
+            path=image.path,
+            field="transform",
+            fix="warp it north-up first, e.g. `gdalwarp SRC DST` without -r options",
+        )

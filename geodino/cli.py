@@ -13,19 +13,29 @@ from collections.abc import Callable
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="compare a predicted canopy-height raster with a reference CHM",
-                       description="Align REF onto PRED's grid, leave out pixels that are nodata in either, and "
-                       "write DIR/metrics.json (mae, rmse, r2, block_r2, bias, nmae, per_bin, iou_2m, iou_5m, "
-                       "n_pixels) plus a pred-vs-ref density plot and map previews.")
+    p = sub.add_parser(
+        "evaluate",
+        help="compare a predicted canopy-height raster with a reference CHM",
+        description="Align REF onto PRED's grid, leave out pixels that are nodata in either, and "
+        "write DIR/metrics.json (mae, rmse, r2, block_r2, bias, nmae, per_bin, iou_2m, iou_5m, "
+        "n_pixels) plus a pred-vs-ref density plot and map previews.",
+    )
     p.add_argument("pred", help="predicted canopy height raster (metres, or with a GDAL scale)")
     p.add_argument("ref", help="reference canopy height model (e.g. lidar CHM), any CRS")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--resampling", default="bilinear",
-                   help="how REF is resampled onto PRED's grid: bilinear (upsampling), average or max (downsampling)")
+    p.add_argument(
+        "--resampling",
+        default="bilinear",
+        help="how REF is resampled onto PRED's grid: bilinear (upsampling), average or max (downsampling)",
+    )
     p.add_argument("--block", type=int, default=50, help="block size in pixels for block R2 (HRCH: 50)")
     p.add_argument("--trim", type=int, default=3, help="border trimmed before block R2, in pixels (HRCH: 3)")
-    p.add_argument("--ref-scale", type=float, default=None,
-                   help="metres per REF unit when the file has no scale metadata (0.1 for decimetres)")
+    p.add_argument(
+        "--ref-scale",
+        type=float,
+        default=None,
+        help="metres per REF unit when the file has no scale metadata (0.1 for decimetres)",
+    )
     p.add_argument("--pred-scale", type=float, default=None, help="metres per PRED unit (default: file metadata)")
     p.set_defaults(func=_run_evaluate)
 
@@ -33,18 +43,31 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from geodino.evaluate import evaluate_rasters
 
-    result = evaluate_rasters(args.pred, args.ref, args.out, resampling=args.resampling, block=args.block,
-                              trim=args.trim, pred_scale=args.pred_scale, ref_scale=args.ref_scale)
-    print(f"MAE {result['mae']:.3f} m  RMSE {result['rmse']:.3f} m  R2 {result['r2']:.3f}  "
-          f"block R2 {result['block_r2']:.3f}  bias {result['bias']:+.3f} m  n={result['n_pixels']}")
+    result = evaluate_rasters(
+        args.pred,
+        args.ref,
+        args.out,
+        resampling=args.resampling,
+        block=args.block,
+        trim=args.trim,
+        pred_scale=args.pred_scale,
+        ref_scale=args.ref_scale,
+    )
+    print(
+        f"MAE {result['mae']:.3f} m  RMSE {result['rmse']:.3f} m  R2 {result['r2']:.3f}  "
+        f"block R2 {result['block_r2']:.3f}  bias {result['bias']:+.3f} m  n={result['n_pixels']}"
+    )
     return 0
 
 
 def _add_zonal(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("zonal", help="per-polygon canopy height statistics",
-                       description="Per polygon: mean, p50, p95 height, canopy cover fraction above the threshold, "
-                       "pixel count and nodata fraction (exactextract, coverage-weighted). Polygons in any CRS; "
-                       "attribute columns are kept.")
+    p = sub.add_parser(
+        "zonal",
+        help="per-polygon canopy height statistics",
+        description="Per polygon: mean, p50, p95 height, canopy cover fraction above the threshold, "
+        "pixel count and nodata fraction (exactextract, coverage-weighted). Polygons in any CRS; "
+        "attribute columns are kept.",
+    )
     p.add_argument("raster", help="canopy height raster")
     p.add_argument("polygons", help="polygons: GeoPackage, GeoParquet, shapefile or GeoJSON")
     p.add_argument("output", help="output file (.gpkg recommended; .parquet or .geojson also work)")
@@ -56,8 +79,7 @@ def _add_zonal(sub: argparse._SubParsersAction) -> None:
 def _run_zonal(args: argparse.Namespace) -> int:
     from geodino.zonal import zonal_to_file
 
-    out = zonal_to_file(args.raster, args.polygons, args.output, cover_threshold=args.cover_threshold,
-                        band=args.band)
+    out = zonal_to_file(args.raster, args.polygons, args.output, cover_threshold=args.cover_threshold, band=args.band)
     print(out)
     return 0
 
@@ -78,9 +100,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("synth", help="write synthetic forest scenes (RGB GeoTIFF + matching CHM)",
-                       description="Deterministic synthetic forests: allometric crowns, sun-angle shadows whose "
-                       "length follows height, ground texture, gaps and nodata; RGB and CHM on one projected grid.")
+    p = sub.add_parser(
+        "synth",
+        help="write synthetic forest scenes (RGB GeoTIFF + matching CHM)",
+        description="Deterministic synthetic forests: allometric crowns, sun-angle shadows whose "
+        "length follows height, ground texture, gaps and nodata; RGB and CHM on one projected grid.",
+    )
     p.add_argument("out", help="output directory")
     p.add_argument("--scenes", type=int, default=1, help="number of scenes (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=int, default=0)
@@ -100,8 +125,11 @@ CANOPY_COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``canopy`` and its sub-commands to the ``dinoscope`` parser."""
-    canopy = subparsers.add_parser("canopy", help="canopy-height mapping from GeoTIFFs",
-                                   description="Canopy-height mapping from GeoTIFFs with DINO features.")
+    canopy = subparsers.add_parser(
+        "canopy",
+        help="canopy-height mapping from GeoTIFFs",
+        description="Canopy-height mapping from GeoTIFFs with DINO features.",
+    )
     sub = canopy.add_subparsers(dest="canopy_command", metavar="SUBCOMMAND")
     sub.required = True
     for add in CANOPY_COMMANDS.values():

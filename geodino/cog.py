@@ -42,8 +42,11 @@ def check_out_dtype(out_dtype: str, uint16_scale: float) -> None:
     if out_dtype not in OUT_DTYPES:
         raise DinoscopeError(f"unknown output dtype {out_dtype!r}", field="out_dtype", fix=f"use one of {OUT_DTYPES}")
     if out_dtype == "uint16" and not uint16_scale > 0:
-        raise DinoscopeError(f"uint16_scale must be positive, got {uint16_scale}", field="uint16_scale",
-                             fix="use 100 (centimetres) or 10 (decimetres)")
+        raise DinoscopeError(
+            f"uint16_scale must be positive, got {uint16_scale}",
+            field="uint16_scale",
+            fix="use 100 (centimetres) or 10 (decimetres)",
+        )
 
 
 def output_nodata(out_dtype: str) -> float:
@@ -69,8 +72,11 @@ def height_tags(out_dtype: str, uint16_scale: float, quantity: str = "canopy hei
     """Dataset tags documenting units and scaling for readers that ignore band scale/offset."""
     tags = {"quantity": quantity, "units": "m"}
     if out_dtype == "uint16":
-        tags.update(scale_factor=repr(1.0 / uint16_scale), uint16_scale=repr(float(uint16_scale)),
-                    encoding=f"metres = value / {uint16_scale:g}; {UINT16_NODATA} = nodata")
+        tags.update(
+            scale_factor=repr(1.0 / uint16_scale),
+            uint16_scale=repr(float(uint16_scale)),
+            encoding=f"metres = value / {uint16_scale:g}; {UINT16_NODATA} = nodata",
+        )
     else:
         tags.update(encoding="float32 metres; NaN = nodata")
     return tags
@@ -82,9 +88,22 @@ def partial_profile(like: Any, out_dtype: str) -> dict[str, Any]:
     Row ranges start on multiples of the tile stride, so with a stride divisible by 16 every block is written
     exactly once; the COG conversion then reads 512 x 512 windows without decompressing whole rows repeatedly.
     """
-    return {"driver": "GTiff", "width": like.width, "height": like.height, "count": 1, "dtype": out_dtype,
-            "crs": like.crs, "transform": like.transform, "nodata": output_nodata(out_dtype), "tiled": True,
-            "blockxsize": 512, "blockysize": 16, "compress": "zstd", "zstd_level": 1, "BIGTIFF": "IF_SAFER"}
+    return {
+        "driver": "GTiff",
+        "width": like.width,
+        "height": like.height,
+        "count": 1,
+        "dtype": out_dtype,
+        "crs": like.crs,
+        "transform": like.transform,
+        "nodata": output_nodata(out_dtype),
+        "tiled": True,
+        "blockxsize": 512,
+        "blockysize": 16,
+        "compress": "zstd",
+        "zstd_level": 1,
+        "BIGTIFF": "IF_SAFER",
+    }
 
 
 def write_rows(path: Path, row: int, data: np.ndarray) -> None:
@@ -93,14 +112,29 @@ def write_rows(path: Path, row: int, data: np.ndarray) -> None:
         dst.write(data, 1, window=Window(0, row, data.shape[1], data.shape[0]))
 
 
-def write_cog(partial: Path, out_path: Path, *, out_dtype: str, uint16_scale: float, tags: dict[str, str],
-              description: str = "canopy_height", blocksize: int = 512) -> Path:
+def write_cog(
+    partial: Path,
+    out_path: Path,
+    *,
+    out_dtype: str,
+    uint16_scale: float,
+    tags: dict[str, str],
+    description: str = "canopy_height",
+    blocksize: int = 512,
+) -> Path:
     """Convert the finished partial GeoTIFF into a COG at ``out_path`` (atomically), with average overviews."""
     from rio_cogeo.cogeo import cog_translate
 
-    profile = {"driver": "GTiff", "interleave": "pixel", "tiled": True, "blockxsize": blocksize,
-               "blockysize": blocksize, "compress": "DEFLATE", "predictor": 3 if out_dtype == "float32" else 2,
-               "BIGTIFF": "IF_SAFER"}
+    profile = {
+        "driver": "GTiff",
+        "interleave": "pixel",
+        "tiled": True,
+        "blockxsize": blocksize,
+        "blockysize": blocksize,
+        "compress": "DEFLATE",
+        "predictor": 3 if out_dtype == "float32" else 2,
+        "BIGTIFF": "IF_SAFER",
+    }
     with rasterio.open(partial, "r+") as src:
         src.update_tags(**tags)
         src.set_band_description(1, description)
@@ -111,9 +145,16 @@ def write_cog(partial: Path, out_path: Path, *, out_dtype: str, uint16_scale: fl
     # and 20,000 x 2,000 alike, against +150 to +200 MB with a 64 MiB cache and threaded compression) and costs
     # about 10 % more time.
     with atomic_path(out_path) as tmp:
-        cog_translate(str(partial), str(tmp), profile, overview_resampling="average", in_memory=False, quiet=True,
-                      config={"GDAL_CACHEMAX": COG_CACHE_BYTES, "GDAL_TIFF_OVR_BLOCKSIZE": str(blocksize)},
-                      forward_band_tags=True)
+        cog_translate(
+            str(partial),
+            str(tmp),
+            profile,
+            overview_resampling="average",
+            in_memory=False,
+            quiet=True,
+            config={"GDAL_CACHEMAX": COG_CACHE_BYTES, "GDAL_TIFF_OVR_BLOCKSIZE": str(blocksize)},
+            forward_band_tags=True,
+        )
     return out_path
 
 
@@ -145,9 +186,12 @@ def write_vrt(paths: Sequence[str | os.PathLike], vrt_path: str | os.PathLike) -
     for info in infos[1:]:
         for key in ("crs", "res", "dtype"):
             if info[key] != first[key]:
-                raise DinoscopeError(f"cannot mosaic rasters with different {key}: {info[key]} vs {first[key]} "
-                                     f"({first['path']})", path=info["path"], field=key,
-                                     fix="predict rasters that share one CRS and pixel size, or reproject them")
+                raise DinoscopeError(
+                    f"cannot mosaic rasters with different {key}: {info[key]} vs {first[key]} ({first['path']})",
+                    path=info["path"],
+                    field=key,
+                    fix="predict rasters that share one CRS and pixel size, or reproject them",
+                )
     resx, resy = first["res"]
     left = min(i["bounds"].left for i in infos)
     top = max(i["bounds"].top for i in infos)
@@ -156,8 +200,15 @@ def write_vrt(paths: Sequence[str | os.PathLike], vrt_path: str | os.PathLike) -
     width, height = round((right - left) / resx), round((top - bottom) / resy)
     nodata = first["nodata"]
     nodata_text = "nan" if nodata is not None and np.isnan(nodata) else ("" if nodata is None else repr(nodata))
-    data_type = {"float32": "Float32", "uint16": "UInt16", "uint8": "Byte", "int16": "Int16",
-                 "float64": "Float64", "int32": "Int32", "uint32": "UInt32"}[first["dtype"]]
+    data_type = {
+        "float32": "Float32",
+        "uint16": "UInt16",
+        "uint8": "Byte",
+        "int16": "Int16",
+        "float64": "Float64",
+        "int32": "Int32",
+        "uint32": "UInt32",
+    }[first["dtype"]]
     sources = []
     for info in infos:
         xoff = round((info["bounds"].left - left) / resx)
@@ -166,21 +217,24 @@ def write_vrt(paths: Sequence[str | os.PathLike], vrt_path: str | os.PathLike) -
         nodata_tag = f"      <NODATA>{nodata_text}</NODATA>\n" if nodata_text else ""
         sources.append(
             "    <ComplexSource>\n"
-            f"      <SourceFilename relativeToVRT=\"1\">{escape(rel)}</SourceFilename>\n"
+            f'      <SourceFilename relativeToVRT="1">{escape(rel)}</SourceFilename>\n'
             "      <SourceBand>1</SourceBand>\n"
-            f"      <SrcRect xOff=\"0\" yOff=\"0\" xSize=\"{info['width']}\" ySize=\"{info['height']}\" />\n"
-            f"      <DstRect xOff=\"{xoff}\" yOff=\"{yoff}\" xSize=\"{info['width']}\" ySize=\"{info['height']}\" />\n"
+            f'      <SrcRect xOff="0" yOff="0" xSize="{info["width"]}" ySize="{info["height"]}" />\n'
+            f'      <DstRect xOff="{xoff}" yOff="{yoff}" xSize="{info["width"]}" ySize="{info["height"]}" />\n'
             f"{nodata_tag}"
-            "    </ComplexSource>\n")
+            "    </ComplexSource>\n"
+        )
     band_nodata = f"    <NoDataValue>{nodata_text}</NoDataValue>\n" if nodata_text else ""
     scale = f"    <Scale>{first['scale']!r}</Scale>\n" if first["scale"] != 1.0 else ""
-    xml = (f"<VRTDataset rasterXSize=\"{width}\" rasterYSize=\"{height}\">\n"
-           f"  <SRS>{escape(first['crs'])}</SRS>\n"
-           f"  <GeoTransform>{left!r}, {resx!r}, 0.0, {top!r}, 0.0, {-resy!r}</GeoTransform>\n"
-           f"  <VRTRasterBand dataType=\"{data_type}\" band=\"1\">\n"
-           f"{band_nodata}{scale}{''.join(sources)}"
-           "  </VRTRasterBand>\n"
-           "</VRTDataset>\n")
+    xml = (
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">\n'
+        f"  <SRS>{escape(first['crs'])}</SRS>\n"
+        f"  <GeoTransform>{left!r}, {resx!r}, 0.0, {top!r}, 0.0, {-resy!r}</GeoTransform>\n"
+        f'  <VRTRasterBand dataType="{data_type}" band="1">\n'
+        f"{band_nodata}{scale}{''.join(sources)}"
+        "  </VRTRasterBand>\n"
+        "</VRTDataset>\n"
+    )
     with atomic_path(vrt_path) as tmp:
         tmp.write_text(xml)
     return vrt_path
@@ -191,9 +245,17 @@ def _raster_info(path: Path) -> dict[str, Any]:
         with rasterio.open(path) as ds:
             if ds.transform.b != 0 or ds.transform.d != 0:
                 raise DinoscopeError("rotated rasters cannot be mosaicked", path=path, field="transform")
-            return {"path": str(path), "crs": ds.crs.to_wkt() if ds.crs else "", "res": ds.res,
-                    "dtype": ds.dtypes[0], "bounds": ds.bounds, "width": ds.width, "height": ds.height,
-                    "nodata": ds.nodata, "scale": ds.scales[0]}
+            return {
+                "path": str(path),
+                "crs": ds.crs.to_wkt() if ds.crs else "",
+                "res": ds.res,
+                "dtype": ds.dtypes[0],
+                "bounds": ds.bounds,
+                "width": ds.width,
+                "height": ds.height,
+                "nodata": ds.nodata,
+                "scale": ds.scales[0],
+            }
     except RasterioError as err:
         raise DinoscopeError(f"not a readable raster ({err})", path=path, field="path") from None
 
@@ -213,8 +275,9 @@ class ResumableOutputs:
         config: everything that must match for a resume to be valid.
     """
 
-    def __init__(self, outputs: Sequence[Path], like: Any, *, out_dtype: str, uint16_scale: float,
-                 config: dict[str, Any]) -> None:
+    def __init__(
+        self, outputs: Sequence[Path], like: Any, *, out_dtype: str, uint16_scale: float, config: dict[str, Any]
+    ) -> None:
         self.outputs = [Path(p) for p in outputs]
         self.partials = [p.with_name(f".{p.name}.partial.tif") for p in self.outputs]
         self.sidecar = self.outputs[0].with_name(f".{self.outputs[0].name}.partial.json")
@@ -236,8 +299,9 @@ class ResumableOutputs:
                 pass
         return 0, None
 
-    def commit(self, row_index: int, first_row: int, values: np.ndarray, valid: np.ndarray,
-               carry: dict[str, np.ndarray]) -> None:
+    def commit(
+        self, row_index: int, first_row: int, values: np.ndarray, valid: np.ndarray, carry: dict[str, np.ndarray]
+    ) -> None:
         """Queue rows ``first_row..`` (``n_outputs x rows x width`` metres) finished by tile row ``row_index``."""
         self.wait()
         self._pending = self._pool.submit(self._commit, row_index, first_row, values, valid, carry)
@@ -252,10 +316,16 @@ class ResumableOutputs:
         """Turn every partial file into its COG, then remove the partial files and the sidecar."""
         self.wait()
         quantities = ["canopy height", "canopy height std"]
-        for partial, final, quantity in zip(self.partials, self.outputs, quantities):
+        for partial, final, quantity in zip(self.partials, self.outputs, quantities, strict=False):
             tags = height_tags(self.out_dtype, self.uint16_scale, quantity) | {"source": source_name}
-            write_cog(partial, final, out_dtype=self.out_dtype, uint16_scale=self.uint16_scale, tags=tags,
-                      description=quantity.replace(" ", "_"))
+            write_cog(
+                partial,
+                final,
+                out_dtype=self.out_dtype,
+                uint16_scale=self.uint16_scale,
+                tags=tags,
+                description=quantity.replace(" ", "_"),
+            )
         self.remove_partials()
 
     def close(self) -> None:
@@ -269,15 +339,18 @@ class ResumableOutputs:
         for path in [*self.partials, self.sidecar, *carries]:
             path.unlink(missing_ok=True)
 
-    def _commit(self, row_index: int, first_row: int, values: np.ndarray, valid: np.ndarray,
-                carry: dict[str, np.ndarray]) -> None:
+    def _commit(
+        self, row_index: int, first_row: int, values: np.ndarray, valid: np.ndarray, carry: dict[str, np.ndarray]
+    ) -> None:
         for k, partial in enumerate(self.partials):
             write_rows(partial, first_row, encode_heights(values[k], valid, self.out_dtype, self.uint16_scale))
         carry_path = self._carry_path(row_index + 1)
         with open(carry_path, "wb") as f:
             np.savez(f, **carry)
-        write_json(self.sidecar, {"version": SIDECAR_VERSION, "config": self.config, "next_row": row_index + 1,
-                                  "carry": carry_path.name})
+        write_json(
+            self.sidecar,
+            {"version": SIDECAR_VERSION, "config": self.config, "next_row": row_index + 1, "carry": carry_path.name},
+        )
         self._carry_path(row_index).unlink(missing_ok=True)
 
     def _carry_path(self, next_row: int) -> Path:

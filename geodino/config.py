@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from core.config.fields import input_path
@@ -101,25 +100,42 @@ class CanopyFitRecipe:
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
         """Impossible values fail here, before anything runs."""
-        _choices(path, {"head.type": (self.head.type, ("linear", "dpt")),
-                        "head.mode": (self.head.mode, ("bins", "regression")),
-                        "head.bin_rule": (self.head.bin_rule, ("relu_eps", "softmax")),
-                        "optim.loss": (self.optim.loss, ("l1", "mse", "huber")),
-                        "data.normalise": (self.data.normalise, ("weights_meta", "percentiles"))})
+        _choices(
+            path,
+            {
+                "head.type": (self.head.type, ("linear", "dpt")),
+                "head.mode": (self.head.mode, ("bins", "regression")),
+                "head.bin_rule": (self.head.bin_rule, ("relu_eps", "softmax")),
+                "optim.loss": (self.optim.loss, ("l1", "mse", "huber")),
+                "data.normalise": (self.data.normalise, ("weights_meta", "percentiles")),
+            },
+        )
         if self.head.type == "dpt" and self.head.mode != "bins":
             raise DinoscopeError("the dpt head predicts bins only", path=path, field="head.mode", fix="use mode: bins")
         if self.head.type == "dpt" and len(self.backbone.layers or range(self.backbone.n_layers)) != 4:
             raise DinoscopeError("the dpt head needs exactly 4 backbone layers", path=path, field="backbone.layers")
         if not self.data.pairs and self.data.synthetic.scenes < 1:
-            raise DinoscopeError("no training data: data.pairs is empty and data.synthetic.scenes is 0", path=path,
-                                 field="data.pairs", fix="give [[image.tif, chm.tif], ...] pairs")
+            raise DinoscopeError(
+                "no training data: data.pairs is empty and data.synthetic.scenes is 0",
+                path=path,
+                field="data.pairs",
+                fix="give [[image.tif, chm.tif], ...] pairs",
+            )
         for i, pair in enumerate(self.data.pairs):
             if len(pair) != 2:
-                raise DinoscopeError(f"data.pairs[{i}] has {len(pair)} entries", path=path, field="data.pairs",
-                                     fix="each pair is [image.tif, chm.tif]")
-        positive = {"data.chip_size": self.data.chip_size, "optim.epochs": self.optim.epochs,
-                    "optim.batch_size": self.optim.batch_size, "head.n_bins": self.head.n_bins,
-                    "backbone.n_layers": self.backbone.n_layers}
+                raise DinoscopeError(
+                    f"data.pairs[{i}] has {len(pair)} entries",
+                    path=path,
+                    field="data.pairs",
+                    fix="each pair is [image.tif, chm.tif]",
+                )
+        positive = {
+            "data.chip_size": self.data.chip_size,
+            "optim.epochs": self.optim.epochs,
+            "optim.batch_size": self.optim.batch_size,
+            "head.n_bins": self.head.n_bins,
+            "backbone.n_layers": self.backbone.n_layers,
+        }
         for key, value in positive.items():
             if value < 1:
                 raise DinoscopeError(f"{key} must be at least 1, got {value}", path=path, field=key)

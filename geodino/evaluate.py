@@ -32,10 +32,19 @@ HIST_MAX_M = 100.0
 HIST_BIN_M = 0.25
 
 
-def evaluate_rasters(pred_path: str | os.PathLike, ref_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                     resampling: str = "bilinear", block: int = 50, trim: int = 3,
-                     pred_scale: float | None = None, ref_scale: float | None = None,
-                     preview_size: int = 800, window_blocks: tuple[int, int] = (10, 40)) -> dict[str, Any]:
+def evaluate_rasters(
+    pred_path: str | os.PathLike,
+    ref_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    resampling: str = "bilinear",
+    block: int = 50,
+    trim: int = 3,
+    pred_scale: float | None = None,
+    ref_scale: float | None = None,
+    preview_size: int = 800,
+    window_blocks: tuple[int, int] = (10, 40),
+) -> dict[str, Any]:
     """Evaluate ``pred_path`` against ``ref_path`` and write ``out_dir/metrics.json`` plus PNG figures.
 
     Args:
@@ -57,8 +66,11 @@ def evaluate_rasters(pred_path: str | os.PathLike, ref_path: str | os.PathLike, 
         if not ref_src.overlaps():
             raise DinoscopeError(
                 f"the reference does not overlap the prediction (reference CRS {_crs_name(_file_crs(ref_path))}, "
-                f"prediction CRS {_crs_name(pred_src.crs)})", path=ref_path, field="bounds",
-                fix="check that both rasters cover the same area and that each file's CRS is set correctly")
+                f"prediction CRS {_crs_name(pred_src.crs)})",
+                path=ref_path,
+                field="bounds",
+                fix="check that both rasters cover the same area and that each file's CRS is set correctly",
+            )
         pred_scale, pred_offset = _scaling(pred_path, pred_scale)
         ref_scale, ref_offset = _scaling(ref_path, ref_scale)
         factor = max(1, math.ceil(max(pred_src.width, pred_src.height) / preview_size))
@@ -80,24 +92,46 @@ def evaluate_rasters(pred_path: str | os.PathLike, ref_path: str | os.PathLike, 
             _fill_preview(ref_preview, np.where(ref_valid, ref, np.nan), window, factor)
     result = metrics.result()
     if result["n_pixels"] == 0:
-        raise DinoscopeError("no pixel is valid in both the prediction and the reference", path=ref_path,
-                             field="nodata", fix="check the nodata values and that the rasters overlap")
+        raise DinoscopeError(
+            "no pixel is valid in both the prediction and the reference",
+            path=ref_path,
+            field="nodata",
+            fix="check the nodata values and that the rasters overlap",
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = {"density": density_scatter(hist, edges, out_dir / "pred_vs_ref_density.png", metrics=result).name,
-             "maps": map_previews(pred_preview, ref_preview, out_dir / "maps.png", factor=factor).name}
-    result.update(units="m", pred=str(pred_path), ref=str(ref_path), resampling=resampling,
-                  pred_scale=pred_scale, ref_scale=ref_scale, preview_factor=factor, plots=plots,
-                  definitions="canopy.md 4.1: bias = mean(pred - ref); nmae excludes ref < 2 m; "
-                              "iou = |A&B| / (|A|B| + 1) with cover = height > threshold; per_bin by reference "
-                              "height")
+    plots = {
+        "density": density_scatter(hist, edges, out_dir / "pred_vs_ref_density.png", metrics=result).name,
+        "maps": map_previews(pred_preview, ref_preview, out_dir / "maps.png", factor=factor).name,
+    }
+    result.update(
+        units="m",
+        pred=str(pred_path),
+        ref=str(ref_path),
+        resampling=resampling,
+        pred_scale=pred_scale,
+        ref_scale=ref_scale,
+        preview_factor=factor,
+        plots=plots,
+        definitions="canopy.md 4.1: bias = mean(pred - ref); nmae excludes ref < 2 m; "
+        "iou = |A&B| / (|A|B| + 1) with cover = height > threshold; per_bin by reference "
+        "height",
+    )
     write_json(out_dir / "metrics.json", _finite(result))
-    log.info("MAE %.3f m, RMSE %.3f m, R2 %.3f, block R2 %.3f over %d pixels -> %s", result["mae"],
-             result["rmse"], result["r2"], result["block_r2"], result["n_pixels"], out_dir / "metrics.json")
+    log.info(
+        "MAE %.3f m, RMSE %.3f m, R2 %.3f, block R2 %.3f over %d pixels -> %s",
+        result["mae"],
+        result["rmse"],
+        result["r2"],
+        result["block_r2"],
+        result["n_pixels"],
+        out_dir / "metrics.json",
+    )
     return result
 
 
-def _windows(height: int, width: int, block: int, trim: int,
-             window_blocks: tuple[int, int]) -> Iterator[tuple[Window, bool]]:
+def _windows(
+    height: int, width: int, block: int, trim: int, window_blocks: tuple[int, int]
+) -> Iterator[tuple[Window, bool]]:
     """Windows covering the raster; the flag says whether the window lies on the trimmed, block-aligned area."""
     row_segments = _segments(height, block * window_blocks[0], trim)
     col_segments = _segments(width, block * window_blocks[1], trim)
@@ -121,7 +155,7 @@ def _fill_preview(preview: np.ndarray, values: np.ndarray, window: Window, facto
     first_col = -col0 % factor
     sampled = values[first_row::factor, first_col::factor]
     pr, pc = (row0 + first_row) // factor, (col0 + first_col) // factor
-    preview[pr:pr + sampled.shape[0], pc:pc + sampled.shape[1]] = sampled
+    preview[pr : pr + sampled.shape[0], pc : pc + sampled.shape[1]] = sampled
 
 
 def _scaling(path: str | os.PathLike, scale: float | None) -> tuple[float, float]:

@@ -60,25 +60,52 @@ def fit_canopy(recipe: CanopyFitRecipe, run_dir: str | Path) -> dict[str, Any]:
     backbone, meta, backbone_id = _backbone(recipe)
     chips = _chip_splits(recipe, pairs, bands, meta)
     if chips["train"].images[0].count != meta.in_chans:
-        raise DinoscopeError(f"the backbone takes {meta.in_chans} channels but {chips['train'].images[0].count} "
-                             f"bands are selected ({chips['train'].channel_names})", path=pairs[0][0],
-                             field="data.bands", fix="select matching bands, or adapt the backbone with "
-                             "backbone.overrides.in_chans=N")
+        raise DinoscopeError(
+            f"the backbone takes {meta.in_chans} channels but {chips['train'].images[0].count} "
+            f"bands are selected ({chips['train'].channel_names})",
+            path=pairs[0][0],
+            field="data.bands",
+            fix="select matching bands, or adapt the backbone with backbone.overrides.in_chans=N",
+        )
     layers = _layers(recipe, int(meta.model_kwargs["depth"]))
     model = backbone_head_model(
-        backbone, meta, recipe.head.type, head_kwargs(recipe, meta.embed_dim, len(layers)), layers=layers,
-        feature_norm=recipe.backbone.feature_norm, normaliser=chips["train"].normaliser,
+        backbone,
+        meta,
+        recipe.head.type,
+        head_kwargs(recipe, meta.embed_dim, len(layers)),
+        layers=layers,
+        feature_norm=recipe.backbone.feature_norm,
+        normaliser=chips["train"].normaliser,
         band_names=chips["train"].channel_names,
-        metadata={"gsd_m": float(chips["train"].images[0].res[0]), "crs": str(chips["train"].images[0].crs),
-                  "trained_on": [[str(a), str(b)] for a, b in pairs], "backbone": backbone_id,
-                  "chip_size": recipe.data.chip_size}).to(device)
+        metadata={
+            "gsd_m": float(chips["train"].images[0].res[0]),
+            "crs": str(chips["train"].images[0].crs),
+            "trained_on": [[str(a), str(b)] for a, b in pairs],
+            "backbone": backbone_id,
+            "chip_size": recipe.data.chip_size,
+        },
+    ).to(device)
     frozen = recipe.backbone.frozen
     model.net.backbone.requires_grad_(not frozen)
     if frozen and recipe.backbone.cache_features:
-        key = {"backbone": backbone_id, "layers": layers, "feature_norm": recipe.backbone.feature_norm,
-               "pairs": [[_file_id(a), _file_id(b)] for a, b in pairs], "resampling": recipe.data.resampling}
-        sources = {s: FeatureCache(run_dir / "cache" / s, chips[s], model, key, recipe.optim.batch_size,
-                                   show_progress=recipe.train.progress) for s in chips}
+        key = {
+            "backbone": backbone_id,
+            "layers": layers,
+            "feature_norm": recipe.backbone.feature_norm,
+            "pairs": [[_file_id(a), _file_id(b)] for a, b in pairs],
+            "resampling": recipe.data.resampling,
+        }
+        sources = {
+            s: FeatureCache(
+                run_dir / "cache" / s,
+                chips[s],
+                model,
+                key,
+                recipe.optim.batch_size,
+                show_progress=recipe.train.progress,
+            )
+            for s in chips
+        }
     else:
         sources = {s: LiveChips(chips[s], recipe.train.num_workers) for s in chips}
     train_mean = sources["train"].target_mean()
@@ -94,16 +121,34 @@ def fit_canopy(recipe: CanopyFitRecipe, run_dir: str | Path) -> dict[str, Any]:
     backbone_ref = recipe.backbone.weights if by_reference else None
     model_path = save_canopy_model(model.cpu(), run_dir / "model.safetensors", backbone_path=backbone_ref)
     edges = np.arange(0.0, HIST_MAX_M + HIST_BIN_M / 2, HIST_BIN_M)
-    plots = {"pred_vs_ref": density_scatter(hist, edges, run_dir / "pred_vs_ref.png", metrics=final["val"]).name,
-             "loss_curve": "loss_curve.png"}  # drawn by the trainer
-    result = {**final, "train_mean_height_m": train_mean, "best_epoch": best_epoch, "epochs": recipe.optim.epochs,
-              "n_chips": {s: len(c) for s, c in chips.items()}, "backbone": backbone_id, "frozen": frozen,
-              "head": {"type": recipe.head.type, "mode": recipe.head.mode}, "model": model_path.name,
-              "plots": plots, "units": "m", "split": "spatial blocks (geodino.chips)"}
+    plots = {
+        "pred_vs_ref": density_scatter(hist, edges, run_dir / "pred_vs_ref.png", metrics=final["val"]).name,
+        "loss_curve": "loss_curve.png",
+    }  # drawn by the trainer
+    result = {
+        **final,
+        "train_mean_height_m": train_mean,
+        "best_epoch": best_epoch,
+        "epochs": recipe.optim.epochs,
+        "n_chips": {s: len(c) for s, c in chips.items()},
+        "backbone": backbone_id,
+        "frozen": frozen,
+        "head": {"type": recipe.head.type, "mode": recipe.head.mode},
+        "model": model_path.name,
+        "plots": plots,
+        "units": "m",
+        "split": "spatial blocks (geodino.chips)",
+    }
     write_json(run_dir / "metrics.json", result)
-    log.info("val MAE %.3f m RMSE %.3f m R2 %.3f bias %+.3f m (train-mean baseline MAE %.3f m) -> %s",
-             final["val"]["mae"], final["val"]["rmse"], final["val"]["r2"], final["val"]["bias"],
-             final["baseline_train_mean"]["mae"], model_path)
+    log.info(
+        "val MAE %.3f m RMSE %.3f m R2 %.3f bias %+.3f m (train-mean baseline MAE %.3f m) -> %s",
+        final["val"]["mae"],
+        final["val"]["rmse"],
+        final["val"]["r2"],
+        final["val"]["bias"],
+        final["baseline_train_mean"]["mae"],
+        model_path,
+    )
     return result
 
 
@@ -126,9 +171,11 @@ def training_pairs(recipe: CanopyFitRecipe, run_dir: Path) -> list[tuple[Path, P
 def _layers(recipe: CanopyFitRecipe, depth: int) -> list[int]:
     layers = list(recipe.backbone.layers) or list(range(depth - recipe.backbone.n_layers, depth))
     if min(layers) < 0 or max(layers) >= depth or layers != sorted(set(layers)):
-        raise DinoscopeError(f"backbone layers {layers} must be increasing block indices in [0, {depth})",
-                             field="backbone.layers", fix=f"the backbone has {depth} blocks; e.g. "
-                             f"layers: {list(range(max(0, depth - 4), depth))}")
+        raise DinoscopeError(
+            f"backbone layers {layers} must be increasing block indices in [0, {depth})",
+            field="backbone.layers",
+            fix=f"the backbone has {depth} blocks; e.g. layers: {list(range(max(0, depth - 4), depth))}",
+        )
     return layers
 
 
@@ -138,16 +185,22 @@ def _file_id(path: Path) -> list[Any]:
     return [path.name, stat.st_size, stat.st_mtime_ns]
 
 
-def _chip_splits(recipe: CanopyFitRecipe, pairs: list[tuple[Path, Path]], bands: list[int | str] | None,
-                 meta: WeightMeta) -> dict[str, ChipSampler]:
+def _chip_splits(
+    recipe: CanopyFitRecipe, pairs: list[tuple[Path, Path]], bands: list[int | str] | None, meta: WeightMeta
+) -> dict[str, ChipSampler]:
     d = recipe.data
     normaliser = None  # percentiles: computed by the train split from the images, then shared with val
     if d.normalise == "weights_meta":
         normaliser = BandNormaliser.from_weights_meta(meta.mean, meta.std, d.dtype_max)
-    common: dict[str, Any] = {"stride": d.stride or None, "block_size": d.block_size or None,
-                              "val_fraction": d.val_fraction, "seed": d.split_seed,
-                              "max_nodata_fraction": d.max_nodata_fraction, "bands": bands,
-                              "resampling": d.resampling}
+    common: dict[str, Any] = {
+        "stride": d.stride or None,
+        "block_size": d.block_size or None,
+        "val_fraction": d.val_fraction,
+        "seed": d.split_seed,
+        "max_nodata_fraction": d.max_nodata_fraction,
+        "bands": bands,
+        "resampling": d.resampling,
+    }
     train = make_chip_dataset(pairs, d.chip_size, split="train", normaliser=normaliser, **common)
     val = make_chip_dataset(pairs, d.chip_size, split="val", normaliser=train.normaliser, **common)
     return {"train": train, "val": val}
@@ -159,24 +212,39 @@ def _backbone(recipe: CanopyFitRecipe) -> tuple[VisionTransformer, WeightMeta, d
         backbone, meta = load_backbone(cfg.weights, **dict(cfg.overrides))
         path = Path(cfg.weights)
         stat = path.stat()
-        ident = {"weights": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                 "arch": meta.arch, "source_format": meta.source_format}
+        ident = {
+            "weights": str(path.resolve()),
+            "bytes": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "arch": meta.arch,
+            "source_format": meta.source_format,
+        }
         return backbone.eval(), meta, ident
     backbone, meta = random_backbone(cfg.arch, cfg.patch_size, recipe.data.chip_size, dict(cfg.overrides))
-    ident = {"weights": None, "random_init": cfg.arch, "patch_size": cfg.patch_size, "seed": recipe.train.seed,
-             "overrides": dict(cfg.overrides)}
+    ident = {
+        "weights": None,
+        "random_init": cfg.arch,
+        "patch_size": cfg.patch_size,
+        "seed": recipe.train.seed,
+        "overrides": dict(cfg.overrides),
+    }
     return backbone, meta, ident
 
 
 def head_kwargs(recipe: CanopyFitRecipe, embed_dim: int, n_layers: int) -> dict[str, Any]:
     """Constructor keywords of the recipe's head (see :data:`geodino.model.HEADS`)."""
     h = recipe.head
-    common = {"embed_dim": embed_dim, "n_bins": h.n_bins, "min_height": h.min_height, "max_height": h.max_height,
-              "bin_rule": h.bin_rule, "eps": h.eps}
+    common = {
+        "embed_dim": embed_dim,
+        "n_bins": h.n_bins,
+        "min_height": h.min_height,
+        "max_height": h.max_height,
+        "bin_rule": h.bin_rule,
+        "eps": h.eps,
+    }
     if h.type == "dpt":
         return {**common, "channels": h.dpt_channels}
-    return {**common, "n_layers": n_layers, "use_cls_token": h.use_cls_token, "mode": h.mode,
-            "upsample": h.upsample}
+    return {**common, "n_layers": n_layers, "use_cls_token": h.use_cls_token, "mode": h.mode, "upsample": h.upsample}
 
 
 class LiveChips:
@@ -189,10 +257,12 @@ class LiveChips:
     def __len__(self) -> int:
         return len(self.chips)
 
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
-                ) -> Iterator[Batch]:
-        loader = torch.utils.data.DataLoader(self.chips, batch_size=batch_size, shuffle=shuffle,
-                                             generator=generator, num_workers=self.num_workers)
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[Batch]:
+        loader = torch.utils.data.DataLoader(
+            self.chips, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=self.num_workers
+        )
         for image, target, valid in loader:
             yield {"image": image, "target": target, "valid": valid}
 
@@ -211,8 +281,15 @@ class FeatureCache:
     ``[N, S, S]``, ``valid.npy`` bool ``[N, S, S]``; ``key.json`` (written last) says what they were computed from.
     """
 
-    def __init__(self, directory: Path, chips: ChipSampler, model: CanopyModel, key: dict[str, Any],
-                 batch_size: int, show_progress: bool = True) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        chips: ChipSampler,
+        model: CanopyModel,
+        key: dict[str, Any],
+        batch_size: int,
+        show_progress: bool = True,
+    ) -> None:
         self.dir = directory
         size = chips.chip_size
         self.padded = size + (-size % model.pad_multiple)
@@ -226,8 +303,9 @@ class FeatureCache:
         else:
             log.info("reusing cached features in %s", directory)
         self.mean = float(json.loads(key_file.read_text())["target_mean"])
-        self.arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r")
-                       for name in ("patches", "cls", "target", "valid")}
+        self.arrays = {
+            name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in ("patches", "cls", "target", "valid")
+        }
 
     def __len__(self) -> int:
         return int(self.arrays["target"].shape[0])
@@ -235,28 +313,42 @@ class FeatureCache:
     def target_mean(self) -> float:
         return self.mean
 
-    def _build(self, chips: ChipSampler, model: CanopyModel, batch_size: int, digest: str, show_progress: bool
-               ) -> None:
+    def _build(self, chips: ChipSampler, model: CanopyModel, batch_size: int, digest: str, show_progress: bool) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         n, size, pad = len(chips), chips.chip_size, self.padded - chips.chip_size
         device = next(model.parameters()).device
         loader = torch.utils.data.DataLoader(chips, batch_size=batch_size, shuffle=False)
         arrays: dict[str, np.ndarray] = {}
         total, count, start = 0.0, 0, 0
-        for image, target, valid in progress(loader, total=len(loader), desc=f"features {chips.split}",
-                                             unit="batch", disable=None if show_progress else True):
+        for image, target, valid in progress(
+            loader,
+            total=len(loader),
+            desc=f"features {chips.split}",
+            unit="batch",
+            disable=None if show_progress else True,
+        ):
             with torch.inference_mode():
                 features = model.net.features(torch.nn.functional.pad(image, (0, pad, 0, pad)).to(device))
             patches = torch.stack([p for p, _ in features], 1).half().cpu().numpy()
             cls = torch.stack([c for _, c in features], 1).half().cpu().numpy()
             if not arrays:
-                shapes = {"patches": (patches.shape[1:], np.float16), "cls": (cls.shape[1:], np.float16),
-                          "target": ((size, size), np.float32), "valid": ((size, size), np.bool_)}
-                arrays = {k: open_memmap(self.dir / f"{k}.npy", mode="w+", dtype=dt, shape=(n, *shape))
-                          for k, (shape, dt) in shapes.items()}
+                shapes = {
+                    "patches": (patches.shape[1:], np.float16),
+                    "cls": (cls.shape[1:], np.float16),
+                    "target": ((size, size), np.float32),
+                    "valid": ((size, size), np.bool_),
+                }
+                arrays = {
+                    k: open_memmap(self.dir / f"{k}.npy", mode="w+", dtype=dt, shape=(n, *shape))
+                    for k, (shape, dt) in shapes.items()
+                }
             stop = start + len(image)
-            for name, value in (("patches", patches), ("cls", cls), ("target", target.numpy()),
-                                ("valid", valid.numpy())):
+            for name, value in (
+                ("patches", patches),
+                ("cls", cls),
+                ("target", target.numpy()),
+                ("valid", valid.numpy()),
+            ):
                 arrays[name][start:stop] = value
             total += float(target[valid].double().sum())
             count += int(valid.sum())
@@ -266,18 +358,23 @@ class FeatureCache:
         del arrays
         write_json(self.dir / "key.json", {"digest": digest, "target_mean": total / max(count, 1), "n": n})
 
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
-                ) -> Iterator[Batch]:
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[Batch]:
         n = len(self)
         order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
         a = self.arrays
         for i in range(0, n, batch_size):
-            idx = np.sort(order[i:i + batch_size])  # sorted reads are sequential on the memory map
+            idx = np.sort(order[i : i + batch_size])  # sorted reads are sequential on the memory map
             patches = torch.from_numpy(np.ascontiguousarray(a["patches"][idx])).float()
             cls = torch.from_numpy(np.ascontiguousarray(a["cls"][idx])).float()
             features = [(patches[:, k], cls[:, k]) for k in range(patches.shape[1])]
-            yield {"features": features, "padded": (self.padded, self.padded),
-                   "target": torch.from_numpy(a["target"][idx]), "valid": torch.from_numpy(a["valid"][idx])}
+            yield {
+                "features": features,
+                "padded": (self.padded, self.padded),
+                "target": torch.from_numpy(a["target"][idx]),
+                "valid": torch.from_numpy(a["valid"][idx]),
+            }
 
 
 # -- training -----------------------------------------------------------------------------------------------------
@@ -303,8 +400,9 @@ def masked_loss(pred: Tensor, target: Tensor, valid: Tensor, name: str = "l1") -
     return (err * valid).sum() / valid.sum().clamp_min(1.0)
 
 
-def _train(model: CanopyModel, sources: dict[str, Any], recipe: CanopyFitRecipe, device: torch.device,
-           run_dir: Path) -> int:
+def _train(
+    model: CanopyModel, sources: dict[str, Any], recipe: CanopyFitRecipe, device: torch.device, run_dir: Path
+) -> int:
     """AdamW with warm-up and cosine decay (core.train.supervised), logged to ``RUN/metrics.jsonl`` and drawn in
     ``RUN/loss_curve.png``; keeps the epoch of lowest validation MAE and returns it."""
     o, frozen = recipe.optim, recipe.backbone.frozen
@@ -313,8 +411,11 @@ def _train(model: CanopyModel, sources: dict[str, Any], recipe: CanopyFitRecipe,
 
     def groups(_: torch.nn.Module, lr: float) -> list[dict[str, Any]]:
         head = [{"params": list(model.net.head.parameters()), "lr": lr}]
-        return head if frozen else [*head, {"params": list(model.net.backbone.parameters()),
-                                            "lr": lr * recipe.backbone.lr_mult}]
+        return (
+            head
+            if frozen
+            else [*head, {"params": list(model.net.backbone.parameters()), "lr": lr * recipe.backbone.lr_mult}]
+        )
 
     def loss(_: torch.nn.Module, batch: Batch) -> tuple[Tensor, float] | None:
         if not batch["valid"].any():
@@ -326,19 +427,44 @@ def _train(model: CanopyModel, sources: dict[str, Any], recipe: CanopyFitRecipe,
         val = evaluate_source(model, source, o.loss, device, batch_size=o.batch_size)[0]["val"]
         return {k: val[k] for k in ("loss", "mae", "rmse", "r2", "bias")}
 
-    cfg = SupervisedConfig(lrs=(o.lr,), epochs=o.epochs, batch_size=o.batch_size, weight_decay=o.weight_decay,
-                           optimizer="adamw", schedule="cosine", warmup_epochs=o.warmup_epochs, select="mae",
-                           mode="min", seed=recipe.train.seed)
-    result = train_supervised(lambda: trainable, sources["train"], loss, cfg, val=sources["val"], metric_fn=val_metrics,
-                              param_groups=groups, device=device, log_path=run_dir / "metrics.jsonl",
-                              plot_path=run_dir / "loss_curve.png",
-                              plot_ylabel=f"{o.loss} loss" + (" (m²)" if o.loss == "mse" else " (m)"),
-                              show_progress=recipe.train.progress)
+    cfg = SupervisedConfig(
+        lrs=(o.lr,),
+        epochs=o.epochs,
+        batch_size=o.batch_size,
+        weight_decay=o.weight_decay,
+        optimizer="adamw",
+        schedule="cosine",
+        warmup_epochs=o.warmup_epochs,
+        select="mae",
+        mode="min",
+        seed=recipe.train.seed,
+    )
+    result = train_supervised(
+        lambda: trainable,
+        sources["train"],
+        loss,
+        cfg,
+        val=sources["val"],
+        metric_fn=val_metrics,
+        param_groups=groups,
+        device=device,
+        log_path=run_dir / "metrics.jsonl",
+        plot_path=run_dir / "loss_curve.png",
+        plot_ylabel=f"{o.loss} loss" + (" (m²)" if o.loss == "mse" else " (m)"),
+        show_progress=recipe.train.progress,
+    )
     return result.best_epoch
 
 
-def evaluate_source(model: CanopyModel, source: Any, loss_name: str, device: torch.device, *,
-                    train_mean: float | None = None, batch_size: int = 16) -> tuple[dict[str, Any], np.ndarray]:
+def evaluate_source(
+    model: CanopyModel,
+    source: Any,
+    loss_name: str,
+    device: torch.device,
+    *,
+    train_mean: float | None = None,
+    batch_size: int = 16,
+) -> tuple[dict[str, Any], np.ndarray]:
     """Validation metrics (heights clamped at 0 m, as predicted), the loss, a (ref, pred) 2-D histogram and, with
     ``train_mean``, the metrics of predicting that constant everywhere."""
     model.eval()

@@ -103,9 +103,20 @@ class LinearCanopyHead(nn.Module):
         upsample: logits are upsampled by this factor before the expectation.
     """
 
-    def __init__(self, *, embed_dim: int, n_layers: int = 4, use_cls_token: bool = True, mode: str = "bins",
-                 n_bins: int = 256, min_height: float = 0.0, max_height: float = 60.0, bin_rule: str = "relu_eps",
-                 eps: float = 0.1, upsample: int = 4) -> None:
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        n_layers: int = 4,
+        use_cls_token: bool = True,
+        mode: str = "bins",
+        n_bins: int = 256,
+        min_height: float = 0.0,
+        max_height: float = 60.0,
+        bin_rule: str = "relu_eps",
+        eps: float = 0.1,
+        upsample: int = 4,
+    ) -> None:
         super().__init__()
         if mode not in HEAD_MODES:
             raise ValueError(f"unknown head mode {mode!r}; use one of {HEAD_MODES}")

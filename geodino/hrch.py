@@ -41,8 +41,16 @@ _QUANTISED_SUFFIXES = ("._packed_params._packed_params", "._packed_params.dtype"
 class ConvModule(nn.Module):
     """An mmseg-style conv wrapper (weights under ``.conv``) with an optional ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, padding: int = 0,
-                 bias: bool = True, relu: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        padding: int = 0,
+        bias: bool = True,
+        relu: bool = False,
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=bias)
         self.relu = relu
@@ -59,14 +67,15 @@ class ReassembleBlocks(nn.Module):
         super().__init__()
         c = list(post_process_channels)
         self.projects = nn.ModuleList(ConvModule(embed_dim, ch, 1) for ch in c)
-        self.resize_layers = nn.ModuleList([
-            nn.ConvTranspose2d(c[0], c[0], kernel_size=4, stride=4),
-            nn.ConvTranspose2d(c[1], c[1], kernel_size=2, stride=2),
-            nn.Identity(),
-            nn.Conv2d(c[3], c[3], kernel_size=3, stride=2, padding=1),
-        ])
-        self.readout_projects = nn.ModuleList(nn.Sequential(nn.Linear(2 * embed_dim, embed_dim), nn.GELU())
-                                              for _ in c)
+        self.resize_layers = nn.ModuleList(
+            [
+                nn.ConvTranspose2d(c[0], c[0], kernel_size=4, stride=4),
+                nn.ConvTranspose2d(c[1], c[1], kernel_size=2, stride=2),
+                nn.Identity(),
+                nn.Conv2d(c[3], c[3], kernel_size=3, stride=2, padding=1),
+            ]
+        )
+        self.readout_projects = nn.ModuleList(nn.Sequential(nn.Linear(2 * embed_dim, embed_dim), nn.GELU()) for _ in c)
 
     def forward(self, inputs: Features) -> list[Tensor]:
         out = []
@@ -124,8 +133,12 @@ class HeadDepth(nn.Module):
     def __init__(self, channels: int, n_bins: int = 256, hidden: int = 32) -> None:
         super().__init__()
         self.head = nn.Sequential(
-            nn.Conv2d(channels, channels // 2, 3, padding=1), Upsample2x(),
-            nn.Conv2d(channels // 2, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, n_bins, 1))
+            nn.Conv2d(channels, channels // 2, 3, padding=1),
+            Upsample2x(),
+            nn.Conv2d(channels // 2, hidden, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden, n_bins, 1),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(x)
@@ -143,8 +156,15 @@ class DPTHead(nn.Module):
         n_bins: number of height bins; hidden: width before the bin conv (HRCH: 32).
     """
 
-    def __init__(self, *, embed_dim: int, post_process_channels: Sequence[int], channels: int = 256,
-                 n_bins: int = 256, hidden: int = 32) -> None:
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        post_process_channels: Sequence[int],
+        channels: int = 256,
+        n_bins: int = 256,
+        hidden: int = 32,
+    ) -> None:
         super().__init__()
         if len(post_process_channels) != 4:
             raise ValueError(f"the DPT head takes 4 levels, got post_process_channels={post_process_channels}")
@@ -157,7 +177,7 @@ class DPTHead(nn.Module):
     def forward(self, inputs: Features) -> Tensor:
         if len(inputs) != 4:
             raise ValueError(f"the DPT head needs the outputs of 4 blocks, got {len(inputs)}")
-        levels = [conv(x) for conv, x in zip(self.convs, self.reassemble_blocks(inputs))]
+        levels = [conv(x) for conv, x in zip(self.convs, self.reassemble_blocks(inputs), strict=False)]
         x = self.fusion_blocks[0](levels[3])
         for i in range(1, 4):
             x = self.fusion_blocks[i](x, levels[3 - i])
@@ -173,12 +193,23 @@ class DPTCanopyHead(nn.Module):
     almost constant. Training it needs far more steps than the linear head (see the fit report).
     """
 
-    def __init__(self, *, embed_dim: int, channels: int = 64, n_bins: int = 256, min_height: float = 0.0,
-                 max_height: float = 60.0, bin_rule: str = "relu_eps", eps: float = 0.1, hidden: int = 32) -> None:
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        channels: int = 64,
+        n_bins: int = 256,
+        min_height: float = 0.0,
+        max_height: float = 60.0,
+        bin_rule: str = "relu_eps",
+        eps: float = 0.1,
+        hidden: int = 32,
+    ) -> None:
         super().__init__()
         post = [max(1, embed_dim // 8), max(1, embed_dim // 4), max(1, embed_dim // 2), embed_dim]
-        self.decode = DPTHead(embed_dim=embed_dim, post_process_channels=post, channels=channels, n_bins=n_bins,
-                              hidden=hidden)
+        self.decode = DPTHead(
+            embed_dim=embed_dim, post_process_channels=post, channels=channels, n_bins=n_bins, hidden=hidden
+        )
         for module in self.decode.modules():
             if isinstance(module, ConvModule):
                 nn.init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
@@ -203,9 +234,17 @@ class HRCHModel(nn.Module):
     :class:`geodino.model.CanopyModel` crops). Inputs are zero-padded bottom/right to a multiple of 16.
     """
 
-    def __init__(self, backbone: VisionTransformer, decode_head: DPTHead, *, out_indices: Sequence[int],
-                 min_depth: float = 0.001, max_depth: float = 10.0, eps: float = 0.1, output_scale: float = 10.0
-                 ) -> None:
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        decode_head: DPTHead,
+        *,
+        out_indices: Sequence[int],
+        min_depth: float = 0.001,
+        max_depth: float = 10.0,
+        eps: float = 0.1,
+        output_scale: float = 10.0,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.decode_head = decode_head
@@ -221,8 +260,11 @@ class HRCHModel(nn.Module):
         """Padded input -> raw block outputs ``[(patch [B, D, h, w], cls [B, D])] * 4``."""
         h, w = x.shape[-2:]
         x = F.pad(x, (0, -w % HRCH_PATCH, 0, -h % HRCH_PATCH))
-        return list(self.backbone.get_intermediate_layers(x, n=self.out_indices, reshape=True,
-                                                          return_class_token=True, norm=False))
+        return list(
+            self.backbone.get_intermediate_layers(
+                x, n=self.out_indices, reshape=True, return_class_token=True, norm=False
+            )
+        )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         logits = self.decode_head(self.features(x))
@@ -230,36 +272,49 @@ class HRCHModel(nn.Module):
         return {"height": mean * self.output_scale, "std": std * self.output_scale, "logits": logits}
 
 
-def infer_hrch_config(shapes: Mapping[str, Sequence[int]], *, num_heads: int | None = None,
-                      out_indices: Sequence[int] | None = None) -> dict[str, Any]:
+def infer_hrch_config(
+    shapes: Mapping[str, Sequence[int]], *, num_heads: int | None = None, out_indices: Sequence[int] | None = None
+) -> dict[str, Any]:
     """Architecture of a full HRCH state dict from its tensor shapes (``key -> shape``, official key names).
 
     Returns ``{"backbone": VisionTransformer kwargs, "head": DPTHead kwargs, "out_indices": [...]}``. Widths
     come from the shapes; ``num_heads`` defaults to width / 64 (true for huge and large); ``out_indices`` from
     :data:`KNOWN_OUT_INDICES`, else four evenly spaced blocks ending on the last one (with a warning).
     """
-    meta = {k[len("backbone."):]: torch.empty(0).new_empty(tuple(s), device="meta")
-            for k, s in shapes.items() if k.startswith("backbone.")}
+    meta = {
+        k[len("backbone.") :]: torch.empty(0).new_empty(tuple(s), device="meta")
+        for k, s in shapes.items()
+        if k.startswith("backbone.")
+    }
     try:
         backbone = infer_model_kwargs(meta, "hrch", {"num_heads": num_heads} if num_heads else {})
         head = {
             "embed_dim": backbone["embed_dim"],
-            "post_process_channels": [int(shapes[f"decode_head.reassemble_blocks.projects.{i}.conv.weight"][0])
-                                      for i in range(4)],
+            "post_process_channels": [
+                int(shapes[f"decode_head.reassemble_blocks.projects.{i}.conv.weight"][0]) for i in range(4)
+            ],
             "channels": int(shapes["decode_head.convs.0.conv.weight"][0]),
             "n_bins": int(shapes["decode_head.conv_depth.head.4.weight"][0]),
             "hidden": int(shapes["decode_head.conv_depth.head.2.weight"][0]),
         }
     except KeyError as err:
-        raise DinoscopeError(f"the HRCH checkpoint has no {err.args[0]!r} tensor", field=str(err.args[0]),
-                             fix="pass a full HighResCanopyHeight checkpoint (backbone + decode_head)") from None
+        raise DinoscopeError(
+            f"the HRCH checkpoint has no {err.args[0]!r} tensor",
+            field=str(err.args[0]),
+            fix="pass a full HighResCanopyHeight checkpoint (backbone + decode_head)",
+        ) from None
     depth, width = backbone["depth"], backbone["embed_dim"]
     if out_indices is None:
         out_indices = KNOWN_OUT_INDICES.get((width, depth))
         if out_indices is None:
             out_indices = [depth * (k + 1) // 4 - 1 for k in range(4)]
-            log.warning("unknown HRCH size (width %d, depth %d): feeding blocks %s to the decoder; pass out_indices "
-                        "if the checkpoint was trained with others", width, depth, out_indices)
+            log.warning(
+                "unknown HRCH size (width %d, depth %d): feeding blocks %s to the decoder; pass out_indices "
+                "if the checkpoint was trained with others",
+                width,
+                depth,
+                out_indices,
+            )
     out_indices = [int(i) for i in out_indices]
     if len(out_indices) != 4 or min(out_indices) < 0 or max(out_indices) >= depth:
         raise DinoscopeError(f"out_indices {out_indices} must be 4 block indices in [0, {depth})", field="out_indices")
@@ -268,8 +323,9 @@ def infer_hrch_config(shapes: Mapping[str, Sequence[int]], *, num_heads: int | N
 
 def build_hrch(config: Mapping[str, Any]) -> HRCHModel:
     """An :class:`HRCHModel` from :func:`infer_hrch_config`'s output (random weights); keeps ``config``."""
-    model = HRCHModel(VisionTransformer(**config["backbone"]), DPTHead(**config["head"]),
-                      out_indices=config["out_indices"])
+    model = HRCHModel(
+        VisionTransformer(**config["backbone"]), DPTHead(**config["head"]), out_indices=config["out_indices"]
+    )
     model.hrch_config = dict(config)
     return model
 
@@ -278,8 +334,9 @@ def is_hrch_state_dict(sd: Mapping[str, Any]) -> bool:
     return any(k.startswith("decode_head.") for k in sd)
 
 
-def load_hrch(source: str | os.PathLike | dict, *, num_heads: int | None = None,
-              out_indices: Sequence[int] | None = None) -> HRCHModel:
+def load_hrch(
+    source: str | os.PathLike | dict, *, num_heads: int | None = None, out_indices: Sequence[int] | None = None
+) -> HRCHModel:
     """Load a full HRCH checkpoint (path, ``{"state_dict": ...}`` or the flat state dict) strictly, in eval mode.
 
     Sizes are inferred from the shapes (huge, large or any reduced layout); ``num_heads`` and ``out_indices``
@@ -289,26 +346,34 @@ def load_hrch(source: str | os.PathLike | dict, *, num_heads: int | None = None,
     where = None if isinstance(source, dict) else source
     sd, _, container = read_checkpoint(source)
     if sd and all(k.startswith("chm_module_.") for k in sd):  # the geoai port's wrapper (canopy.md 1.3)
-        sd = {k[len("chm_module_."):]: v for k, v in sd.items()}
+        sd = {k[len("chm_module_.") :]: v for k, v in sd.items()}
     quantised = sorted(k for k in sd if k.endswith(_QUANTISED_SUFFIXES))
     if quantised:
-        raise DinoscopeError(f"this is an int8-quantised HRCH checkpoint (keys such as {quantised[0]!r})",
-                             path=where, field="state_dict",
-                             fix="use the float checkpoint (SSLhuge_satellite.pth) or dequantise it first")
+        raise DinoscopeError(
+            f"this is an int8-quantised HRCH checkpoint (keys such as {quantised[0]!r})",
+            path=where,
+            field="state_dict",
+            fix="use the float checkpoint (SSLhuge_satellite.pth) or dequantise it first",
+        )
     if not is_hrch_state_dict(sd):
-        raise DinoscopeError("the checkpoint has no 'decode_head.*' tensors, so it is not a full HRCH model",
-                             path=where, field="decode_head",
-                             fix="a bare backbone needs a fitted head: run `dinoscope canopy fit` with it")
+        raise DinoscopeError(
+            "the checkpoint has no 'decode_head.*' tensors, so it is not a full HRCH model",
+            path=where,
+            field="decode_head",
+            fix="a bare backbone needs a fitted head: run `dinoscope canopy fit` with it",
+        )
     foreign = sorted(k for k in sd if not k.startswith(("backbone.", "decode_head.")))
     if foreign:
-        raise DinoscopeError(f"unexpected keys outside backbone./decode_head.: {foreign[:5]}", path=where,
-                             field="state_dict", fix="pass the HRCH checkpoint's state_dict unchanged")
+        raise DinoscopeError(
+            f"unexpected keys outside backbone./decode_head.: {foreign[:5]}",
+            path=where,
+            field="state_dict",
+            fix="pass the HRCH checkpoint's state_dict unchanged",
+        )
     embedded = container.get("config", {}).get("backbone", {}) if isinstance(container.get("config"), dict) else {}
     num_heads = num_heads or embedded.get("num_heads")
     out_indices = out_indices if out_indices is not None else embedded.get("out_indices")
-    config = infer_hrch_config({k: tuple(v.shape) for k, v in sd.items()}, num_heads=num_heads,
-                               out_indices=out_indices)
+    config = infer_hrch_config({k: tuple(v.shape) for k, v in sd.items()}, num_heads=num_heads, out_indices=out_indices)
     model = build_hrch(config)
     strict_load(model, sd, where)
     return model.eval()
-

@@ -20,17 +20,31 @@ def _run_fit(recipe: CanopyFitRecipe, run_dir: Path) -> int:
 
 
 def _run_predict(recipe: CanopyPredictRecipe, run_dir: Path) -> int:
-    predict_files(recipe.model, recipe.inputs, recipe.out, uncertainty=recipe.uncertainty, tile=recipe.tile,
-                  overlap=recipe.overlap, batch_size=recipe.batch_size, out_dtype=recipe.dtype,
-                  uint16_scale=recipe.uint16_scale, bands=recipe.bands or None, device=recipe.device,
-                  num_workers=recipe.num_workers, num_heads=recipe.num_heads or None, resume=recipe.resume)
+    predict_files(
+        recipe.model,
+        recipe.inputs,
+        recipe.out,
+        uncertainty=recipe.uncertainty,
+        tile=recipe.tile,
+        overlap=recipe.overlap,
+        batch_size=recipe.batch_size,
+        out_dtype=recipe.dtype,
+        uint16_scale=recipe.uint16_scale,
+        bands=recipe.bands or None,
+        device=recipe.device,
+        num_workers=recipe.num_workers,
+        num_heads=recipe.num_heads or None,
+        resume=recipe.resume,
+    )
     return 0
 
 
-CANOPY_FIT = RecipeKind(CanopyFitRecipe, _run_fit, "fit a canopy-height head on a frozen backbone (image/CHM pairs)",
-                        distributed=False)
-CANOPY_PREDICT = RecipeKind(CanopyPredictRecipe, _run_predict, "tiled canopy-height prediction into COGs",
-                            distributed=True)
+CANOPY_FIT = RecipeKind(
+    CanopyFitRecipe, _run_fit, "fit a canopy-height head on a frozen backbone (image/CHM pairs)", distributed=False
+)
+CANOPY_PREDICT = RecipeKind(
+    CanopyPredictRecipe, _run_predict, "tiled canopy-height prediction into COGs", distributed=True
+)
 
 
 def canopy_fit_kind() -> RecipeKind:

@@ -91,14 +91,20 @@ class RegressionAccumulator:
         n = self.n
         nan = float("nan")
         r2 = 1.0 - self.sq_sum / self.ref.m2 if n and self.ref.m2 > 0 else nan
-        return {"mae": self.abs_sum / n if n else nan, "rmse": math.sqrt(self.sq_sum / n) if n else nan,
-                "bias": self.err_sum / n if n else nan, "r2": r2,
-                "error_std": math.sqrt(self.err.m2 / n) if n else nan,
-                "nmae": self.nmae_sum / self.nmae_n if self.nmae_n else nan, "n_pixels": n}
+        return {
+            "mae": self.abs_sum / n if n else nan,
+            "rmse": math.sqrt(self.sq_sum / n) if n else nan,
+            "bias": self.err_sum / n if n else nan,
+            "r2": r2,
+            "error_std": math.sqrt(self.err.m2 / n) if n else nan,
+            "nmae": self.nmae_sum / self.nmae_n if self.nmae_n else nan,
+            "n_pixels": n,
+        }
 
 
-def block_means(values: np.ndarray, valid: np.ndarray, block: int,
-                min_valid_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def block_means(
+    values: np.ndarray, valid: np.ndarray, block: int, min_valid_fraction: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
     """Means of the full ``block`` x ``block`` blocks of a 2-D array (partial blocks at the end dropped).
 
     Returns ``(means, ok)`` as 2-D arrays; ``ok`` marks blocks with at least ``min_valid_fraction`` valid pixels.
@@ -106,8 +112,8 @@ def block_means(values: np.ndarray, valid: np.ndarray, block: int,
     rows, cols = values.shape[0] // block, values.shape[1] // block
     if rows == 0 or cols == 0:
         return np.zeros((rows, cols)), np.zeros((rows, cols), bool)
-    v = values[:rows * block, :cols * block].astype(np.float64)
-    m = valid[:rows * block, :cols * block]
+    v = values[: rows * block, : cols * block].astype(np.float64)
+    m = valid[: rows * block, : cols * block]
     v = np.where(m, v, 0.0).reshape(rows, block, cols, block)
     counts = m.reshape(rows, block, cols, block).sum(axis=(1, 3))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -130,8 +136,9 @@ class BlockR2:
         self.sq_sum = 0.0
         self.ref = MeanVar()
 
-    def update(self, pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None = None, *,
-               trim: int | None = None) -> None:
+    def update(
+        self, pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None = None, *, trim: int | None = None
+    ) -> None:
         """Add one image's blocks; ``trim`` overrides the border trim (0 for block-aligned pieces of an image
         whose border was already left out)."""
         pred = np.asarray(pred, np.float64)
@@ -167,7 +174,7 @@ class BinnedErrors:
 
     def __init__(self, edges: Sequence[float] = HEIGHT_BINS) -> None:
         self.edges = np.asarray(edges, np.float64)
-        self.labels = [f"{a:g}-{b:g}" for a, b in zip(edges[:-1], edges[1:])] + [f"{edges[-1]:g}+"]
+        self.labels = [f"{a:g}-{b:g}" for a, b in zip(edges[:-1], edges[1:], strict=False)] + [f"{edges[-1]:g}+"]
         k = len(self.labels)
         self.n = np.zeros(k, np.int64)
         self.n_pred = np.zeros(k, np.int64)
@@ -197,11 +204,15 @@ class BinnedErrors:
             n = int(self.n[i])
             nan = float("nan")
             mean_err = self.err_sum[i] / n if n else nan
-            out[label] = {"n": n, "n_pred": int(self.n_pred[i]),
-                          "mae": self.abs_sum[i] / n if n else nan,
-                          "rmse": math.sqrt(self.sq_sum[i] / n) if n else nan, "bias": mean_err,
-                          "error_std": math.sqrt(max(0.0, self.sq_sum[i] / n - mean_err ** 2)) if n else nan,
-                          "nmae": self.nmae_sum[i] / n if n else nan}
+            out[label] = {
+                "n": n,
+                "n_pred": int(self.n_pred[i]),
+                "mae": self.abs_sum[i] / n if n else nan,
+                "rmse": math.sqrt(self.sq_sum[i] / n) if n else nan,
+                "bias": mean_err,
+                "error_std": math.sqrt(max(0.0, self.sq_sum[i] / n - mean_err**2)) if n else nan,
+                "nmae": self.nmae_sum[i] / n if n else nan,
+            }
         return out
 
 
@@ -230,8 +241,15 @@ class CanopyMetrics:
     images) or, when ``blocks_from_updates`` is set, from every :meth:`update` call treated as one image.
     """
 
-    def __init__(self, *, bins: Sequence[float] = HEIGHT_BINS, iou_thresholds: Sequence[float] = IOU_THRESHOLDS,
-                 block: int = 50, trim: int = 3, blocks_from_updates: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        bins: Sequence[float] = HEIGHT_BINS,
+        iou_thresholds: Sequence[float] = IOU_THRESHOLDS,
+        block: int = 50,
+        trim: int = 3,
+        blocks_from_updates: bool = True,
+    ) -> None:
         self.regression = RegressionAccumulator()
         self.blocks = BlockR2(block, trim)
         self.binned = BinnedErrors(bins)
@@ -246,8 +264,9 @@ class CanopyMetrics:
         if self.blocks_from_updates:
             self.blocks.update(pred, ref, valid)
 
-    def update_blocks(self, pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None = None, *,
-                      trim: int | None = None) -> None:
+    def update_blocks(
+        self, pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None = None, *, trim: int | None = None
+    ) -> None:
         self.blocks.update(pred, ref, valid, trim=trim)
 
     def result(self) -> dict[str, Any]:
@@ -257,6 +276,11 @@ class CanopyMetrics:
         out.update(bias=reg["bias"], nmae=reg["nmae"], per_bin=self.binned.result())
         for threshold, iou in self.ious.items():
             out[f"iou_{threshold:g}m"] = iou.result()
-        out.update(n_pixels=reg["n_pixels"], n_blocks=self.blocks.n_blocks, error_std=reg["error_std"],
-                   block_size=self.blocks.block, block_trim=self.blocks.trim)
+        out.update(
+            n_pixels=reg["n_pixels"],
+            n_blocks=self.blocks.n_blocks,
+            error_std=reg["error_std"],
+            block_size=self.blocks.block,
+            block_trim=self.blocks.trim,
+        )
         return out

@@ -53,8 +53,9 @@ class BackboneHead(nn.Module):
         feature_norm: apply the backbone's final LayerNorm to those outputs (DINOv2's linear depth head does not).
     """
 
-    def __init__(self, backbone: VisionTransformer, head: nn.Module, *, layers: list[int],
-                 feature_norm: bool = False) -> None:
+    def __init__(
+        self, backbone: VisionTransformer, head: nn.Module, *, layers: list[int], feature_norm: bool = False
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -66,8 +67,11 @@ class BackboneHead(nn.Module):
         return bool(getattr(self.head, "has_std", False))
 
     def features(self, x: Tensor) -> Features:
-        return list(self.backbone.get_intermediate_layers(x, n=self.layers, reshape=True, return_class_token=True,
-                                                          norm=self.feature_norm))
+        return list(
+            self.backbone.get_intermediate_layers(
+                x, n=self.layers, reshape=True, return_class_token=True, norm=self.feature_norm
+            )
+        )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.head(self.features(x), tuple(x.shape[-2:]))
@@ -85,8 +89,15 @@ class CanopyModel(nn.Module):
         metadata: free-form provenance (training GSD, recipe, metrics...).
     """
 
-    def __init__(self, net: nn.Module, *, normaliser: BandNormaliser, band_names: list[str], spec: dict[str, Any],
-                 metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        normaliser: BandNormaliser,
+        band_names: list[str],
+        spec: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.net = net
         self.normaliser = normaliser
@@ -125,13 +136,27 @@ class CanopyModel(nn.Module):
         return result
 
 
-def backbone_head_model(backbone: VisionTransformer, meta: WeightMeta, head_type: str, head_kwargs: dict[str, Any],
-                        *, layers: list[int], feature_norm: bool, normaliser: BandNormaliser, band_names: list[str],
-                        metadata: dict[str, Any] | None = None) -> CanopyModel:
+def backbone_head_model(
+    backbone: VisionTransformer,
+    meta: WeightMeta,
+    head_type: str,
+    head_kwargs: dict[str, Any],
+    *,
+    layers: list[int],
+    feature_norm: bool,
+    normaliser: BandNormaliser,
+    band_names: list[str],
+    metadata: dict[str, Any] | None = None,
+) -> CanopyModel:
     """Assemble a :class:`CanopyModel` from a backbone, its metadata and a head description."""
     head = build_head(head_type, **head_kwargs)
-    spec = {"kind": "backbone_head", "backbone_meta": meta.to_dict(), "layers": [int(i) for i in layers],
-            "feature_norm": feature_norm, "head": {"type": head_type, "kwargs": dict(head_kwargs)}}
+    spec = {
+        "kind": "backbone_head",
+        "backbone_meta": meta.to_dict(),
+        "layers": [int(i) for i in layers],
+        "feature_norm": feature_norm,
+        "head": {"type": head_type, "kwargs": dict(head_kwargs)},
+    }
     net = BackboneHead(backbone, head, layers=layers, feature_norm=feature_norm)
     return CanopyModel(net, normaliser=normaliser, band_names=band_names, spec=spec, metadata=metadata)
 
@@ -145,19 +170,36 @@ def hrch_canopy_model(hrch: HRCHModel, metadata: dict[str, Any] | None = None) -
     return CanopyModel(hrch, normaliser=normaliser, band_names=names, spec=spec, metadata=info)
 
 
-def random_backbone(arch: str, patch_size: int, image_size: int, overrides: dict[str, Any] | None = None
-                    ) -> tuple[VisionTransformer, WeightMeta]:
+def random_backbone(
+    arch: str, patch_size: int, image_size: int, overrides: dict[str, Any] | None = None
+) -> tuple[VisionTransformer, WeightMeta]:
     """A randomly initialised table-size ViT (DINOv2 init) and its metadata; seed torch first for repeatability."""
     if arch not in ARCH_SIZES:
-        raise DinoscopeError(f"unknown backbone arch {arch!r}", field="backbone.arch", fix=f"use one of "
-                             f"{sorted(ARCH_SIZES)}, or give backbone.weights")
+        raise DinoscopeError(
+            f"unknown backbone arch {arch!r}",
+            field="backbone.arch",
+            fix=f"use one of {sorted(ARCH_SIZES)}, or give backbone.weights",
+        )
     embed_dim, depth, num_heads = ARCH_SIZES[arch]
-    kwargs = {"img_size": image_size + (-image_size % patch_size), "patch_size": patch_size, "in_chans": 3,
-              "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": 4.0,
-              **(overrides or {})}
+    kwargs = {
+        "img_size": image_size + (-image_size % patch_size),
+        "patch_size": patch_size,
+        "in_chans": 3,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": num_heads,
+        "mlp_ratio": 4.0,
+        **(overrides or {}),
+    }
     mean, std = default_normalisation(kwargs["in_chans"])
-    meta = WeightMeta(arch=arch, model_kwargs=kwargs, channel_names=default_channel_names(kwargs["in_chans"]),
-                      mean=mean, std=std, source_format="random_init")
+    meta = WeightMeta(
+        arch=arch,
+        model_kwargs=kwargs,
+        channel_names=default_channel_names(kwargs["in_chans"]),
+        mean=mean,
+        std=std,
+        source_format="random_init",
+    )
     return VisionTransformer(**kwargs).eval(), meta
 
 
@@ -172,8 +214,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 # -- persistence -------------------------------------------------------------------------------------------------
-def save_canopy_model(model: CanopyModel, path: str | os.PathLike, *,
-                      backbone_path: str | os.PathLike | None = None) -> Path:
+def save_canopy_model(
+    model: CanopyModel, path: str | os.PathLike, *, backbone_path: str | os.PathLike | None = None
+) -> Path:
     """Write ``path`` (.safetensors) and its JSON sidecar atomically; returns the safetensors path.
 
     With ``backbone_path`` the backbone tensors are not stored; the sidecar references that file instead (relative
@@ -191,9 +234,14 @@ def save_canopy_model(model: CanopyModel, path: str | os.PathLike, *,
             raise DinoscopeError("only fitted heads can reference their backbone by path", field="backbone_path")
         tensors = {k: v for k, v in tensors.items() if not k.startswith("backbone.")}
         spec["backbone_path"] = _relative_to(Path(backbone_path), path.parent)
-    sidecar = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "net": spec,
-               "normaliser": model.normaliser.to_dict(), "band_names": model.band_names,
-               "metadata": model.metadata}
+    sidecar = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "net": spec,
+        "normaliser": model.normaliser.to_dict(),
+        "band_names": model.band_names,
+        "metadata": model.metadata,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"dinoscope_canopy": json.dumps(sidecar, default=str)})
@@ -201,22 +249,30 @@ def save_canopy_model(model: CanopyModel, path: str | os.PathLike, *,
     return path
 
 
-def load_canopy_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                      num_heads: int | None = None) -> CanopyModel:
+def load_canopy_model(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", num_heads: int | None = None
+) -> CanopyModel:
     """Load a model saved by :func:`save_canopy_model`, or a full HRCH checkpoint (``.pth``/``.pt``), in eval mode.
 
     ``num_heads`` is only needed for HRCH checkpoints whose width is not a multiple of 64.
     """
     path = Path(path)
     if not path.exists():
-        raise DinoscopeError("canopy model not found", path=path, field="model",
-                             fix="give the model.safetensors written by `dinoscope canopy fit`, or an HRCH .pth")
+        raise DinoscopeError(
+            "canopy model not found",
+            path=path,
+            field="model",
+            fix="give the model.safetensors written by `dinoscope canopy fit`, or an HRCH .pth",
+        )
     if path.suffix != ".safetensors":
         sd, _, _ = read_checkpoint(path)
         if not is_hrch_state_dict(sd):
-            raise DinoscopeError("this checkpoint is neither a canopy model nor a full HRCH model (no "
-                                 "'decode_head.*' keys)", path=path, field="model",
-                                 fix="fit a head on this backbone with `dinoscope canopy fit`")
+            raise DinoscopeError(
+                "this checkpoint is neither a canopy model nor a full HRCH model (no 'decode_head.*' keys)",
+                path=path,
+                field="model",
+                fix="fit a head on this backbone with `dinoscope canopy fit`",
+            )
         model = hrch_canopy_model(load_hrch(path, num_heads=num_heads), {"checkpoint": str(path)})
         return model.to(device).eval()
     sidecar, tensors = _read_model_file(path)
@@ -225,23 +281,35 @@ def load_canopy_model(path: str | os.PathLike, *, device: str | torch.device = "
     if spec.get("kind") == "hrch":
         net: nn.Module = build_hrch(spec["config"])
         strict_load(net, tensors, path)
-        model = CanopyModel(net, normaliser=normaliser, band_names=sidecar["band_names"], spec=spec,
-                            metadata=sidecar.get("metadata"))
+        model = CanopyModel(
+            net, normaliser=normaliser, band_names=sidecar["band_names"], spec=spec, metadata=sidecar.get("metadata")
+        )
         return model.to(device).eval()
     meta = WeightMeta.from_dict(spec["backbone_meta"], path)
     if "backbone_path" in spec:
         backbone_file = _resolve(spec["backbone_path"], path.parent)
         backbone, found = load_backbone(backbone_file, **meta.model_kwargs)
         if any(found.model_kwargs.get(k) != meta.model_kwargs.get(k) for k in ("embed_dim", "depth", "patch_size")):
-            raise DinoscopeError(f"the referenced backbone {backbone_file} no longer matches the one the head was "
-                                 "fitted on", path=path, field="backbone_path",
-                                 fix="restore the original backbone file or refit the head")
+            raise DinoscopeError(
+                f"the referenced backbone {backbone_file} no longer matches the one the head was fitted on",
+                path=path,
+                field="backbone_path",
+                fix="restore the original backbone file or refit the head",
+            )
     else:
         backbone = VisionTransformer(**meta.model_kwargs)
         strict_load(backbone, strip_prefix(tensors, "backbone."), path)
-    model = backbone_head_model(backbone, meta, spec["head"]["type"], spec["head"]["kwargs"], layers=spec["layers"],
-                                feature_norm=spec["feature_norm"], normaliser=normaliser,
-                                band_names=sidecar["band_names"], metadata=sidecar.get("metadata"))
+    model = backbone_head_model(
+        backbone,
+        meta,
+        spec["head"]["type"],
+        spec["head"]["kwargs"],
+        layers=spec["layers"],
+        feature_norm=spec["feature_norm"],
+        normaliser=normaliser,
+        band_names=sidecar["band_names"],
+        metadata=sidecar.get("metadata"),
+    )
     model.spec = spec
     strict_load(model.net.head, strip_prefix(tensors, "head."), path)
     leftover = sorted(k for k in tensors if not k.startswith(("head.", "backbone.")))
@@ -266,13 +334,20 @@ def _read_model_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     except json.JSONDecodeError as err:
         raise DinoscopeError(f"the model sidecar is not valid JSON ({err.msg})", path=side) from None
     if sidecar.get("format") != MODEL_FORMAT:
-        raise DinoscopeError("these are backbone weights (or an unknown file), not a fitted canopy model",
-                             path=path, field="model",
-                             fix="fit a head with `dinoscope canopy fit` and pass its model.safetensors")
+        raise DinoscopeError(
+            "these are backbone weights (or an unknown file), not a fitted canopy model",
+            path=path,
+            field="model",
+            fix="fit a head with `dinoscope canopy fit` and pass its model.safetensors",
+        )
     if int(sidecar.get("format_version", 0)) > MODEL_FORMAT_VERSION:
-        raise DinoscopeError(f"model format_version {sidecar['format_version']} is newer than this dinoscope "
-                             f"supports ({MODEL_FORMAT_VERSION})", path=path, field="format_version",
-                             fix="upgrade dinoscope")
+        raise DinoscopeError(
+            f"model format_version {sidecar['format_version']} is newer than this dinoscope "
+            f"supports ({MODEL_FORMAT_VERSION})",
+            path=path,
+            field="format_version",
+            fix="upgrade dinoscope",
+        )
     return sidecar, tensors
 
 

@@ -19,8 +19,14 @@ from rasterio.enums import Resampling
 from core.plots import new_figure, save_png
 
 
-def density_scatter(hist: np.ndarray, edges: np.ndarray, path: str | os.PathLike, *,
-                    metrics: dict[str, Any] | None = None, coverage: float = 0.999) -> Path:
+def density_scatter(
+    hist: np.ndarray,
+    edges: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    metrics: dict[str, Any] | None = None,
+    coverage: float = 0.999,
+) -> Path:
     """Log-scaled 2-D histogram of (reference, prediction) pairs with a colour bar and the 1:1 line.
 
     Args:
@@ -44,9 +50,12 @@ def density_scatter(hist: np.ndarray, edges: np.ndarray, path: str | os.PathLike
     ax.legend(loc="upper left", frameon=False)
     fig.colorbar(mesh, ax=ax, label="pixels")
     if metrics:
-        ax.set_title(f"n={metrics.get('n_pixels', 0):,}  MAE={metrics.get('mae', float('nan')):.2f} m  "
-                     f"RMSE={metrics.get('rmse', float('nan')):.2f} m\nR²={metrics.get('r2', float('nan')):.3f}  "
-                     f"bias={metrics.get('bias', float('nan')):+.2f} m", fontsize=9)
+        ax.set_title(
+            f"n={metrics.get('n_pixels', 0):,}  MAE={metrics.get('mae', float('nan')):.2f} m  "
+            f"RMSE={metrics.get('rmse', float('nan')):.2f} m\nR²={metrics.get('r2', float('nan')):.3f}  "
+            f"bias={metrics.get('bias', float('nan')):+.2f} m",
+            fontsize=9,
+        )
     return save_png(fig, path)
 
 
@@ -59,9 +68,11 @@ def map_previews(pred: np.ndarray, ref: np.ndarray, path: str | os.PathLike, *, 
     emax = float(np.percentile(finite_err, 99)) if finite_err.size else 1.0
     fig = new_figure(14, 4.6, dpi=110)
     axes = fig.subplots(1, 3)
-    panels = [(pred, "prediction (m)", "viridis", 0.0, max(vmax, 1e-6)),
-              (ref, "reference (m)", "viridis", 0.0, max(vmax, 1e-6)),
-              (error, "error: prediction - reference (m)", "RdBu_r", -max(emax, 1e-6), max(emax, 1e-6))]
+    panels = [
+        (pred, "prediction (m)", "viridis", 0.0, max(vmax, 1e-6)),
+        (ref, "reference (m)", "viridis", 0.0, max(vmax, 1e-6)),
+        (error, "error: prediction - reference (m)", "RdBu_r", -max(emax, 1e-6), max(emax, 1e-6)),
+    ]
     for ax, (image, title, cmap, lo, hi) in zip(axes, panels, strict=True):
         im = ax.imshow(np.ma.masked_invalid(image), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
         ax.set_title(title, fontsize=10)
@@ -73,8 +84,13 @@ def map_previews(pred: np.ndarray, ref: np.ndarray, path: str | os.PathLike, *, 
     return save_png(fig, path)
 
 
-def raster_preview(tif_path: str | os.PathLike, png_path: str | os.PathLike | None = None, *,
-                   max_side: int = 1024, label: str = "canopy height (m)") -> Path:
+def raster_preview(
+    tif_path: str | os.PathLike,
+    png_path: str | os.PathLike | None = None,
+    *,
+    max_side: int = 1024,
+    label: str = "canopy height (m)",
+) -> Path:
     """PNG preview of a single-band height raster with a colour bar, read decimated (overviews when present), so
     memory stays bounded whatever the raster size; nodata is drawn blank."""
     tif_path = Path(tif_path)
@@ -88,8 +104,9 @@ def raster_preview(tif_path: str | os.PathLike, png_path: str | os.PathLike | No
     ax = fig.subplots()
     finite = values[np.isfinite(values)]
     vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
-    im = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=max(vmax, 1e-6),
-                   interpolation="nearest")
+    im = ax.imshow(
+        np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=max(vmax, 1e-6), interpolation="nearest"
+    )
     ax.set_title(f"{tif_path.name}" + (f" (decimated {factor}x)" if factor > 1 else ""), fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])

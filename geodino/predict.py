@@ -39,11 +39,23 @@ log = logging.getLogger(__name__)
 ModelFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
-def predict_raster(model_fn: ModelFn, source: RasterSource, normaliser: Callable[..., np.ndarray],
-                   out_path: str | os.PathLike, *, tile: int = 256, overlap: int = 64, margin: int = 0,
-                   batch_size: int = 8, out_dtype: str = "float32", uint16_scale: float = 100,
-                   uncertainty_path: str | os.PathLike | None = None, resume: bool = True, num_workers: int = 1,
-                   progress: bool = True) -> Path:
+def predict_raster(
+    model_fn: ModelFn,
+    source: RasterSource,
+    normaliser: Callable[..., np.ndarray],
+    out_path: str | os.PathLike,
+    *,
+    tile: int = 256,
+    overlap: int = 64,
+    margin: int = 0,
+    batch_size: int = 8,
+    out_dtype: str = "float32",
+    uint16_scale: float = 100,
+    uncertainty_path: str | os.PathLike | None = None,
+    resume: bool = True,
+    num_workers: int = 1,
+    progress: bool = True,
+) -> Path:
     """Predict canopy height over ``source`` and write it as a COG at ``out_path``.
 
     Args:
@@ -70,8 +82,9 @@ def predict_raster(model_fn: ModelFn, source: RasterSource, normaliser: Callable
     out_path.parent.mkdir(parents=True, exist_ok=True)
     check_out_dtype(out_dtype, uint16_scale)
     if batch_size < 1 or num_workers < 1:
-        raise DinoscopeError(f"batch_size and num_workers must be at least 1, got {batch_size} and {num_workers}",
-                             field="batch_size")
+        raise DinoscopeError(
+            f"batch_size and num_workers must be at least 1, got {batch_size} and {num_workers}", field="batch_size"
+        )
     grid = TileGrid(source.height, source.width, tile, overlap, margin)
     paths = [out_path] + ([Path(uncertainty_path)] if uncertainty_path is not None else [])
     config = _run_config(source, grid, batch_size, out_dtype, uint16_scale, paths)
@@ -85,9 +98,14 @@ def predict_raster(model_fn: ModelFn, source: RasterSource, normaliser: Callable
                 accumulator.restore(carry)
             reader = TileBatchReader(source, normaliser, grid, start_row, batch_size, num_workers)
             try:
-                rows = progress_bar(range(start_row, len(grid.rows)), total=len(grid.rows), initial=start_row,
-                                    desc=f"predict {source.path.name}", unit="strip",
-                                    disable=None if progress else True)
+                rows = progress_bar(
+                    range(start_row, len(grid.rows)),
+                    total=len(grid.rows),
+                    initial=start_row,
+                    desc=f"predict {source.path.name}",
+                    unit="strip",
+                    disable=None if progress else True,
+                )
                 for row_index in rows:
                     y = grid.rows[row_index]
                     for cols, batch, valid in reader.row(row_index):
@@ -105,10 +123,19 @@ def predict_raster(model_fn: ModelFn, source: RasterSource, normaliser: Callable
     return out_path
 
 
-def predict_many(model_fn: ModelFn, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
-                 normaliser: Callable[..., np.ndarray], bands: Sequence[int | str] | None = None,
-                 uncertainty: bool = False, rank: int | None = None, world_size: int | None = None,
-                 mosaic: bool = True, **predict_kwargs: Any) -> list[Path]:
+def predict_many(
+    model_fn: ModelFn,
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    normaliser: Callable[..., np.ndarray],
+    bands: Sequence[int | str] | None = None,
+    uncertainty: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+    mosaic: bool = True,
+    **predict_kwargs: Any,
+) -> list[Path]:
     """Predict every input raster into ``out_dir/<stem>.tif`` and mosaic all outputs in ``out_dir/mosaic.vrt``.
 
     With ``RANK``/``WORLD_SIZE`` in the environment (or given) each rank predicts ``inputs[rank::world_size]``.
@@ -133,8 +160,9 @@ def predict_many(model_fn: ModelFn, inputs: Sequence[str | os.PathLike], out_dir
             log.info("%s exists, skipping", heights[i])
             continue
         with RasterSource(inputs[i], bands=bands) as source:
-            predict_raster(model_fn, source, normaliser, heights[i], uncertainty_path=stds[i] if stds else None,
-                           **predict_kwargs)
+            predict_raster(
+                model_fn, source, normaliser, heights[i], uncertainty_path=stds[i] if stds else None, **predict_kwargs
+            )
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed:
         torch.distributed.barrier()
@@ -155,26 +183,41 @@ def _run_model(model_fn: ModelFn, batch: torch.Tensor, tile: int, *, n_values: i
     values = []
     for key in keys:
         if key not in out:
-            raise DinoscopeError(f"the model returned no {key!r} output (keys: {sorted(out)})", field=key,
-                                 fix="drop the uncertainty output or use a model that predicts height bins"
-                                 if key == "std" else "model_fn must return a dict with a 'height' tensor")
+            raise DinoscopeError(
+                f"the model returned no {key!r} output (keys: {sorted(out)})",
+                field=key,
+                fix="drop the uncertainty output or use a model that predicts height bins"
+                if key == "std"
+                else "model_fn must return a dict with a 'height' tensor",
+            )
         value = out[key].detach().float().cpu().numpy()
         if value.shape != (batch.shape[0], tile, tile):
-            raise DinoscopeError(f"model output {key!r} has shape {tuple(value.shape)}, expected "
-                                 f"{(batch.shape[0], tile, tile)}", field=key,
-                                 fix="the model must return one value per input pixel (upsample its output)")
+            raise DinoscopeError(
+                f"model output {key!r} has shape {tuple(value.shape)}, expected {(batch.shape[0], tile, tile)}",
+                field=key,
+                fix="the model must return one value per input pixel (upsample its output)",
+            )
         values.append(value)
     return np.stack(values)
 
 
-def _run_config(source: RasterSource, grid: TileGrid, batch_size: int, out_dtype: str, uint16_scale: float,
-                outputs: list[Path]) -> dict[str, Any]:
+def _run_config(
+    source: RasterSource, grid: TileGrid, batch_size: int, out_dtype: str, uint16_scale: float, outputs: list[Path]
+) -> dict[str, Any]:
     """What must match between an interrupted run and its resumption."""
-    return {"source": str(Path(source.path).resolve()), "bands": list(map(int, source.indexes)),
-            "size": [source.height, source.width], "transform": list(source.transform)[:6],
-            "tile": grid.tile, "overlap": grid.overlap, "margin": grid.margin, "batch_size": batch_size,
-            "out_dtype": out_dtype, "uint16_scale": float(uint16_scale),
-            "outputs": [str(p.resolve()) for p in outputs]}
+    return {
+        "source": str(Path(source.path).resolve()),
+        "bands": list(map(int, source.indexes)),
+        "size": [source.height, source.width],
+        "transform": list(source.transform)[:6],
+        "tile": grid.tile,
+        "overlap": grid.overlap,
+        "margin": grid.margin,
+        "batch_size": batch_size,
+        "out_dtype": out_dtype,
+        "uint16_scale": float(uint16_scale),
+        "outputs": [str(p.resolve()) for p in outputs],
+    }
 
 
 def _gdal_cache_bytes(source: RasterSource, tile: int) -> int:
@@ -192,7 +235,10 @@ def _output_names(inputs: list[Path], out_dir: Path) -> list[Path]:
     stems = [p.stem for p in inputs]
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
     if duplicates:
-        raise DinoscopeError(f"several inputs share the file name(s) {duplicates}, so their outputs would clash",
-                             path=out_dir, field="inputs", fix="rename the inputs or predict them into separate "
-                             "directories")
+        raise DinoscopeError(
+            f"several inputs share the file name(s) {duplicates}, so their outputs would clash",
+            path=out_dir,
+            field="inputs",
+            fix="rename the inputs or predict them into separate directories",
+        )
     return [out_dir / f"{stem}.tif" for stem in stems]

@@ -50,15 +50,24 @@ class GeoTiffWindows(Dataset):
     window position in the collection is about equally likely. Invalid pixels are 0 in the output.
     """
 
-    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], window_size: int,
-                 bands: Sequence[int | str] | None = None, length: int = 10_000, seed: int = 0,
-                 max_nodata_fraction: float = 0.5, normaliser: BandNormaliser | None = None) -> None:
+    def __init__(
+        self,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        window_size: int,
+        bands: Sequence[int | str] | None = None,
+        length: int = 10_000,
+        seed: int = 0,
+        max_nodata_fraction: float = 0.5,
+        normaliser: BandNormaliser | None = None,
+    ) -> None:
         if window_size < 1 or length < 1:
-            raise DinoscopeError(f"window_size and length must be positive (got {window_size}, {length})",
-                                 field="window_size")
+            raise DinoscopeError(
+                f"window_size and length must be positive (got {window_size}, {length})", field="window_size"
+            )
         if not 0.0 <= max_nodata_fraction <= 1.0:
-            raise DinoscopeError(f"max_nodata_fraction must lie in [0, 1], got {max_nodata_fraction}",
-                                 field="max_nodata_fraction")
+            raise DinoscopeError(
+                f"max_nodata_fraction must lie in [0, 1], got {max_nodata_fraction}", field="max_nodata_fraction"
+            )
         self.paths = expand_raster_paths(paths)
         self.window_size = window_size
         self.bands = None if bands is None else list(bands)
@@ -77,8 +86,12 @@ class GeoTiffWindows(Dataset):
             check_band_count(source, first.count, expected_by=f"the first file ({self.paths[0]})")
             sizes.append(max(1, source.width - window_size + 1) * max(1, source.height - window_size + 1))
         if normaliser is not None and normaliser.count != first.count:
-            raise DinoscopeError(f"the normaliser has {normaliser.count} bands but {first.count} are selected",
-                                 path=self.paths[0], field="bands", fix="select the bands it was computed for")
+            raise DinoscopeError(
+                f"the normaliser has {normaliser.count} bands but {first.count} are selected",
+                path=self.paths[0],
+                field="bands",
+                fix="select the bands it was computed for",
+            )
         self.weights = np.asarray(sizes, np.float64) / float(sum(sizes))
 
     def __len__(self) -> int:
@@ -115,8 +128,13 @@ class GeoTiffWindows(Dataset):
             if invalid <= self.max_nodata_fraction:
                 break
         else:
-            log.debug("item %d: no window with <= %.0f%% nodata in %d draws; using the best (%.0f%%)", index,
-                      100 * self.max_nodata_fraction, _MAX_DRAWS, 100 * best[0])
+            log.debug(
+                "item %d: no window with <= %.0f%% nodata in %d draws; using the best (%.0f%%)",
+                index,
+                100 * self.max_nodata_fraction,
+                _MAX_DRAWS,
+                100 * best[0],
+            )
         return best[1:]
 
     def _scale(self, file_index: int, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -154,30 +172,50 @@ def expand_raster_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) 
         else:
             found.append(path)
     if not found:
-        raise DinoscopeError(f"no raster files found in {items}", path=str(items[0]) if items else None,
-                             field="paths", fix="give GeoTIFF/VRT files, a directory holding them, or a glob")
+        raise DinoscopeError(
+            f"no raster files found in {items}",
+            path=str(items[0]) if items else None,
+            field="paths",
+            fix="give GeoTIFF/VRT files, a directory holding them, or a glob",
+        )
     return found
 
 
-def build_geotiff_dataset(*, paths: str | os.PathLike | Sequence[str | os.PathLike], window_size: int,
-                          bands: Sequence[int | str] | None = None, length: int = 10_000, seed: int = 0,
-                          max_nodata_fraction: float = 0.5,
-                          normaliser: BandNormaliser | Mapping[str, Any] | None = None,
-                          **unexpected: Any) -> GeoTiffWindows:
+def build_geotiff_dataset(
+    *,
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    window_size: int,
+    bands: Sequence[int | str] | None = None,
+    length: int = 10_000,
+    seed: int = 0,
+    max_nodata_fraction: float = 0.5,
+    normaliser: BandNormaliser | Mapping[str, Any] | None = None,
+    **unexpected: Any,
+) -> GeoTiffWindows:
     """Factory for the recipe ``data.kind: geotiff``; the arguments are those of :class:`GeoTiffWindows`.
 
     ``normaliser`` may also be the :meth:`BandNormaliser.to_dict` record, as written in a recipe.
     """
     if unexpected:
         accepted = ["paths", "window_size", "bands", "length", "seed", "max_nodata_fraction", "normaliser"]
-        raise DinoscopeError(f"unknown keys {sorted(unexpected)} for data.kind geotiff",
-                             field=f"data.{sorted(unexpected)[0]}", fix=f"the accepted keys are {accepted}")
+        raise DinoscopeError(
+            f"unknown keys {sorted(unexpected)} for data.kind geotiff",
+            field=f"data.{sorted(unexpected)[0]}",
+            fix=f"the accepted keys are {accepted}",
+        )
     if isinstance(normaliser, Mapping):
         normaliser = BandNormaliser.from_dict(dict(normaliser))
     if bands is not None:
         bands = list(bands)  # a recipe's ListConfig -> plain list
-    return GeoTiffWindows(paths, window_size, bands=bands, length=length, seed=seed,
-                          max_nodata_fraction=max_nodata_fraction, normaliser=normaliser)
+    return GeoTiffWindows(
+        paths,
+        window_size,
+        bands=bands,
+        length=length,
+        seed=seed,
+        max_nodata_fraction=max_nodata_fraction,
+        normaliser=normaliser,
+    )
 
 
 # Keywords that name input paths, checked by `dinoscope launch` before a run (core.data.datasets contract).

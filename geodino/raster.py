@@ -25,8 +25,9 @@ from core.errors import DinoscopeError
 
 # Colour interpretations that make a meaningful band name; others (gray, undefined...) fall back to "band<i>".
 _NAMED_INTERPS = {c for c in ColorInterp} - {ColorInterp.undefined, ColorInterp.gray, ColorInterp.palette}
-_CORRUPT_FIX = "the file is probably truncated or corrupt: check it with `gdalinfo -checksum`, then re-download " \
-               "or re-export it"
+_CORRUPT_FIX = (
+    "the file is probably truncated or corrupt: check it with `gdalinfo -checksum`, then re-download or re-export it"
+)
 
 
 class RasterSource:
@@ -68,8 +69,11 @@ class RasterSource:
         flags = [ds.mask_flag_enums[i - 1] for i in self.indexes]
         # Bands whose mask is neither "all valid" nor derived from the nodata value carry a real mask (internal
         # .msk, alpha band, per-band mask) that must be read explicitly.
-        self._mask_indexes = [i for i, f in zip(self.indexes, flags)
-                              if MaskFlags.all_valid not in f and MaskFlags.nodata not in f]
+        self._mask_indexes = [
+            i
+            for i, f in zip(self.indexes, flags, strict=False)
+            if MaskFlags.all_valid not in f and MaskFlags.nodata not in f
+        ]
         if any(MaskFlags.per_dataset in f for f in flags) and self._mask_indexes:
             self._mask_indexes = self._mask_indexes[:1]
 
@@ -112,8 +116,7 @@ class RasterSource:
         window = Window(0, 0, self.width, self.height)
         return self._read_inside(window, out_shape=(out_h, out_w))
 
-    def _read_inside(self, window: Window, out_shape: tuple[int, int] | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+    def _read_inside(self, window: Window, out_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         kwargs: dict[str, Any] = {"window": window}
         if out_shape is not None:
             kwargs.update(out_shape=(len(self.indexes), *out_shape), resampling=Resampling.nearest)
@@ -126,9 +129,13 @@ class RasterSource:
                 valid &= (self._ds.read_masks(self._mask_indexes, **kwargs) > 0).all(axis=0)
         except RasterioError as err:
             cause = f": {err.__cause__}" if err.__cause__ else ""
-            raise DinoscopeError(f"could not read pixels (window {window.col_off:.0f},{window.row_off:.0f} "
-                                 f"{window.width:.0f}x{window.height:.0f}): {err}{cause}", path=self.path,
-                                 field="pixels", fix=_CORRUPT_FIX) from None
+            raise DinoscopeError(
+                f"could not read pixels (window {window.col_off:.0f},{window.row_off:.0f} "
+                f"{window.width:.0f}x{window.height:.0f}): {err}{cause}",
+                path=self.path,
+                field="pixels",
+                fix=_CORRUPT_FIX,
+            ) from None
         return raw.astype(np.float32, copy=False), valid
 
     def _valid(self, raw: np.ndarray) -> np.ndarray:
@@ -147,8 +154,13 @@ class RasterSource:
     def window_bounds(self, window: Window) -> tuple[float, float, float, float]:
         """``(left, bottom, right, top)`` of a window in the raster's CRS."""
         col, row, width, height = window.col_off, window.row_off, window.width, window.height
-        xs, ys = zip(*(self.transform @ corner for corner in
-                       ((col, row), (col + width, row), (col, row + height), (col + width, row + height))))
+        xs, ys = zip(
+            *(
+                self.transform @ corner
+                for corner in ((col, row), (col + width, row), (col, row + height), (col + width, row + height))
+            ),
+            strict=False,
+        )
         return min(xs), min(ys), max(xs), max(ys)
 
     @property
@@ -179,8 +191,10 @@ class RasterSource:
         self.__init__(state["path"], state["bands"])  # type: ignore[misc]
 
     def __repr__(self) -> str:
-        return (f"RasterSource({str(self.path)!r}, bands={self.band_names}, {self.width}x{self.height}, "
-                f"{self.dtype}, crs={self.crs})")
+        return (
+            f"RasterSource({str(self.path)!r}, bands={self.band_names}, {self.width}x{self.height}, "
+            f"{self.dtype}, crs={self.crs})"
+        )
 
 
 def check_band_count(source: RasterSource, expected: int, *, expected_by: str = "the model") -> None:
@@ -188,8 +202,10 @@ def check_band_count(source: RasterSource, expected: int, *, expected_by: str = 
     if source.count != expected:
         raise DinoscopeError(
             f"{expected_by} expects {expected} bands but {source.count} are selected ({source.band_names})",
-            path=source.path, field="bands",
-            fix=f"select exactly {expected} bands, e.g. bands=[1, 2, 3] or by name from {source.band_names}")
+            path=source.path,
+            field="bands",
+            fix=f"select exactly {expected} bands, e.g. bands=[1, 2, 3] or by name from {source.band_names}",
+        )
 
 
 def grid_windows(width: int, height: int, size: int) -> Iterator[Window]:
@@ -216,8 +232,9 @@ def open_dataset(path: Path) -> rasterio.io.DatasetReader:
     try:
         return rasterio.open(path)
     except RasterioError as err:
-        raise DinoscopeError(f"not a readable raster ({err})", path=path, field="path",
-                             fix="give a GeoTIFF, COG or VRT; " + _CORRUPT_FIX) from None
+        raise DinoscopeError(
+            f"not a readable raster ({err})", path=path, field="path", fix="give a GeoTIFF, COG or VRT; " + _CORRUPT_FIX
+        ) from None
 
 
 def _band_name(ds: rasterio.io.DatasetReader, index: int) -> str:
@@ -228,8 +245,9 @@ def _band_name(ds: rasterio.io.DatasetReader, index: int) -> str:
     return interp.name if interp in _NAMED_INTERPS else f"band{index}"
 
 
-def _resolve_bands(path: Path, ds: rasterio.io.DatasetReader, names: list[str],
-                   bands: list[int | str] | None) -> list[int]:
+def _resolve_bands(
+    path: Path, ds: rasterio.io.DatasetReader, names: list[str], bands: list[int | str] | None
+) -> list[int]:
     if bands is None:
         return list(range(1, ds.count + 1))
     if not bands:
@@ -241,8 +259,9 @@ def _resolve_bands(path: Path, ds: rasterio.io.DatasetReader, names: list[str],
     for band in bands:
         if isinstance(band, (int, np.integer)) and not isinstance(band, bool):
             if not 1 <= band <= ds.count:
-                raise DinoscopeError(f"band index {band} is out of range (indices are 1-based)", path=path,
-                                     field="bands", fix=available)
+                raise DinoscopeError(
+                    f"band index {band} is out of range (indices are 1-based)", path=path, field="bands", fix=available
+                )
             indexes.append(int(band))
         elif isinstance(band, str):
             key = band.lower()
@@ -253,8 +272,9 @@ def _resolve_bands(path: Path, ds: rasterio.io.DatasetReader, names: list[str],
             else:
                 raise DinoscopeError(f"unknown band name {band!r}", path=path, field="bands", fix=available)
         else:
-            raise DinoscopeError(f"bands must be 1-based indices or names, got {band!r}", path=path,
-                                 field="bands", fix=available)
+            raise DinoscopeError(
+                f"bands must be 1-based indices or names, got {band!r}", path=path, field="bands", fix=available
+            )
     return indexes
 
 
@@ -265,8 +285,9 @@ def pixel_window(window: Window) -> tuple[int, int, int, int]:
     return col, row, int(round(window.width)), int(round(window.height))
 
 
-def intersect_window(col: int, row: int, width: int, height: int, full_width: int, full_height: int
-               ) -> tuple[int, int, int, int] | None:
+def intersect_window(
+    col: int, row: int, width: int, height: int, full_width: int, full_height: int
+) -> tuple[int, int, int, int] | None:
     """The part of a pixel window inside a ``full_width`` x ``full_height`` grid, or None when disjoint."""
     c0, r0 = max(col, 0), max(row, 0)
     c1, r1 = min(col + width, full_width), min(row + height, full_height)

@@ -63,14 +63,14 @@ def allometric_radius(height: np.ndarray) -> np.ndarray:
 def sample_trees(rng: np.random.Generator, size: int, res: float) -> Trees:
     """Random stems at 120-300 per hectare outside a few circular canopy gaps."""
     side_m = size * res
-    area_ha = side_m ** 2 / 10_000
+    area_ha = side_m**2 / 10_000
     n_trees = rng.poisson(rng.uniform(120, 300) * area_ha)
     col = rng.uniform(0, size, n_trees)
     row = rng.uniform(0, size, n_trees)
     n_gaps = 1 + rng.poisson(3 * area_ha)
     gap_col, gap_row = rng.uniform(0, size, n_gaps), rng.uniform(0, size, n_gaps)
     gap_radius_px = rng.uniform(8, 25, n_gaps) / res
-    in_gap = ((col[:, None] - gap_col) ** 2 + (row[:, None] - gap_row) ** 2 < gap_radius_px ** 2).any(axis=1)
+    in_gap = ((col[:, None] - gap_col) ** 2 + (row[:, None] - gap_row) ** 2 < gap_radius_px**2).any(axis=1)
     col, row = col[~in_gap], row[~in_gap]
     height = np.clip(rng.gamma(3.0, 6.0, col.size), 2.0, 40.0)
     radius = allometric_radius(height) * rng.lognormal(0.0, 0.12, col.size)
@@ -89,7 +89,7 @@ def canopy_height(trees: Trees, size: int, res: float) -> tuple[np.ndarray, np.n
             continue
         rows = np.arange(r0, r1)[:, None] + 0.5 - trees.row[i]
         cols = np.arange(c0, c1)[None, :] + 0.5 - trees.col[i]
-        d2 = (rows ** 2 + cols ** 2) / r_px ** 2
+        d2 = (rows**2 + cols**2) / r_px**2
         crown = trees.height[i] * (1.0 - _CROWN_DEPTH * d2)
         higher = (d2 < 1.0) & (crown > chm[r0:r1, c0:c1])
         chm[r0:r1, c0:c1][higher] = crown[higher]
@@ -97,8 +97,7 @@ def canopy_height(trees: Trees, size: int, res: float) -> tuple[np.ndarray, np.n
     return chm, top
 
 
-def cast_shadows(chm: np.ndarray, res: float, sun_elevation: float = 55.0, sun_azimuth: float = 135.0
-                 ) -> np.ndarray:
+def cast_shadows(chm: np.ndarray, res: float, sun_elevation: float = 55.0, sun_azimuth: float = 135.0) -> np.ndarray:
     """Cast shadows on a height field: bool ``H x W``, True where the sun is hidden.
 
     A pixel is shadowed when, marching from it towards the sun, some surface rises above the ray climbing at
@@ -125,8 +124,15 @@ def cast_shadows(chm: np.ndarray, res: float, sun_elevation: float = 55.0, sun_a
     return shadow
 
 
-def render_rgb(chm: np.ndarray, top: np.ndarray, shadow: np.ndarray, rng: np.random.Generator, res: float,
-               sun_elevation: float, sun_azimuth: float) -> np.ndarray:
+def render_rgb(
+    chm: np.ndarray,
+    top: np.ndarray,
+    shadow: np.ndarray,
+    rng: np.random.Generator,
+    res: float,
+    sun_elevation: float,
+    sun_azimuth: float,
+) -> np.ndarray:
     """Colour a scene: textured ground, sun-shaded crowns with per-tree tint, darkened shadows. uint8 3 x H x W."""
     f32 = np.float32
     ground_tone = 1 + 0.18 * _smooth_noise(rng, chm.shape, 12.0 / res) + 0.06 * _smooth_noise(rng, chm.shape, 1)
@@ -134,7 +140,7 @@ def render_rgb(chm: np.ndarray, top: np.ndarray, shadow: np.ndarray, rng: np.ran
     grad_r, grad_c = np.gradient(chm.astype(f32), f32(res))
     el, az = math.radians(sun_elevation), math.radians(sun_azimuth)
     sun = [f32(math.sin(az) * math.cos(el)), f32(-math.cos(az) * math.cos(el)), f32(math.sin(el))]
-    lambert = (sun[2] - grad_c * sun[0] - grad_r * sun[1]) / np.sqrt(grad_c ** 2 + grad_r ** 2 + 1)
+    lambert = (sun[2] - grad_c * sun[0] - grad_r * sun[1]) / np.sqrt(grad_c**2 + grad_r**2 + 1)
     leaves = 1 + 0.12 * _smooth_noise(rng, chm.shape, 0.6 / res)
     crown_light = (0.45 + 0.9 * np.clip(lambert, 0, 1)) * leaves
     is_crown = top >= 0
@@ -149,9 +155,16 @@ def render_rgb(chm: np.ndarray, top: np.ndarray, shadow: np.ndarray, rng: np.ran
     return rgb
 
 
-def forest_scene(size: int = 512, seed: int = 0, res: float = 0.5, crs: str = "EPSG:32617",
-                 nodata_fraction: float = 0.05, sun_elevation: float = 55.0, sun_azimuth: float = 135.0,
-                 origin: tuple[float, float] = (400_000.0, 3_290_000.0)) -> ForestScene:
+def forest_scene(
+    size: int = 512,
+    seed: int = 0,
+    res: float = 0.5,
+    crs: str = "EPSG:32617",
+    nodata_fraction: float = 0.05,
+    sun_elevation: float = 55.0,
+    sun_azimuth: float = 135.0,
+    origin: tuple[float, float] = (400_000.0, 3_290_000.0),
+) -> ForestScene:
     """Generate a scene in memory (see the module docstring); deterministic for a given seed."""
     rng = np.random.default_rng(seed)
     trees = sample_trees(rng, size, res)
@@ -167,9 +180,17 @@ def forest_scene(size: int = 512, seed: int = 0, res: float = 0.5, crs: str = "E
     return ForestScene(rgb=rgb, chm=chm, shadow=shadow, trees=trees, transform=transform, crs=crs)
 
 
-def make_forest(out_dir: str | os.PathLike, size: int = 512, seed: int = 0, res: float = 0.5,
-                crs: str = "EPSG:32617", nodata_fraction: float = 0.05, *, sun_elevation: float = 55.0,
-                sun_azimuth: float = 135.0) -> tuple[Path, Path]:
+def make_forest(
+    out_dir: str | os.PathLike,
+    size: int = 512,
+    seed: int = 0,
+    res: float = 0.5,
+    crs: str = "EPSG:32617",
+    nodata_fraction: float = 0.05,
+    *,
+    sun_elevation: float = 55.0,
+    sun_azimuth: float = 135.0,
+) -> tuple[Path, Path]:
     """Write a synthetic forest as a uint8 RGB GeoTIFF and a float32 CHM GeoTIFF (metres) on the same grid.
 
     Both files are tiled and DEFLATE-compressed. The RGB uses 255 as nodata, the CHM NaN.
@@ -182,15 +203,30 @@ def make_forest(out_dir: str | os.PathLike, size: int = 512, seed: int = 0, res:
     rgb_path = out_dir / f"forest_seed{seed}_rgb.tif"
     chm_path = out_dir / f"forest_seed{seed}_chm.tif"
     tile = tile_size_for(size, size)
-    common = {"driver": "GTiff", "width": size, "height": size, "crs": crs, "transform": scene.transform,
-              "tiled": True, "blockxsize": tile, "blockysize": tile, "compress": "deflate"}
-    with atomic_path(rgb_path) as tmp, rasterio.open(tmp, "w", count=3, dtype="uint8", nodata=RGB_NODATA,
-                                                     photometric="RGB", predictor=2, **common) as dst:
+    common = {
+        "driver": "GTiff",
+        "width": size,
+        "height": size,
+        "crs": crs,
+        "transform": scene.transform,
+        "tiled": True,
+        "blockxsize": tile,
+        "blockysize": tile,
+        "compress": "deflate",
+    }
+    with (
+        atomic_path(rgb_path) as tmp,
+        rasterio.open(
+            tmp, "w", count=3, dtype="uint8", nodata=RGB_NODATA, photometric="RGB", predictor=2, **common
+        ) as dst,
+    ):
         dst.write(scene.rgb)
         dst.descriptions = ("red", "green", "blue")
         dst.update_tags(sun_elevation=sun_elevation, sun_azimuth=sun_azimuth, seed=seed, synthetic="dinoscope")
-    with atomic_path(chm_path) as tmp, rasterio.open(tmp, "w", count=1, dtype="float32", nodata=np.nan,
-                                                     predictor=3, **common) as dst:
+    with (
+        atomic_path(chm_path) as tmp,
+        rasterio.open(tmp, "w", count=1, dtype="float32", nodata=np.nan, predictor=3, **common) as dst,
+    ):
         dst.write(scene.chm, 1)
         dst.descriptions = ("canopy_height",)
         dst.update_tags(units="m", seed=seed, synthetic="dinoscope")
@@ -209,6 +245,6 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_px: fl
     white = rng.standard_normal(shape)
     k_row = np.fft.fftfreq(shape[0])[:, None]
     k_col = np.fft.rfftfreq(shape[1])[None, :]
-    kernel = np.exp(-2.0 * (math.pi * sigma_px) ** 2 * (k_row ** 2 + k_col ** 2))
+    kernel = np.exp(-2.0 * (math.pi * sigma_px) ** 2 * (k_row**2 + k_col**2))
     smooth = np.fft.irfft2(np.fft.rfft2(white) * kernel, s=shape)
     return (smooth / max(float(smooth.std()), 1e-12)).astype(np.float32)

@@ -20,6 +20,7 @@ reads and normalises tile batches on background threads, so I/O overlaps the mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -45,8 +46,9 @@ def grid_starts(length: int, tile: int, stride: int) -> list[int]:
     return starts
 
 
-def ramp_1d(tile: int, overlap: int, margin: int = 0, *, taper_start: bool = True,
-            taper_end: bool = True) -> np.ndarray:
+def ramp_1d(
+    tile: int, overlap: int, margin: int = 0, *, taper_start: bool = True, taper_end: bool = True
+) -> np.ndarray:
     """One axis of the blending weight, float32 of length ``tile``.
 
     Inside a tapered side: ``margin`` zeros, then ``0.5 - 0.5 cos(pi (i + 0.5) / n)`` over ``n = overlap - margin``
@@ -60,7 +62,7 @@ def ramp_1d(tile: int, overlap: int, margin: int = 0, *, taper_start: bool = Tru
         if taper_start:
             weights[:overlap] = np.minimum(weights[:overlap], ramp)
         if taper_end:
-            weights[tile - overlap:] = np.minimum(weights[tile - overlap:], ramp[::-1])
+            weights[tile - overlap :] = np.minimum(weights[tile - overlap :], ramp[::-1])
     return weights.astype(np.float32)
 
 
@@ -82,12 +84,17 @@ class TileGrid:
         if self.tile < 1:
             raise DinoscopeError(f"tile size must be positive, got {self.tile}", field="tile")
         if not 0 <= self.overlap < self.tile:
-            raise DinoscopeError(f"overlap must be in [0, tile) = [0, {self.tile}), got {self.overlap}",
-                                 field="overlap", fix="use e.g. a quarter of the tile size")
+            raise DinoscopeError(
+                f"overlap must be in [0, tile) = [0, {self.tile}), got {self.overlap}",
+                field="overlap",
+                fix="use e.g. a quarter of the tile size",
+            )
         if self.margin < 0 or (self.margin and 2 * self.margin >= self.overlap):
-            raise DinoscopeError(f"margin {self.margin} needs an overlap of more than twice the margin "
-                                 f"(overlap is {self.overlap})", field="margin",
-                                 fix="lower the margin or raise the overlap")
+            raise DinoscopeError(
+                f"margin {self.margin} needs an overlap of more than twice the margin (overlap is {self.overlap})",
+                field="margin",
+                fix="lower the margin or raise the overlap",
+            )
 
     @property
     def stride(self) -> int:
@@ -113,13 +120,13 @@ class TileGrid:
 
     def weights(self, y: int, x: int) -> np.ndarray:
         """The ``tile`` x ``tile`` float32 weight of the tile with origin ``(y, x)``."""
-        return _tile_weights(self.tile, self.overlap, self.margin, y > 0, y + self.tile < self.height,
-                             x > 0, x + self.tile < self.width)
+        return _tile_weights(
+            self.tile, self.overlap, self.margin, y > 0, y + self.tile < self.height, x > 0, x + self.tile < self.width
+        )
 
 
 @lru_cache(maxsize=16)
-def _tile_weights(tile: int, overlap: int, margin: int, top: bool, bottom: bool, left: bool,
-                  right: bool) -> np.ndarray:
+def _tile_weights(tile: int, overlap: int, margin: int, top: bool, bottom: bool, left: bool, right: bool) -> np.ndarray:
     wy = ramp_1d(tile, overlap, margin, taper_start=top, taper_end=bottom)
     wx = ramp_1d(tile, overlap, margin, taper_start=left, taper_end=right)
     weights = np.outer(wy, wx).astype(np.float32)
@@ -151,9 +158,9 @@ class StripAccumulator:
         w = min(self.grid.tile, self.grid.width - x)
         r0 = y - self.base
         weights = self.grid.weights(y, x)[:h, :w]
-        self.sums[:, r0:r0 + h, x:x + w] += values[:, :h, :w] * weights
-        self.weight[r0:r0 + h, x:x + w] += weights
-        self.valid[r0:r0 + h, x:x + w] = valid[:h, :w]
+        self.sums[:, r0 : r0 + h, x : x + w] += values[:, :h, :w] * weights
+        self.weight[r0 : r0 + h, x : x + w] += weights
+        self.valid[r0 : r0 + h, x : x + w] = valid[:h, :w]
 
     def pop_rows(self, stop: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
         """Blended values ``n_values x rows x width`` (NaN where invalid) for raster rows ``[base, stop)``.
@@ -177,9 +184,9 @@ class StripAccumulator:
     def _shift(self, n: int) -> None:
         keep = self.grid.tile - n
         for buf in (self.sums[i] for i in range(self.sums.shape[0])):
-            buf[:keep] = buf[n:n + keep].copy()
+            buf[:keep] = buf[n : n + keep].copy()
             buf[keep:] = 0
-        self.weight[:keep] = self.weight[n:n + keep].copy()
+        self.weight[:keep] = self.weight[n : n + keep].copy()
         self.weight[keep:] = 0
         self.valid[:] = False
 
@@ -187,8 +194,7 @@ class StripAccumulator:
     def carry(self) -> dict[str, np.ndarray]:
         """The partial sums that outlive the finished rows (the overlap with the next tile row)."""
         keep = self._live
-        return {"sums": self.sums[:, :keep].copy(), "weight": self.weight[:keep].copy(),
-                "base": np.int64(self.base)}
+        return {"sums": self.sums[:, :keep].copy(), "weight": self.weight[:keep].copy(), "base": np.int64(self.base)}
 
     def restore(self, carry: dict[str, np.ndarray]) -> None:
         """Reload sums saved by :meth:`carry` when resuming an interrupted run."""
@@ -209,8 +215,16 @@ class TileBatchReader:
     shared safely between threads. An exception while reading is re-raised in the consumer.
     """
 
-    def __init__(self, source: RasterSource, normaliser: Callable[..., np.ndarray], grid: TileGrid,
-                 start_row: int, batch_size: int, num_workers: int, prefetch: int = 2) -> None:
+    def __init__(
+        self,
+        source: RasterSource,
+        normaliser: Callable[..., np.ndarray],
+        grid: TileGrid,
+        start_row: int,
+        batch_size: int,
+        num_workers: int,
+        prefetch: int = 2,
+    ) -> None:
         self.grid = grid
         self.normaliser = normaliser
         self.batch_size = batch_size
@@ -222,8 +236,7 @@ class TileBatchReader:
         for handle in handles:
             self._free.put(handle)
         self._pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="tile-reader")
-        self._thread = threading.Thread(target=self._produce, args=(start_row,), daemon=True,
-                                        name="batch-producer")
+        self._thread = threading.Thread(target=self._produce, args=(start_row,), daemon=True, name="batch-producer")
         self._thread.start()
 
     def row(self, row_index: int) -> Iterator[tuple[list[int], torch.Tensor, np.ndarray]]:
@@ -243,10 +256,8 @@ class TileBatchReader:
         """Stop the producer (draining the queue so it can exit), then release the extra file handles."""
         self.stop.set()
         while self._thread.is_alive():
-            try:
+            with contextlib.suppress(queue.Empty):
                 self.queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
         self._pool.shutdown(wait=True)
         for handle in self._handles[1:]:
             handle.close()
@@ -274,7 +285,7 @@ class TileBatchReader:
             for row_index in range(start_row, len(self.grid.rows)):
                 y = self.grid.rows[row_index]
                 for i in range(0, len(cols), self.batch_size):
-                    chunk = cols[i:i + self.batch_size]
+                    chunk = cols[i : i + self.batch_size]
                     tiles = list(self._pool.map(partial(self._read_tile, y), chunk))
                     batch = torch.from_numpy(np.stack([t[0] for t in tiles]))
                     valid = np.stack([t[1] for t in tiles])

@@ -117,8 +117,13 @@ def test_the_cycle_finder_finds_cycles() -> None:
 
 
 def test_core_never_imports_a_domain() -> None:
-    offenders = [(m, t) for m, targets in GRAPH.items() if m.startswith("core")
-                 for t in targets if t.split(".")[0] in ("geodino", "bio")]
+    offenders = [
+        (m, t)
+        for m, targets in GRAPH.items()
+        if m.startswith("core")
+        for t in targets
+        if t.split(".")[0] in ("geodino", "bio")
+    ]
     assert offenders == []
 
 

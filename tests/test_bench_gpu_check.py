@@ -27,10 +27,14 @@ _spec.loader.exec_module(flops)
 
 
 def _run_script(env_extra: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    env = {**{k: v for k, v in os.environ.items() if k not in ("OUT", "GPU_CHECK_CPU_SMOKE")},
-           "PYTHON": sys.executable, **env_extra}
-    return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("OUT", "GPU_CHECK_CPU_SMOKE")},
+        "PYTHON": sys.executable,
+        **env_extra,
+    }
+    return subprocess.run(
+        ["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 # ---------------------------------------------------------------------------------------------- gpu_check.sh
@@ -41,7 +45,8 @@ def test_gpu_check_without_cuda_says_so_and_exits_3(tmp_path: Path) -> None:
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout.strip().splitlines() == [
-        "gpu_check: no CUDA device visible (torch.cuda.is_available() is False); nothing was measured"]
+        "gpu_check: no CUDA device visible (torch.cuda.is_available() is False); nothing was measured"
+    ]
     assert elapsed < 60
     # Nothing was trained: the only result written is the error line.
     lines = (tmp_path / "gpu_check.jsonl").read_text().splitlines()
@@ -83,8 +88,9 @@ def test_head_flops_by_hand() -> None:
 
 def test_step_flops_by_hand() -> None:
     # dim 2, one block, patch 1: global 2x2 (4 patches + cls = 5 tokens), one local 1x1 (2 tokens), drop rate 0.5.
-    f = flops.ssl_step_flops_per_image(dim=2, depth=1, patch_size=1, global_size=2, local_size=1, n_local=1,
-                                       drop_path_rate=0.5, heads=False)
+    f = flops.ssl_step_flops_per_image(
+        dim=2, depth=1, patch_size=1, global_size=2, local_size=1, n_local=1, drop_path_rate=0.5, heads=False
+    )
     block_g = 2 * 5 * 2 * 6 + 2 * 5 * 2 * 2 + 4 * 5 * 2 * 8 + 4 * 25 * 2  # 680
     block_l = 2 * 2 * 2 * 6 + 2 * 2 * 2 * 2 + 4 * 2 * 2 * 8 + 4 * 4 * 2  # 224
     embed_g, embed_l = 2 * 4 * 3 * 2, 2 * 1 * 3 * 2
@@ -140,8 +146,10 @@ def _fake_run(tmp_path: Path, rates: list[float]) -> Path:
     recipe.train.batch_size_per_rank = 32
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(recipe)))
     (tmp_path / "run_info.json").write_text(json.dumps({"world_size": 1}))
-    rows = [{"iteration": i + 1, "images_per_s": r, "max_memory_mb": 1000.0 + i, "loss/total": 9.0}
-            for i, r in enumerate(rates)]
+    rows = [
+        {"iteration": i + 1, "images_per_s": r, "max_memory_mb": 1000.0 + i, "loss/total": 9.0}
+        for i, r in enumerate(rates)
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return tmp_path
 
@@ -165,6 +173,7 @@ def test_step_bench_mfu_uses_the_same_count() -> None:
     f = flops.ssl_step_flops_per_image(**VITL, drop_path_rate=0.4, batch=32)["total"]
     assert flops.ssl_step_bench_mfu(250.0, [], peak_tflops=989.0) == pytest.approx(250.0 * f / 989e12, rel=1e-3)
     small = ["--arch", "vit_small", "--batch", "64", "--attn", "sdpa", "--steps", "10"]
-    f_small = flops.ssl_step_flops_per_image(dim=384, depth=12, patch_size=14, global_size=224, local_size=98,
-                                             n_local=8, drop_path_rate=0.4, batch=64)["total"]
+    f_small = flops.ssl_step_flops_per_image(
+        dim=384, depth=12, patch_size=14, global_size=224, local_size=98, n_local=8, drop_path_rate=0.4, batch=64
+    )["total"]
     assert flops.ssl_step_bench_mfu(1000.0, small) == pytest.approx(1000.0 * f_small / 989e12, rel=1e-3)

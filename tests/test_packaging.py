@@ -37,8 +37,13 @@ def test_only_one_module_imports_deepspeed() -> None:
         for path in (ROOT / pkg).rglob("*.py"):
             tree = ast.parse(path.read_text())
             for node in ast.walk(tree):
-                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                mods = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
                 if any(m.split(".")[0] == "deepspeed" for m in mods):
                     importers.append(str(path.relative_to(ROOT)))
     assert len(set(importers)) <= 1, importers

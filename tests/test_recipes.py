@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from core.config import load_recipe
-from core.launch.kinds import get_kind, recipe_kind_of
 from core.launch import input_paths, plan_launch, resolve_run_dir
+from core.launch.kinds import get_kind, recipe_kind_of
 from core.launch.resources import LAUNCHERS, load_resources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,8 +106,12 @@ def test_cluster_recipe_fits_its_resources(recipe: str, resources: str) -> None:
 
 def test_vitg_recipe_is_zero2_on_16_nodes_of_8_gpus() -> None:
     """ZeRO-2, as bench/zero_arithmetic.py's memory and communication figures favour (recipes/README.md)."""
-    plan = plan_launch(RECIPES / "cluster/pretrain_vitg14_16nodes.yaml", [],
-                       load_resources(LAUNCH / "slurm_16nodes_8gpus.yaml"), check_paths=False)
+    plan = plan_launch(
+        RECIPES / "cluster/pretrain_vitg14_16nodes.yaml",
+        [],
+        load_resources(LAUNCH / "slurm_16nodes_8gpus.yaml"),
+        check_paths=False,
+    )
     assert (plan.recipe.model.arch, plan.recipe.model.patch_size, plan.recipe.dist.zero_stage) == ("vit_giant2", 14, 2)
     assert (plan.resources.nodes, plan.resources.gpus_per_node, plan.world_size) == (16, 8, 128)
     dist = plan.recipe.dist
@@ -130,8 +134,9 @@ def test_vitg_zero_stage_follows_the_arithmetic_and_the_readme_table_is_current(
     assert result["stages"]["zero2"]["memory_bytes"]["total_without_activations"] < 16 * 2**30
     assert zero2["total"]["psi"] == 2.0 and zero2["ema_gather"]["elements"] == 0
     assert zero3["ema_gather"]["psi"] > 0.99 and zero3["total"]["bytes"] > zero2["total"]["bytes"]
-    assert bench.markdown(result) in (RECIPES / "README.md").read_text(), \
+    assert bench.markdown(result) in (RECIPES / "README.md").read_text(), (
         "rerun python bench/zero_arithmetic.py --markdown and paste the table into recipes/README.md"
+    )
 
 
 def test_distill_recipes_name_a_teacher() -> None:
@@ -144,6 +149,14 @@ def test_readme_lists_the_shipped_recipes_and_resource_files() -> None:
     readme = (RECIPES / "README.md").read_text()
     for name in [*SHIPPED, "tiny/pretrain.yaml", *(f"launch/{p.name}" for p in _yaml_files(LAUNCH))]:
         assert name in readme, f"recipes/README.md does not mention {name}"
-    for entry in ("config.yaml", "run_info.json", "metrics.jsonl", "loss_curve.png", "checkpoints/", "latest",
-                  "eval_knn.jsonl", "launch.json"):
+    for entry in (
+        "config.yaml",
+        "run_info.json",
+        "metrics.jsonl",
+        "loss_curve.png",
+        "checkpoints/",
+        "latest",
+        "eval_knn.jsonl",
+        "launch.json",
+    ):
         assert entry in readme

@@ -39,8 +39,10 @@ def _plugin_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dinoscope", description="DINOv2 self-supervised vision for canopy "
-                                     "height mapping and cell-painting screens.")
+    parser = argparse.ArgumentParser(
+        prog="dinoscope",
+        description="DINOv2 self-supervised vision for canopy height mapping and cell-painting screens.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -52,12 +52,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         code = cli_main(argv)
         if code:
-            raise DinoscopeError(f"demo step {i} ({step['name']}) failed with exit status {code}",
-                                 fix="see the message above; re-running the demo resumes from this step")
+            raise DinoscopeError(
+                f"demo step {i} ({step['name']}) failed with exit status {code}",
+                fix="see the message above; re-running the demo resumes from this step",
+            )
         marker.parent.mkdir(exist_ok=True)
         marker.touch()
-        summary.append({"step": step["name"], "status": "ok", "seconds": round(time.perf_counter() - t0, 1),
-                        "argv": argv})
+        summary.append(
+            {"step": step["name"], "status": "ok", "seconds": round(time.perf_counter() - t0, 1), "argv": argv}
+        )
     report = write_index(out, summary)
     print(f"demo finished: open {report}")
     return 0
@@ -65,11 +68,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def write_index(out: Path, summary: list[dict]) -> Path:
     """One HTML page with every step, every PNG (inline) and every metrics JSON under ``out``."""
-    rows = "".join(f"<tr><td>{html.escape(s['step'])}</td><td>{s['status']}</td><td>{s.get('seconds', '')}</td>"
-                   f"<td><code>dinoscope {html.escape(' '.join(s['argv']))}</code></td></tr>" for s in summary)
-    figures = "".join(f"<figure><img src='{p.relative_to(out)}' style='max-width:480px'><figcaption>"
-                      f"{html.escape(str(p.relative_to(out)))}</figcaption></figure>"
-                      for p in sorted(out.rglob("*.png")))
+    rows = "".join(
+        f"<tr><td>{html.escape(s['step'])}</td><td>{s['status']}</td><td>{s.get('seconds', '')}</td>"
+        f"<td><code>dinoscope {html.escape(' '.join(s['argv']))}</code></td></tr>"
+        for s in summary
+    )
+    figures = "".join(
+        f"<figure><img src='{p.relative_to(out)}' style='max-width:480px'><figcaption>"
+        f"{html.escape(str(p.relative_to(out)))}</figcaption></figure>"
+        for p in sorted(out.rglob("*.png"))
+    )
     metrics = ""
     for p in sorted(out.rglob("metrics.json")) + sorted(out.rglob("knn*.json")):
         try:
@@ -77,10 +85,12 @@ def write_index(out: Path, summary: list[dict]) -> Path:
         except (OSError, json.JSONDecodeError):
             continue
         metrics += f"<h3>{html.escape(str(p.relative_to(out)))}</h3><pre>{html.escape(text)}</pre>"
-    page = (f"<!doctype html><meta charset='utf-8'><title>dinoscope demo</title>"
-            f"<style>body{{font-family:sans-serif;margin:2em}}figure{{display:inline-block;margin:.5em}}"
-            f"td{{padding:.2em .6em;border-bottom:1px solid #ddd}}pre{{background:#f6f6f6;padding:.5em}}</style>"
-            f"<h1>dinoscope demo</h1><table>{rows}</table><h2>Pictures</h2>{figures}<h2>Metrics</h2>{metrics}")
+    page = (
+        f"<!doctype html><meta charset='utf-8'><title>dinoscope demo</title>"
+        f"<style>body{{font-family:sans-serif;margin:2em}}figure{{display:inline-block;margin:.5em}}"
+        f"td{{padding:.2em .6em;border-bottom:1px solid #ddd}}pre{{background:#f6f6f6;padding:.5em}}</style>"
+        f"<h1>dinoscope demo</h1><table>{rows}</table><h2>Pictures</h2>{figures}<h2>Metrics</h2>{metrics}"
+    )
     path = out / "index.html"
     with atomic_path(path) as tmp:
         tmp.write_text(page)

@@ -1,7 +1,7 @@
 """``dinoscope eval knn|linear WEIGHTS --kind KIND --train k=v ... --val k=v ...``
 
-    dinoscope eval knn out/backbone.safetensors --kind image_folder --train root=data/train --val root=data/val
-    dinoscope eval linear out/backbone.safetensors --kind synthetic_shapes --train n=400 seed=1 --val n=200 seed=2
+dinoscope eval knn out/backbone.safetensors --kind image_folder --train root=data/train --val root=data/val
+dinoscope eval linear out/backbone.safetensors --kind synthetic_shapes --train n=400 seed=1 --val n=200 seed=2
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ks = [int(k) for k in args.k.split(",")]
         result = knn_evaluate(model, train_set, val_set, ks=ks, **common)
     else:
-        result = linear_evaluate(model, train_set, val_set, n_last_blocks=args.n_last_blocks, epochs=args.epochs,
-                                 **common)
+        result = linear_evaluate(
+            model, train_set, val_set, n_last_blocks=args.n_last_blocks, epochs=args.epochs, **common
+        )
     result = {"protocol": args.protocol, "weights": str(args.weights), **result}
     if args.out:
         write_json(Path(args.out), result)
@@ -55,8 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="kNN and linear evaluation of frozen backbone features")
     sub = p.add_subparsers(dest="protocol", metavar="PROTOCOL")
     sub.required = True
-    for name, helptext in (("knn", "weighted kNN (T=0.07) on class tokens"),
-                           ("linear", "linear probes on cls + avg-pooled patch tokens, lr grid")):
+    for name, helptext in (
+        ("knn", "weighted kNN (T=0.07) on class tokens"),
+        ("linear", "linear probes on cls + avg-pooled patch tokens, lr grid"),
+    ):
         q = sub.add_parser(name, help=helptext)
         q.add_argument("weights")
         q.add_argument("--kind", default="image_folder", help="dataset kind (core.data.DATASET_KINDS or a plugin)")

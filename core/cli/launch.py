@@ -28,10 +28,21 @@ if TYPE_CHECKING:
     from core.launch import LaunchPlan
 
 # CLI flag (argparse dest) -> launch resources key.
-_FLAG_KEYS = {"launcher": "launcher", "nproc": "nproc_per_node", "nodes": "nodes", "gpus_per_node": "gpus_per_node",
-              "partition": "partition", "time": "time", "account": "account",
-              "global_batch_size": "global_batch_size", "node_rank": "node_rank", "master_addr": "master_addr",
-              "master_port": "master_port", "rdzv_backend": "rdzv_backend", "rdzv_id": "rdzv_id"}
+_FLAG_KEYS = {
+    "launcher": "launcher",
+    "nproc": "nproc_per_node",
+    "nodes": "nodes",
+    "gpus_per_node": "gpus_per_node",
+    "partition": "partition",
+    "time": "time",
+    "account": "account",
+    "global_batch_size": "global_batch_size",
+    "node_rank": "node_rank",
+    "master_addr": "master_addr",
+    "master_port": "master_port",
+    "rdzv_backend": "rdzv_backend",
+    "rdzv_id": "rdzv_id",
+}
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -39,7 +50,7 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     launch, recipe = [], []
     for item in items:
         if item.startswith("launch."):
-            launch.append(item[len("launch."):])
+            launch.append(item[len("launch.") :])
         else:
             recipe.append(item)
     return launch, recipe
@@ -51,8 +62,11 @@ def _endpoint_overrides(endpoint: str) -> list[str]:
 
     host, sep, port = endpoint.rpartition(":")
     if not (sep and host and port.isdigit()):
-        raise DinoscopeError(f"--rdzv-endpoint {endpoint!r} is not HOST:PORT", field="launch.master_addr",
-                             fix="e.g. --rdzv-endpoint node0:29400 (the host of node 0 or of the rendezvous store)")
+        raise DinoscopeError(
+            f"--rdzv-endpoint {endpoint!r} is not HOST:PORT",
+            field="launch.master_addr",
+            fix="e.g. --rdzv-endpoint node0:29400 (the host of node 0 or of the rendezvous store)",
+        )
     return [f'master_addr="{host}"', f"master_port={int(port)}"]
 
 
@@ -90,8 +104,9 @@ def _wait(job: Any) -> int:
     try:
         return max(int(status or 0) for status in job.results())  # one status per task
     except Exception as err:  # noqa: BLE001 -- submitit re-raises the task's own failure; point at its log
-        raise DinoscopeError(f"the job failed ({type(err).__name__})", path=job.paths.stderr,
-                             fix="read the task log named here") from None
+        raise DinoscopeError(
+            f"the job failed ({type(err).__name__})", path=job.paths.stderr, fix="read the task log named here"
+        ) from None
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -119,8 +134,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
         from core.launch import slurm
 
         job = slurm.submit(plan)
-        print(f"submitted job {job.job_id} ({plan.world_size} tasks); logs in {job.paths.folder}; "
-              f"run directory {plan.run_dir}")
+        print(
+            f"submitted job {job.job_id} ({plan.world_size} tasks); logs in {job.paths.folder}; "
+            f"run directory {plan.run_dir}"
+        )
         if plan.resources.cluster == "local":  # a local "cluster" job ends with this command, so wait for it
             return _wait(job)
         return 0
@@ -132,34 +149,58 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("launch", help="validate a recipe, then run it locally, as N processes or on SLURM",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "launch",
+        help="validate a recipe, then run it locally, as N processes or on SLURM",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("recipe", help="YAML recipe (see recipes/README.md)")
-    p.add_argument("overrides", nargs="*", help="key=value recipe overrides, launch.key=value for the resources "
-                   "(right after RECIPE, before the --options)")
-    p.add_argument("--launcher", choices=["local", "torchrun", "deepspeed", "slurm"],
-                   help="local: this process; torchrun/deepspeed: --nproc local processes; slurm: a submitit job")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value recipe overrides, launch.key=value for the resources "
+        "(right after RECIPE, before the --options)",
+    )
+    p.add_argument(
+        "--launcher",
+        choices=["local", "torchrun", "deepspeed", "slurm"],
+        help="local: this process; torchrun/deepspeed: --nproc local processes; slurm: a submitit job",
+    )
     p.add_argument("--nproc", type=int, help="processes on this machine (torchrun/deepspeed)")
-    p.add_argument("--nodes", "--nnodes", dest="nodes", type=int,
-                   help="machines: SLURM nodes, or torchrun nodes each running this same command")
+    p.add_argument(
+        "--nodes",
+        "--nnodes",
+        dest="nodes",
+        type=int,
+        help="machines: SLURM nodes, or torchrun nodes each running this same command",
+    )
     p.add_argument("--node-rank", type=int, help="torchrun on several nodes (static): this machine's index, 0..N-1")
     p.add_argument("--master-addr", help="torchrun on several nodes: host of node 0 (of the c10d store)")
     p.add_argument("--master-port", type=int, help="rendezvous port (torchrun default 29500 across nodes)")
-    p.add_argument("--rdzv-backend", choices=["static", "c10d"],
-                   help="torchrun rendezvous on several nodes: static (--node-rank per machine) or c10d")
+    p.add_argument(
+        "--rdzv-backend",
+        choices=["static", "c10d"],
+        help="torchrun rendezvous on several nodes: static (--node-rank per machine) or c10d",
+    )
     p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="sets --master-addr and --master-port at once")
     p.add_argument("--rdzv-id", help="c10d job id shared by every node (default: derived from the run directory)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per SLURM node (one task each)")
     p.add_argument("--partition", help="SLURM partition")
     p.add_argument("--time", help="SLURM time limit, e.g. 72:00:00")
     p.add_argument("--account", help="SLURM account")
-    p.add_argument("--global-batch-size", type=int,
-                   help="require train.batch_size_per_rank x world size to equal this")
+    p.add_argument("--global-batch-size", type=int, help="require train.batch_size_per_rank x world size to equal this")
     p.add_argument("--resources", help="launch resources file (recipes/launch/*.yaml)")
     p.add_argument("--output-dir", help="run directory (default: the recipe's train.output_dir)")
-    p.add_argument("--allow-recipe-change", action="store_true",
-                   help="resume although the recipe differs from the checkpoint's (recorded in recipe_changes.jsonl)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the job (sbatch script, submitit parameters, commands) without starting it")
+    p.add_argument(
+        "--allow-recipe-change",
+        action="store_true",
+        help="resume although the recipe differs from the checkpoint's (recorded in recipe_changes.jsonl)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the job (sbatch script, submitit parameters, commands) without starting it",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # what each launched rank runs
     p.set_defaults(func=cmd_launch)

@@ -45,7 +45,7 @@ def _line_of(path: Path | None, dotted: str) -> int | None:
     exact = [line for key_path, line in keys if key_path == parts]
     if exact:
         return exact[-1]
-    ending = [line for key_path, line in keys if key_path[-len(parts):] == parts]
+    ending = [line for key_path, line in keys if key_path[-len(parts) :] == parts]
     return ending[0] if len(ending) == 1 else None
 
 
@@ -85,12 +85,20 @@ def _recipe_error(err: OmegaConfBaseException, schema: type, path: Path | None, 
         close = difflib.get_close_matches(leaf, valid, n=1)
         hint = f"did you mean {parent + '.' if parent else ''}{close[0]!r}? " if close else ""
         origin = "on the command line" if source == "cli" else "in the recipe"
-        return DinoscopeError(f"unknown key {key!r} {origin}", path=where, field=key,
-                              fix=f"{hint}valid keys{' under ' + parent if parent else ''}: {', '.join(valid)}")
+        return DinoscopeError(
+            f"unknown key {key!r} {origin}",
+            path=where,
+            field=key,
+            fix=f"{hint}valid keys{' under ' + parent if parent else ''}: {', '.join(valid)}",
+        )
     if isinstance(err, ValidationError):
         msg = str(err).splitlines()[0]
-        return DinoscopeError(f"wrong type for {key!r}: {msg}", path=where, field=key,
-                              fix="give a value of the type the schema declares (see recipes/README.md)")
+        return DinoscopeError(
+            f"wrong type for {key!r}: {msg}",
+            path=where,
+            field=key,
+            fix="give a value of the type the schema declares (see recipes/README.md)",
+        )
     return DinoscopeError(str(err).splitlines()[0], path=where, field=key or None)
 
 
@@ -124,8 +132,7 @@ def load_recipe(schema: type[T], path: str | os.PathLike | None = None, override
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{rpath}:{mark.line + 1}" if mark else rpath
-            raise DinoscopeError(f"the recipe is not valid YAML ({getattr(err, 'problem', err)})", path=where) \
-                from None
+            raise DinoscopeError(f"the recipe is not valid YAML ({getattr(err, 'problem', err)})", path=where) from None
         if not isinstance(data, dict):
             raise DinoscopeError("a recipe must be a mapping of sections", path=rpath)
         if "kind" not in _fields_at(schema, ""):
@@ -167,9 +174,16 @@ def check_kwargs(factory: Any, params: dict[str, Any], field: str, path: str | o
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise DinoscopeError(f"unknown key {field}.{key!r}", path=path, field=f"{field}.{key}",
-                                 fix=f"{hint}valid keys: {', '.join(valid)}")
-    missing = [n for n, p in sig.parameters.items()
-               if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in params]
+            raise DinoscopeError(
+                f"unknown key {field}.{key!r}",
+                path=path,
+                field=f"{field}.{key}",
+                fix=f"{hint}valid keys: {', '.join(valid)}",
+            )
+    missing = [
+        n
+        for n, p in sig.parameters.items()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in params
+    ]
     if missing:
         raise DinoscopeError(f"missing required keys {missing} in {field}", path=path, field=f"{field}.{missing[0]}")

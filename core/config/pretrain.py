@@ -199,58 +199,86 @@ class PretrainRecipe:
             if value not in valid:
                 raise DinoscopeError(f"{key} is {value!r}", path=path, field=key, fix=f"use one of {valid}")
         if self.dist.zero_stage not in (1, 2, 3):
-            raise DinoscopeError(f"dist.zero_stage is {self.dist.zero_stage}", path=path, field="dist.zero_stage",
-                                 fix="use 1, 2 or 3")
-        for key, value in (("train.batch_size_per_rank", self.train.batch_size_per_rank),
-                           ("optim.epochs", self.optim.epochs), ("optim.epoch_length", self.optim.epoch_length)):
+            raise DinoscopeError(
+                f"dist.zero_stage is {self.dist.zero_stage}", path=path, field="dist.zero_stage", fix="use 1, 2 or 3"
+            )
+        for key, value in (
+            ("train.batch_size_per_rank", self.train.batch_size_per_rank),
+            ("optim.epochs", self.optim.epochs),
+            ("optim.epoch_length", self.optim.epoch_length),
+        ):
             if value < 1:
                 raise DinoscopeError(f"{key} must be at least 1, got {value}", path=path, field=key)
         p = self.model.patch_size
-        for key, size in (("crops.global_crops_size", self.crops.global_crops_size),
-                          ("crops.local_crops_size", self.crops.local_crops_size)):
+        for key, size in (
+            ("crops.global_crops_size", self.crops.global_crops_size),
+            ("crops.local_crops_size", self.crops.local_crops_size),
+        ):
             if size % p:
-                raise DinoscopeError(f"{key} {size} is not a multiple of model.patch_size {p}", path=path,
-                                     field=key, fix=f"use a multiple of {p}, e.g. {size - size % p or p}")
+                raise DinoscopeError(
+                    f"{key} {size} is not a multiple of model.patch_size {p}",
+                    path=path,
+                    field=key,
+                    fix=f"use a multiple of {p}, e.g. {size - size % p or p}",
+                )
         total = self.total_iters()
         o = self.optim
-        for key, epochs in (("optim.warmup_epochs", o.warmup_epochs),
-                            ("teacher.warmup_teacher_temp_epochs", self.teacher.warmup_teacher_temp_epochs),
-                            ("optim.freeze_last_layer_epochs", o.freeze_last_layer_epochs)):
+        for key, epochs in (
+            ("optim.warmup_epochs", o.warmup_epochs),
+            ("teacher.warmup_teacher_temp_epochs", self.teacher.warmup_teacher_temp_epochs),
+            ("optim.freeze_last_layer_epochs", o.freeze_last_layer_epochs),
+        ):
             if round(epochs * o.epoch_length) > total:
-                raise DinoscopeError(f"{key} = {epochs} epochs is {round(epochs * o.epoch_length)} iterations, more "
-                                     f"than the {total} the run has", path=path, field=key,
-                                     fix=f"shorten it to at most {total / o.epoch_length:g} epochs or train longer")
+                raise DinoscopeError(
+                    f"{key} = {epochs} epochs is {round(epochs * o.epoch_length)} iterations, more "
+                    f"than the {total} the run has",
+                    path=path,
+                    field=key,
+                    fix=f"shorten it to at most {total / o.epoch_length:g} epochs or train longer",
+                )
         lo, hi = self.ibot.mask_ratio_min_max
         if not 0 <= lo <= hi <= 1:
-            raise DinoscopeError("ibot.mask_ratio_min_max must satisfy 0 <= min <= max <= 1", path=path,
-                                 field="ibot.mask_ratio_min_max")
+            raise DinoscopeError(
+                "ibot.mask_ratio_min_max must satisfy 0 <= min <= max <= 1", path=path, field="ibot.mask_ratio_min_max"
+            )
         self._validate_distribution(path)
 
     def _validate_distribution(self, path: str | os.PathLike | None) -> None:
         d, t = self.dist, self.train
-        for key, value in (("dist.grad_accum", d.grad_accum), ("dist.reduce_bucket_size", d.reduce_bucket_size),
-                           ("dist.allgather_bucket_size", d.allgather_bucket_size),
-                           ("dist.stage3_prefetch_bucket_size", d.stage3_prefetch_bucket_size),
-                           ("dist.stage3_max_live_parameters", d.stage3_max_live_parameters),
-                           ("dist.ema_gather_numel", d.ema_gather_numel), ("train.prefetch_factor", t.prefetch_factor),
-                           ("train.log_every", t.log_every), ("train.checkpoint_every", t.checkpoint_every)):
+        for key, value in (
+            ("dist.grad_accum", d.grad_accum),
+            ("dist.reduce_bucket_size", d.reduce_bucket_size),
+            ("dist.allgather_bucket_size", d.allgather_bucket_size),
+            ("dist.stage3_prefetch_bucket_size", d.stage3_prefetch_bucket_size),
+            ("dist.stage3_max_live_parameters", d.stage3_max_live_parameters),
+            ("dist.ema_gather_numel", d.ema_gather_numel),
+            ("train.prefetch_factor", t.prefetch_factor),
+            ("train.log_every", t.log_every),
+            ("train.checkpoint_every", t.checkpoint_every),
+        ):
             if value < 1:
                 raise DinoscopeError(f"{key} must be at least 1, got {value}", path=path, field=key)
-        for key, value in (("dist.stage3_param_persistence_threshold", d.stage3_param_persistence_threshold),
-                           ("dist.stage3_max_reuse_distance", d.stage3_max_reuse_distance)):
+        for key, value in (
+            ("dist.stage3_param_persistence_threshold", d.stage3_param_persistence_threshold),
+            ("dist.stage3_max_reuse_distance", d.stage3_max_reuse_distance),
+        ):
             if value < 0:
                 raise DinoscopeError(f"{key} must be >= 0, got {value}", path=path, field=key)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
-            raise DinoscopeError(f"train.device is {t.device!r}", path=path, field="train.device",
-                                 fix="use auto, cpu, cuda or cuda:N")
+            raise DinoscopeError(
+                f"train.device is {t.device!r}", path=path, field="train.device", fix="use auto, cpu, cuda or cuda:N"
+            )
         if self.dino.koleo_loss_weight and t.batch_size_per_rank < 2:
             # KoLeo (Sablayrolles et al. 2019) is a nearest-neighbour entropy estimate over the images of one rank,
             # as in DINOv2; with a single image per rank it has no neighbour and would be a constant.
-            raise DinoscopeError(f"the KoLeo regulariser needs at least 2 images per rank, but "
-                                 f"train.batch_size_per_rank is {t.batch_size_per_rank}", path=path,
-                                 field="dino.koleo_loss_weight",
-                                 fix="raise train.batch_size_per_rank to 2 or more (use dist.grad_accum to keep "
-                                     "memory down), or set dino.koleo_loss_weight=0")
+            raise DinoscopeError(
+                f"the KoLeo regulariser needs at least 2 images per rank, but "
+                f"train.batch_size_per_rank is {t.batch_size_per_rank}",
+                path=path,
+                field="dino.koleo_loss_weight",
+                fix="raise train.batch_size_per_rank to 2 or more (use dist.grad_accum to keep "
+                "memory down), or set dino.koleo_loss_weight=0",
+            )
 
     def total_iters(self) -> int:
         return self.train.max_iters or self.optim.epochs * self.optim.epoch_length

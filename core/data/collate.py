@@ -18,9 +18,14 @@ import torch
 from core.errors import DinoscopeError
 
 
-def collate_data_and_cast(samples_list: Sequence[Any], mask_ratio_tuple: tuple[float, float],
-                          mask_probability: float, dtype: torch.dtype, n_tokens: int,
-                          mask_generator: Callable[[int], np.ndarray]) -> dict[str, Any]:
+def collate_data_and_cast(
+    samples_list: Sequence[Any],
+    mask_ratio_tuple: tuple[float, float],
+    mask_probability: float,
+    dtype: torch.dtype,
+    n_tokens: int,
+    mask_generator: Callable[[int], np.ndarray],
+) -> dict[str, Any]:
     """Collate multi-crop samples into one training batch with iBOT masks.
 
     Args:
@@ -41,12 +46,12 @@ def collate_data_and_cast(samples_list: Sequence[Any], mask_ratio_tuple: tuple[f
     if not samples_list:
         raise DinoscopeError("cannot collate an empty batch", field="samples_list")
     if not 0.0 <= mask_probability <= 1.0:
-        raise DinoscopeError(f"mask_probability must lie in [0, 1], got {mask_probability}",
-                             field="mask_probability")
+        raise DinoscopeError(f"mask_probability must lie in [0, 1], got {mask_probability}", field="mask_probability")
     low, high = mask_ratio_tuple
     if not 0.0 <= low <= high <= 1.0:
-        raise DinoscopeError(f"mask_ratio_tuple must satisfy 0 <= min <= max <= 1, got {mask_ratio_tuple}",
-                             field="mask_ratio_tuple")
+        raise DinoscopeError(
+            f"mask_ratio_tuple must satisfy 0 <= min <= max <= 1, got {mask_ratio_tuple}", field="mask_ratio_tuple"
+        )
     crops = [_crops_of(sample) for sample in samples_list]
     collated_global = _stack_crop_major(crops, "global_crops")
     collated_local = _stack_crop_major(crops, "local_crops")
@@ -66,9 +71,11 @@ def collate_data_and_cast(samples_list: Sequence[Any], mask_ratio_tuple: tuple[f
 
     collated_masks = torch.stack(masks).flatten(1)
     if collated_masks.shape[1] != n_tokens:
-        raise DinoscopeError(f"the mask generator makes {collated_masks.shape[1]} patches per crop but "
-                             f"n_tokens is {n_tokens}", field="n_tokens",
-                             fix="build the MaskingGenerator with input_size = crop size // patch size")
+        raise DinoscopeError(
+            f"the mask generator makes {collated_masks.shape[1]} patches per crop but n_tokens is {n_tokens}",
+            field="n_tokens",
+            fix="build the MaskingGenerator with input_size = crop size // patch size",
+        )
     mask_indices_list = collated_masks.flatten().nonzero().flatten()
     per_crop_weight = 1.0 / collated_masks.sum(-1).clamp(min=1.0)
     masks_weight = per_crop_weight.unsqueeze(-1).expand_as(collated_masks)[collated_masks]
@@ -87,9 +94,12 @@ def _crops_of(sample: Any) -> Mapping[str, Any]:
     if isinstance(sample, (tuple, list)):
         sample = sample[0]
     if not isinstance(sample, Mapping) or "global_crops" not in sample or "local_crops" not in sample:
-        raise DinoscopeError("each sample must be the dict made by MultiCropAugmentation (or a (dict, label) "
-                             f"pair), got {type(sample).__name__}", field="samples_list",
-                             fix="set the dataset's transform to a MultiCropAugmentation")
+        raise DinoscopeError(
+            "each sample must be the dict made by MultiCropAugmentation (or a (dict, label) "
+            f"pair), got {type(sample).__name__}",
+            field="samples_list",
+            fix="set the dataset's transform to a MultiCropAugmentation",
+        )
     return sample
 
 

@@ -90,18 +90,25 @@ def read_num_channels(path: str | os.PathLike) -> int:
     except DinoscopeError:
         raise
     except Exception as err:
-        raise DinoscopeError(f"the image header cannot be read ({type(err).__name__}: {err})", path=path,
-                             fix="re-export the file, or remove it from the folder") from None
+        raise DinoscopeError(
+            f"the image header cannot be read ({type(err).__name__}: {err})",
+            path=path,
+            fix="re-export the file, or remove it from the folder",
+        ) from None
 
 
 def _tiff_layout(shape: Sequence[int], axes: str, path: str | os.PathLike) -> tuple[list[int], int | None]:
     """Axes kept (singletons other than Y/X dropped) and the position of the channel axis among them."""
-    kept = [i for i, (n, a) in enumerate(zip(shape, axes)) if n > 1 or a in "YX"]
+    kept = [i for i, (n, a) in enumerate(zip(shape, axes, strict=False)) if n > 1 or a in "YX"]
     others = [i for i in kept if axes[i] not in "YX"]
     if len(kept) - len(others) != 2 or len(others) > 1:
-        raise DinoscopeError(f"the TIFF has axes {axes} with shape {tuple(shape)}; expected a 2-D image or a "
-                             "3-D stack with one channel axis", path=path, field="axes",
-                             fix="save one image per file as YX, CYX or YXS")
+        raise DinoscopeError(
+            f"the TIFF has axes {axes} with shape {tuple(shape)}; expected a 2-D image or a "
+            "3-D stack with one channel axis",
+            path=path,
+            field="axes",
+            fix="save one image per file as YX, CYX or YXS",
+        )
     return kept, (kept.index(others[0]) if others else None)
 
 
@@ -126,8 +133,12 @@ def _to_contract_dtype(image: np.ndarray, path: str | os.PathLike) -> np.ndarray
     # Other integer types (Pillow's 32-bit "I" mode for 16-bit PNGs, int16 TIFFs) are kept when lossless.
     if np.issubdtype(image.dtype, np.integer) and image.size and image.min() >= 0 and image.max() <= 65535:
         return image.astype(np.uint16)
-    raise DinoscopeError(f"pixel type {image.dtype} is not supported", path=path, field="dtype",
-                         fix=f"store the image as one of {', '.join(CONTRACT_DTYPES)}")
+    raise DinoscopeError(
+        f"pixel type {image.dtype} is not supported",
+        path=path,
+        field="dtype",
+        fix=f"store the image as one of {', '.join(CONTRACT_DTYPES)}",
+    )
 
 
 class ImageFolderDataset(Dataset):
@@ -145,18 +156,34 @@ class ImageFolderDataset(Dataset):
 
     input_params = ("root",)  # recipe keywords that name input paths (see the module docstring)
 
-    def __init__(self, root: str | os.PathLike, channel_names: Sequence[str] | None = None, labelled: bool = False,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        channel_names: Sequence[str] | None = None,
+        labelled: bool = False,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise DinoscopeError("the image folder does not exist or is not a directory", path=self.root,
-                                 field="root", fix="point `root` at a folder of PNG/JPEG/TIFF images")
+            raise DinoscopeError(
+                "the image folder does not exist or is not a directory",
+                path=self.root,
+                field="root",
+                fix="point `root` at a folder of PNG/JPEG/TIFF images",
+            )
         suffixes = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
-        self.files = sorted(str(p) for p in self.root.rglob("*")
-                            if p.suffix.lower() in suffixes and not p.name.startswith(".") and p.is_file())
+        self.files = sorted(
+            str(p)
+            for p in self.root.rglob("*")
+            if p.suffix.lower() in suffixes and not p.name.startswith(".") and p.is_file()
+        )
         if not self.files:
-            raise DinoscopeError(f"no image files with extensions {sorted(suffixes)} were found", path=self.root,
-                                 field="root", fix="check the folder, or pass `extensions` matching your files")
+            raise DinoscopeError(
+                f"no image files with extensions {sorted(suffixes)} were found",
+                path=self.root,
+                field="root",
+                fix="check the folder, or pass `extensions` matching your files",
+            )
         self.labelled = labelled
         self.classes: list[str] = []
         self.targets: list[int] = []
@@ -165,9 +192,12 @@ class ImageFolderDataset(Dataset):
         self.num_channels = self._scan_channel_counts()
         names = default_channel_names(self.num_channels) if channel_names is None else list(channel_names)
         if len(names) != self.num_channels:
-            raise DinoscopeError(f"{len(names)} channel names were given but the images have {self.num_channels} "
-                                 "channels", path=self.root, field="channel_names",
-                                 fix=f"give exactly {self.num_channels} names, one per channel")
+            raise DinoscopeError(
+                f"{len(names)} channel names were given but the images have {self.num_channels} channels",
+                path=self.root,
+                field="channel_names",
+                fix=f"give exactly {self.num_channels} names, one per channel",
+            )
         self.channel_names = names
 
     def _assign_labels(self) -> None:
@@ -175,8 +205,12 @@ class ImageFolderDataset(Dataset):
         for file in self.files:
             parts = Path(file).relative_to(self.root).parts
             if len(parts) < 2:
-                raise DinoscopeError("in labelled mode every image must sit in a class sub-folder", path=file,
-                                     field="labelled", fix="move the file into <root>/<class>/ or use labelled=False")
+                raise DinoscopeError(
+                    "in labelled mode every image must sit in a class sub-folder",
+                    path=file,
+                    field="labelled",
+                    fix="move the file into <root>/<class>/ or use labelled=False",
+                )
             class_of_file.append(parts[0])
         self.classes = sorted(set(class_of_file))
         index = {name: i for i, name in enumerate(self.classes)}
@@ -188,8 +222,12 @@ class ImageFolderDataset(Dataset):
             counts.setdefault(read_num_channels(file), file)
         if len(counts) > 1:
             examples = ", ".join(f"{c} channels: {Path(f).name}" for c, f in sorted(counts.items()))
-            raise DinoscopeError(f"the images have different channel counts ({examples})", path=self.root,
-                                 field="channels", fix="keep one channel layout per dataset folder")
+            raise DinoscopeError(
+                f"the images have different channel counts ({examples})",
+                path=self.root,
+                field="channels",
+                fix="keep one channel layout per dataset folder",
+            )
         return next(iter(counts))
 
     def __len__(self) -> int:
@@ -199,8 +237,12 @@ class ImageFolderDataset(Dataset):
         path = self.files[index]
         image = read_image(path)
         if image.shape[-1] != self.num_channels:
-            raise DinoscopeError(f"the image has {image.shape[-1]} channels, the dataset {self.num_channels}",
-                                 path=path, field="channels", fix="keep one channel layout per dataset folder")
+            raise DinoscopeError(
+                f"the image has {image.shape[-1]} channels, the dataset {self.num_channels}",
+                path=path,
+                field="channels",
+                fix="keep one channel layout per dataset folder",
+            )
         return (image, self.targets[index]) if self.labelled else image
 
 
@@ -224,14 +266,24 @@ class SyntheticShapesDataset(Dataset):
     CLASS_NAMES = ("disk_hstripes", "square_vstripes", "triangle_checker", "ring_dots")
     input_params = ()  # generated in memory: reads no files
 
-    def __init__(self, n: int = 512, size: int = 64, channels: int = 3, seed: int = 0, labelled: bool = False,
-                 num_classes: int = 4) -> None:
+    def __init__(
+        self,
+        n: int = 512,
+        size: int = 64,
+        channels: int = 3,
+        seed: int = 0,
+        labelled: bool = False,
+        num_classes: int = 4,
+    ) -> None:
         if n < 1 or size < 8 or channels < 1:
-            raise DinoscopeError(f"need n >= 1, size >= 8 and channels >= 1, got n={n}, size={size}, "
-                                 f"channels={channels}", field="synthetic_shapes")
+            raise DinoscopeError(
+                f"need n >= 1, size >= 8 and channels >= 1, got n={n}, size={size}, channels={channels}",
+                field="synthetic_shapes",
+            )
         if not 2 <= num_classes <= len(self.CLASS_NAMES):
-            raise DinoscopeError(f"num_classes must be 2..{len(self.CLASS_NAMES)}, got {num_classes}",
-                                 field="num_classes")
+            raise DinoscopeError(
+                f"num_classes must be 2..{len(self.CLASS_NAMES)}, got {num_classes}", field="num_classes"
+            )
         self.n, self.size, self.channels, self.seed = n, size, channels, seed
         self.labelled = labelled
         self.classes = list(self.CLASS_NAMES[:num_classes])
@@ -303,21 +355,28 @@ def build_dataset(kind: str, **kwargs: Any) -> Dataset:
     """
     kinds = dataset_kinds()
     if kind not in kinds:
-        raise DinoscopeError(f"unknown dataset kind {kind!r}", field="kind",
-                             fix=f"use one of: {', '.join(sorted(kinds))}")
+        raise DinoscopeError(
+            f"unknown dataset kind {kind!r}", field="kind", fix=f"use one of: {', '.join(sorted(kinds))}"
+        )
     factory = kinds[kind]
     if not callable(factory) and hasattr(factory, "load"):  # an entry point (duck-typed: backports differ)
         try:
             factory = factory.load()
         except ImportError as err:
-            raise DinoscopeError(f"the dataset kind {kind!r} could not be imported ({err})", field="kind",
-                                 fix=f"install the package that provides {factory.value}") from None
+            raise DinoscopeError(
+                f"the dataset kind {kind!r} could not be imported ({err})",
+                field="kind",
+                fix=f"install the package that provides {factory.value}",
+            ) from None
     try:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as err:
         accepted = [n for n in inspect.signature(factory).parameters if n not in ("self", "args", "kwargs")]
-        raise DinoscopeError(f"invalid arguments for dataset kind {kind!r}: {err}", field="data",
-                             fix=f"{kind} accepts: {', '.join(accepted)}") from None
+        raise DinoscopeError(
+            f"invalid arguments for dataset kind {kind!r}: {err}",
+            field="data",
+            fix=f"{kind} accepts: {', '.join(accepted)}",
+        ) from None
     dataset = factory(**kwargs)
     if not hasattr(dataset, "channel_names"):
         raise TypeError(f"dataset kind {kind!r} built a {type(dataset).__name__} without `channel_names`")
@@ -340,12 +399,16 @@ def scale_to_unit(image: np.ndarray, max_value: float | None = None) -> np.ndarr
         return image.astype(np.float32) / np.float32(65535.0)
     if np.issubdtype(image.dtype, np.floating):
         return image.astype(np.float32, copy=True)
-    raise DinoscopeError(f"images of dtype {image.dtype} cannot be scaled without a max_value", field="dtype",
-                         fix=f"convert the data to one of {', '.join(CONTRACT_DTYPES)} or pass max_value")
+    raise DinoscopeError(
+        f"images of dtype {image.dtype} cannot be scaled without a max_value",
+        field="dtype",
+        fix=f"convert the data to one of {', '.join(CONTRACT_DTYPES)} or pass max_value",
+    )
 
 
-def compute_channel_stats(dataset: Dataset, n_samples: int = 1000, seed: int = 0,
-                          max_value: float | None = None) -> tuple[list[float], list[float]]:
+def compute_channel_stats(
+    dataset: Dataset, n_samples: int = 1000, seed: int = 0, max_value: float | None = None
+) -> tuple[list[float], list[float]]:
     """Per-channel mean and (population) std of the [0, 1]-scaled values of a random sample of images.
 
     Sampling is without replacement and seeded; sums accumulate in float64 one image at a time, so memory does not
@@ -366,8 +429,9 @@ def compute_channel_stats(dataset: Dataset, n_samples: int = 1000, seed: int = 0
         if total is None:
             total, total_sq, count = (np.zeros(values.shape[1]) for _ in range(3))
         if values.shape[1] != total.shape[0]:
-            raise DinoscopeError(f"image {index} has {values.shape[1]} channels, earlier ones {total.shape[0]}",
-                                 field="channels")
+            raise DinoscopeError(
+                f"image {index} has {values.shape[1]} channels, earlier ones {total.shape[0]}", field="channels"
+            )
         total += values.sum(0)
         total_sq += np.square(values).sum(0)
         count += finite.sum(0)

@@ -35,15 +35,24 @@ class MaskingGenerator:
     about 92% of requests are hit exactly at the DINOv2 settings).
     """
 
-    def __init__(self, input_size: int | tuple[int, int], num_masking_patches: int | None = None,
-                 min_num_patches: int = 4, max_num_patches: float | None = None, min_aspect: float = 0.3,
-                 max_aspect: float | None = None) -> None:
+    def __init__(
+        self,
+        input_size: int | tuple[int, int],
+        num_masking_patches: int | None = None,
+        min_num_patches: int = 4,
+        max_num_patches: float | None = None,
+        min_aspect: float = 0.3,
+        max_aspect: float | None = None,
+    ) -> None:
         height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         if height < 1 or width < 1:
             raise DinoscopeError(f"the patch grid must be at least 1x1, got {height}x{width}", field="input_size")
         if min_aspect <= 0 or (max_aspect is not None and max_aspect < min_aspect):
-            raise DinoscopeError(f"invalid aspect range ({min_aspect}, {max_aspect})", field="min_aspect",
-                                 fix="use 0 < min_aspect <= max_aspect, e.g. min_aspect=0.3")
+            raise DinoscopeError(
+                f"invalid aspect range ({min_aspect}, {max_aspect})",
+                field="min_aspect",
+                fix="use 0 < min_aspect <= max_aspect, e.g. min_aspect=0.3",
+            )
         self.height = int(height)
         self.width = int(width)
         self.num_patches = self.height * self.width
@@ -56,8 +65,10 @@ class MaskingGenerator:
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
 
     def __repr__(self) -> str:
-        return (f"MaskingGenerator({self.height}x{self.width}, patches {self.min_num_patches}.."
-                f"{self.max_num_patches}, log-aspect {self.log_aspect_ratio[0]:.3f}..{self.log_aspect_ratio[1]:.3f})")
+        return (
+            f"MaskingGenerator({self.height}x{self.width}, patches {self.min_num_patches}.."
+            f"{self.max_num_patches}, log-aspect {self.log_aspect_ratio[0]:.3f}..{self.log_aspect_ratio[1]:.3f})"
+        )
 
     def get_shape(self) -> tuple[int, int]:
         return self.height, self.width
@@ -88,7 +99,7 @@ class MaskingGenerator:
                 continue
             top = random.randint(0, self.height - h)
             left = random.randint(0, self.width - w)
-            block = mask[top:top + h, left:left + w]
+            block = mask[top : top + h, left : left + w]
             newly_masked = h * w - int(block.sum())
             if 0 < newly_masked <= budget:
                 block[...] = True

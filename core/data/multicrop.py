@@ -27,8 +27,13 @@ from core.errors import DinoscopeError
 # so the released checkpoints were trained with 0.0 / 0.9 / 0.5 rather than the nominal 1.0 / 0.1 / 0.5
 # (facebookresearch/dinov2 PR #411; dinov3 issue #286 keeps the effective values for the same reason).
 BLUR_PROBS = {"released": (0.0, 0.9, 0.5), "paper": (1.0, 0.1, 0.5)}
-INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
-                  "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
+INTERPOLATIONS = {
+    "nearest": cv2.INTER_NEAREST,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
 
 
 class MultiCropAugmentation:
@@ -64,37 +69,64 @@ class MultiCropAugmentation:
     "local_crops": [local_crops_number tensors]}``.
     """
 
-    def __init__(self, *, global_crops_size: int = 224, global_crops_scale: tuple[float, float] = (0.32, 1.0),
-                 local_crops_number: int = 8, local_crops_size: int = 96,
-                 local_crops_scale: tuple[float, float] = (0.05, 0.32),
-                 crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), interpolation: str = "bicubic",
-                 hflip_prob: float = 0.5, vflip_prob: float | None = None, channel_mode: str = "rgb",
-                 in_chans: int | None = None, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, max_value: float | None = None,
-                 blur_probs: str | Sequence[float] = "released", blur_kernel_size: int = 9,
-                 blur_sigma: tuple[float, float] = (0.1, 2.0), color_jitter_prob: float = 0.8,
-                 brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2, hue: float = 0.1,
-                 grayscale_prob: float = 0.2, solarize_prob: float = 0.2, seed: int | None = None,
-                 **chain_options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        global_crops_size: int = 224,
+        global_crops_scale: tuple[float, float] = (0.32, 1.0),
+        local_crops_number: int = 8,
+        local_crops_size: int = 96,
+        local_crops_scale: tuple[float, float] = (0.05, 0.32),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        interpolation: str = "bicubic",
+        hflip_prob: float = 0.5,
+        vflip_prob: float | None = None,
+        channel_mode: str = "rgb",
+        in_chans: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        max_value: float | None = None,
+        blur_probs: str | Sequence[float] = "released",
+        blur_kernel_size: int = 9,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        color_jitter_prob: float = 0.8,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        saturation: float = 0.2,
+        hue: float = 0.1,
+        grayscale_prob: float = 0.2,
+        solarize_prob: float = 0.2,
+        seed: int | None = None,
+        **chain_options: Any,
+    ) -> None:
         chain_factory(channel_mode)  # an unknown mode fails first, listing the registered ones
         if interpolation not in INTERPOLATIONS:
-            raise DinoscopeError(f"unknown interpolation {interpolation!r}", field="interpolation",
-                                 fix=f"use one of: {', '.join(INTERPOLATIONS)}")
+            raise DinoscopeError(
+                f"unknown interpolation {interpolation!r}",
+                field="interpolation",
+                fix=f"use one of: {', '.join(INTERPOLATIONS)}",
+            )
         for name, size in (("global_crops_size", global_crops_size), ("local_crops_size", local_crops_size)):
             if int(size) < 1:
                 raise DinoscopeError(f"{name} must be a positive number of pixels, got {size}", field=name)
         if local_crops_number < 0:
-            raise DinoscopeError(f"local_crops_number must be >= 0, got {local_crops_number}",
-                                 field="local_crops_number")
+            raise DinoscopeError(
+                f"local_crops_number must be >= 0, got {local_crops_number}", field="local_crops_number"
+            )
         _check_interval("global_crops_scale", global_crops_scale, 0.0, 1.0)
         _check_interval("local_crops_scale", local_crops_scale, 0.0, 1.0)
         _check_interval("crop_ratio", crop_ratio, 0.0, float("inf"))
         _check_interval("blur_sigma", blur_sigma, 0.0, float("inf"))
         if blur_kernel_size < 1 or blur_kernel_size % 2 == 0:
-            raise DinoscopeError(f"blur_kernel_size must be odd and positive, got {blur_kernel_size}",
-                                 field="blur_kernel_size")
-        probs = {"hflip_prob": hflip_prob, "color_jitter_prob": color_jitter_prob, "grayscale_prob": grayscale_prob,
-                 "solarize_prob": solarize_prob}
+            raise DinoscopeError(
+                f"blur_kernel_size must be odd and positive, got {blur_kernel_size}", field="blur_kernel_size"
+            )
+        probs = {
+            "hflip_prob": hflip_prob,
+            "color_jitter_prob": color_jitter_prob,
+            "grayscale_prob": grayscale_prob,
+            "solarize_prob": solarize_prob,
+        }
         if vflip_prob is not None:
             probs["vflip_prob"] = vflip_prob
         for name, value in probs.items():
@@ -110,40 +142,68 @@ class MultiCropAugmentation:
         self.local_crops_number = int(local_crops_number)
         self.seed = seed
         settings = ChainSettings(
-            in_chans=self.in_chans, mean=None if self.mean is None else tuple(self.mean),
-            std=None if self.std is None else tuple(self.std), max_value=max_value, blur_probs=self.blur_probs,
-            blur_kernel_size=blur_kernel_size, blur_sigma=tuple(blur_sigma), color_jitter_prob=color_jitter_prob,
-            brightness=brightness, contrast=contrast, saturation=saturation, hue=hue, grayscale_prob=grayscale_prob,
-            solarize_prob=solarize_prob)
+            in_chans=self.in_chans,
+            mean=None if self.mean is None else tuple(self.mean),
+            std=None if self.std is None else tuple(self.std),
+            max_value=max_value,
+            blur_probs=self.blur_probs,
+            blur_kernel_size=blur_kernel_size,
+            blur_sigma=tuple(blur_sigma),
+            color_jitter_prob=color_jitter_prob,
+            brightness=brightness,
+            contrast=contrast,
+            saturation=saturation,
+            hue=hue,
+            grayscale_prob=grayscale_prob,
+            solarize_prob=solarize_prob,
+        )
         self.chain = chain = build_chain(channel_mode, settings, chain_options)
         self._check_chain_fits()
         if vflip_prob is None:
             vflip_prob = chain.vflip_prob
 
         def geometry(size: int, scale: tuple[float, float]) -> list[albu.BasicTransform]:
-            return [albu.RandomResizedCrop(size=(int(size), int(size)), scale=tuple(scale), ratio=tuple(crop_ratio),
-                                           interpolation=INTERPOLATIONS[interpolation], p=1.0),
-                    albu.HorizontalFlip(p=hflip_prob), albu.VerticalFlip(p=vflip_prob),
-                    ScaleToUnit(max_value=max_value, clip=chain.clip_unit)]
+            return [
+                albu.RandomResizedCrop(
+                    size=(int(size), int(size)),
+                    scale=tuple(scale),
+                    ratio=tuple(crop_ratio),
+                    interpolation=INTERPOLATIONS[interpolation],
+                    p=1.0,
+                ),
+                albu.HorizontalFlip(p=hflip_prob),
+                albu.VerticalFlip(p=vflip_prob),
+                ScaleToUnit(max_value=max_value, clip=chain.clip_unit),
+            ]
 
         sizes = [(global_crops_size, global_crops_scale)] * 2 + [(local_crops_size, local_crops_scale)]
         # chain.shared is deliberately the same instances in all three pipelines (see PhotometricChain.shared).
-        self._pipelines = [albu.Compose(geometry(*size_scale) + chain.shared + list(extra))
-                           for size_scale, extra in zip(sizes, chain.per_crop, strict=True)]
+        self._pipelines = [
+            albu.Compose(geometry(*size_scale) + chain.shared + list(extra))
+            for size_scale, extra in zip(sizes, chain.per_crop, strict=True)
+        ]
         self._seed_pipelines(seed)
 
     def _check_chain_fits(self) -> None:
         mode, chain = self.channel_mode, self.chain
         if not chain.normalise and (self.mean is not None or self.std is not None):
-            raise DinoscopeError(f"channel_mode {mode!r} standardises every crop per channel; mean/std do not "
-                                 "apply", field="mean", fix="drop mean/std, or use a channel_mode that normalises")
+            raise DinoscopeError(
+                f"channel_mode {mode!r} standardises every crop per channel; mean/std do not apply",
+                field="mean",
+                fix="drop mean/std, or use a channel_mode that normalises",
+            )
         if chain.channels is not None and self.in_chans is not None and self.in_chans != chain.channels:
-            raise DinoscopeError(f"channel_mode {mode!r} needs {chain.channels} channels, got {self.in_chans}",
-                                 field="channel_mode", fix=_other_modes_fix(mode))
+            raise DinoscopeError(
+                f"channel_mode {mode!r} needs {chain.channels} channels, got {self.in_chans}",
+                field="channel_mode",
+                fix=_other_modes_fix(mode),
+            )
 
     def __repr__(self) -> str:
-        return (f"MultiCropAugmentation(channel_mode={self.channel_mode!r}, in_chans={self.in_chans}, "
-                f"local_crops_number={self.local_crops_number}, blur_probs={self.blur_probs})")
+        return (
+            f"MultiCropAugmentation(channel_mode={self.channel_mode!r}, in_chans={self.in_chans}, "
+            f"local_crops_number={self.local_crops_number}, blur_probs={self.blur_probs})"
+        )
 
     def normalisation(self, num_channels: int) -> tuple[list[float], list[float]] | None:
         """The (mean, std) applied to ``num_channels``-channel crops; None when the chain standardises."""
@@ -165,24 +225,36 @@ class MultiCropAugmentation:
 
     def _check_image(self, image: np.ndarray) -> np.ndarray:
         if not isinstance(image, np.ndarray):
-            raise DinoscopeError(f"expected an H x W x C numpy array, got {type(image).__name__}", field="image",
-                                 fix="make the dataset return numpy arrays (see core.data.datasets)")
+            raise DinoscopeError(
+                f"expected an H x W x C numpy array, got {type(image).__name__}",
+                field="image",
+                fix="make the dataset return numpy arrays (see core.data.datasets)",
+            )
         if image.ndim == 2:
             image = image[..., None]
         if image.ndim != 3:
             raise DinoscopeError(f"expected an H x W x C image, got shape {image.shape}", field="image")
         channels = image.shape[-1]
         if self.in_chans is not None and channels != self.in_chans:
-            raise DinoscopeError(f"the image has {channels} channels but the augmentation expects {self.in_chans}",
-                                 field="in_chans", fix="make in_chans / mean / std match the dataset's channels")
+            raise DinoscopeError(
+                f"the image has {channels} channels but the augmentation expects {self.in_chans}",
+                field="in_chans",
+                fix="make in_chans / mean / std match the dataset's channels",
+            )
         if self.chain.channels is not None and channels != self.chain.channels:
-            raise DinoscopeError(f"channel_mode {self.channel_mode!r} needs {self.chain.channels} channels, the image "
-                                 f"has {channels}", field="channel_mode", fix=_other_modes_fix(self.channel_mode))
+            raise DinoscopeError(
+                f"channel_mode {self.channel_mode!r} needs {self.chain.channels} channels, the image has {channels}",
+                field="channel_mode",
+                fix=_other_modes_fix(self.channel_mode),
+            )
         if image.dtype == np.float64 or image.dtype == np.float16:
             image = image.astype(np.float32)
         if image.dtype not in (np.uint8, np.uint16, np.float32):
-            raise DinoscopeError(f"images of dtype {image.dtype} are not supported", field="dtype",
-                                 fix="return uint8, uint16 or float32 arrays from the dataset")
+            raise DinoscopeError(
+                f"images of dtype {image.dtype} are not supported",
+                field="dtype",
+                fix="return uint8, uint16 or float32 arrays from the dataset",
+            )
         return image
 
     def reseed(self, entropy: Sequence[int] | int | None) -> None:
@@ -233,29 +305,38 @@ def _to_tensor(crop: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None
 def _resolve_blur_probs(blur_probs: str | Sequence[float]) -> tuple[float, float, float]:
     if isinstance(blur_probs, str):
         if blur_probs not in BLUR_PROBS:
-            raise DinoscopeError(f"unknown blur_probs {blur_probs!r}", field="blur_probs",
-                                 fix="use 'released', 'paper' or three probabilities (global1, global2, local)")
+            raise DinoscopeError(
+                f"unknown blur_probs {blur_probs!r}",
+                field="blur_probs",
+                fix="use 'released', 'paper' or three probabilities (global1, global2, local)",
+            )
         return BLUR_PROBS[blur_probs]
     values = tuple(float(p) for p in blur_probs)
     if len(values) != 3:
-        raise DinoscopeError(f"blur_probs needs 3 values (global1, global2, local), got {len(values)}",
-                             field="blur_probs")
+        raise DinoscopeError(
+            f"blur_probs needs 3 values (global1, global2, local), got {len(values)}", field="blur_probs"
+        )
     for value in values:
         check_probability("blur_probs", value)
     return values  # type: ignore[return-value]
 
 
-def _resolve_channels(in_chans: int | None, mean: Sequence[float] | None,
-                      std: Sequence[float] | None) -> int | None:
+def _resolve_channels(in_chans: int | None, mean: Sequence[float] | None, std: Sequence[float] | None) -> int | None:
     if (mean is None) != (std is None):
         raise DinoscopeError("give both mean and std, or neither", field="std" if std is None else "mean")
     if mean is not None and std is not None:
         if len(std) != len(mean):
-            raise DinoscopeError(f"std has {len(std)} values but mean has {len(mean)}", field="std",
-                                 fix="give one mean and one std per channel")
+            raise DinoscopeError(
+                f"std has {len(std)} values but mean has {len(mean)}",
+                field="std",
+                fix="give one mean and one std per channel",
+            )
         if in_chans is not None and len(mean) != in_chans:
-            raise DinoscopeError(f"mean has {len(mean)} values but in_chans is {in_chans}", field="mean",
-                                 fix=f"give exactly {in_chans} values, one per channel")
+            raise DinoscopeError(
+                f"mean has {len(mean)} values but in_chans is {in_chans}",
+                field="mean",
+                fix=f"give exactly {in_chans} values, one per channel",
+            )
         if any(s <= 0 for s in std):
             raise DinoscopeError("std values must be positive", field="std")
         in_chans = len(mean)
@@ -271,5 +352,6 @@ def _other_modes_fix(mode: str) -> str:
 
 def _check_interval(name: str, interval: Sequence[float], low: float, high: float) -> None:
     if len(interval) != 2 or not low <= interval[0] <= interval[1] <= high or interval[1] <= 0:
-        raise DinoscopeError(f"{name} must be (min, max) with {low} <= min <= max <= {high}, got {interval}",
-                             field=name)
+        raise DinoscopeError(
+            f"{name} must be (min, max) with {low} <= min <= max <= {high}, got {interval}", field=name
+        )

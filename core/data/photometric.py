@@ -81,7 +81,8 @@ class PhotometricChain:
 
     shared: list[albu.BasicTransform] = field(default_factory=list)
     per_crop: tuple[list[albu.BasicTransform], list[albu.BasicTransform], list[albu.BasicTransform]] = field(
-        default_factory=lambda: ([], [], []))
+        default_factory=lambda: ([], [], [])
+    )
     vflip_prob: float = 0.0
     clip_unit: bool = False
     normalise: bool = True
@@ -105,8 +106,14 @@ class ChannelIntensityJitter(albu.ImageOnlyTransform):
     values are not bounded the way 8-bit colour is.
     """
 
-    def __init__(self, brightness: float = 0.4, contrast: float = 0.4, distribution: str = "uniform",
-                 min_factor: float = 0.5, p: float = 1.0) -> None:
+    def __init__(
+        self,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        distribution: str = "uniform",
+        min_factor: float = 0.5,
+        p: float = 1.0,
+    ) -> None:
         super().__init__(p=p)
         self.brightness, self.contrast = brightness, contrast
         self.distribution, self.min_factor = distribution, min_factor
@@ -118,11 +125,14 @@ class ChannelIntensityJitter(albu.ImageOnlyTransform):
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         channels = data["image"].shape[-1]
-        return {"brightness_factors": self._factors(self.brightness, channels).astype(np.float32),
-                "contrast_factors": self._factors(self.contrast, channels).astype(np.float32)}
+        return {
+            "brightness_factors": self._factors(self.brightness, channels).astype(np.float32),
+            "contrast_factors": self._factors(self.contrast, channels).astype(np.float32),
+        }
 
-    def apply(self, img: np.ndarray, brightness_factors: np.ndarray, contrast_factors: np.ndarray,
-              **params: Any) -> np.ndarray:
+    def apply(
+        self, img: np.ndarray, brightness_factors: np.ndarray, contrast_factors: np.ndarray, **params: Any
+    ) -> np.ndarray:
         img = img * brightness_factors
         channel_mean = img.mean(axis=(0, 1), keepdims=True)
         return (img - channel_mean) * contrast_factors + channel_mean
@@ -153,12 +163,18 @@ def check_probability(name: str, value: float) -> None:
 def rgb_chain(settings: ChainSettings) -> PhotometricChain:
     """DINOv2's ImageNet chain: colour jitter and grayscale on every crop, blur per slot, solarise global crop 2."""
     s = settings
-    jitter = albu.ColorJitter(brightness=s.brightness, contrast=s.contrast, saturation=s.saturation, hue=s.hue,
-                              p=s.color_jitter_prob)
+    jitter = albu.ColorJitter(
+        brightness=s.brightness, contrast=s.contrast, saturation=s.saturation, hue=s.hue, p=s.color_jitter_prob
+    )
     gray = albu.ToGray(num_output_channels=3, method="weighted_average", p=s.grayscale_prob)
     blur1, blur2, blur_local = blur_per_crop(s)
-    return PhotometricChain(shared=[jitter, gray], per_crop=(blur1, blur2 + [solarize(s.solarize_prob)], blur_local),
-                            clip_unit=True, default_stats=imagenet_stats, channels=3)
+    return PhotometricChain(
+        shared=[jitter, gray],
+        per_crop=(blur1, blur2 + [solarize(s.solarize_prob)], blur_local),
+        clip_unit=True,
+        default_stats=imagenet_stats,
+        channels=3,
+    )
 
 
 def imagenet_stats(num_channels: int) -> tuple[list[float], list[float]]:
@@ -185,15 +201,19 @@ def chain_factory(mode: str) -> ChainFactory:
     """The factory registered for ``mode``; an unknown mode raises, listing every registered one."""
     factories = chain_factories()
     if mode not in factories:
-        raise DinoscopeError(f"unknown channel_mode {mode!r}", field="channel_mode",
-                             fix=f"use one of: {', '.join(channel_modes())}")
+        raise DinoscopeError(
+            f"unknown channel_mode {mode!r}", field="channel_mode", fix=f"use one of: {', '.join(channel_modes())}"
+        )
     factory = factories[mode]
     if not callable(factory) and hasattr(factory, "load"):  # an entry point (duck-typed: backports differ)
         try:
             factory = factory.load()
         except ImportError as err:
-            raise DinoscopeError(f"the channel_mode {mode!r} could not be imported ({err})", field="channel_mode",
-                                 fix=f"install the package that provides {factory.value}") from None
+            raise DinoscopeError(
+                f"the channel_mode {mode!r} could not be imported ({err})",
+                field="channel_mode",
+                fix=f"install the package that provides {factory.value}",
+            ) from None
     return factory
 
 
@@ -208,10 +228,14 @@ def build_chain(mode: str, settings: ChainSettings, options: Mapping[str, Any] |
         accepted = [n for n, p in list(signature.parameters.items())[1:] if p.kind is p.KEYWORD_ONLY]
         unknown = sorted(set(options) - set(accepted))
         if not unknown:
-            raise DinoscopeError(f"channel_mode {mode!r} cannot be built with {options}: {err}",
-                                 field="channel_mode") from None
-        raise DinoscopeError(f"channel_mode {mode!r} does not take {', '.join(unknown)}", field=unknown[0],
-                             fix=f"its own options are: {', '.join(accepted) or 'none'}") from None
+            raise DinoscopeError(
+                f"channel_mode {mode!r} cannot be built with {options}: {err}", field="channel_mode"
+            ) from None
+        raise DinoscopeError(
+            f"channel_mode {mode!r} does not take {', '.join(unknown)}",
+            field=unknown[0],
+            fix=f"its own options are: {', '.join(accepted) or 'none'}",
+        ) from None
     chain = factory(settings, **options)
     if not isinstance(chain, PhotometricChain) or len(chain.per_crop) != 3:
         raise TypeError(f"the factory of channel_mode {mode!r} must return a PhotometricChain with 3 per_crop lists")

@@ -5,8 +5,9 @@ Conceptually there is one global stream made of consecutive epochs, epoch ``e`` 
 ``r, r + world_size, r + 2 * world_size, ...``. Every index therefore depends only on ``(seed, position)``: a run
 resumed after ``k`` iterations with ``start_index = k * batch_size_per_rank`` continues exactly where it stopped,
 and ranks never share a position. ``start_position`` gives the global position instead, which is what a run resumed
-at another world size needs: the stream continues from the number of samples the whole job has consumed. (Same contract as DINOv2's ``dinov2/data/samplers.py::InfiniteSampler`` with its
-``advance`` argument; the permutation scheme here is our own.)
+at another world size needs: the stream continues from the number of samples the whole job has consumed. (Same
+contract as DINOv2's ``dinov2/data/samplers.py::InfiniteSampler`` with its ``advance`` argument; the permutation
+scheme here is our own.)
 """
 
 from __future__ import annotations
@@ -32,11 +33,22 @@ class InfiniteSampler(Sampler[int]):
             continues at global positions ``start_position + rank + k * world_size``.
     """
 
-    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 start_index: int = 0, start_position: int | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        start_index: int = 0,
+        start_position: int | None = None,
+    ) -> None:
         if size < 1:
-            raise DinoscopeError(f"cannot sample from an empty dataset (size {size})", field="size",
-                                 fix="check that the dataset found its files")
+            raise DinoscopeError(
+                f"cannot sample from an empty dataset (size {size})",
+                field="size",
+                fix="check that the dataset found its files",
+            )
         if world_size < 1 or not 0 <= rank < world_size:
             raise DinoscopeError(f"rank {rank} is not within world_size {world_size}", field="rank")
         if start_index < 0:
@@ -70,7 +82,7 @@ class InfiniteSampler(Sampler[int]):
         epoch, offset = divmod(position, self.size)
         while True:
             order = self.epoch_order(epoch)
-            for index in order[offset::self.world_size]:
+            for index in order[offset :: self.world_size]:
                 yield int(index)
             # Continue the rank's stride into the next epoch: the first position there that is congruent to rank.
             consumed = len(range(offset, self.size, self.world_size))

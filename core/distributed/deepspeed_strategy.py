@@ -54,6 +54,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_grad, safe_
 from torch import nn
 
 from core.distributed.device import module_device
+from core.distributed.ema import ema_update_, paired_parameters
 from core.distributed.env import barrier, get_rank, get_world_size, init_distributed
 from core.distributed.strategy import (
     DEEPSPEED_DIR,
@@ -74,7 +75,6 @@ from core.distributed.strategy import (
 )
 from core.errors import DinoscopeError
 from core.io import atomic_path
-from core.distributed.ema import ema_update_, paired_parameters
 
 log = logging.getLogger(__name__)
 
@@ -83,38 +83,62 @@ _ROOT_PREFIX = "student."
 UNIVERSAL_TAG = f"{DEEPSPEED_TAG}_universal"
 
 
-def build_ds_config(*, zero_stage: int, micro_batch_size: int, grad_accum: int, world_size: int,
-                    grad_clip: float | None, precision: str, offload: bool = False,
-                    reduce_bucket_size: int = 50_000_000, allgather_bucket_size: int = 50_000_000,
-                    overlap_comm: bool | None = None, contiguous_gradients: bool = True,
-                    stage3_prefetch_bucket_size: int = 50_000_000, stage3_param_persistence_threshold: int = 100_000,
-                    stage3_max_live_parameters: int = 1_000_000_000, stage3_max_reuse_distance: int = 1_000_000_000,
-                    load_universal: bool = False, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def build_ds_config(
+    *,
+    zero_stage: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    grad_clip: float | None,
+    precision: str,
+    offload: bool = False,
+    reduce_bucket_size: int = 50_000_000,
+    allgather_bucket_size: int = 50_000_000,
+    overlap_comm: bool | None = None,
+    contiguous_gradients: bool = True,
+    stage3_prefetch_bucket_size: int = 50_000_000,
+    stage3_param_persistence_threshold: int = 100_000,
+    stage3_max_live_parameters: int = 1_000_000_000,
+    stage3_max_reuse_distance: int = 1_000_000_000,
+    load_universal: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The DeepSpeed JSON config for typed arguments; rare keys go through ``overrides`` (deep-merged).
 
     Raises:
         DinoscopeError: for a stage outside 1-3, a non-positive batch or accumulation, or an unknown precision.
     """
     if zero_stage not in ZERO_STAGES:
-        raise DinoscopeError(f"zero_stage must be one of {ZERO_STAGES}, got {zero_stage}", field="dist.zero_stage",
-                             fix="use 1 or 2 (recommended) or 3 to also partition the parameters")
-    for field, value in (("micro_batch_size", micro_batch_size), ("grad_accum", grad_accum),
-                         ("world_size", world_size)):
+        raise DinoscopeError(
+            f"zero_stage must be one of {ZERO_STAGES}, got {zero_stage}",
+            field="dist.zero_stage",
+            fix="use 1 or 2 (recommended) or 3 to also partition the parameters",
+        )
+    for field, value in (
+        ("micro_batch_size", micro_batch_size),
+        ("grad_accum", grad_accum),
+        ("world_size", world_size),
+    ):
         if int(value) < 1:
             raise DinoscopeError(f"{field} must be >= 1, got {value}", field=f"dist.{field}")
     check_precision(precision)
     check_grad_clip(grad_clip)
-    zero: dict[str, Any] = {"stage": zero_stage, "contiguous_gradients": contiguous_gradients,
-                            "reduce_bucket_size": int(reduce_bucket_size),
-                            "overlap_comm": zero_stage == 3 if overlap_comm is None else overlap_comm}
+    zero: dict[str, Any] = {
+        "stage": zero_stage,
+        "contiguous_gradients": contiguous_gradients,
+        "reduce_bucket_size": int(reduce_bucket_size),
+        "overlap_comm": zero_stage == 3 if overlap_comm is None else overlap_comm,
+    }
     if zero_stage < 3:
         zero["allgather_bucket_size"] = int(allgather_bucket_size)
     else:
-        zero.update(stage3_prefetch_bucket_size=int(stage3_prefetch_bucket_size),
-                    stage3_param_persistence_threshold=int(stage3_param_persistence_threshold),
-                    stage3_max_live_parameters=int(stage3_max_live_parameters),
-                    stage3_max_reuse_distance=int(stage3_max_reuse_distance),
-                    stage3_gather_16bit_weights_on_model_save=False)
+        zero.update(
+            stage3_prefetch_bucket_size=int(stage3_prefetch_bucket_size),
+            stage3_param_persistence_threshold=int(stage3_param_persistence_threshold),
+            stage3_max_live_parameters=int(stage3_max_live_parameters),
+            stage3_max_reuse_distance=int(stage3_max_reuse_distance),
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         if zero_stage == 3:
@@ -157,8 +181,11 @@ def validate_ds_config(config: Mapping[str, Any]) -> None:
         DeepSpeedConfig(dict(config))
     except Exception as err:  # DeepSpeed raises AssertionError, pydantic ValidationError, ValueError...
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DinoscopeError(f"DeepSpeed rejects the generated config: {first_line}", field="dist.deepspeed_overrides",
-                             fix="check dist.zero_stage, batch sizes and any dist.deepspeed_overrides keys") from None
+        raise DinoscopeError(
+            f"DeepSpeed rejects the generated config: {first_line}",
+            field="dist.deepspeed_overrides",
+            fix="check dist.zero_stage, batch sizes and any dist.deepspeed_overrides keys",
+        ) from None
 
 
 def skip_shm_comm_op() -> None:
@@ -198,10 +225,20 @@ class DeepSpeedStrategy(ModelsAfterSetup):
 
     kind = "deepspeed"
 
-    def __init__(self, *, zero_stage: int = 2, offload: bool = False, micro_batch_size: int = 1, grad_accum: int = 1,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, module_grad_norms: bool = True,
-                 ema_gather_numel: int = 50_000_000, ds_overrides: Mapping[str, Any] | None = None,
-                 **zero_kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        zero_stage: int = 2,
+        offload: bool = False,
+        micro_batch_size: int = 1,
+        grad_accum: int = 1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        module_grad_norms: bool = True,
+        ema_gather_numel: int = 50_000_000,
+        ds_overrides: Mapping[str, Any] | None = None,
+        **zero_kwargs: Any,
+    ) -> None:
         self.zero_stage = int(zero_stage)
         self.offload = bool(offload)
         self.micro_batch_size = int(micro_batch_size)
@@ -213,9 +250,17 @@ class DeepSpeedStrategy(ModelsAfterSetup):
         self.ds_overrides = dict(ds_overrides or {})
         self.zero_kwargs = zero_kwargs
         # fail on bad arguments now rather than after the process group is up
-        build_ds_config(zero_stage=self.zero_stage, micro_batch_size=self.micro_batch_size,
-                        grad_accum=self.grad_accum, world_size=1, grad_clip=None, precision="fp32",
-                        offload=self.offload, overrides=self.ds_overrides, **zero_kwargs)
+        build_ds_config(
+            zero_stage=self.zero_stage,
+            micro_batch_size=self.micro_batch_size,
+            grad_accum=self.grad_accum,
+            world_size=1,
+            grad_clip=None,
+            precision="fp32",
+            offload=self.offload,
+            overrides=self.ds_overrides,
+            **zero_kwargs,
+        )
         self.precision = "fp32"
         self.grad_clip: float | None = None
         self.ds_config: dict[str, Any] = {}
@@ -225,31 +270,52 @@ class DeepSpeedStrategy(ModelsAfterSetup):
         self._micro_batch_open = False
 
     # -- setup -------------------------------------------------------------------------------------------------
-    def setup(self, student: nn.Module, teacher: nn.Module, param_groups: Sequence[Mapping[str, Any]], *,
-              grad_clip: float | None = None, precision: Precision = "fp32", betas: tuple[float, float] | None = None,
-              eps: float | None = None) -> None:
+    def setup(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        param_groups: Sequence[Mapping[str, Any]],
+        *,
+        grad_clip: float | None = None,
+        precision: Precision = "fp32",
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
+    ) -> None:
         self.betas = self.betas if betas is None else (float(betas[0]), float(betas[1]))
         self.eps = self.eps if eps is None else float(eps)
         self.precision = check_precision(precision)
         self.grad_clip = check_grad_clip(grad_clip)
         if self.precision == "fp16" and not get_accelerator().is_fp16_supported():
-            raise DinoscopeError("DeepSpeed does not support fp16 on this device", field="train.precision",
-                                 fix="use precision bf16 or fp32")
+            raise DinoscopeError(
+                "DeepSpeed does not support fp16 on this device",
+                field="train.precision",
+                fix="use precision bf16 or fp32",
+            )
         accelerator = get_accelerator().device_name().split(":")[0]
         placed = module_device(student).type
         if placed != accelerator:
             # DeepSpeed would silently move the student to its accelerator and leave the teacher behind.
-            raise DinoscopeError(f"the model was placed on {placed}, but DeepSpeed's accelerator is {accelerator}",
-                                 field="train.device", fix="set train.device to match (auto picks the GPU when "
-                                 "CUDA exists), or export DS_ACCELERATOR=cpu for a CPU run")
+            raise DinoscopeError(
+                f"the model was placed on {placed}, but DeepSpeed's accelerator is {accelerator}",
+                field="train.device",
+                fix="set train.device to match (auto picks the GPU when "
+                "CUDA exists), or export DS_ACCELERATOR=cpu for a CPU run",
+            )
         if accelerator == "cpu":
             skip_shm_comm_op()
         init_distributed(require_group=True)
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-        self.ds_config = build_ds_config(zero_stage=self.zero_stage, micro_batch_size=self.micro_batch_size,
-                                         grad_accum=self.grad_accum, world_size=get_world_size(),
-                                         grad_clip=self.grad_clip, precision=self.precision, offload=self.offload,
-                                         overrides=self.ds_overrides, **self.zero_kwargs)
+        self.ds_config = build_ds_config(
+            zero_stage=self.zero_stage,
+            micro_batch_size=self.micro_batch_size,
+            grad_accum=self.grad_accum,
+            world_size=get_world_size(),
+            grad_clip=self.grad_clip,
+            precision=self.precision,
+            offload=self.offload,
+            overrides=self.ds_overrides,
+            **self.zero_kwargs,
+        )
         if self.ds_overrides:
             log.warning("DeepSpeed config overrides applied: %s", self.ds_overrides)
         validate_ds_config(self.ds_config)
@@ -258,8 +324,7 @@ class DeepSpeedStrategy(ModelsAfterSetup):
         teacher.requires_grad_(False)
         broadcast_module(teacher)
         optimizer = torch.optim.AdamW([dict(g) for g in param_groups], betas=self.betas, eps=self.eps)
-        self._engine, *_ = deepspeed.initialize(model=_EngineRoot(student), optimizer=optimizer,
-                                                config=self.ds_config)
+        self._engine, *_ = deepspeed.initialize(model=_EngineRoot(student), optimizer=optimizer, config=self.ds_config)
         for child in student.children():
             child.register_forward_pre_hook(self._open_micro_batch, prepend=True)
 
@@ -352,8 +417,9 @@ class DeepSpeedStrategy(ModelsAfterSetup):
         totals = local / scale if scale != 1.0 else local
         return {name: totals[index] for index, name in enumerate(fragments)}
 
-    def _scale_fragments(self, fragments: dict[str, list[tuple[nn.Parameter, torch.Tensor]]],
-                         norms: dict[str, torch.Tensor]) -> None:
+    def _scale_fragments(
+        self, fragments: dict[str, list[tuple[nn.Parameter, torch.Tensor]]], norms: dict[str, torch.Tensor]
+    ) -> None:
         assert self.grad_clip is not None
         for name, owned in fragments.items():
             coefficient = clip_coefficients(norms[name], self.grad_clip)
@@ -373,11 +439,12 @@ class DeepSpeedStrategy(ModelsAfterSetup):
         for teacher_bucket, student_full in self._full_student_tensors(teacher_params, student_params):
             ema_update_(teacher_bucket, student_full, momentum)
 
-    def _full_student_tensors(self, teacher_params: list[nn.Parameter], student_params: list[nn.Parameter]
-                              ) -> Iterator[tuple[list[nn.Parameter], list[torch.Tensor]]]:
+    def _full_student_tensors(
+        self, teacher_params: list[nn.Parameter], student_params: list[nn.Parameter]
+    ) -> Iterator[tuple[list[nn.Parameter], list[torch.Tensor]]]:
         """Yield (teacher params, full fp32-or-compute student tensors) in buckets valid only inside the loop."""
         if self.precision == "fp16":
-            for t, s in zip(teacher_params, student_params):
+            for t, s in zip(teacher_params, student_params, strict=False):
                 master = safe_get_full_fp32_param(s) if s.requires_grad else None
                 yield [t], [master if master is not None else _gather_one(s)]
             return
@@ -393,9 +460,14 @@ class DeepSpeedStrategy(ModelsAfterSetup):
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         # The universal-checkpoint marker lets ds_to_universal reshard these shards for another world size later.
-        self.engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False,
-                                    client_state={UNIVERSAL_CHECKPOINT_INFO: {
-                                        UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
+        self.engine.save_checkpoint(
+            str(directory / DEEPSPEED_DIR),
+            tag=DEEPSPEED_TAG,
+            save_latest=False,
+            client_state={
+                UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+            },
+        )
         if get_rank() == 0:
             torch.save(cpu_state_dict(self.teacher), directory / TEACHER_FILE)
 
@@ -405,34 +477,51 @@ class DeepSpeedStrategy(ModelsAfterSetup):
         ds_dir = directory / DEEPSPEED_DIR
         if not (ds_dir / DEEPSPEED_TAG).is_dir():
             single = (directory / STUDENT_FILE).is_file()
-            raise DinoscopeError("this checkpoint was written by the single-process strategy" if single
-                                 else "the DeepSpeed shards of this checkpoint are missing", path=ds_dir,
-                                 field="strategy", fix="resume with strategy 'single'" if single
-                                 else "resume from a complete checkpoint directory")
+            raise DinoscopeError(
+                "this checkpoint was written by the single-process strategy"
+                if single
+                else "the DeepSpeed shards of this checkpoint are missing",
+                path=ds_dir,
+                field="strategy",
+                fix="resume with strategy 'single'" if single else "resume from a complete checkpoint directory",
+            )
         resharding = saved_world_size is not None and int(saved_world_size) != get_world_size()
         if resharding != bool(self.zero_kwargs.get("load_universal")):
-            raise DinoscopeError(f"the checkpoint was written at world size {saved_world_size}, this run has "
-                                 f"{get_world_size()}, but the strategy was built with load_universal="
-                                 f"{bool(self.zero_kwargs.get('load_universal'))}", path=directory, field="dist",
-                                 fix="build the DeepSpeed strategy with load_universal=True exactly when the world "
-                                     "size changes (core.train.loop does this)")
+            raise DinoscopeError(
+                f"the checkpoint was written at world size {saved_world_size}, this run has "
+                f"{get_world_size()}, but the strategy was built with load_universal="
+                f"{bool(self.zero_kwargs.get('load_universal'))}",
+                path=directory,
+                field="dist",
+                fix="build the DeepSpeed strategy with load_universal=True exactly when the world "
+                "size changes (core.train.loop does this)",
+            )
         tag = DEEPSPEED_TAG
         if resharding:
             tag = UNIVERSAL_TAG
             if get_rank() == 0 and not (ds_dir / tag).is_dir():
                 convert_to_universal(ds_dir)
             barrier()
-            log.info("resharding a checkpoint of world size %s to %d through %s", saved_world_size,
-                     get_world_size(), ds_dir / tag)
+            log.info(
+                "resharding a checkpoint of world size %s to %d through %s",
+                saved_world_size,
+                get_world_size(),
+                ds_dir / tag,
+            )
         try:
-            load_path, _ = self.engine.load_checkpoint(str(ds_dir), tag=tag, load_optimizer_states=True,
-                                                       load_lr_scheduler_states=False)
+            load_path, _ = self.engine.load_checkpoint(
+                str(ds_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         except Exception as err:  # DeepSpeed raises ZeRORuntimeException, RuntimeError, AssertionError, KeyError...
-            raise DinoscopeError(f"DeepSpeed cannot load this checkpoint ({type(err).__name__}: "
-                                 f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})", path=ds_dir,
-                                 field="dist", fix="resume with the model, dist.zero_stage and train.precision the "
-                                 "checkpoint was written with; a different world size is handled automatically. "
-                                 "Or start from its weights only: model.pretrained=<exported .safetensors>") from None
+            raise DinoscopeError(
+                f"DeepSpeed cannot load this checkpoint ({type(err).__name__}: "
+                f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})",
+                path=ds_dir,
+                field="dist",
+                fix="resume with the model, dist.zero_stage and train.precision the "
+                "checkpoint was written with; a different world size is handled automatically. "
+                "Or start from its weights only: model.pretrained=<exported .safetensors>",
+            ) from None
         if load_path is None:
             raise DinoscopeError("DeepSpeed found no checkpoint to load", path=ds_dir, field="dist")
         teacher_file = directory / TEACHER_FILE
@@ -455,7 +544,7 @@ class DeepSpeedStrategy(ModelsAfterSetup):
         if not on_main:
             return {}
         state.update((k, v.detach().to("cpu", copy=True)) for k, v in self.student.named_buffers())
-        return {k: state[k] for k in self.student.state_dict().keys() if k in state}
+        return {k: state[k] for k in self.student.state_dict() if k in state}
 
 
 def consolidate_zero_checkpoint(ds_dir: Path, tag: str = DEEPSPEED_TAG) -> dict[str, torch.Tensor]:
@@ -465,9 +554,12 @@ def consolidate_zero_checkpoint(ds_dir: Path, tag: str = DEEPSPEED_TAG) -> dict[
     try:
         state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
-        raise DinoscopeError(f"cannot merge the ZeRO shards ({type(err).__name__}: {err})", path=ds_dir,
-                             fix="pass a complete DeepSpeed checkpoint directory") from None
-    return {k[len(_ROOT_PREFIX):] if k.startswith(_ROOT_PREFIX) else k: v for k, v in state.items()}
+        raise DinoscopeError(
+            f"cannot merge the ZeRO shards ({type(err).__name__}: {err})",
+            path=ds_dir,
+            fix="pass a complete DeepSpeed checkpoint directory",
+        ) from None
+    return {k[len(_ROOT_PREFIX) :] if k.startswith(_ROOT_PREFIX) else k: v for k, v in state.items()}
 
 
 def convert_to_universal(ds_dir: Path, tag: str = DEEPSPEED_TAG) -> Path:
@@ -484,16 +576,25 @@ def convert_to_universal(ds_dir: Path, tag: str = DEEPSPEED_TAG) -> Path:
 
     final = Path(ds_dir) / f"{tag}_universal"
     with atomic_path(final, is_dir=True) as tmp:
-        args = argparse.Namespace(input_folder=str(Path(ds_dir) / tag), output_folder=str(tmp), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                  inject_missing_state=False)
+        args = argparse.Namespace(
+            input_folder=str(Path(ds_dir) / tag),
+            output_folder=str(tmp),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=False,
+        )
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress
                 ds_to_universal.main(args)
         except Exception as err:
-            raise DinoscopeError(f"DeepSpeed cannot convert this checkpoint to the universal layout "
-                                 f"({type(err).__name__}: {err})", path=Path(ds_dir) / tag, field="dist",
-                                 fix="resume at the world size the checkpoint was written with") from None
+            raise DinoscopeError(
+                f"DeepSpeed cannot convert this checkpoint to the universal layout ({type(err).__name__}: {err})",
+                path=Path(ds_dir) / tag,
+                field="dist",
+                fix="resume at the world size the checkpoint was written with",
+            ) from None
     return final
 
 

@@ -40,8 +40,9 @@ def _local_rank() -> int:
     return 0
 
 
-def resolve_device(requested: str = "auto", *, local_rank: int | None = None,
-                   field: str = "train.device") -> torch.device:
+def resolve_device(
+    requested: str = "auto", *, local_rank: int | None = None, field: str = "train.device"
+) -> torch.device:
     """The device this process should compute on, for a recipe's ``train.device`` value.
 
     Args:
@@ -64,15 +65,20 @@ def resolve_device(requested: str = "auto", *, local_rank: int | None = None,
     if match is None:
         raise DinoscopeError(f"unknown device {requested!r}", field=field, fix="use auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        raise DinoscopeError(f"device {requested!r} was asked for, but this machine has no usable CUDA device",
-                             field=field, fix=f"use {field}=cpu (or auto), or run on a GPU node with a CUDA build "
-                                              "of torch")
+        raise DinoscopeError(
+            f"device {requested!r} was asked for, but this machine has no usable CUDA device",
+            field=field,
+            fix=f"use {field}=cpu (or auto), or run on a GPU node with a CUDA build of torch",
+        )
     index = int(match.group(1)) if match.group(1) is not None else local_rank
     count = torch.cuda.device_count()
     if index >= count:
-        raise DinoscopeError(f"GPU {index} was asked for (local rank {local_rank}), but this node has {count}",
-                             field=field, fix="start at most one process per GPU (--nproc_per_node / "
-                                              "--gpus-per-node), or set CUDA_VISIBLE_DEVICES accordingly")
+        raise DinoscopeError(
+            f"GPU {index} was asked for (local rank {local_rank}), but this node has {count}",
+            field=field,
+            fix="start at most one process per GPU (--nproc_per_node / "
+            "--gpus-per-node), or set CUDA_VISIBLE_DEVICES accordingly",
+        )
     return torch.device("cuda", index)
 
 
@@ -127,5 +133,9 @@ def describe(device: torch.device) -> dict[str, Any]:
     if device.type != "cuda":
         return {"device": str(device)}
     props = torch.cuda.get_device_properties(device)
-    return {"device": str(device), "name": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
-            "capability": f"{props.major}.{props.minor}"}
+    return {
+        "device": str(device),
+        "name": props.name,
+        "memory_gb": round(props.total_memory / 2**30, 1),
+        "capability": f"{props.major}.{props.minor}",
+    }

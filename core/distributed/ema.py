@@ -26,8 +26,9 @@ def check_momentum(momentum: float) -> float:
 
 
 @torch.no_grad()
-def ema_update_(teacher_params: Sequence[torch.Tensor], student_params: Sequence[torch.Tensor],
-                momentum: float) -> None:
+def ema_update_(
+    teacher_params: Sequence[torch.Tensor], student_params: Sequence[torch.Tensor], momentum: float
+) -> None:
     """In place ``t <- m t + (1 - m) s`` for paired lists of tensors.
 
     Student tensors of another dtype or device (a bf16 compute copy, a gathered shard) are converted to the
@@ -39,7 +40,9 @@ def ema_update_(teacher_params: Sequence[torch.Tensor], student_params: Sequence
     if not teacher_params:
         return
     teacher = [t.data if isinstance(t, nn.Parameter) else t for t in teacher_params]
-    student = [s.detach().to(dtype=t.dtype, device=t.device).view_as(t) for s, t in zip(student_params, teacher)]
+    student = [
+        s.detach().to(dtype=t.dtype, device=t.device).view_as(t) for s, t in zip(student_params, teacher, strict=False)
+    ]
     torch._foreach_mul_(teacher, momentum)
     torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
 

@@ -83,11 +83,16 @@ class DistEnv:
             if "SLURM_PROCID" in env and ("SLURM_NTASKS" in env or "SLURM_STEP_NUM_TASKS" in env):
                 return _from_slurm(env)
         except ValueError as err:
-            raise DinoscopeError(f"the launcher environment is malformed ({err})", field="environment",
-                                 fix="launch with torchrun, the deepspeed launcher or srun, or unset RANK/WORLD_SIZE "
-                                     "and the SLURM_* variables for a single-process run") from None
-        return cls(master_addr=env.get("MASTER_ADDR", DEFAULT_MASTER_ADDR),
-                   master_port=int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)))
+            raise DinoscopeError(
+                f"the launcher environment is malformed ({err})",
+                field="environment",
+                fix="launch with torchrun, the deepspeed launcher or srun, or unset RANK/WORLD_SIZE "
+                "and the SLURM_* variables for a single-process run",
+            ) from None
+        return cls(
+            master_addr=env.get("MASTER_ADDR", DEFAULT_MASTER_ADDR),
+            master_port=int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)),
+        )
 
 
 def _from_torch_launcher(env: Mapping[str, str]) -> DistEnv:
@@ -98,12 +103,17 @@ def _from_torch_launcher(env: Mapping[str, str]) -> DistEnv:
     local_world_size = max(1, local_world_size)
     node_rank = int(env.get("GROUP_RANK", env.get("CROSS_RANK", rank // local_world_size)))
     num_nodes = int(env.get("CROSS_SIZE", max(1, world_size // local_world_size)))
-    layout = DistEnv(rank=rank, local_rank=int(env.get("LOCAL_RANK", rank % local_world_size)),
-                     world_size=world_size, local_world_size=local_world_size,
-                     master_addr=env.get("MASTER_ADDR", DEFAULT_MASTER_ADDR),
-                     master_port=int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)),
-                     node_rank=node_rank, num_nodes=num_nodes,
-                     launcher="deepspeed" if is_deepspeed else "torchrun")
+    layout = DistEnv(
+        rank=rank,
+        local_rank=int(env.get("LOCAL_RANK", rank % local_world_size)),
+        world_size=world_size,
+        local_world_size=local_world_size,
+        master_addr=env.get("MASTER_ADDR", DEFAULT_MASTER_ADDR),
+        master_port=int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)),
+        node_rank=node_rank,
+        num_nodes=num_nodes,
+        launcher="deepspeed" if is_deepspeed else "torchrun",
+    )
     _check_ranks(layout)
     return layout
 
@@ -114,12 +124,17 @@ def _from_slurm(env: Mapping[str, str]) -> DistEnv:
     nodelist = env.get("SLURM_STEP_NODELIST", env.get("SLURM_NODELIST", env.get("SLURM_JOB_NODELIST", "")))
     job_id = env.get("SLURM_JOB_ID", env.get("SLURM_JOBID", ""))
     default_port = _SLURM_PORT_BASE + int(job_id) % _SLURM_PORT_SPAN if job_id.isdigit() else DEFAULT_MASTER_PORT
-    layout = DistEnv(rank=int(env["SLURM_PROCID"]), local_rank=int(env.get("SLURM_LOCALID", "0")),
-                     world_size=world_size, local_world_size=max(1, world_size // max(1, num_nodes)),
-                     master_addr=env.get("MASTER_ADDR") or (first_slurm_host(nodelist) if nodelist
-                                                           else DEFAULT_MASTER_ADDR),
-                     master_port=int(env.get("MASTER_PORT", default_port)),
-                     node_rank=int(env.get("SLURM_NODEID", "0")), num_nodes=num_nodes, launcher="slurm")
+    layout = DistEnv(
+        rank=int(env["SLURM_PROCID"]),
+        local_rank=int(env.get("SLURM_LOCALID", "0")),
+        world_size=world_size,
+        local_world_size=max(1, world_size // max(1, num_nodes)),
+        master_addr=env.get("MASTER_ADDR") or (first_slurm_host(nodelist) if nodelist else DEFAULT_MASTER_ADDR),
+        master_port=int(env.get("MASTER_PORT", default_port)),
+        node_rank=int(env.get("SLURM_NODEID", "0")),
+        num_nodes=num_nodes,
+        launcher="slurm",
+    )
     _check_ranks(layout)
     return layout
 
@@ -169,15 +184,28 @@ def init_distributed(backend: str | None = None, *, require_group: bool = False)
         return layout
     if not layout.is_distributed and "MASTER_PORT" not in os.environ:
         layout = dataclasses.replace(layout, master_port=free_port())
-    os.environ.update(RANK=str(layout.rank), LOCAL_RANK=str(layout.local_rank), WORLD_SIZE=str(layout.world_size),
-                      LOCAL_WORLD_SIZE=str(layout.local_world_size), MASTER_ADDR=layout.master_addr,
-                      MASTER_PORT=str(layout.master_port))
+    os.environ.update(
+        RANK=str(layout.rank),
+        LOCAL_RANK=str(layout.local_rank),
+        WORLD_SIZE=str(layout.world_size),
+        LOCAL_WORLD_SIZE=str(layout.local_world_size),
+        MASTER_ADDR=layout.master_addr,
+        MASTER_PORT=str(layout.master_port),
+    )
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(layout.local_rank)
     dist.init_process_group(backend=backend, init_method="env://", rank=layout.rank, world_size=layout.world_size)
-    log.info("joined %s process group: rank %d/%d (node %d/%d, local rank %d) via %s", backend, layout.rank,
-             layout.world_size, layout.node_rank, layout.num_nodes, layout.local_rank, layout.launcher)
+    log.info(
+        "joined %s process group: rank %d/%d (node %d/%d, local rank %d) via %s",
+        backend,
+        layout.rank,
+        layout.world_size,
+        layout.node_rank,
+        layout.num_nodes,
+        layout.local_rank,
+        layout.launcher,
+    )
     return layout
 
 
@@ -233,8 +261,9 @@ def shutdown_distributed() -> None:
     if lingering:
         # Still referenced (DeepSpeed's globals, a live engine, the caller): the threads live on until exit. Sleeping
         # releases the GIL, so a worker waiting for it to drop the tensors of the last collective finishes now.
-        log.debug("%d process group(s) still referenced after destroy_process_group; letting their threads settle",
-                  lingering)
+        log.debug(
+            "%d process group(s) still referenced after destroy_process_group; letting their threads settle", lingering
+        )
         time.sleep(0.2)
 
 
@@ -295,7 +324,7 @@ def average_gradients(params: Sequence[nn.Parameter], max_bucket_numel: int = _G
         return
     has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=params[0].device)
     dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
-    for p, any_grad in zip(params, has_grad.tolist()):
+    for p, any_grad in zip(params, has_grad.tolist(), strict=False):
         if any_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params if p.grad is not None]
@@ -306,5 +335,5 @@ def average_gradients(params: Sequence[nn.Parameter], max_bucket_numel: int = _G
         flat.div_(world)
         offset = 0
         for grad in bucket:
-            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
             offset += grad.numel()

@@ -34,9 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from core.distributed.ema import update_teacher
 from core.distributed.env import average_gradients, get_rank, get_world_size
 from core.errors import DinoscopeError
-from core.distributed.ema import update_teacher
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,17 @@ class Strategy(Protocol):
 
     kind: str  # written into checkpoints; loading refuses a checkpoint of another kind
 
-    def setup(self, student: nn.Module, teacher: nn.Module, param_groups: Sequence[Mapping[str, Any]], *,
-              grad_clip: float | None = None, precision: Precision = "fp32", betas: tuple[float, float] | None = None,
-              eps: float | None = None) -> None:
+    def setup(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        param_groups: Sequence[Mapping[str, Any]],
+        *,
+        grad_clip: float | None = None,
+        precision: Precision = "fp32",
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
+    ) -> None:
         """Take ownership of the modules and build the AdamW optimizer from ``param_groups``.
 
         ``betas``/``eps`` given here override the constructor's (the loop owns the optimizer settings).
@@ -113,15 +121,19 @@ class Strategy(Protocol):
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise DinoscopeError(f"unknown precision {precision!r}", field="precision",
-                             fix=f"use one of {', '.join(PRECISIONS)}")
+        raise DinoscopeError(
+            f"unknown precision {precision!r}", field="precision", fix=f"use one of {', '.join(PRECISIONS)}"
+        )
     return precision
 
 
 def check_grad_clip(grad_clip: float | None) -> float | None:
     if grad_clip is not None and not grad_clip > 0:
-        raise DinoscopeError(f"grad_clip must be positive or null, got {grad_clip}", field="grad_clip",
-                             fix="use a positive max norm (DINOv2 uses 3.0) or null to disable clipping")
+        raise DinoscopeError(
+            f"grad_clip must be positive or null, got {grad_clip}",
+            field="grad_clip",
+            fix="use a positive max norm (DINOv2 uses 3.0) or null to disable clipping",
+        )
     return grad_clip
 
 
@@ -153,23 +165,31 @@ def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 def load_torch_file(path: Path, what: str) -> Any:
     """``torch.load(weights_only=True)`` with a clear error for a missing or unreadable checkpoint file."""
     if not path.is_file():
-        raise DinoscopeError(f"the {what} file of this checkpoint is missing", path=path,
-                             fix="resume from a complete checkpoint directory (see the `latest` pointer)")
+        raise DinoscopeError(
+            f"the {what} file of this checkpoint is missing",
+            path=path,
+            fix="resume from a complete checkpoint directory (see the `latest` pointer)",
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for truncated or foreign files
-        raise DinoscopeError(f"cannot read the {what} file ({type(err).__name__}: {err})", path=path,
-                             fix="the file is damaged or not a dinoscope checkpoint; resume from an older step")\
-            from None
+        raise DinoscopeError(
+            f"cannot read the {what} file ({type(err).__name__}: {err})",
+            path=path,
+            fix="the file is damaged or not a dinoscope checkpoint; resume from an older step",
+        ) from None
 
 
 def load_module_state(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise DinoscopeError(f"the {what} in this checkpoint does not match the model ({err})", path=path,
-                             field=what, fix="resume with the same model configuration the checkpoint was made with")\
-            from None
+        raise DinoscopeError(
+            f"the {what} in this checkpoint does not match the model ({err})",
+            path=path,
+            field=what,
+            fix="resume with the same model configuration the checkpoint was made with",
+        ) from None
 
 
 class ModelsAfterSetup:
@@ -208,8 +228,14 @@ class SingleProcessStrategy(ModelsAfterSetup):
 
     kind = "single"
 
-    def __init__(self, *, grad_accum: int = 1, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 data_parallel: bool | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        grad_accum: int = 1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        data_parallel: bool | None = None,
+    ) -> None:
         if grad_accum < 1:
             raise DinoscopeError(f"grad_accum must be >= 1, got {grad_accum}", field="grad_accum")
         self.grad_accum = int(grad_accum)
@@ -225,9 +251,17 @@ class SingleProcessStrategy(ModelsAfterSetup):
         self._scaler: torch.amp.GradScaler | None = None
 
     # -- setup -------------------------------------------------------------------------------------------------
-    def setup(self, student: nn.Module, teacher: nn.Module, param_groups: Sequence[Mapping[str, Any]], *,
-              grad_clip: float | None = None, precision: Precision = "fp32", betas: tuple[float, float] | None = None,
-              eps: float | None = None) -> None:
+    def setup(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        param_groups: Sequence[Mapping[str, Any]],
+        *,
+        grad_clip: float | None = None,
+        precision: Precision = "fp32",
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
+    ) -> None:
         self.betas = self.betas if betas is None else (float(betas[0]), float(betas[1]))
         self.eps = self.eps if eps is None else float(eps)
         self.precision = check_precision(precision)
@@ -242,8 +276,12 @@ class SingleProcessStrategy(ModelsAfterSetup):
         self._optimizer = torch.optim.AdamW([dict(g) for g in param_groups], betas=self.betas, eps=self.eps)
         if self.precision == "fp16":
             self._scaler = torch.amp.GradScaler(self._device_type())
-        log.info("single-process strategy: precision %s, grad_clip %s per sub-module, data parallel over %d rank(s)",
-                 self.precision, self.grad_clip, world if self.data_parallel else 1)
+        log.info(
+            "single-process strategy: precision %s, grad_clip %s per sub-module, data parallel over %d rank(s)",
+            self.precision,
+            self.grad_clip,
+            world if self.data_parallel else 1,
+        )
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -304,27 +342,40 @@ class SingleProcessStrategy(ModelsAfterSetup):
         if get_rank() == 0:  # every rank holds identical state
             torch.save(cpu_state_dict(self.student), directory / STUDENT_FILE)
             torch.save(cpu_state_dict(self.teacher), directory / TEACHER_FILE)
-            torch.save({"optimizer": self.optimizer.state_dict(),
-                        "scaler": None if self._scaler is None else self._scaler.state_dict()},
-                       directory / OPTIMIZER_FILE)
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scaler": None if self._scaler is None else self._scaler.state_dict(),
+                },
+                directory / OPTIMIZER_FILE,
+            )
 
     def load(self, directory: Path, saved_world_size: int | None = None) -> None:
         # Every rank holds full state here, so a checkpoint of any world size loads as it is.
         directory = Path(directory)
         if not (directory / STUDENT_FILE).is_file() and (directory / DEEPSPEED_DIR).is_dir():
-            raise DinoscopeError("this checkpoint was written by the DeepSpeed strategy", path=directory,
-                                 field="strategy", fix="resume with strategy 'deepspeed' and the same zero_stage")
-        load_module_state(self.student, load_torch_file(directory / STUDENT_FILE, "student"),
-                          directory / STUDENT_FILE, "student")
-        load_module_state(self.teacher, load_torch_file(directory / TEACHER_FILE, "teacher"),
-                          directory / TEACHER_FILE, "teacher")
+            raise DinoscopeError(
+                "this checkpoint was written by the DeepSpeed strategy",
+                path=directory,
+                field="strategy",
+                fix="resume with strategy 'deepspeed' and the same zero_stage",
+            )
+        load_module_state(
+            self.student, load_torch_file(directory / STUDENT_FILE, "student"), directory / STUDENT_FILE, "student"
+        )
+        load_module_state(
+            self.teacher, load_torch_file(directory / TEACHER_FILE, "teacher"), directory / TEACHER_FILE, "teacher"
+        )
         state = load_torch_file(directory / OPTIMIZER_FILE, "optimizer")
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as err:
-            raise DinoscopeError(f"the optimizer state does not match the parameter groups ({err})",
-                                 path=directory / OPTIMIZER_FILE, field="optimizer",
-                                 fix="resume with the same model and parameter-group settings") from None
+            raise DinoscopeError(
+                f"the optimizer state does not match the parameter groups ({err})",
+                path=directory / OPTIMIZER_FILE,
+                field="optimizer",
+                fix="resume with the same model and parameter-group settings",
+            ) from None
         if self._scaler is not None and state.get("scaler"):
             self._scaler.load_state_dict(state["scaler"])
 
@@ -344,11 +395,25 @@ def broadcast_module(module: nn.Module) -> None:
 
 
 # Options of the DeepSpeed strategy that a recipe's dist section always carries; meaningless without ZeRO.
-_DEEPSPEED_ONLY = frozenset({"zero_stage", "offload", "micro_batch_size", "ds_overrides", "module_grad_norms",
-                             "ema_gather_numel", "load_universal", "overlap_comm", "contiguous_gradients",
-                             "reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
-                             "stage3_param_persistence_threshold", "stage3_max_live_parameters",
-                             "stage3_max_reuse_distance"})
+_DEEPSPEED_ONLY = frozenset(
+    {
+        "zero_stage",
+        "offload",
+        "micro_batch_size",
+        "ds_overrides",
+        "module_grad_norms",
+        "ema_gather_numel",
+        "load_universal",
+        "overlap_comm",
+        "contiguous_gradients",
+        "reduce_bucket_size",
+        "allgather_bucket_size",
+        "stage3_prefetch_bucket_size",
+        "stage3_param_persistence_threshold",
+        "stage3_max_live_parameters",
+        "stage3_max_reuse_distance",
+    }
+)
 
 
 def _single(**kwargs: Any) -> Strategy:
@@ -364,8 +429,11 @@ def _deepspeed(**kwargs: Any) -> Strategy:
     try:
         module = importlib.import_module("core.distributed.deepspeed_strategy")
     except ImportError as err:
-        raise DinoscopeError(f"strategy 'deepspeed' needs the deepspeed package ({err})", field="dist.strategy",
-                             fix="pip install 'dinoscope[dist]', or use strategy 'single'") from None
+        raise DinoscopeError(
+            f"strategy 'deepspeed' needs the deepspeed package ({err})",
+            field="dist.strategy",
+            fix="pip install 'dinoscope[dist]', or use strategy 'single'",
+        ) from None
     return module.DeepSpeedStrategy(**kwargs)
 
 
@@ -375,10 +443,12 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {"single": _single, "deepspeed"
 def build_strategy(name: str, **kwargs: Any) -> Strategy:
     """Build a strategy by name (``single`` or ``deepspeed``); keyword arguments go to its constructor."""
     if name not in STRATEGIES:
-        raise DinoscopeError(f"unknown strategy {name!r}", field="dist.strategy",
-                             fix=f"use one of {', '.join(sorted(STRATEGIES))}")
+        raise DinoscopeError(
+            f"unknown strategy {name!r}", field="dist.strategy", fix=f"use one of {', '.join(sorted(STRATEGIES))}"
+        )
     try:
         return STRATEGIES[name](**kwargs)
     except TypeError as err:
-        raise DinoscopeError(f"bad options for strategy {name!r}: {err}", field="dist", fix="check the dist section")\
-            from None
+        raise DinoscopeError(
+            f"bad options for strategy {name!r}: {err}", field="dist", fix="check the dist section"
+        ) from None

@@ -18,8 +18,14 @@ from core.weights.meta import default_normalisation
 class EvalTransform(Dataset):
     """Resize to ``size`` (bicubic), scale to [0,1] by dtype, normalise per channel; returns ``(C x S x S, label)``."""
 
-    def __init__(self, dataset: Dataset, size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
-                 self_standardise: bool = False) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        size: int,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        self_standardise: bool = False,
+    ) -> None:
         self.dataset, self.size, self.self_standardise = dataset, size, self_standardise
         self.mean, self.std = mean, std
 
@@ -40,9 +46,17 @@ class EvalTransform(Dataset):
 
 
 @torch.no_grad()
-def extract(backbone: nn.Module, dataset: Dataset, *, size: int, mean: Sequence[float] | None = None,
-            std: Sequence[float] | None = None, batch_size: int = 64, n_last_blocks: int = 1,
-            avgpool: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def extract(
+    backbone: nn.Module,
+    dataset: Dataset,
+    *,
+    size: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    batch_size: int = 64,
+    n_last_blocks: int = 1,
+    avgpool: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``([n, F] features, [n] labels)``: the class token (``n_last_blocks=1, avgpool=False``) or the linear-probe
     input of DINOv2 (class tokens of the last blocks, plus the mean patch token)."""
     from core.models.heads import linear_input
@@ -50,8 +64,9 @@ def extract(backbone: nn.Module, dataset: Dataset, *, size: int, mean: Sequence[
     was_training = backbone.training
     backbone.eval()
     device = module_device(backbone)  # features are computed wherever the backbone lives, returned on the CPU
-    loader = DataLoader(EvalTransform(dataset, size, mean, std), batch_size=batch_size,
-                        pin_memory=wants_pinned_memory(device))
+    loader = DataLoader(
+        EvalTransform(dataset, size, mean, std), batch_size=batch_size, pin_memory=wants_pinned_memory(device)
+    )
     feats, labels = [], []
     for x, y in loader:
         layers = backbone.get_intermediate_layers(place(x, device), n_last_blocks, return_class_token=True)

@@ -18,9 +18,15 @@ from torch.utils.data import Dataset
 from core.eval.features import extract
 
 
-def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                 ks: Sequence[int] = (10, 20, 100, 200), temperature: float = 0.07, num_classes: int | None = None,
-                 chunk: int = 1024) -> dict[int, torch.Tensor]:
+def knn_classify(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> dict[int, torch.Tensor]:
     """Predicted labels ``[n_test]`` for every ``k``; memory is bounded by ``chunk x n_train``."""
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.float(), dim=1)
@@ -28,7 +34,7 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     kmax = min(max(ks), train.shape[0])
     preds: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     for start in range(0, test.shape[0], chunk):
-        sims, idx = (test[start:start + chunk] @ train.T).topk(kmax, dim=1)
+        sims, idx = (test[start : start + chunk] @ train.T).topk(kmax, dim=1)
         weights = (sims / temperature).softmax(dim=1)
         onehot = F.one_hot(train_labels[idx], num_classes).float()  # q x kmax x classes
         for k in ks:
@@ -38,13 +44,24 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     return {k: torch.cat(v) for k, v in preds.items()}
 
 
-def knn_evaluate(backbone: nn.Module, train_set: Dataset, val_set: Dataset, *, ks: Sequence[int] = (10, 20),
-                 size: int = 224, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 temperature: float = 0.07) -> dict[str, Any]:
+def knn_evaluate(
+    backbone: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    *,
+    ks: Sequence[int] = (10, 20),
+    size: int = 224,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    temperature: float = 0.07,
+) -> dict[str, Any]:
     """Top-1 accuracy (%) per ``k`` of a frozen backbone's class tokens."""
     xtr, ytr = extract(backbone, train_set, size=size, mean=mean, std=std)
     xva, yva = extract(backbone, val_set, size=size, mean=mean, std=std)
-    preds = knn_classify(xtr, ytr, xva, ks=ks, temperature=temperature,
-                         num_classes=int(max(ytr.max(), yva.max())) + 1)
-    return {"top1": {k: float((p == yva).float().mean() * 100) for k, p in preds.items()},
-            "n_train": len(ytr), "n_val": len(yva), "temperature": temperature}
+    preds = knn_classify(xtr, ytr, xva, ks=ks, temperature=temperature, num_classes=int(max(ytr.max(), yva.max())) + 1)
+    return {
+        "top1": {k: float((p == yva).float().mean() * 100) for k, p in preds.items()},
+        "n_train": len(ytr),
+        "n_val": len(yva),
+        "temperature": temperature,
+    }

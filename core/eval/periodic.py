@@ -19,7 +19,6 @@ from core.logging import JsonlLogger
 from core.ssl.build import build_data
 from core.train.session import EVAL_FILE, broadcast_object, is_main_rank
 
-
 Evaluator = Callable[[torch.nn.Module, int], dict[str, float]]
 
 
@@ -36,8 +35,15 @@ def periodic_knn(recipe: PretrainRecipe, run_dir: str | Path) -> Evaluator | Non
         if is_main_rank():
             if not cache:
                 cache["train"], cache["val"] = build_data(recipe.eval.train), build_data(recipe.eval.val)
-            result = knn_evaluate(backbone, cache["train"], cache["val"], ks=list(recipe.eval.ks),
-                                  size=recipe.crops.global_crops_size, mean=mean, std=std)
+            result = knn_evaluate(
+                backbone,
+                cache["train"],
+                cache["val"],
+                ks=list(recipe.eval.ks),
+                size=recipe.crops.global_crops_size,
+                mean=mean,
+                std=std,
+            )
             metrics = {f"knn/top1_k{k}": v for k, v in result["top1"].items()}
             JsonlLogger(Path(run_dir) / EVAL_FILE).log(iteration=iteration, **metrics)
         return broadcast_object(metrics)

@@ -24,8 +24,16 @@ from core.config.fields import DATASET_PARAMS_OF, INPUT_PATH, walk_fields
 from core.errors import DinoscopeError
 from core.launch.resources import LaunchResources, load_resources
 
-__all__ = ["LaunchPlan", "LaunchResources", "check_batch_size", "check_data_paths", "input_paths", "load_resources",
-           "plan_launch", "resolve_run_dir"]
+__all__ = [
+    "LaunchPlan",
+    "LaunchResources",
+    "check_batch_size",
+    "check_data_paths",
+    "input_paths",
+    "load_resources",
+    "plan_launch",
+    "resolve_run_dir",
+]
 
 
 @dataclasses.dataclass
@@ -104,8 +112,11 @@ def _dataset_input_params(kind: str, kind_key: str) -> tuple[str, ...]:
         try:
             factory = factory.load()
         except ImportError as err:
-            raise DinoscopeError(f"the dataset kind {kind!r} could not be imported ({err})", field=kind_key,
-                                 fix=f"install the package that provides {factory.value}") from None
+            raise DinoscopeError(
+                f"the dataset kind {kind!r} could not be imported ({err})",
+                field=kind_key,
+                fix=f"install the package that provides {factory.value}",
+            ) from None
     return tuple(getattr(factory, "input_params", ()))
 
 
@@ -124,13 +135,18 @@ def check_data_paths(recipe: Any, recipe_path: str | os.PathLike | None = None) 
     if missing:
         key, value = missing[0]
         others = "; also missing: " + ", ".join(f"{k}={v}" for k, v in missing[1:]) if len(missing) > 1 else ""
-        raise DinoscopeError(f"data path {value!r} does not exist{others}", path=value, field=key,
-                             fix=f"create it, or point {key} at existing data ({key}=... on the command line); "
-                                 f"relative paths are resolved from {os.getcwd()}")
+        raise DinoscopeError(
+            f"data path {value!r} does not exist{others}",
+            path=value,
+            field=key,
+            fix=f"create it, or point {key} at existing data ({key}=... on the command line); "
+            f"relative paths are resolved from {os.getcwd()}",
+        )
 
 
-def check_batch_size(recipe: Any, world_size: int, global_batch_size: int = 0,
-                     recipe_path: str | os.PathLike | None = None) -> None:
+def check_batch_size(
+    recipe: Any, world_size: int, global_batch_size: int = 0, recipe_path: str | os.PathLike | None = None
+) -> None:
     """With a global batch size given, require ``train.batch_size_per_rank * world_size == global_batch_size``.
 
     A global batch the world size does not divide is rejected with the nearest valid sizes; a divisible one that the
@@ -141,27 +157,38 @@ def check_batch_size(recipe: Any, world_size: int, global_batch_size: int = 0,
     train = getattr(recipe, "train", None)
     per_rank = getattr(train, "batch_size_per_rank", None)
     if per_rank is None:
-        raise DinoscopeError("a global batch size was given, but this recipe kind has no train.batch_size_per_rank",
-                             path=recipe_path, field="launch.global_batch_size", fix="remove the global batch size")
+        raise DinoscopeError(
+            "a global batch size was given, but this recipe kind has no train.batch_size_per_rank",
+            path=recipe_path,
+            field="launch.global_batch_size",
+            fix="remove the global batch size",
+        )
     if global_batch_size % world_size:
         lower = global_batch_size - global_batch_size % world_size
-        raise DinoscopeError(f"global batch size {global_batch_size} is not divisible by the world size "
-                             f"{world_size}", path=recipe_path, field="launch.global_batch_size",
-                             fix=f"use a multiple of {world_size} (e.g. {lower or world_size} or "
-                                 f"{lower + world_size}), or change the number of nodes/processes")
+        raise DinoscopeError(
+            f"global batch size {global_batch_size} is not divisible by the world size {world_size}",
+            path=recipe_path,
+            field="launch.global_batch_size",
+            fix=f"use a multiple of {world_size} (e.g. {lower or world_size} or "
+            f"{lower + world_size}), or change the number of nodes/processes",
+        )
     if per_rank * world_size != global_batch_size:
-        raise DinoscopeError(f"train.batch_size_per_rank {per_rank} x world size {world_size} = "
-                             f"{per_rank * world_size}, not the global batch size {global_batch_size}",
-                             path=recipe_path, field="train.batch_size_per_rank",
-                             fix=f"set train.batch_size_per_rank={global_batch_size // world_size}")
+        raise DinoscopeError(
+            f"train.batch_size_per_rank {per_rank} x world size {world_size} = "
+            f"{per_rank * world_size}, not the global batch size {global_batch_size}",
+            path=recipe_path,
+            field="train.batch_size_per_rank",
+            fix=f"set train.batch_size_per_rank={global_batch_size // world_size}",
+        )
 
 
 # Where recipe kinds keep their run directory, first match wins (schemas can be exact with a ``run_dir()`` method).
 _RUN_DIR_KEYS = ("train.output_dir", "output_dir", "output.dir", "output.output_dir")
 
 
-def resolve_run_dir(recipe: Any, kind_name: str, recipe_path: str | os.PathLike,
-                    output_dir: str | os.PathLike | None = None) -> Path:
+def resolve_run_dir(
+    recipe: Any, kind_name: str, recipe_path: str | os.PathLike, output_dir: str | os.PathLike | None = None
+) -> Path:
     """``output_dir`` if given, else the schema's ``run_dir()``, else the first of ``train.output_dir``,
     ``output_dir``, ``output.dir`` the recipe has, else ``runs/<kind>/<recipe name>``."""
     if output_dir:
@@ -185,9 +212,14 @@ def _world_size_from_environment() -> int:
     return DistEnv.from_environ().world_size
 
 
-def plan_launch(recipe_path: str | os.PathLike, overrides: list[str] | None = None,
-                resources: LaunchResources | None = None, output_dir: str | os.PathLike | None = None, *,
-                check_paths: bool = True) -> LaunchPlan:
+def plan_launch(
+    recipe_path: str | os.PathLike,
+    overrides: list[str] | None = None,
+    resources: LaunchResources | None = None,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    check_paths: bool = True,
+) -> LaunchPlan:
     """Validate a launch completely (recipe, resources, world size, batch size, input paths) and return its plan.
 
     Raises:
@@ -204,12 +236,22 @@ def plan_launch(recipe_path: str | os.PathLike, overrides: list[str] | None = No
     resources.validate()
     world_size = resources.world_size if resources.launcher != "local" else _world_size_from_environment()
     if world_size > 1 and not kind.distributed:
-        raise DinoscopeError(f"recipe kind {kind_name!r} runs as a single process, but the launch asks for "
-                             f"{world_size}", path=path, field="launch.launcher",
-                             fix="use --launcher local (one process)")
+        raise DinoscopeError(
+            f"recipe kind {kind_name!r} runs as a single process, but the launch asks for {world_size}",
+            path=path,
+            field="launch.launcher",
+            fix="use --launcher local (one process)",
+        )
     check_batch_size(recipe, world_size, resources.global_batch_size, path)
     if check_paths:
         check_data_paths(recipe, path)
     run_dir = resolve_run_dir(recipe, kind_name, path, output_dir)
-    return LaunchPlan(recipe_path=path, overrides=list(overrides or []), kind_name=kind_name, recipe=recipe,
-                      resources=resources, run_dir=run_dir, world_size=world_size)
+    return LaunchPlan(
+        recipe_path=path,
+        overrides=list(overrides or []),
+        kind_name=kind_name,
+        recipe=recipe,
+        resources=resources,
+        run_dir=run_dir,
+        world_size=world_size,
+    )

@@ -56,11 +56,15 @@ def _pretrain_schema() -> type:
 
 
 CORE_KINDS: dict[str, Callable[[], RecipeKind]] = {
-    "pretrain": lambda: RecipeKind(_pretrain_schema(), _run_pretrain, "DINOv2 SSL pretraining (EMA teacher)",
-                                   owns_run_dir=True),
-    "distill": lambda: RecipeKind(_pretrain_schema(), _run_pretrain,
-                                  "DINOv2 distillation from a frozen pretrained teacher (distill.teacher_weights)",
-                                  owns_run_dir=True),
+    "pretrain": lambda: RecipeKind(
+        _pretrain_schema(), _run_pretrain, "DINOv2 SSL pretraining (EMA teacher)", owns_run_dir=True
+    ),
+    "distill": lambda: RecipeKind(
+        _pretrain_schema(),
+        _run_pretrain,
+        "DINOv2 distillation from a frozen pretrained teacher (distill.teacher_weights)",
+        owns_run_dir=True,
+    ),
 }
 
 
@@ -79,8 +83,9 @@ def _as_kind(obj: Any) -> RecipeKind:
 def get_kind(name: str, path: str | os.PathLike | None = None) -> RecipeKind:
     kinds = recipe_kinds()
     if name not in kinds:
-        raise DinoscopeError(f"unknown recipe kind {name!r}", path=path, field="kind",
-                             fix=f"use one of {sorted(kinds)}")
+        raise DinoscopeError(
+            f"unknown recipe kind {name!r}", path=path, field="kind", fix=f"use one of {sorted(kinds)}"
+        )
     return kinds[name]()
 
 

@@ -43,8 +43,16 @@ def worker_command(plan: LaunchPlan) -> list[str]:
 
 def local_command(plan: LaunchPlan) -> list[str]:
     """The single-process equivalent of a launch (what ``--launcher local`` runs in-process)."""
-    return [sys.executable, "-m", "core.cli", "launch", str(plan.recipe_path), *plan.overrides, "--output-dir",
-            str(plan.run_dir)]
+    return [
+        sys.executable,
+        "-m",
+        "core.cli",
+        "launch",
+        str(plan.recipe_path),
+        *plan.overrides,
+        "--output-dir",
+        str(plan.run_dir),
+    ]
 
 
 def rdzv_id(plan: LaunchPlan) -> str:
@@ -65,10 +73,18 @@ def _torchrun_rendezvous(plan: LaunchPlan, master_port: int | None) -> list[str]
     # Every node must agree on the port, so a free port of this machine would not do: torchrun's default instead.
     port = master_port or res.master_port or DEFAULT_MASTER_PORT
     if res.rdzv_backend == "c10d":
-        return [f"--nnodes={res.nodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={res.master_addr}:{port}",
-                f"--rdzv_id={rdzv_id(plan)}"]
-    return [f"--nnodes={res.nodes}", f"--node_rank={res.node_rank}", f"--master_addr={res.master_addr}",
-            f"--master_port={port}"]
+        return [
+            f"--nnodes={res.nodes}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={res.master_addr}:{port}",
+            f"--rdzv_id={rdzv_id(plan)}",
+        ]
+    return [
+        f"--nnodes={res.nodes}",
+        f"--node_rank={res.node_rank}",
+        f"--master_addr={res.master_addr}",
+        f"--master_port={port}",
+    ]
 
 
 def process_command(plan: LaunchPlan, master_port: int | None = None) -> list[str]:
@@ -76,13 +92,28 @@ def process_command(plan: LaunchPlan, master_port: int | None = None) -> list[st
     of this node)."""
     n = plan.resources.nproc_per_node
     if plan.resources.launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", *_torchrun_rendezvous(plan, master_port),
-                f"--nproc_per_node={n}", "-m", *_worker_args(plan)]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            *_torchrun_rendezvous(plan, master_port),
+            f"--nproc_per_node={n}",
+            "-m",
+            *_worker_args(plan),
+        ]
     if plan.resources.launcher == "deepspeed":
         port = master_port or plan.resources.master_port or _free_port()
         # --no_local_rank: the worker reads LOCAL_RANK from the environment instead of a --local_rank argument.
-        return [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={n}", f"--master_port={port}",
-                "--no_local_rank", "--module", *_worker_args(plan)]
+        return [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            f"--num_gpus={n}",
+            f"--master_port={port}",
+            "--no_local_rank",
+            "--module",
+            *_worker_args(plan),
+        ]
     raise ValueError(f"process_command does not handle launcher {plan.resources.launcher!r}")
 
 
@@ -92,8 +123,9 @@ def _free_port() -> int:
     return free_port()
 
 
-def process_environment(plan: LaunchPlan, base: Mapping[str, str] | None = None,
-                        cuda: bool | None = None) -> dict[str, str]:
+def process_environment(
+    plan: LaunchPlan, base: Mapping[str, str] | None = None, cuda: bool | None = None
+) -> dict[str, str]:
     """Environment of the launched processes: ``base`` (default ``os.environ``), ``DS_ACCELERATOR=cpu`` without
     CUDA, one OpenMP thread per rank unless set, then the resources' ``env``."""
     env = dict(os.environ if base is None else base)
@@ -114,9 +146,20 @@ def write_launch_record(plan: LaunchPlan, command: list[str] | str, extra: Mappi
     from core.io import write_json
 
     path = plan.run_dir / LAUNCH_RECORD
-    write_json(path, {"recipe": str(plan.recipe_path), "kind": plan.kind_name, "overrides": plan.overrides,
-                      "world_size": plan.world_size, "resources": dataclasses.asdict(plan.resources),
-                      "command": command, "cwd": os.getcwd(), "time": time.time(), **dict(extra or {})})
+    write_json(
+        path,
+        {
+            "recipe": str(plan.recipe_path),
+            "kind": plan.kind_name,
+            "overrides": plan.overrides,
+            "world_size": plan.world_size,
+            "resources": dataclasses.asdict(plan.resources),
+            "command": command,
+            "cwd": os.getcwd(),
+            "time": time.time(),
+            **dict(extra or {}),
+        },
+    )
     return path
 
 
@@ -167,17 +210,28 @@ def run_processes(plan: LaunchPlan) -> int:
 
 def describe(plan: LaunchPlan) -> str:
     """Dry-run text for the local launchers: what would run, with which environment."""
-    lines = ["# dinoscope launch --dry-run: nothing was started",
-             f"recipe:      {plan.recipe_path} (kind {plan.kind_name})",
-             f"run dir:     {plan.run_dir} (resumes from its latest checkpoint)",
-             f"launcher:    {plan.resources.launcher}, world size {plan.world_size}"]
+    lines = [
+        "# dinoscope launch --dry-run: nothing was started",
+        f"recipe:      {plan.recipe_path} (kind {plan.kind_name})",
+        f"run dir:     {plan.run_dir} (resumes from its latest checkpoint)",
+        f"launcher:    {plan.resources.launcher}, world size {plan.world_size}",
+    ]
     if plan.resources.launcher == "local":
         lines += ["", "# runs in this process:", shlex.join(local_command(plan))]
     else:
         env = process_environment(plan, base={}, cuda=False)
-        lines += ["", "# environment (without CUDA):", *(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())),
-                  "", "# command:", shlex.join(process_command(plan, master_port=plan.resources.master_port or 29500)),
-                  *_multi_node_note(plan), "", "# each rank runs:", shlex.join(worker_command(plan))]
+        lines += [
+            "",
+            "# environment (without CUDA):",
+            *(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())),
+            "",
+            "# command:",
+            shlex.join(process_command(plan, master_port=plan.resources.master_port or 29500)),
+            *_multi_node_note(plan),
+            "",
+            "# each rank runs:",
+            shlex.join(worker_command(plan)),
+        ]
     return "\n".join(lines)
 
 
@@ -187,9 +241,13 @@ def _multi_node_note(plan: LaunchPlan) -> list[str]:
         return []
     nodes = f"# {res.nodes} nodes x {res.nproc_per_node} processes = world size {plan.world_size}"
     if res.rdzv_backend == "c10d":
-        note = (f"run the same command on every node; each joins the c10d store at {res.master_addr}:"
-                f"{res.master_port or 29500} and is given its node rank there")
+        note = (
+            f"run the same command on every node; each joins the c10d store at {res.master_addr}:"
+            f"{res.master_port or 29500} and is given its node rank there"
+        )
     else:
-        note = (f"run the same command on every node with --node-rank 0..{res.nodes - 1} (this is node "
-                f"{res.node_rank}); node 0 must be reachable at {res.master_addr}")
+        note = (
+            f"run the same command on every node with --node-rank 0..{res.nodes - 1} (this is node "
+            f"{res.node_rank}); node 0 must be reachable at {res.master_addr}"
+        )
     return [f"{nodes}: {note}"]

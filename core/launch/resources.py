@@ -91,63 +91,108 @@ class LaunchResources:
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
         """Impossible combinations fail here, before anything is started or submitted."""
-        for key, value, valid in (("launcher", self.launcher, LAUNCHERS), ("cluster", self.cluster, SUBMITIT_CLUSTERS),
-                                  ("rdzv_backend", self.rdzv_backend, RDZV_BACKENDS)):
+        for key, value, valid in (
+            ("launcher", self.launcher, LAUNCHERS),
+            ("cluster", self.cluster, SUBMITIT_CLUSTERS),
+            ("rdzv_backend", self.rdzv_backend, RDZV_BACKENDS),
+        ):
             if value not in valid:
-                raise DinoscopeError(f"launch.{key} is {value!r}", path=path, field=f"launch.{key}",
-                                     fix=f"use one of {valid}")
+                raise DinoscopeError(
+                    f"launch.{key} is {value!r}", path=path, field=f"launch.{key}", fix=f"use one of {valid}"
+                )
         for key in ("nodes", "nproc_per_node"):
             if getattr(self, key) < 1:
-                raise DinoscopeError(f"launch.{key} must be at least 1, got {getattr(self, key)}", path=path,
-                                     field=f"launch.{key}")
-        for key in ("gpus_per_node", "cpus_per_task", "max_timeout_requeues", "signal_delay_s", "master_port",
-                    "global_batch_size", "node_rank"):
+                raise DinoscopeError(
+                    f"launch.{key} must be at least 1, got {getattr(self, key)}", path=path, field=f"launch.{key}"
+                )
+        for key in (
+            "gpus_per_node",
+            "cpus_per_task",
+            "max_timeout_requeues",
+            "signal_delay_s",
+            "master_port",
+            "global_batch_size",
+            "node_rank",
+        ):
             if getattr(self, key) < 0:
-                raise DinoscopeError(f"launch.{key} must not be negative, got {getattr(self, key)}", path=path,
-                                     field=f"launch.{key}")
+                raise DinoscopeError(
+                    f"launch.{key} must not be negative, got {getattr(self, key)}", path=path, field=f"launch.{key}"
+                )
         if self.master_port > 65535:
-            raise DinoscopeError(f"launch.master_port {self.master_port} is not a TCP port", path=path,
-                                 field="launch.master_port", fix="use 1..65535, or 0 to choose one automatically")
+            raise DinoscopeError(
+                f"launch.master_port {self.master_port} is not a TCP port",
+                path=path,
+                field="launch.master_port",
+                fix="use 1..65535, or 0 to choose one automatically",
+            )
         if self.mem and not _MEM_RE.match(self.mem):
-            raise DinoscopeError(f"launch.mem {self.mem!r} is not a SLURM memory size", path=path, field="launch.mem",
-                                 fix="e.g. 480G, 512000M or 0 (all the node's memory)")
+            raise DinoscopeError(
+                f"launch.mem {self.mem!r} is not a SLURM memory size",
+                path=path,
+                field="launch.mem",
+                fix="e.g. 480G, 512000M or 0 (all the node's memory)",
+            )
         if self.time:
             parse_time_minutes(self.time, path)
         sbatch_options(self.sbatch_extra, path)
         self._validate_nodes(path)
         if self.launcher == "local" and self.nproc_per_node > 1:
-            raise DinoscopeError(f"launcher 'local' runs one process, but launch.nproc_per_node is "
-                                 f"{self.nproc_per_node}", path=path, field="launch.nproc_per_node",
-                                 fix="use --launcher torchrun (or deepspeed) for several local processes")
+            raise DinoscopeError(
+                f"launcher 'local' runs one process, but launch.nproc_per_node is {self.nproc_per_node}",
+                path=path,
+                field="launch.nproc_per_node",
+                fix="use --launcher torchrun (or deepspeed) for several local processes",
+            )
         if self.launcher == "slurm" and self.cluster == "slurm" and not self.time:
-            raise DinoscopeError("a SLURM job needs a time limit", path=path, field="launch.time",
-                                 fix="pass --time 72:00:00 or set time: in the resources file")
+            raise DinoscopeError(
+                "a SLURM job needs a time limit",
+                path=path,
+                field="launch.time",
+                fix="pass --time 72:00:00 or set time: in the resources file",
+            )
         if self.launcher == "slurm" and self.cluster == "local" and self.nodes > 1:
-            raise DinoscopeError("submitit's local executor runs on one machine", path=path, field="launch.nodes",
-                                 fix="use launch.cluster=slurm for several nodes")
+            raise DinoscopeError(
+                "submitit's local executor runs on one machine",
+                path=path,
+                field="launch.nodes",
+                fix="use launch.cluster=slurm for several nodes",
+            )
 
     def _validate_nodes(self, path: str | os.PathLike | None) -> None:
         """Multi-node layout: only torchrun (one command per node) and SLURM (one job) span several machines."""
         if self.launcher in ("local", "deepspeed") and self.nodes > 1:
             # The DeepSpeed launcher reaches other nodes over ssh with a hostfile; torchrun runs the same ZeRO
             # workers without either, so it is the one multi-node launcher outside SLURM.
-            raise DinoscopeError(f"launcher {self.launcher!r} runs on this machine only, but launch.nodes is "
-                                 f"{self.nodes}", path=path, field="launch.nodes",
-                                 fix="use --launcher torchrun (the same command on every node) or --launcher slurm "
-                                     "for several nodes, or --nodes 1")
+            raise DinoscopeError(
+                f"launcher {self.launcher!r} runs on this machine only, but launch.nodes is {self.nodes}",
+                path=path,
+                field="launch.nodes",
+                fix="use --launcher torchrun (the same command on every node) or --launcher slurm "
+                "for several nodes, or --nodes 1",
+            )
         if self.node_rank >= self.nodes:
-            raise DinoscopeError(f"launch.node_rank {self.node_rank} is outside [0, {self.nodes}) for "
-                                 f"{self.nodes} node(s)", path=path, field="launch.node_rank",
-                                 fix=f"give each machine its own --node-rank from 0 to {self.nodes - 1}, or raise "
-                                     f"--nodes")
+            raise DinoscopeError(
+                f"launch.node_rank {self.node_rank} is outside [0, {self.nodes}) for {self.nodes} node(s)",
+                path=path,
+                field="launch.node_rank",
+                fix=f"give each machine its own --node-rank from 0 to {self.nodes - 1}, or raise --nodes",
+            )
         if self.launcher == "slurm" and (self.master_addr or self.node_rank):
             key = "master_addr" if self.master_addr else "node_rank"
             flag = "--" + key.replace("_", "-")
-            raise DinoscopeError(f"launch.{key} is set, but SLURM derives the rendezvous from the job's node list",
-                                 path=path, field=f"launch.{key}", fix=f"remove launch.{key} ({flag})")
+            raise DinoscopeError(
+                f"launch.{key} is set, but SLURM derives the rendezvous from the job's node list",
+                path=path,
+                field=f"launch.{key}",
+                fix=f"remove launch.{key} ({flag})",
+            )
         if self.launcher == "torchrun" and self.nodes > 1 and not self.master_addr:
-            raise DinoscopeError(f"a torchrun launch on {self.nodes} nodes needs the address of node 0", path=path,
-                                 field="launch.master_addr", fix="--master-addr HOST of node 0")
+            raise DinoscopeError(
+                f"a torchrun launch on {self.nodes} nodes needs the address of node 0",
+                path=path,
+                field="launch.master_addr",
+                fix="--master-addr HOST of node 0",
+            )
 
     @property
     def multi_node(self) -> bool:
@@ -174,8 +219,12 @@ def parse_time_minutes(text: str, path: str | os.PathLike | None = None) -> int:
     text = str(text).strip()
     match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
     if match is None:
-        raise DinoscopeError(f"launch.time {text!r} is not a SLURM time limit", path=path, field="launch.time",
-                             fix="use minutes (90), HH:MM:SS (72:00:00) or D-HH:MM:SS (3-00:00:00)")
+        raise DinoscopeError(
+            f"launch.time {text!r} is not a SLURM time limit",
+            path=path,
+            field="launch.time",
+            fix="use minutes (90), HH:MM:SS (72:00:00) or D-HH:MM:SS (3-00:00:00)",
+        )
     days, first, second, third = match.groups()
     if days is not None:  # D-H, D-H:M, D-H:M:S
         seconds = int(days) * 86400 + int(first) * 3600 + int(second or 0) * 60 + int(third or 0)
@@ -184,8 +233,9 @@ def parse_time_minutes(text: str, path: str | os.PathLike | None = None) -> int:
     else:  # M or M:S
         seconds = int(first) * 60 + int(second or 0)
     if seconds <= 0:
-        raise DinoscopeError(f"launch.time {text!r} is zero", path=path, field="launch.time",
-                             fix="give a positive time limit")
+        raise DinoscopeError(
+            f"launch.time {text!r} is zero", path=path, field="launch.time", fix="give a positive time limit"
+        )
     return -(-seconds // 60)
 
 
@@ -194,11 +244,15 @@ def sbatch_options(lines: list[str], path: str | os.PathLike | None = None) -> d
     options: dict[str, str | bool] = {}
     for line in lines:
         text = str(line).strip()
-        text = text[len("#SBATCH"):].strip() if text.upper().startswith("#SBATCH") else text
+        text = text[len("#SBATCH") :].strip() if text.upper().startswith("#SBATCH") else text
         match = _SBATCH_RE.match(text)
         if match is None:
-            raise DinoscopeError(f"launch.sbatch_extra entry {line!r} is not an sbatch option", path=path,
-                                 field="launch.sbatch_extra", fix="write each as --key=value or --flag")
+            raise DinoscopeError(
+                f"launch.sbatch_extra entry {line!r} is not an sbatch option",
+                path=path,
+                field="launch.sbatch_extra",
+                fix="write each as --key=value or --flag",
+            )
         options[match[1]] = match[2] if match[2] is not None else True
     return options
 
@@ -228,5 +282,6 @@ def load_resources(path: str | os.PathLike | None = None, overrides: list[str] |
         field_name = err.field or ""
         if field_name and not field_name.startswith("launch."):
             field_name = f"launch.{field_name}"
-        raise DinoscopeError(f"launch resources: {err.message}", path=err.path, field=field_name or None,
-                             fix=err.fix) from None
+        raise DinoscopeError(
+            f"launch resources: {err.message}", path=err.path, field=field_name or None, fix=err.fix
+        ) from None

@@ -2,9 +2,10 @@
 
 The job has one task per GPU (``--ntasks-per-node = gpus_per_node``). Every task unpickles the same
 :class:`TrainingJob` and, before training, exports the torchrun-style rendezvous variables computed from the SLURM
-environment by :mod:`core.distributed.env`: ``MASTER_ADDR`` = first host of ``SLURM_JOB_NODELIST``, ``MASTER_PORT`` derived
-from ``SLURM_JOB_ID`` (so every task agrees and concurrent jobs differ), ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` from
-``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS``. It then runs the recipe kind's ``run`` in-process.
+environment by :mod:`core.distributed.env`: ``MASTER_ADDR`` = first host of ``SLURM_JOB_NODELIST``, ``MASTER_PORT``
+derived from ``SLURM_JOB_ID`` (so every task agrees and concurrent jobs differ), ``RANK``/``LOCAL_RANK``/
+``WORLD_SIZE`` from ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS``. It then runs the recipe kind's ``run``
+in-process.
 
 Pre-emption and time limits: SLURM signals the job ``signal_delay_s`` seconds before it is stopped (USR2) and sends
 SIGTERM before SIGKILL on pre-emption. The training loop records the signal, finishes the current iteration, saves a
@@ -31,8 +32,18 @@ from core.launch import LaunchPlan
 from core.launch.resources import LaunchResources, parse_time_minutes, sbatch_options
 
 # Variables a stale submitting shell may carry into srun's environment; the task's own layout must win.
-TORCH_RENDEZVOUS_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-                         "MASTER_PORT", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE")
+TORCH_RENDEZVOUS_KEYS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "LOCAL_SIZE",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+)
 LOCAL_EXECUTOR_TIMEOUT_MIN = 60  # submitit's local executor otherwise stops a job after 2 minutes
 
 
@@ -50,18 +61,29 @@ def rendezvous_environ(environ: Mapping[str, str], master_port: int = 0) -> dict
     elif "SUBMITIT_LOCAL_GLOBALID" in environ:
         # submitit's local executor: one node, this machine; translated to SLURM terms so the port is derived the
         # same way from the job id.
-        layout = DistEnv.from_environ({
-            "SLURM_PROCID": environ["SUBMITIT_LOCAL_GLOBALID"],
-            "SLURM_LOCALID": environ.get("SUBMITIT_LOCAL_LOCALID", "0"),
-            "SLURM_NTASKS": environ.get("SUBMITIT_LOCAL_NTASKS", "1"), "SLURM_NNODES": "1",
-            "SLURM_NODELIST": DEFAULT_MASTER_ADDR, "SLURM_JOB_ID": environ.get("SUBMITIT_LOCAL_JOB_ID", "")})
+        layout = DistEnv.from_environ(
+            {
+                "SLURM_PROCID": environ["SUBMITIT_LOCAL_GLOBALID"],
+                "SLURM_LOCALID": environ.get("SUBMITIT_LOCAL_LOCALID", "0"),
+                "SLURM_NTASKS": environ.get("SUBMITIT_LOCAL_NTASKS", "1"),
+                "SLURM_NNODES": "1",
+                "SLURM_NODELIST": DEFAULT_MASTER_ADDR,
+                "SLURM_JOB_ID": environ.get("SUBMITIT_LOCAL_JOB_ID", ""),
+            }
+        )
     else:
         layout = DistEnv()
     if master_port:
         layout = dataclasses.replace(layout, master_port=master_port)
-    return {"MASTER_ADDR": layout.master_addr, "MASTER_PORT": str(layout.master_port), "RANK": str(layout.rank),
-            "LOCAL_RANK": str(layout.local_rank), "WORLD_SIZE": str(layout.world_size),
-            "LOCAL_WORLD_SIZE": str(layout.local_world_size), "GROUP_RANK": str(layout.node_rank)}
+    return {
+        "MASTER_ADDR": layout.master_addr,
+        "MASTER_PORT": str(layout.master_port),
+        "RANK": str(layout.rank),
+        "LOCAL_RANK": str(layout.local_rank),
+        "WORLD_SIZE": str(layout.world_size),
+        "LOCAL_WORLD_SIZE": str(layout.local_world_size),
+        "GROUP_RANK": str(layout.node_rank),
+    }
 
 
 @dataclasses.dataclass
@@ -109,21 +131,42 @@ class TrainingJob:
 
     def equivalent_command(self) -> str:
         """The shell command each task's work is equivalent to (for dry runs and logs)."""
-        return shlex.join([sys.executable, "-m", "core.cli", "launch", self.recipe_path, *self.overrides, "--worker",
-                           "--output-dir", self.run_dir])
+        return shlex.join(
+            [
+                sys.executable,
+                "-m",
+                "core.cli",
+                "launch",
+                self.recipe_path,
+                *self.overrides,
+                "--worker",
+                "--output-dir",
+                self.run_dir,
+            ]
+        )
 
 
 def training_job(plan: LaunchPlan) -> TrainingJob:
-    return TrainingJob(recipe_path=str(plan.recipe_path.resolve()), overrides=list(plan.overrides),
-                       run_dir=str(plan.run_dir.resolve()), workdir=os.getcwd(), env=dict(plan.resources.env),
-                       master_port=plan.resources.master_port, requeue=plan.resources.requeue)
+    return TrainingJob(
+        recipe_path=str(plan.recipe_path.resolve()),
+        overrides=list(plan.overrides),
+        run_dir=str(plan.run_dir.resolve()),
+        workdir=os.getcwd(),
+        env=dict(plan.resources.env),
+        master_port=plan.resources.master_port,
+        requeue=plan.resources.requeue,
+    )
 
 
 def slurm_parameters(resources: LaunchResources) -> dict[str, Any]:
     """sbatch parameters (submitit's ``SlurmExecutor`` names) for the resources."""
     res = resources
-    params: dict[str, Any] = {"job_name": res.job_name, "nodes": res.nodes, "ntasks_per_node": res.tasks_per_node,
-                              "signal_delay_s": res.signal_delay_s}
+    params: dict[str, Any] = {
+        "job_name": res.job_name,
+        "nodes": res.nodes,
+        "ntasks_per_node": res.tasks_per_node,
+        "signal_delay_s": res.signal_delay_s,
+    }
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node
     if res.cpus_per_task:
@@ -144,8 +187,14 @@ def slurm_parameters(resources: LaunchResources) -> dict[str, Any]:
     return params
 
 
-_GENERIC = {"job_name": "name", "nodes": "nodes", "ntasks_per_node": "tasks_per_node", "gpus_per_node":
-            "gpus_per_node", "cpus_per_task": "cpus_per_task", "time": "timeout_min"}
+_GENERIC = {
+    "job_name": "name",
+    "nodes": "nodes",
+    "ntasks_per_node": "tasks_per_node",
+    "gpus_per_node": "gpus_per_node",
+    "cpus_per_task": "cpus_per_task",
+    "time": "timeout_min",
+}
 
 
 def executor_parameters(resources: LaunchResources) -> dict[str, Any]:
@@ -169,8 +218,11 @@ def _import_submitit() -> Any:
     try:
         import submitit
     except ImportError as err:
-        raise DinoscopeError(f"launcher 'slurm' needs the submitit package ({err})", field="launch.launcher",
-                             fix="pip install 'dinoscope[cluster]'") from None
+        raise DinoscopeError(
+            f"launcher 'slurm' needs the submitit package ({err})",
+            field="launch.launcher",
+            fix="pip install 'dinoscope[cluster]'",
+        ) from None
     return submitit
 
 
@@ -182,18 +234,27 @@ def submit(plan: LaunchPlan) -> Any:
     params = executor_parameters(plan.resources)
     folder = submitit_folder(plan)
     try:
-        executor = submitit.AutoExecutor(folder=folder, cluster=plan.resources.cluster,
-                                         slurm_max_num_timeout=plan.resources.max_timeout_requeues,
-                                         local_max_num_timeout=plan.resources.max_timeout_requeues)
+        executor = submitit.AutoExecutor(
+            folder=folder,
+            cluster=plan.resources.cluster,
+            slurm_max_num_timeout=plan.resources.max_timeout_requeues,
+            local_max_num_timeout=plan.resources.max_timeout_requeues,
+        )
         executor.update_parameters(**params)
     except (RuntimeError, ValueError, NameError, AssertionError) as err:
-        raise DinoscopeError(f"submitit rejected the job ({err})", field="launch",
-                             fix="check the resources; on a machine without SLURM use launch.cluster=local") from None
+        raise DinoscopeError(
+            f"submitit rejected the job ({err})",
+            field="launch",
+            fix="check the resources; on a machine without SLURM use launch.cluster=local",
+        ) from None
     job_fn = training_job(plan)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     job = executor.submit(job_fn)
-    write_launch_record(plan, job_fn.equivalent_command(), {"job_id": str(job.job_id), "submitit_dir": str(folder),
-                                                            "executor_parameters": params})
+    write_launch_record(
+        plan,
+        job_fn.equivalent_command(),
+        {"job_id": str(job.job_id), "submitit_dir": str(folder), "executor_parameters": params},
+    )
     return job
 
 
@@ -214,24 +275,37 @@ def describe(plan: LaunchPlan) -> str:
     nodelist = "$SLURM_JOB_NODELIST"
     port = str(res.master_port) if res.master_port else "20000 + $SLURM_JOB_ID % 20000"
     batch = getattr(getattr(plan.recipe, "train", None), "batch_size_per_rank", None)
-    lines = ["# dinoscope launch --dry-run: nothing was submitted",
-             f"recipe:      {plan.recipe_path} (kind {plan.kind_name})",
-             f"run dir:     {job_fn.run_dir} (a requeued job resumes from its latest checkpoint)",
-             f"world size:  {plan.world_size} = {res.nodes} nodes x {res.tasks_per_node} tasks per node"
-             + (" (one task per GPU)" if res.gpus_per_node else "")]
+    lines = [
+        "# dinoscope launch --dry-run: nothing was submitted",
+        f"recipe:      {plan.recipe_path} (kind {plan.kind_name})",
+        f"run dir:     {job_fn.run_dir} (a requeued job resumes from its latest checkpoint)",
+        f"world size:  {plan.world_size} = {res.nodes} nodes x {res.tasks_per_node} tasks per node"
+        + (" (one task per GPU)" if res.gpus_per_node else ""),
+    ]
     if batch is not None:
         lines.append(f"batch:       {batch} per rank x {plan.world_size} ranks = {batch * plan.world_size} global")
-    lines += ["", f"# submitit.AutoExecutor(cluster={res.cluster!r}).update_parameters(**):",
-              json.dumps(executor_parameters(res), indent=2, default=str)]
+    lines += [
+        "",
+        f"# submitit.AutoExecutor(cluster={res.cluster!r}).update_parameters(**):",
+        json.dumps(executor_parameters(res), indent=2, default=str),
+    ]
     if res.cluster == "slurm":
         lines += ["", "# sbatch script:", sbatch_script(plan)]
-    lines += ["# rendezvous, exported in every task before training (core.launch.slurm.rendezvous_environ):",
-              f"MASTER_ADDR=<first host of {nodelist}>", f"MASTER_PORT={port}", "RANK=$SLURM_PROCID",
-              "LOCAL_RANK=$SLURM_LOCALID", f"WORLD_SIZE=$SLURM_NTASKS  # {plan.world_size}",
-              f"LOCAL_WORLD_SIZE={res.tasks_per_node}", "GROUP_RANK=$SLURM_NODEID",
-              "", "# each task runs the pickled TrainingJob, equivalent to:",
-              f"cd {shlex.quote(job_fn.workdir)} && {job_fn.equivalent_command()}",
-              "", f"# pre-emption: requeue={'on' if res.requeue else 'off'}; USR2 {res.signal_delay_s} s before the "
-              + "limit (or SIGTERM) -> checkpoint at the iteration reached -> TrainingJob.checkpoint() -> requeued, "
-              + "resumes from checkpoints/latest"]
+    lines += [
+        "# rendezvous, exported in every task before training (core.launch.slurm.rendezvous_environ):",
+        f"MASTER_ADDR=<first host of {nodelist}>",
+        f"MASTER_PORT={port}",
+        "RANK=$SLURM_PROCID",
+        "LOCAL_RANK=$SLURM_LOCALID",
+        f"WORLD_SIZE=$SLURM_NTASKS  # {plan.world_size}",
+        f"LOCAL_WORLD_SIZE={res.tasks_per_node}",
+        "GROUP_RANK=$SLURM_NODEID",
+        "",
+        "# each task runs the pickled TrainingJob, equivalent to:",
+        f"cd {shlex.quote(job_fn.workdir)} && {job_fn.equivalent_command()}",
+        "",
+        f"# pre-emption: requeue={'on' if res.requeue else 'off'}; USR2 {res.signal_delay_s} s before the "
+        + "limit (or SIGTERM) -> checkpoint at the iteration reached -> TrainingJob.checkpoint() -> requeued, "
+        + "resumes from checkpoints/latest",
+    ]
     return "\n".join(lines)

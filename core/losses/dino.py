@@ -23,8 +23,9 @@ from core.losses.sinkhorn import LazyCenter, PendingSum, all_reduce_sum_async, s
 __all__ = ["DINOLoss", "cross_entropy_sum"]
 
 
-def cross_entropy_sum(student_outputs: Sequence[Tensor] | Tensor, teacher_targets: Sequence[Tensor] | Tensor,
-                      student_temp: float) -> Tensor:
+def cross_entropy_sum(
+    student_outputs: Sequence[Tensor] | Tensor, teacher_targets: Sequence[Tensor] | Tensor, student_temp: float
+) -> Tensor:
     """Sum over every (student, teacher) pair of the row-mean cross-entropy ``-sum_k t_k log_softmax(s / T)_k``.
 
     Each element of either sequence is ``[B, K]`` (a tensor argument is iterated along its first dimension).
@@ -84,8 +85,11 @@ class DINOLoss(LazyCenter, nn.Module):
         count = torch.full((1,), float(rows.shape[0]), device=rows.device)
         self._pending = all_reduce_sum_async(torch.cat([rows.sum(dim=0), count]))
 
-    def forward(self, student_output_list: Sequence[Tensor] | Tensor,
-                teacher_out_softmaxed_centered_list: Sequence[Tensor] | Tensor) -> Tensor:
+    def forward(
+        self,
+        student_output_list: Sequence[Tensor] | Tensor,
+        teacher_out_softmaxed_centered_list: Sequence[Tensor] | Tensor,
+    ) -> Tensor:
         """Sum over all (student crop, teacher crop) pairs of the mean cross-entropy.
 
         Args:

@@ -56,8 +56,9 @@ class iBOTPatchLoss(LazyCenter, nn.Module):  # noqa: N801 - the reference name, 
         return F.softmax((teacher_patch_tokens - self.center.view(-1)) / teacher_temp, dim=-1)
 
     @torch.no_grad()
-    def sinkhorn_knopp_teacher(self, teacher_output: Tensor, teacher_temp: float, n_masked_patches_tensor: Tensor,
-                               n_iterations: int = 3) -> Tensor:
+    def sinkhorn_knopp_teacher(
+        self, teacher_output: Tensor, teacher_temp: float, n_masked_patches_tensor: Tensor, n_iterations: int = 3
+    ) -> Tensor:
         """Sinkhorn-Knopp targets ``[M, K]`` from ``[M, K]`` masked-patch logits; ignores the center.
 
         ``n_masked_patches_tensor`` holds this rank's ``M``; it is summed over ranks (on a copy, the caller's tensor
@@ -95,9 +96,14 @@ class iBOTPatchLoss(LazyCenter, nn.Module):  # noqa: N801 - the reference name, 
         per_crop = torch.sum(per_patch * masks, dim=-1) / masks.sum(dim=-1).clamp(min=1.0)
         return -per_crop.mean()
 
-    def forward_masked(self, student_patch_tokens_masked: Tensor, teacher_patch_tokens_masked: Tensor,
-                       student_masks_flat: Tensor, n_masked_patches: int | Tensor | None = None,
-                       masks_weight: Tensor | None = None) -> Tensor:
+    def forward_masked(
+        self,
+        student_patch_tokens_masked: Tensor,
+        teacher_patch_tokens_masked: Tensor,
+        student_masks_flat: Tensor,
+        n_masked_patches: int | Tensor | None = None,
+        masks_weight: Tensor | None = None,
+    ) -> Tensor:
         """Masked-only variant used in training; equals :meth:`forward` without materialising ``[B, N, K]``.
 
         Args:

@@ -78,8 +78,9 @@ def all_reduce_sum_async(tensor: Tensor) -> PendingSum:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3,
-                   n_samples_total: int | Tensor | None = None) -> Tensor:
+def sinkhorn_knopp(
+    teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3, n_samples_total: int | Tensor | None = None
+) -> Tensor:
     """Balanced soft assignment of samples to prototypes (SwAV / DINOv2 Sinkhorn-Knopp).
 
     Rows (samples) may be sharded across ranks: prototype marginals are summed over all ranks, sample marginals are

@@ -40,8 +40,16 @@ def xformers_available() -> bool:
 class Attention(nn.Module):
     """Self-attention over tokens ``x [B, N, D]`` with ``num_heads`` heads of size ``D / num_heads``."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
@@ -80,16 +88,18 @@ class Attention(nn.Module):
         if backend == "math":
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if attn_mask is not None:
-                attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
-                    else attn + attn_mask
+                attn = (
+                    attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
+                )
             attn = F.dropout(attn.softmax(dim=-1), p=drop)
             out = attn @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         return out.transpose(1, 2).reshape(B, N, H * hd)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None,
-                seq_shapes: Sequence[tuple[int, int]] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None = None, seq_shapes: Sequence[tuple[int, int]] | None = None
+    ) -> Tensor:
         """Attention over ``x [B, N, D]``, or over several token sets packed as ``x [sum_i B_i * N_i, D]``.
 
         With ``seq_shapes = [(B_0, N_0), (B_1, N_1), ...]`` the rows of ``x`` are the token sets flattened one after
@@ -110,6 +120,10 @@ class Attention(nn.Module):
             if x.ndim != 2 or x.shape[0] != sum(b * n for b, n in seq_shapes):
                 raise ValueError(f"packed tokens {tuple(x.shape)} do not match seq_shapes {list(seq_shapes)}")
             qkv = self.qkv(x).split([b * n for b, n in seq_shapes])  # contiguous row ranges: views, no copy
-            out = torch.cat([self._attend(t.reshape(b, n, 3, H, D // H), backend).reshape(b * n, D)
-                             for t, (b, n) in zip(qkv, seq_shapes, strict=True)])
+            out = torch.cat(
+                [
+                    self._attend(t.reshape(b, n, 3, H, D // H), backend).reshape(b * n, D)
+                    for t, (b, n) in zip(qkv, seq_shapes, strict=True)
+                ]
+            )
         return self.proj_drop(self.proj(out))

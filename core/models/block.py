@@ -68,8 +68,7 @@ class DropPath(nn.Module):
             mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         else:
             # One draw per sample of each set, in set order, then spread over that sample's token rows.
-            mask = torch.cat([x.new_empty((b, 1)).bernoulli_(keep).repeat_interleave(n, dim=0)
-                              for b, n in seq_shapes])
+            mask = torch.cat([x.new_empty((b, 1)).bernoulli_(keep).repeat_interleave(n, dim=0) for b, n in seq_shapes])
         return x * mask / keep
 
 
@@ -87,8 +86,9 @@ def add_residual_on_subset(x: Tensor, branch: Callable[[Tensor], Tensor], drop_r
     return out.view_as(x)
 
 
-def add_residual_on_subsets(x: Tensor, seq_shapes: SeqShapes,
-                            branch: Callable[[Tensor, SeqShapes], Tensor], drop_rate: float) -> Tensor:
+def add_residual_on_subsets(
+    x: Tensor, seq_shapes: SeqShapes, branch: Callable[[Tensor, SeqShapes], Tensor], drop_rate: float
+) -> Tensor:
     """:func:`add_residual_on_subset` applied to each packed token set, with one ``branch`` call for all of them.
 
     ``x [sum_i B_i * N_i, D]`` holds the sets of ``seq_shapes [(B_i, N_i)]``. Set ``i`` keeps
@@ -122,18 +122,26 @@ class Block(nn.Module):
     blocks so it packs only once per forward).
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 proj_bias: bool = True, ffn_bias: bool = True, drop_path: float = 0.0,
-                 init_values: float | None = None, act_layer: type[nn.Module] = nn.GELU,
-                 ffn_layer: type[nn.Module] = Mlp, attn_backend: str = "auto") -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        ffn_layer: type[nn.Module] = Mlp,
+        attn_backend: str = "auto",
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias,
-                              backend=attn_backend)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, backend=attn_backend)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = ffn_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer,
-                             bias=ffn_bias)
+        self.mlp = ffn_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, bias=ffn_bias)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path_rate = drop_path
         self.drop_path = DropPath(drop_path)

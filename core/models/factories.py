@@ -26,8 +26,15 @@ def _factory(name: str) -> Callable[..., VisionTransformer]:
     embed_dim, depth, num_heads = ARCH_SIZES[name]
 
     def build(patch_size: int = 16, num_register_tokens: int = 0, **kwargs: Any) -> VisionTransformer:
-        return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                                 mlp_ratio=4, num_register_tokens=num_register_tokens, **kwargs)
+        return VisionTransformer(
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=4,
+            num_register_tokens=num_register_tokens,
+            **kwargs,
+        )
 
     build.__name__ = name
     build.__doc__ = f"{name}: embed_dim {embed_dim}, depth {depth}, {num_heads} heads."
@@ -54,8 +61,9 @@ def build_backbone(arch: str, **kwargs: Any) -> VisionTransformer:
     try:
         factory = BACKBONES[arch]
     except KeyError:
-        raise DinoscopeError(f"unknown backbone {arch!r}", field="model.arch",
-                             fix=f"use one of {sorted(BACKBONES)}") from None
+        raise DinoscopeError(
+            f"unknown backbone {arch!r}", field="model.arch", fix=f"use one of {sorted(BACKBONES)}"
+        ) from None
     return factory(**kwargs)
 
 

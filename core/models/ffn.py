@@ -14,8 +14,15 @@ from torch import Tensor, nn
 class Mlp(nn.Module):
     """``fc2(drop(act(fc1(x))))`` on ``x [..., in_features]``."""
 
-    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
-                 act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0, bias: bool = True) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        drop: float = 0.0,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
@@ -36,8 +43,15 @@ def swiglu_hidden_features(hidden_features: int) -> int:
 class SwiGLUFFN(nn.Module):
     """``w3(silu(a) * b)`` where ``[a, b] = w12(x)`` split in halves; ``x [..., in_features]``."""
 
-    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
-                 act_layer: type[nn.Module] | None = None, drop: float = 0.0, bias: bool = True) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: type[nn.Module] | None = None,
+        drop: float = 0.0,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         out_features = out_features or in_features
         hidden = swiglu_hidden_features(hidden_features or in_features)
@@ -47,8 +61,6 @@ class SwiGLUFFN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         a, b = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(a) * b)
-
-
 
 
 class IdentityFFN(nn.Identity):

@@ -39,8 +39,16 @@ class WeightNormLinear(nn.Module):
 class DINOHead(nn.Module):
     """``x [..., in_dim] -> [..., out_dim]`` prototype scores."""
 
-    def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False, nlayers: int = 3, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, mlp_bias: bool = True) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        use_bn: bool = False,
+        nlayers: int = 3,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        mlp_bias: bool = True,
+    ) -> None:
         super().__init__()
         nlayers = max(nlayers, 1)
         if nlayers == 1:
@@ -71,8 +79,7 @@ class DINOHead(nn.Module):
         return self.last_layer(x)
 
 
-def linear_input(intermediate: Sequence[tuple[Tensor, Tensor]], n_last_blocks: int = 1,
-                 avgpool: bool = True) -> Tensor:
+def linear_input(intermediate: Sequence[tuple[Tensor, Tensor]], n_last_blocks: int = 1, avgpool: bool = True) -> Tensor:
     """Probe features from ``get_intermediate_layers(..., return_class_token=True)`` outputs.
 
     Concatenates the class tokens of the last ``n_last_blocks`` blocks and, with ``avgpool``, the mean patch token

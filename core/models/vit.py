@@ -76,14 +76,33 @@ class VisionTransformer(nn.Module):
         block_fn, act_layer: accepted for signature compatibility; ``act_layer`` is used, ``block_fn`` must be None.
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
-                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 ffn_bias: bool = True, proj_bias: bool = True, drop_path_rate: float = 0.0,
-                 drop_path_uniform: bool = False, init_values: float | None = None, embed_layer: object = None,
-                 act_layer: type[nn.Module] = nn.GELU, block_fn: object = None, ffn_layer: str = "mlp",
-                 block_chunks: int = 1, num_register_tokens: int = 0, interpolate_antialias: bool = False,
-                 interpolate_offset: float = 0.1, channel_adaptive: bool = False,
-                 interpolate_align_corners: bool = False, attn_backend: str = "auto") -> None:
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        ffn_bias: bool = True,
+        proj_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
+        init_values: float | None = None,
+        embed_layer: object = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        block_fn: object = None,
+        ffn_layer: str = "mlp",
+        block_chunks: int = 1,
+        num_register_tokens: int = 0,
+        interpolate_antialias: bool = False,
+        interpolate_offset: float = 0.1,
+        channel_adaptive: bool = False,
+        interpolate_align_corners: bool = False,
+        attn_backend: str = "auto",
+    ) -> None:
         super().__init__()
         if ffn_layer not in FFN_LAYERS:
             raise ValueError(f"unknown ffn_layer {ffn_layer!r}; choose one of {sorted(FFN_LAYERS)}")
@@ -106,14 +125,30 @@ class VisionTransformer(nn.Module):
         num_patches = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_tokens, embed_dim))
-        self.register_tokens = (nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
-                                if num_register_tokens else None)
-        rates = [drop_path_rate] * depth if drop_path_uniform else torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        )
+        rates = (
+            [drop_path_rate] * depth
+            if drop_path_uniform
+            else torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        )
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_bias=proj_bias,
-                  ffn_bias=ffn_bias, drop_path=rates[i], init_values=init_values, act_layer=act_layer,
-                  ffn_layer=FFN_LAYERS[ffn_layer], attn_backend=attn_backend)
-            for i in range(depth))
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_bias=proj_bias,
+                ffn_bias=ffn_bias,
+                drop_path=rates[i],
+                init_values=init_values,
+                act_layer=act_layer,
+                ffn_layer=FFN_LAYERS[ffn_layer],
+                attn_backend=attn_backend,
+            )
+            for i in range(depth)
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Identity()
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
@@ -168,8 +203,9 @@ class VisionTransformer(nn.Module):
         patch_pos = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
         return torch.cat((class_pos, patch_pos), dim=1).to(previous_dtype)
 
-    def prepare_tokens_with_masks(self, x: Tensor | Sequence[Tensor],
-                                  masks: Tensor | Sequence[Tensor | None] | None = None) -> Tensor | list[Tensor]:
+    def prepare_tokens_with_masks(
+        self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor | None] | None = None
+    ) -> Tensor | list[Tensor]:
         """``x [B, C, H, W]`` -> ``[B, 1+R+N, D]``; masked patches (``masks [B, N]`` bool) become the mask token.
 
         For a list of images (``masks`` None or a list of the same length, entries a mask or None), the list of
@@ -178,8 +214,7 @@ class VisionTransformer(nn.Module):
         if isinstance(x, (list, tuple)):
             masks_list = self._masks_list(x, masks)
             patches = self.patch_embed(x)
-            return [self._finish_tokens(t, m, *xi.shape[-2:])
-                    for t, m, xi in zip(patches, masks_list, x, strict=True)]
+            return [self._finish_tokens(t, m, *xi.shape[-2:]) for t, m, xi in zip(patches, masks_list, x, strict=True)]
         return self._finish_tokens(self.patch_embed(x), masks, *x.shape[-2:])
 
     @staticmethod
@@ -189,8 +224,10 @@ class VisionTransformer(nn.Module):
         if masks is None:
             return [None] * len(x)
         if isinstance(masks, Tensor) or len(masks) != len(x):
-            raise ValueError(f"with a list of {len(x)} inputs, masks must be None or a list of {len(x)} entries "
-                             "(a [B_i, N_i] bool tensor or None each)")
+            raise ValueError(
+                f"with a list of {len(x)} inputs, masks must be None or a list of {len(x)} entries "
+                "(a [B_i, N_i] bool tensor or None each)"
+            )
         return list(masks)
 
     def _finish_tokens(self, x: Tensor, masks: Tensor | None, w: int, h: int) -> Tensor:
@@ -207,20 +244,20 @@ class VisionTransformer(nn.Module):
         return x
 
     # ----------------------------------------------------------------------------------------------- outputs
-    def _split_outputs(self, x: Tensor, masks: Tensor | None, x_norm: Tensor | None = None
-                       ) -> dict[str, Tensor | None]:
+    def _split_outputs(self, x: Tensor, masks: Tensor | None, x_norm: Tensor | None = None) -> dict[str, Tensor | None]:
         x_norm = self.norm(x) if x_norm is None else x_norm
         r = self.num_register_tokens
         return {
             "x_norm_clstoken": x_norm[:, 0],
-            "x_norm_regtokens": x_norm[:, 1:r + 1],
-            "x_norm_patchtokens": x_norm[:, r + 1:],
+            "x_norm_regtokens": x_norm[:, 1 : r + 1],
+            "x_norm_patchtokens": x_norm[:, r + 1 :],
             "x_prenorm": x,
             "masks": masks,
         }
 
-    def forward_features(self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor | None] | None = None
-                         ) -> dict | list[dict]:
+    def forward_features(
+        self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor | None] | None = None
+    ) -> dict | list[dict]:
         """Token outputs as a dict, or a list of dicts for a list of inputs (e.g. the global and local crops).
 
         A list ``[x_i [B_i, C, H_i, W_i]]`` (any batch sizes and sizes) takes ``masks`` None or a list of the same
@@ -233,15 +270,21 @@ class VisionTransformer(nn.Module):
             for blk in self.blocks:
                 rows = blk(rows, seq_shapes=shapes)
             normed = unpack_tokens(self.norm(rows), shapes)
-            return [self._split_outputs(t, m, x_norm=n)
-                    for t, n, m in zip(unpack_tokens(rows, shapes), normed, masks_list, strict=True)]
+            return [
+                self._split_outputs(t, m, x_norm=n)
+                for t, n, m in zip(unpack_tokens(rows, shapes), normed, masks_list, strict=True)
+            ]
         tokens = self.prepare_tokens_with_masks(x, masks)
         for blk in self.blocks:
             tokens = blk(tokens)
         return self._split_outputs(tokens, masks)
 
-    def forward(self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor | None] | None = None,
-                is_training: bool = False) -> Tensor | dict | list:
+    def forward(
+        self,
+        x: Tensor | Sequence[Tensor],
+        masks: Tensor | Sequence[Tensor | None] | None = None,
+        is_training: bool = False,
+    ) -> Tensor | dict | list:
         """``head(class token)``; with ``is_training`` the :meth:`forward_features` output (a list for a list)."""
         ret = self.forward_features(x, masks)
         if is_training:
@@ -263,8 +306,14 @@ class VisionTransformer(nn.Module):
                 outputs.append(x)
         return outputs
 
-    def get_intermediate_layers(self, x: Tensor, n: int | Sequence[int] = 1, reshape: bool = False,
-                                return_class_token: bool = False, norm: bool = True) -> tuple:
+    def get_intermediate_layers(
+        self,
+        x: Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple:
         """Outputs of the last ``n`` blocks (int) or of the listed block indices, in block order.
 
         Each item is patch tokens ``[B, N, D]`` (``[B, D, H/p, W/p]`` with ``reshape``), paired with the class token
@@ -280,7 +329,7 @@ class VisionTransformer(nn.Module):
         if norm:
             outputs = [self.norm(out) for out in outputs]
         cls_tokens = [out[:, 0] for out in outputs]
-        patches = [out[:, 1 + self.num_register_tokens:] for out in outputs]
+        patches = [out[:, 1 + self.num_register_tokens :] for out in outputs]
         h, w = H // self.patch_size, W // self.patch_size
         if self.bag_of_channels:
             cls_tokens = [c.reshape(B, C * c.shape[-1]) for c in cls_tokens]

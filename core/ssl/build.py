@@ -20,14 +20,23 @@ log = logging.getLogger(__name__)
 def backbone_kwargs(cfg: ModelCfg) -> dict[str, Any]:
     """VisionTransformer keywords for a model sub-config (without drop path)."""
     kwargs: dict[str, Any] = dict(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, init_values=cfg.layerscale,
-        ffn_layer=cfg.ffn_layer, num_register_tokens=cfg.num_register_tokens, block_chunks=0,
-        interpolate_antialias=cfg.interpolate_antialias, interpolate_offset=cfg.interpolate_offset,
-        channel_adaptive=cfg.channel_adaptive, attn_backend=cfg.attn_backend)
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        init_values=cfg.layerscale,
+        ffn_layer=cfg.ffn_layer,
+        num_register_tokens=cfg.num_register_tokens,
+        block_chunks=0,
+        interpolate_antialias=cfg.interpolate_antialias,
+        interpolate_offset=cfg.interpolate_offset,
+        channel_adaptive=cfg.channel_adaptive,
+        attn_backend=cfg.attn_backend,
+    )
     if cfg.arch == "custom":
         if not (cfg.embed_dim and cfg.depth and cfg.num_heads):
-            raise DinoscopeError("model.arch 'custom' needs model.embed_dim, model.depth and model.num_heads",
-                                 field="model.embed_dim")
+            raise DinoscopeError(
+                "model.arch 'custom' needs model.embed_dim, model.depth and model.num_heads", field="model.embed_dim"
+            )
         kwargs.update(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
     return kwargs
 
@@ -52,8 +61,9 @@ def build_student_teacher(cfg: ModelCfg) -> tuple[VisionTransformer, VisionTrans
 
 
 def _head(in_dim: int, cfg: Any) -> DINOHead:
-    return DINOHead(in_dim, cfg.n_prototypes, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim,
-                    nlayers=cfg.nlayers)
+    return DINOHead(
+        in_dim, cfg.n_prototypes, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim, nlayers=cfg.nlayers
+    )
 
 
 def build_meta_arch(recipe: PretrainRecipe) -> SSLMetaArch:
@@ -66,16 +76,26 @@ def build_meta_arch(recipe: PretrainRecipe) -> SSLMetaArch:
         teacher, t_dino, t_ibot = _distillation_teacher(recipe, s_dino, s_ibot)
     else:
         t_dino, t_ibot = copy.deepcopy(s_dino), copy.deepcopy(s_ibot)
-    return SSLMetaArch(student_backbone=student, teacher_backbone=teacher, student_dino_head=s_dino,
-                       teacher_dino_head=t_dino, student_ibot_head=s_ibot, teacher_ibot_head=t_ibot,
-                       n_local_crops=recipe.crops.local_crops_number, dino_loss_weight=dino.loss_weight,
-                       koleo_loss_weight=dino.koleo_loss_weight, ibot_loss_weight=ibot.loss_weight,
-                       centering=recipe.teacher.centering, dino_out_dim=dino.head.n_prototypes,
-                       ibot_out_dim=ibot.head.n_prototypes if ibot.separate_head else None)
+    return SSLMetaArch(
+        student_backbone=student,
+        teacher_backbone=teacher,
+        student_dino_head=s_dino,
+        teacher_dino_head=t_dino,
+        student_ibot_head=s_ibot,
+        teacher_ibot_head=t_ibot,
+        n_local_crops=recipe.crops.local_crops_number,
+        dino_loss_weight=dino.loss_weight,
+        koleo_loss_weight=dino.koleo_loss_weight,
+        ibot_loss_weight=ibot.loss_weight,
+        centering=recipe.teacher.centering,
+        dino_out_dim=dino.head.n_prototypes,
+        ibot_out_dim=ibot.head.n_prototypes if ibot.separate_head else None,
+    )
 
 
-def _distillation_teacher(recipe: PretrainRecipe, s_dino: nn.Module,
-                          s_ibot: nn.Module | None) -> tuple[nn.Module, nn.Module, nn.Module | None]:
+def _distillation_teacher(
+    recipe: PretrainRecipe, s_dino: nn.Module, s_ibot: nn.Module | None
+) -> tuple[nn.Module, nn.Module, nn.Module | None]:
     """A frozen pretrained backbone; its heads come from the checkpoint when it has them (``teacher.dino_head``),
     otherwise they are frozen random projections (seeded), which still transfer the teacher's feature geometry."""
     from core.weights import load_backbone, read_checkpoint, strict_load
@@ -83,7 +103,7 @@ def _distillation_teacher(recipe: PretrainRecipe, s_dino: nn.Module,
     path = recipe.distill.teacher_weights
     teacher, meta = load_backbone(path, **recipe.distill.teacher_overrides)
     sd, _, _ = read_checkpoint(path)
-    sd = {k[len("teacher."):] if k.startswith("teacher.") else k: v for k, v in sd.items()}
+    sd = {k[len("teacher.") :] if k.startswith("teacher.") else k: v for k, v in sd.items()}
     g = torch.Generator().manual_seed(recipe.train.seed + 1)
     heads = []
     for name, cfg in (("dino_head", recipe.dino.head), ("ibot_head", recipe.ibot.head)):
@@ -93,7 +113,7 @@ def _distillation_teacher(recipe: PretrainRecipe, s_dino: nn.Module,
         with torch.random.fork_rng():
             torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
             head = _head(meta.embed_dim, cfg)
-        own = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+        own = {k[len(name) + 1 :]: v for k, v in sd.items() if k.startswith(name + ".")}
         if own:
             strict_load(head, own, path)
             log.info("distillation teacher %s loaded from %s", name, path)
@@ -105,11 +125,17 @@ def build_augmentation(crops: CropsCfg, model: ModelCfg) -> Any:
     from core.data import MultiCropAugmentation
 
     return MultiCropAugmentation(
-        global_crops_size=crops.global_crops_size, global_crops_scale=tuple(crops.global_crops_scale),
-        local_crops_number=crops.local_crops_number, local_crops_size=crops.local_crops_size,
-        local_crops_scale=tuple(crops.local_crops_scale), channel_mode=crops.channel_mode,
-        blur_probs=crops.blur_probs, in_chans=model.in_chans,
-        mean=list(crops.mean) or None, std=list(crops.std) or None)
+        global_crops_size=crops.global_crops_size,
+        global_crops_scale=tuple(crops.global_crops_scale),
+        local_crops_number=crops.local_crops_number,
+        local_crops_size=crops.local_crops_size,
+        local_crops_scale=tuple(crops.local_crops_scale),
+        channel_mode=crops.channel_mode,
+        blur_probs=crops.blur_probs,
+        in_chans=model.in_chans,
+        mean=list(crops.mean) or None,
+        std=list(crops.std) or None,
+    )
 
 
 def build_data(cfg: DataCfg, path: Any = None) -> Any:
@@ -118,8 +144,9 @@ def build_data(cfg: DataCfg, path: Any = None) -> Any:
 
     kinds = dataset_kinds()
     if cfg.kind not in kinds:
-        raise DinoscopeError(f"unknown data.kind {cfg.kind!r}", path=path, field="data.kind",
-                             fix=f"use one of {sorted(kinds)}")
+        raise DinoscopeError(
+            f"unknown data.kind {cfg.kind!r}", path=path, field="data.kind", fix=f"use one of {sorted(kinds)}"
+        )
     factory = kinds[cfg.kind]
     factory = factory.load() if hasattr(factory, "load") else factory
     check_kwargs(factory, dict(cfg.params), "data.params", path)

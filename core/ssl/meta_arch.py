@@ -40,11 +40,23 @@ class SSLMetaArch(nn.Module):
         centering: ``softmax`` (EMA centre) or ``sinkhorn_knopp``.
     """
 
-    def __init__(self, *, student_backbone: nn.Module, teacher_backbone: nn.Module, student_dino_head: nn.Module,
-                 teacher_dino_head: nn.Module, student_ibot_head: nn.Module | None = None,
-                 teacher_ibot_head: nn.Module | None = None, n_local_crops: int = 8, dino_loss_weight: float = 1.0,
-                 koleo_loss_weight: float = 0.1, ibot_loss_weight: float = 1.0, centering: str = "softmax",
-                 dino_out_dim: int, ibot_out_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        student_backbone: nn.Module,
+        teacher_backbone: nn.Module,
+        student_dino_head: nn.Module,
+        teacher_dino_head: nn.Module,
+        student_ibot_head: nn.Module | None = None,
+        teacher_ibot_head: nn.Module | None = None,
+        n_local_crops: int = 8,
+        dino_loss_weight: float = 1.0,
+        koleo_loss_weight: float = 0.1,
+        ibot_loss_weight: float = 1.0,
+        centering: str = "softmax",
+        dino_out_dim: int,
+        ibot_out_dim: int | None = None,
+    ) -> None:
         super().__init__()
         self.student = nn.ModuleDict({"backbone": student_backbone, "dino_head": student_dino_head})
         self.teacher = nn.ModuleDict({"backbone": teacher_backbone, "dino_head": teacher_dino_head})
@@ -92,8 +104,11 @@ class SSLMetaArch(nn.Module):
         if self.n_local_crops:
             # One backbone call over both crop sets, as DINOv2's forward over a list of crops: every block runs
             # once per step, so ZeRO-3 gathers each block's parameters once forward and once backward.
-            g, local = backbone([batch["collated_global_crops"], batch["collated_local_crops"]],
-                                masks=[batch["collated_masks"], None], is_training=True)
+            g, local = backbone(
+                [batch["collated_global_crops"], batch["collated_local_crops"]],
+                masks=[batch["collated_masks"], None],
+                is_training=True,
+            )
         else:
             g, local = backbone(batch["collated_global_crops"], masks=batch["collated_masks"], is_training=True), None
         out = {"global_cls": g["x_norm_clstoken"]}
@@ -113,11 +128,12 @@ class SSLMetaArch(nn.Module):
             return net["dino_head"](cls), net["ibot_head"](patches)
         # One head call on [cls; patches]: an MLP has no cross-row interaction, so this only batches the work.
         logits = net["dino_head"](torch.cat([cls, patches]))
-        return logits[: cls.shape[0]], logits[cls.shape[0]:]
+        return logits[: cls.shape[0]], logits[cls.shape[0] :]
 
     # ------------------------------------------------------------------------------------------------ losses
-    def compute_losses(self, student: dict[str, Tensor], teacher: dict[str, Tensor],
-                       batch: dict[str, Any]) -> dict[str, Tensor]:
+    def compute_losses(
+        self, student: dict[str, Tensor], teacher: dict[str, Tensor], batch: dict[str, Any]
+    ) -> dict[str, Tensor]:
         """Weighted loss terms and their sum under ``total`` (the value to back-propagate)."""
         z = loss_normaliser(self.n_local_crops)
         losses: dict[str, Tensor] = {}
@@ -130,10 +146,13 @@ class SSLMetaArch(nn.Module):
         if self.koleo_loss_weight:
             losses["koleo"] = self.koleo_loss_weight * sum(self.koleo_loss(c) for c in student["global_cls"].chunk(2))
         if self.ibot_loss_weight and student["ibot_logits"].shape[0]:
-            ibot = self.ibot_loss.forward_masked(student["ibot_logits"], teacher["ibot"],
-                                                 student_masks_flat=batch["collated_masks"],
-                                                 n_masked_patches=int(batch["n_masked_patches"].sum()),
-                                                 masks_weight=batch["masks_weight"])
+            ibot = self.ibot_loss.forward_masked(
+                student["ibot_logits"],
+                teacher["ibot"],
+                student_masks_flat=batch["collated_masks"],
+                n_masked_patches=int(batch["n_masked_patches"].sum()),
+                masks_weight=batch["masks_weight"],
+            )
             losses["ibot"] = self.ibot_loss_weight * ibot
         losses["total"] = sum(losses.values())
         return losses

@@ -39,7 +39,14 @@ import torch
 import torch.distributed as dist
 
 from core.distributed.env import barrier, get_rank, get_world_size, has_process_group
-from core.distributed.strategy import DEEPSPEED_DIR, DEEPSPEED_TAG, STUDENT_FILE, TEACHER_FILE, Strategy, load_torch_file
+from core.distributed.strategy import (
+    DEEPSPEED_DIR,
+    DEEPSPEED_TAG,
+    STUDENT_FILE,
+    TEACHER_FILE,
+    Strategy,
+    load_torch_file,
+)
 from core.errors import DinoscopeError
 from core.io import atomic_path
 
@@ -81,8 +88,7 @@ def find_latest(run_dir: str | os.PathLike) -> Path | None:
         name = pointer.read_text().strip()
         if _STEP_RE.fullmatch(name) and (root / name).is_dir():
             return root / name
-        log.warning("%s names %r, which is not a complete checkpoint; using the newest step directory", pointer,
-                    name)
+        log.warning("%s names %r, which is not a complete checkpoint; using the newest step directory", pointer, name)
     steps = list_checkpoints(run_dir)
     return steps[-1][1] if steps else None
 
@@ -93,8 +99,13 @@ def capture_rng_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -106,8 +117,15 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     np_state = state["numpy"]
-    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["gauss"]))
+    np.random.set_state(
+        (
+            np_state["name"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["gauss"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -133,10 +151,19 @@ def config_hash(config: Any) -> str | None:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def save_training_state(run_dir: str | os.PathLike, iteration: int, strategy: Strategy, *,
-                        loss_state: Mapping[str, torch.Tensor] | None = None, config: Any = None,
-                        sampler_state: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
-                        git_sha: str | None = None, keep: int | None = 3, keep_every: int | None = None) -> Path:
+def save_training_state(
+    run_dir: str | os.PathLike,
+    iteration: int,
+    strategy: Strategy,
+    *,
+    loss_state: Mapping[str, torch.Tensor] | None = None,
+    config: Any = None,
+    sampler_state: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    git_sha: str | None = None,
+    keep: int | None = 3,
+    keep_every: int | None = None,
+) -> Path:
     """Write ``RUN/checkpoints/step_{iteration:08d}/`` atomically, move ``latest`` to it, apply retention.
 
     Collective: every rank calls it (each writes its shards and RNG state). Returns the step directory.
@@ -156,10 +183,17 @@ def save_training_state(run_dir: str | os.PathLike, iteration: int, strategy: St
     _check_retention(keep, keep_every)
     plain = plain_config(config)
     client_state = {
-        "format_version": FORMAT_VERSION, "iteration": int(iteration), "strategy": strategy.kind,
-        "world_size": get_world_size(), "config": plain, "config_hash": config_hash(plain), "git_sha": git_sha,
+        "format_version": FORMAT_VERSION,
+        "iteration": int(iteration),
+        "strategy": strategy.kind,
+        "world_size": get_world_size(),
+        "config": plain,
+        "config_hash": config_hash(plain),
+        "git_sha": git_sha,
         "loss_state": {k: v.detach().cpu().clone() for k, v in (loss_state or {}).items()},
-        "sampler_state": dict(sampler_state or {}), "extra": dict(extra or {}), "time": time.time(),
+        "sampler_state": dict(sampler_state or {}),
+        "extra": dict(extra or {}),
+        "time": time.time(),
     }
     final = step_dir(run_dir, iteration)
     rank = get_rank()
@@ -200,8 +234,11 @@ def _write_step_contents(directory: Path, strategy: Strategy, client_state: dict
 
 def _check_retention(keep: int | None, keep_every: int | None) -> None:
     if keep is not None and keep < 1:
-        raise DinoscopeError(f"keep must be at least 1 (or null to keep everything), got {keep}",
-                             field="train.keep_checkpoints", fix="set a positive number of checkpoints to keep")
+        raise DinoscopeError(
+            f"keep must be at least 1 (or null to keep everything), got {keep}",
+            field="train.keep_checkpoints",
+            fix="set a positive number of checkpoints to keep",
+        )
     if keep_every is not None and keep_every < 1:
         raise DinoscopeError(f"keep_every must be positive or null, got {keep_every}", field="keep_every")
 
@@ -231,8 +268,11 @@ def _resolve_step_dir(path: str | os.PathLike) -> Path:
         return path
     latest = find_latest(path)
     if latest is None:
-        raise DinoscopeError("no training checkpoint found", path=path,
-                             fix="pass a run directory with checkpoints/step_* or a step directory")
+        raise DinoscopeError(
+            "no training checkpoint found",
+            path=path,
+            fix="pass a run directory with checkpoints/step_* or a step directory",
+        )
     return latest
 
 
@@ -245,13 +285,19 @@ def load_training_state(ckpt_dir: str | os.PathLike, strategy: Strategy) -> dict
     """
     directory = _resolve_step_dir(ckpt_dir)
     if not directory.is_dir():
-        raise DinoscopeError("the checkpoint directory does not exist", path=directory,
-                             fix="check the path, or resume from the run directory to use the latest checkpoint")
+        raise DinoscopeError(
+            "the checkpoint directory does not exist",
+            path=directory,
+            fix="check the path, or resume from the run directory to use the latest checkpoint",
+        )
     client = read_client_state(directory)
     if client.get("strategy") != strategy.kind:
-        raise DinoscopeError(f"the checkpoint was written by strategy {client.get('strategy')!r} but this run uses "
-                             f"{strategy.kind!r}", path=directory, field="dist.strategy",
-                             fix=f"resume with dist.strategy={client.get('strategy')}")
+        raise DinoscopeError(
+            f"the checkpoint was written by strategy {client.get('strategy')!r} but this run uses {strategy.kind!r}",
+            path=directory,
+            field="dist.strategy",
+            fix=f"resume with dist.strategy={client.get('strategy')}",
+        )
     saved_world = client.get("world_size")
     strategy.load(directory, saved_world_size=saved_world)
     rng_path = directory / rng_file(get_rank())
@@ -262,8 +308,12 @@ def load_training_state(ckpt_dir: str | os.PathLike, strategy: Strategy) -> dict
         # iteration) so that a resharded resume is still deterministic (cluster.md, "Resuming at another world size").
         seed = int(((client.get("config") or {}).get("train") or {}).get("seed", 0))
         derive_rng_state(seed, get_rank(), int(client["iteration"]))
-        log.info("derived RNG streams for rank %d from (seed, rank, iteration): checkpoint world size %s, now %d",
-                 get_rank(), saved_world, get_world_size())
+        log.info(
+            "derived RNG streams for rank %d from (seed, rank, iteration): checkpoint world size %s, now %d",
+            get_rank(),
+            saved_world,
+            get_world_size(),
+        )
     barrier()
     return {**client, "path": str(directory)}
 
@@ -274,9 +324,12 @@ def read_client_state(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     client = load_torch_file(directory / CLIENT_STATE_FILE, "client state")
     version = int(client.get("format_version", 0))
     if version > FORMAT_VERSION:
-        raise DinoscopeError(f"checkpoint format_version {version} is newer than this dinoscope supports "
-                             f"({FORMAT_VERSION})", path=directory / CLIENT_STATE_FILE, field="format_version",
-                             fix="upgrade dinoscope")
+        raise DinoscopeError(
+            f"checkpoint format_version {version} is newer than this dinoscope supports ({FORMAT_VERSION})",
+            path=directory / CLIENT_STATE_FILE,
+            field="format_version",
+            fix="upgrade dinoscope",
+        )
     return client
 
 
@@ -305,11 +358,15 @@ def consolidated_student_state_dict(ckpt_dir: str | os.PathLike) -> dict[str, to
     if (directory / STUDENT_FILE).is_file():
         return load_torch_file(directory / STUDENT_FILE, "student")
     if not (directory / DEEPSPEED_DIR).is_dir():
-        raise DinoscopeError("the checkpoint holds no student state", path=directory,
-                             fix="pass a complete step directory")
+        raise DinoscopeError(
+            "the checkpoint holds no student state", path=directory, fix="pass a complete step directory"
+        )
     try:
         ds_module = importlib.import_module("core.distributed.deepspeed_strategy")
     except ImportError as err:
-        raise DinoscopeError(f"merging ZeRO shards needs deepspeed ({err})", path=directory / DEEPSPEED_DIR,
-                             fix="pip install 'dinoscope[dist]'") from None
+        raise DinoscopeError(
+            f"merging ZeRO shards needs deepspeed ({err})",
+            path=directory / DEEPSPEED_DIR,
+            fix="pip install 'dinoscope[dist]'",
+        ) from None
     return ds_module.consolidate_zero_checkpoint(directory / DEEPSPEED_DIR, DEEPSPEED_TAG)

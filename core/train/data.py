@@ -28,7 +28,7 @@ class PositionedSampler(Sampler):
         self.base = base
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for position, index in zip(self.base.positions(), self.base):
+        for position, index in zip(self.base.positions(), self.base, strict=False):
             yield position, int(index)
 
 
@@ -61,10 +61,24 @@ def _worker_init(_: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def build_ssl_loader(dataset: Dataset, augmentation: Any, *, batch_size: int, global_crops_size: int,
-                     patch_size: int, mask_ratio: tuple[float, float], mask_probability: float, seed: int,
-                     rank: int, world_size: int, start_position: int, num_workers: int, pin_memory: bool = False,
-                     persistent_workers: bool = True, prefetch_factor: int = 2) -> DataLoader:
+def build_ssl_loader(
+    dataset: Dataset,
+    augmentation: Any,
+    *,
+    batch_size: int,
+    global_crops_size: int,
+    patch_size: int,
+    mask_ratio: tuple[float, float],
+    mask_probability: float,
+    seed: int,
+    rank: int,
+    world_size: int,
+    start_position: int,
+    num_workers: int,
+    pin_memory: bool = False,
+    persistent_workers: bool = True,
+    prefetch_factor: int = 2,
+) -> DataLoader:
     """Infinite loader of collated multi-crop batches for one rank, starting at global sample ``start_position``.
 
     ``pin_memory`` pins host batches for non-blocking copies to a GPU (see :mod:`core.distributed.device`);
@@ -72,17 +86,33 @@ def build_ssl_loader(dataset: Dataset, augmentation: Any, *, batch_size: int, gl
     """
     grid = global_crops_size // patch_size
     masker = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
-    sampler = InfiniteSampler(len(dataset), seed=seed, rank=rank, world_size=world_size,
-                              start_position=start_position)
-    collate = partial(_collate, seed=seed, mask_ratio_tuple=tuple(mask_ratio), mask_probability=mask_probability,
-                      dtype=torch.float32, n_tokens=grid * grid, mask_generator=masker)
+    sampler = InfiniteSampler(len(dataset), seed=seed, rank=rank, world_size=world_size, start_position=start_position)
+    collate = partial(
+        _collate,
+        seed=seed,
+        mask_ratio_tuple=tuple(mask_ratio),
+        mask_probability=mask_probability,
+        dtype=torch.float32,
+        n_tokens=grid * grid,
+        mask_generator=masker,
+    )
     workers: dict[str, Any] = {}
     if num_workers > 0:
-        workers = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
-                   "worker_init_fn": _worker_init}
-    return DataLoader(AugmentedDataset(dataset, augmentation, seed), batch_size=batch_size,
-                      sampler=PositionedSampler(sampler), collate_fn=collate, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=True, **workers)
+        workers = {
+            "persistent_workers": persistent_workers,
+            "prefetch_factor": prefetch_factor,
+            "worker_init_fn": _worker_init,
+        }
+    return DataLoader(
+        AugmentedDataset(dataset, augmentation, seed),
+        batch_size=batch_size,
+        sampler=PositionedSampler(sampler),
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        **workers,
+    )
 
 
 class ChannelsAsSamples(Dataset):
@@ -105,5 +135,5 @@ class ChannelsAsSamples(Dataset):
         item = self.dataset[i // self.channels]
         image, label = (item[0], item[1]) if isinstance(item, tuple) else (item, None)
         c = i % self.channels
-        single = image[..., c:c + 1]
+        single = image[..., c : c + 1]
         return single if label is None else (single, label)

@@ -20,16 +20,20 @@ def export_run(run_dir: Path, out: Path, step: int | None = None) -> Path:
 
     config = run_dir / "config.yaml"
     if not config.exists():
-        raise DinoscopeError("not a run directory (no config.yaml)", path=run_dir,
-                             fix="pass the directory `dinoscope pretrain` wrote")
+        raise DinoscopeError(
+            "not a run directory (no config.yaml)", path=run_dir, fix="pass the directory `dinoscope pretrain` wrote"
+        )
     recipe = load_recipe(PretrainRecipe, config)
     ckpt = find_latest(run_dir) if step is None else run_dir / "checkpoints" / f"step_{step:08d}"
     if ckpt is None or not Path(ckpt).exists():
-        raise DinoscopeError("the run has no checkpoint to export", path=run_dir / "checkpoints",
-                             fix="train for at least train.checkpoint_every iterations first")
+        raise DinoscopeError(
+            "the run has no checkpoint to export",
+            path=run_dir / "checkpoints",
+            fix="train for at least train.checkpoint_every iterations first",
+        )
     teacher = consolidated_teacher_state_dict(Path(ckpt))
     # the one placement function, so exported tensors are host tensors whatever device wrote the checkpoint
-    backbone = place({k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}, "cpu")
+    backbone = place({k[len("backbone.") :]: v for k, v in teacher.items() if k.startswith("backbone.")}, "cpu")
     from core.models import ARCH_SIZES
 
     kwargs = backbone_kwargs(recipe.model)
@@ -44,10 +48,19 @@ def export_run(run_dir: Path, out: Path, step: int | None = None) -> Path:
     per_image = stats is None
     mean, std = ([0.0] * c, [1.0] * c) if per_image else stats
     names = _channel_names(recipe, c)
-    meta = WeightMeta(arch=recipe.model.arch, model_kwargs={k: v for k, v in kwargs.items() if k in _META_KEYS},
-                      channel_names=names, mean=mean, std=std, source_format="dinoscope",
-                      extra={"recipe": yaml.safe_load(config.read_text()), "checkpoint": str(ckpt),
-                             "input_normalisation": "per_image_zscore" if per_image else "fixed"})
+    meta = WeightMeta(
+        arch=recipe.model.arch,
+        model_kwargs={k: v for k, v in kwargs.items() if k in _META_KEYS},
+        channel_names=names,
+        mean=mean,
+        std=std,
+        source_format="dinoscope",
+        extra={
+            "recipe": yaml.safe_load(config.read_text()),
+            "checkpoint": str(ckpt),
+            "input_normalisation": "per_image_zscore" if per_image else "fixed",
+        },
+    )
     return save_backbone(backbone, meta, out)
 
 

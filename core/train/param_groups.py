@@ -18,8 +18,7 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
-__all__ = ["ParamGroup", "apply_optim_schedule", "block_index", "fuse_params_groups",
-           "get_params_groups_with_decay"]
+__all__ = ["ParamGroup", "apply_optim_schedule", "block_index", "fuse_params_groups", "get_params_groups_with_decay"]
 
 _EMBEDDING_NAMES = frozenset({"pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens"})
 _FSDP_WRAPPER_PREFIX = "_fsdp_wrapped_module."
@@ -60,8 +59,9 @@ def _layer_id(name: str, n_blocks: int, chunked: bool | None) -> int:
     return n_blocks + 1 if index is None else index + 1
 
 
-def get_params_groups_with_decay(model: nn.Module, lr_decay_rate: float = 1.0,
-                                 patch_embed_lr_mult: float = 1.0) -> list[ParamGroup]:
+def get_params_groups_with_decay(
+    model: nn.Module, lr_decay_rate: float = 1.0, patch_embed_lr_mult: float = 1.0
+) -> list[ParamGroup]:
     """One group per trainable parameter of ``model``, named by the module's own parameter names.
 
     The number of blocks ``L`` is ``model.n_blocks`` when the model defines it, else one more than the largest block
@@ -83,8 +83,15 @@ def get_params_groups_with_decay(model: nn.Module, lr_decay_rate: float = 1.0,
         if "patch_embed" in name:
             lr_multiplier = lr_multiplier * patch_embed_lr_mult
         no_decay = name.split(".")[-1] == "bias" or "norm" in name or "gamma" in name
-        groups.append(ParamGroup(params=param, is_last_layer="last_layer" in name, lr_multiplier=lr_multiplier,
-                                 wd_multiplier=0.0 if no_decay else 1.0, name=name))
+        groups.append(
+            ParamGroup(
+                params=param,
+                is_last_layer="last_layer" in name,
+                lr_multiplier=lr_multiplier,
+                wd_multiplier=0.0 if no_decay else 1.0,
+                name=name,
+            )
+        )
     return groups
 
 

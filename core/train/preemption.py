@@ -62,8 +62,10 @@ class StopRequest:
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
-            log.warning("received %s: saving a checkpoint at the end of this iteration, then stopping",
-                        signal.Signals(signum).name)
+            log.warning(
+                "received %s: saving a checkpoint at the end of this iteration, then stopping",
+                signal.Signals(signum).name,
+            )
         self.signum = signum
         self._frame = frame
 
@@ -82,7 +84,10 @@ class StopRequest:
         assert self.signum is not None
         previous = self.previous_handler(self.signum)
         if callable(previous):
-            log.info("handing %s to the previously installed handler %s", signal.Signals(self.signum).name,
-                     getattr(previous, "__qualname__", previous))
+            log.info(
+                "handing %s to the previously installed handler %s",
+                signal.Signals(self.signum).name,
+                getattr(previous, "__qualname__", previous),
+            )
             previous(self.signum, getattr(self, "_frame", None))
         raise TrainingInterrupted(self.signum, iteration, checkpoint)

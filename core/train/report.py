@@ -22,5 +22,12 @@ def write_loss_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike
     series = {key[5:]: (its, [r.get(key, float("nan")) for r in rows]) for key in keys}
     # Linear y: KoLeo is negative, and the DINO/iBOT losses move within one decade.
     secondary = {"lr": (its, [r.get("lr", float("nan")) for r in rows])} if "lr" in rows[0] else None
-    return loss_curves(series, out_png, xlabel="iteration", ylabel="loss", title="pretraining losses",
-                       styles={"total": {"lw": 1.4}}, secondary=secondary)
+    return loss_curves(
+        series,
+        out_png,
+        xlabel="iteration",
+        ylabel="loss",
+        title="pretraining losses",
+        styles={"total": {"lw": 1.4}},
+        secondary=secondary,
+    )

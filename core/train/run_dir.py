@@ -36,18 +36,33 @@ log = logging.getLogger(__name__)
 
 RECIPE_CHANGES_FILE = "recipe_changes.jsonl"
 ALLOW_FLAG = "--allow-recipe-change"
-RECIPE_CHANGE_FIX = ("resume with the original recipe, start a new run directory, or pass --allow-recipe-change to "
-                     "accept the change (it is recorded in RUN/recipe_changes.jsonl)")
+RECIPE_CHANGE_FIX = (
+    "resume with the original recipe, start a new run directory, or pass --allow-recipe-change to "
+    "accept the change (it is recorded in RUN/recipe_changes.jsonl)"
+)
 MAX_LISTED_CHANGES = 20
 
 # Recipe keys (dotted; fnmatch patterns; a pattern also covers everything below it) whose change leaves the training
 # trajectory unchanged: how fast data is loaded, where and how often things are logged or saved, how DeepSpeed
 # buckets communication, and the periodic evaluation (which reads the teacher but never updates it).
 OPERATIONAL_KEYS: tuple[str, ...] = (
-    "train.num_workers", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.output_dir",
-    "train.device", "train.pin_memory", "train.persistent_workers", "train.prefetch_factor", "train.log_grad_norms",
-    "dist.overlap_comm", "dist.contiguous_gradients", "dist.reduce_bucket_size", "dist.allgather_bucket_size",
-    "dist.stage3_*", "dist.ema_gather_numel", "eval.*",
+    "train.num_workers",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.output_dir",
+    "train.device",
+    "train.pin_memory",
+    "train.persistent_workers",
+    "train.prefetch_factor",
+    "train.log_grad_norms",
+    "dist.overlap_comm",
+    "dist.contiguous_gradients",
+    "dist.reduce_bucket_size",
+    "dist.allgather_bucket_size",
+    "dist.stage3_*",
+    "dist.ema_gather_numel",
+    "eval.*",
 )
 
 
@@ -104,7 +119,7 @@ def is_operational(key: str, patterns: Iterable[str] = OPERATIONAL_KEYS) -> bool
 
 def _show(value: Any, limit: int = 80) -> str:
     text = ABSENT_JSON if value is ABSENT else json.dumps(value, default=str)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def format_changes(changes: list[tuple[str, Any, Any]], limit: int = MAX_LISTED_CHANGES) -> str:
@@ -119,9 +134,16 @@ def _to_json(value: Any) -> Any:
     return ABSENT_JSON if value is ABSENT else value
 
 
-def check_recipe_on_resume(run_dir: str | os.PathLike, saved_config: Any, new_config: Any, *, allow_change: bool,
-                           iteration: int, path_for_errors: str | os.PathLike | None = None,
-                           record: bool = True) -> list[tuple[str, Any, Any]]:
+def check_recipe_on_resume(
+    run_dir: str | os.PathLike,
+    saved_config: Any,
+    new_config: Any,
+    *,
+    allow_change: bool,
+    iteration: int,
+    path_for_errors: str | os.PathLike | None = None,
+    record: bool = True,
+) -> list[tuple[str, Any, Any]]:
     """Refuse a resume whose recipe changes the training trajectory, unless ``allow_change``.
 
     Args:
@@ -140,8 +162,11 @@ def check_recipe_on_resume(run_dir: str | os.PathLike, saved_config: Any, new_co
     """
     run_dir = Path(run_dir)
     if saved_config is None:
-        log.warning("the checkpoint in %s stores no recipe (written by an older dinoscope); the resumed recipe "
-                    "cannot be checked against the original", run_dir)
+        log.warning(
+            "the checkpoint in %s stores no recipe (written by an older dinoscope); the resumed recipe "
+            "cannot be checked against the original",
+            run_dir,
+        )
         return []
     changes = recipe_changes(plain_config(saved_config) or {}, plain_config(new_config) or {})
     operational = [c for c in changes if is_operational(c[0])]
@@ -151,16 +176,28 @@ def check_recipe_on_resume(run_dir: str | os.PathLike, saved_config: Any, new_co
     if not trajectory:
         return changes
     if not allow_change:
-        raise DinoscopeError(f"the recipe differs from the one this run was trained with, in {len(trajectory)} "
-                             f"key(s) that change training (resuming at iteration {iteration}):\n"
-                             f"{format_changes(trajectory)}", path=path_for_errors or run_dir,
-                             field=trajectory[0][0], fix=RECIPE_CHANGE_FIX)
-    log.warning("resuming %s at iteration %d with recipe changes accepted by %s:\n%s", run_dir, iteration,
-                ALLOW_FLAG, format_changes(trajectory))
+        raise DinoscopeError(
+            f"the recipe differs from the one this run was trained with, in {len(trajectory)} "
+            f"key(s) that change training (resuming at iteration {iteration}):\n"
+            f"{format_changes(trajectory)}",
+            path=path_for_errors or run_dir,
+            field=trajectory[0][0],
+            fix=RECIPE_CHANGE_FIX,
+        )
+    log.warning(
+        "resuming %s at iteration %d with recipe changes accepted by %s:\n%s",
+        run_dir,
+        iteration,
+        ALLOW_FLAG,
+        format_changes(trajectory),
+    )
     if record:
-        line = {"iteration": int(iteration), "time": time.time(),
-                "changes": [[k, _to_json(a), _to_json(b)] for k, a, b in trajectory],
-                "operational": [[k, _to_json(a), _to_json(b)] for k, a, b in operational]}
+        line = {
+            "iteration": int(iteration),
+            "time": time.time(),
+            "changes": [[k, _to_json(a), _to_json(b)] for k, a, b in trajectory],
+            "operational": [[k, _to_json(a), _to_json(b)] for k, a, b in operational],
+        }
         run_dir.mkdir(parents=True, exist_ok=True)
         # One short append; a crash can at worst tear this last line, which readers of JSONL skip.
         with (run_dir / RECIPE_CHANGES_FILE).open("a") as f:
@@ -216,8 +253,9 @@ def truncate_jsonl(path: str | os.PathLike, *, after_iteration: int, key: str = 
         tmp.write_bytes(b"".join(line + b"\n" for line in kept))
         os.chmod(tmp, mode)  # atomic_path's temporary is 0600; a rewrite must not change who can read the log
     if dropped:
-        log.info("%s: dropped %d line(s) logged after iteration %d (or torn by a crash)", path, dropped,
-                 after_iteration)
+        log.info(
+            "%s: dropped %d line(s) logged after iteration %d (or torn by a crash)", path, dropped, after_iteration
+        )
     return dropped
 
 
@@ -246,6 +284,9 @@ def clean_orphans(run_dir: str | os.PathLike, subdirs: Iterable[str] = (CHECKPOI
                 path.unlink()
             removed.append(path)
     if removed:
-        log.info("removed %d temporary file(s) left by an interrupted write: %s", len(removed),
-                 ", ".join(str(p.relative_to(run_dir)) for p in removed))
+        log.info(
+            "removed %d temporary file(s) left by an interrupted write: %s",
+            len(removed),
+            ", ".join(str(p.relative_to(run_dir)) for p in removed),
+        )
     return removed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import subprocess
 import sys
@@ -18,8 +19,13 @@ _PACKAGES = ("dinoscope", "torch", "numpy", "deepspeed", "xformers", "rasterio",
 def git_commit() -> str | None:
     """The commit of the dinoscope checkout, or None outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parents[2])
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -29,12 +35,21 @@ def write_run_info(run_dir: Path, recipe_path: str | None, overrides: list[str],
     """Write ``run_dir/run_info.json`` atomically (call it on one rank only)."""
     versions = {}
     for package in _PACKAGES:
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             versions[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    write_json(Path(run_dir) / "run_info.json", {
-        "recipe": recipe_path, "overrides": list(overrides), "git_commit": git_commit(), "argv": sys.argv,
-        "versions": versions, "python": platform.python_version(), "platform": platform.platform(),
-        "cpu_count": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], **extra})
+    write_json(
+        Path(run_dir) / "run_info.json",
+        {
+            "recipe": recipe_path,
+            "overrides": list(overrides),
+            "git_commit": git_commit(),
+            "argv": sys.argv,
+            "versions": versions,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpu_count": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            **extra,
+        },
+    )

@@ -39,24 +39,40 @@ class CosineScheduler:
         freeze_iters: leading iterations held at 0, before the warmup.
     """
 
-    def __init__(self, base_value: float, final_value: float, total_iters: int, warmup_iters: int = 0,
-                 start_warmup_value: float = 0, freeze_iters: int = 0) -> None:
-        for field, value in (("total_iters", total_iters), ("warmup_iters", warmup_iters),
-                             ("freeze_iters", freeze_iters)):
+    def __init__(
+        self,
+        base_value: float,
+        final_value: float,
+        total_iters: int,
+        warmup_iters: int = 0,
+        start_warmup_value: float = 0,
+        freeze_iters: int = 0,
+    ) -> None:
+        for field, value in (
+            ("total_iters", total_iters),
+            ("warmup_iters", warmup_iters),
+            ("freeze_iters", freeze_iters),
+        ):
             if value < 0:
-                raise DinoscopeError(f"{field} must be >= 0, got {value}", field=field,
-                                     fix="use a non-negative number of iterations (or epochs)")
+                raise DinoscopeError(
+                    f"{field} must be >= 0, got {value}",
+                    field=field,
+                    fix="use a non-negative number of iterations (or epochs)",
+                )
         n_cosine = total_iters - warmup_iters - freeze_iters
         if n_cosine < 0:
             raise DinoscopeError(
                 f"warmup ({warmup_iters}) plus freeze ({freeze_iters}) iterations exceed total_iters ({total_iters})",
-                field="warmup_iters", fix="shorten the warmup or freeze period, or train for more epochs")
+                field="warmup_iters",
+                fix="shorten the warmup or freeze period, or train for more epochs",
+            )
         self.final_value = final_value
         self.total_iters = total_iters
         steps = np.arange(n_cosine)
         cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(n_cosine, 1)))
         self.schedule: np.ndarray = np.concatenate(
-            (np.zeros(freeze_iters), np.linspace(start_warmup_value, base_value, warmup_iters), cosine))
+            (np.zeros(freeze_iters), np.linspace(start_warmup_value, base_value, warmup_iters), cosine)
+        )
 
     def __getitem__(self, iteration: int) -> float:
         if iteration < 0:
@@ -90,15 +106,27 @@ class Schedules:
 
     def at(self, iteration: int) -> dict[str, float]:
         """All five values at ``iteration``, keyed by schedule name."""
-        return {name: getattr(self, name)[iteration] for name in ("lr", "wd", "momentum", "teacher_temp",
-                                                                    "last_layer_lr")}
+        return {
+            name: getattr(self, name)[iteration] for name in ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr")
+        }
 
 
-def build_schedules(*, base_lr: float, min_lr: float, epochs: int, warmup_epochs: int, epoch_length: int = 1250,
-                    weight_decay: float = 0.04, weight_decay_end: float = 0.4, momentum_teacher: float = 0.992,
-                    final_momentum_teacher: float = 1.0, warmup_teacher_temp: float = 0.04,
-                    teacher_temp: float = 0.07, warmup_teacher_temp_epochs: int = 30,
-                    freeze_last_layer_epochs: int = 1) -> Schedules:
+def build_schedules(
+    *,
+    base_lr: float,
+    min_lr: float,
+    epochs: int,
+    warmup_epochs: int,
+    epoch_length: int = 1250,
+    weight_decay: float = 0.04,
+    weight_decay_end: float = 0.4,
+    momentum_teacher: float = 0.992,
+    final_momentum_teacher: float = 1.0,
+    warmup_teacher_temp: float = 0.04,
+    teacher_temp: float = 0.07,
+    warmup_teacher_temp_epochs: int = 30,
+    freeze_last_layer_epochs: int = 1,
+) -> Schedules:
     """Build the DINOv2 schedules from plain numbers (``base_lr`` already scaled, see :func:`scaled_lr`).
 
     * lr: warmup from 0 over ``warmup_epochs``, cosine to ``min_lr`` at ``epochs``.
@@ -112,8 +140,9 @@ def build_schedules(*, base_lr: float, min_lr: float, epochs: int, warmup_epochs
     wd = CosineScheduler(weight_decay, weight_decay_end, total_iters)
     momentum = CosineScheduler(momentum_teacher, final_momentum_teacher, total_iters)
     temp_iters = warmup_teacher_temp_epochs * epoch_length
-    temp = CosineScheduler(teacher_temp, teacher_temp, temp_iters, warmup_iters=temp_iters,
-                           start_warmup_value=warmup_teacher_temp)
+    temp = CosineScheduler(
+        teacher_temp, teacher_temp, temp_iters, warmup_iters=temp_iters, start_warmup_value=warmup_teacher_temp
+    )
     last_layer_lr = lr.with_leading_zeros(freeze_last_layer_epochs * epoch_length)
     return Schedules(lr=lr, wd=wd, momentum=momentum, teacher_temp=temp, last_layer_lr=last_layer_lr)
 
@@ -131,9 +160,15 @@ def scaled_lr(base_lr: float, batch_size_per_rank: int, world_size: int, rule: s
     ``sqrt_wrt_1024`` (DINOv2 default): ``base_lr * sqrt(global_batch / 1024)``.
     """
     if rule not in LR_SCALING_RULES:
-        raise DinoscopeError(f"unknown lr scaling rule {rule!r}", field="optim.scaling_rule",
-                             fix=f"use one of: {', '.join(sorted(LR_SCALING_RULES))}")
+        raise DinoscopeError(
+            f"unknown lr scaling rule {rule!r}",
+            field="optim.scaling_rule",
+            fix=f"use one of: {', '.join(sorted(LR_SCALING_RULES))}",
+        )
     if batch_size_per_rank < 1 or world_size < 1:
-        raise DinoscopeError(f"batch size per rank ({batch_size_per_rank}) and world size ({world_size}) must be >= 1",
-                             field="batch_size_per_rank", fix="set a positive batch size and world size")
+        raise DinoscopeError(
+            f"batch size per rank ({batch_size_per_rank}) and world size ({world_size}) must be >= 1",
+            field="batch_size_per_rank",
+            fix="set a positive batch size and world size",
+        )
     return LR_SCALING_RULES[rule](base_lr, batch_size_per_rank * world_size)

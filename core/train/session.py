@@ -71,9 +71,17 @@ def broadcast_object(obj: Any) -> Any:
 class RunSession:
     """The run directory of one training job: :meth:`open` (collective) before training, :meth:`close` after."""
 
-    def __init__(self, run_dir: str | os.PathLike, recipe: Any, env: DistEnv, *, resume: bool = True,
-                 allow_recipe_change: bool = False, recipe_path: str | None = None,
-                 overrides: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        recipe: Any,
+        env: DistEnv,
+        *,
+        resume: bool = True,
+        allow_recipe_change: bool = False,
+        recipe_path: str | None = None,
+        overrides: list[str] | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.recipe = recipe
         self.env = env
@@ -112,31 +120,56 @@ class RunSession:
         self._lock.acquire()
         removed = clean_orphans(self.run_dir)
         if removed:
-            log.info("removed %d temporaries left by an interrupted run: %s", len(removed),
-                     ", ".join(p.name for p in removed))
+            log.info(
+                "removed %d temporaries left by an interrupted run: %s",
+                len(removed),
+                ", ".join(p.name for p in removed),
+            )
         latest = find_latest(self.run_dir)
         point = ResumePoint()
         new_config = plain_config(self.recipe)
         if latest is not None and not self.resume:
-            raise DinoscopeError(f"the run directory already holds checkpoints (latest {latest.name}); starting "
-                                 "over here would mix two runs", path=self.run_dir, field="--no-resume",
-                                 fix="choose another --output-dir, or delete the run directory first")
+            raise DinoscopeError(
+                f"the run directory already holds checkpoints (latest {latest.name}); starting "
+                "over here would mix two runs",
+                path=self.run_dir,
+                field="--no-resume",
+                fix="choose another --output-dir, or delete the run directory first",
+            )
         if latest is not None:
             client = read_client_state(latest)
             iteration = int(client["iteration"])
-            check_recipe_on_resume(self.run_dir, client.get("config"), new_config,
-                                   allow_change=self.allow_recipe_change, iteration=iteration)
-            point = ResumePoint(checkpoint=str(latest), iteration=iteration,
-                                samples_seen=_samples_seen(client, self.recipe), world_size=client.get("world_size"))
+            check_recipe_on_resume(
+                self.run_dir,
+                client.get("config"),
+                new_config,
+                allow_change=self.allow_recipe_change,
+                iteration=iteration,
+            )
+            point = ResumePoint(
+                checkpoint=str(latest),
+                iteration=iteration,
+                samples_seen=_samples_seen(client, self.recipe),
+                world_size=client.get("world_size"),
+            )
         for name in (METRICS_FILE, EVAL_FILE):
             dropped = truncate_jsonl(self.run_dir / name, after_iteration=point.iteration)
             if dropped:
-                log.info("dropped %d lines of %s logged after iteration %d (not in the checkpoint)", dropped, name,
-                         point.iteration)
+                log.info(
+                    "dropped %d lines of %s logged after iteration %d (not in the checkpoint)",
+                    dropped,
+                    name,
+                    point.iteration,
+                )
         with atomic_path(self.run_dir / "config.yaml") as tmp:
             tmp.write_text(to_yaml(self.recipe))
-        write_run_info(self.run_dir, self.recipe_path, self.overrides, world_size=self.env.world_size,
-                       resumed_from=point.checkpoint)
+        write_run_info(
+            self.run_dir,
+            self.recipe_path,
+            self.overrides,
+            world_size=self.env.world_size,
+            resumed_from=point.checkpoint,
+        )
         return point
 
 

@@ -6,8 +6,8 @@ heads (:mod:`bio.heads`). What only the domain knows comes in as callables:
 * ``make_head()`` builds the trainable module. It is called once per lr under ``torch.manual_seed(seed)``, so every
   lr of the grid starts from the same initialisation.
 * ``loss_fn(head, batch)`` returns the loss of one batch (already moved to the device with
-  :func:`core.distributed.device.place`), or ``(loss, weight)`` to weight it in the logged epoch mean (valid pixels, say),
-  or ``None`` to skip the batch without an optimizer or scheduler step.
+  :func:`core.distributed.device.place`), or ``(loss, weight)`` to weight it in the logged epoch mean (valid pixels,
+  say), or ``None`` to skip the batch without an optimizer or scheduler step.
 * ``metric_fn(head, val)`` returns validation metrics ``{name: float}``. It runs in eval mode without gradients and
   gets the validation source as given, placing its batches itself (:func:`core.distributed.device.module_device`).
 
@@ -51,8 +51,9 @@ class BatchSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def batches(self, batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[Any]: ...
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[Any]: ...
 
 
 class TensorSource:
@@ -60,15 +61,17 @@ class TensorSource:
 
     def __init__(self, x: Tensor, y: Tensor) -> None:
         if len(x) != len(y):
-            raise DinoscopeError(f"{len(x)} feature rows but {len(y)} targets", field="y",
-                                 fix="give one target per feature row")
+            raise DinoscopeError(
+                f"{len(x)} feature rows but {len(y)} targets", field="y", fix="give one target per feature row"
+            )
         self.x, self.y = x, y
 
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
         for idx in order.split(batch_size):
             yield self.x[idx], self.y[idx]
@@ -95,8 +98,11 @@ class SupervisedConfig:
     def validate(self) -> None:
         """Raise :class:`DinoscopeError` naming the first out-of-range setting."""
         if not self.lrs or not all(math.isfinite(lr) and lr > 0 for lr in self.lrs):
-            raise DinoscopeError(f"learning rates must be positive and finite, got {list(self.lrs)}", field="lrs",
-                                 fix="give at least one lr > 0, e.g. [1e-3]")
+            raise DinoscopeError(
+                f"learning rates must be positive and finite, got {list(self.lrs)}",
+                field="lrs",
+                fix="give at least one lr > 0, e.g. [1e-3]",
+            )
         checks = {"epochs": (self.epochs, 1), "batch_size": (self.batch_size, 1)}
         if self.patience is not None:
             checks["patience"] = (self.patience, 1)
@@ -108,9 +114,11 @@ class SupervisedConfig:
                 raise DinoscopeError(f"{name} must be >= 0, got {value}", field=name)
         if not 0 <= self.momentum < 1:
             raise DinoscopeError(f"momentum must lie in [0, 1), got {self.momentum}", field="momentum")
-        for name, value, choices in (("optimizer", self.optimizer, ("adamw", "sgd")),
-                                     ("schedule", self.schedule, ("constant", "cosine")),
-                                     ("mode", self.mode, ("min", "max"))):
+        for name, value, choices in (
+            ("optimizer", self.optimizer, ("adamw", "sgd")),
+            ("schedule", self.schedule, ("constant", "cosine")),
+            ("mode", self.mode, ("min", "max")),
+        ):
             if value not in choices:
                 raise DinoscopeError(f"unknown {name} {value!r}", field=name, fix=f"use one of {', '.join(choices)}")
 
@@ -138,11 +146,22 @@ class SupervisedResult:
     per_lr: list[dict[str, Any]]
 
 
-def train_supervised(make_head: Callable[[], nn.Module], train: BatchSource | tuple[Tensor, Tensor], loss_fn: LossFn,
-                     config: SupervisedConfig | None = None, *, val: Any = None, metric_fn: MetricFn | None = None,
-                     param_groups: ParamGroupsFn | None = None, device: torch.device | str = "cpu",
-                     log_path: str | os.PathLike | None = None, plot_path: str | os.PathLike | None = None,
-                     plot_ylabel: str = "loss", desc: str = "fit", show_progress: bool = True) -> SupervisedResult:
+def train_supervised(
+    make_head: Callable[[], nn.Module],
+    train: BatchSource | tuple[Tensor, Tensor],
+    loss_fn: LossFn,
+    config: SupervisedConfig | None = None,
+    *,
+    val: Any = None,
+    metric_fn: MetricFn | None = None,
+    param_groups: ParamGroupsFn | None = None,
+    device: torch.device | str = "cpu",
+    log_path: str | os.PathLike | None = None,
+    plot_path: str | os.PathLike | None = None,
+    plot_ylabel: str = "loss",
+    desc: str = "fit",
+    show_progress: bool = True,
+) -> SupervisedResult:
     """Train one head per lr of ``config.lrs``, validating every epoch, and keep the best (see the module docstring).
 
     Args:
@@ -165,8 +184,11 @@ def train_supervised(make_head: Callable[[], nn.Module], train: BatchSource | tu
     if (val is None) != (metric_fn is None):
         raise ValueError("pass both val and metric_fn, or neither")
     if val is None and (len(cfg.lrs) > 1 or cfg.patience is not None):
-        raise DinoscopeError("choosing among several lrs or stopping early needs validation data", field="lrs",
-                             fix="give a validation source and metric, or a single lr without patience")
+        raise DinoscopeError(
+            "choosing among several lrs or stopping early needs validation data",
+            field="lrs",
+            fix="give a validation source and metric, or a single lr without patience",
+        )
     source = TensorSource(*train) if isinstance(train, (tuple, list)) else train
     device = torch.device(device)
     logger = None
@@ -176,9 +198,20 @@ def train_supervised(make_head: Callable[[], nn.Module], train: BatchSource | tu
     runs: list[tuple[nn.Module, dict[str, Any], list[dict[str, Any]]]] = []
     best: tuple[nn.Module, dict[str, Any]] | None = None
     for lr in cfg.lrs:
-        head, summary, rows = _fit_one_lr(make_head, float(lr), source, loss_fn, cfg, val, metric_fn, param_groups,
-                                          device, logger, f"{desc} lr={lr:g}" if len(cfg.lrs) > 1 else desc,
-                                          show_progress)
+        head, summary, rows = _fit_one_lr(
+            make_head,
+            float(lr),
+            source,
+            loss_fn,
+            cfg,
+            val,
+            metric_fn,
+            param_groups,
+            device,
+            logger,
+            f"{desc} lr={lr:g}" if len(cfg.lrs) > 1 else desc,
+            show_progress,
+        )
         if any(head is earlier for earlier, _, _ in runs):
             raise ValueError("make_head returned a module it had returned before; each lr needs a fresh head")
         runs.append((head, summary, rows))
@@ -188,28 +221,49 @@ def train_supervised(make_head: Callable[[], nn.Module], train: BatchSource | tu
     head, summary = best
     if plot_path is not None:
         _plot([(s["lr"], rows) for _, s, rows in runs], plot_path, plot_ylabel)
-    log.info("%s: best lr %g, epoch %d, %s %s", desc, summary["lr"], summary["best_epoch"], cfg.select,
-             summary["metric"])
-    return SupervisedResult(head=head.eval(), best_lr=summary["lr"], best_epoch=summary["best_epoch"],
-                            best_metric=summary["metric"], state_dict=_cpu_state(head),
-                            history=[r for _, _, rows in runs for r in rows], per_lr=[s for _, s, _ in runs])
+    log.info(
+        "%s: best lr %g, epoch %d, %s %s", desc, summary["lr"], summary["best_epoch"], cfg.select, summary["metric"]
+    )
+    return SupervisedResult(
+        head=head.eval(),
+        best_lr=summary["lr"],
+        best_epoch=summary["best_epoch"],
+        best_metric=summary["metric"],
+        state_dict=_cpu_state(head),
+        history=[r for _, _, rows in runs for r in rows],
+        per_lr=[s for _, s, _ in runs],
+    )
 
 
-def _fit_one_lr(make_head: Callable[[], nn.Module], lr: float, source: BatchSource, loss_fn: LossFn,
-                cfg: SupervisedConfig, val: Any, metric_fn: MetricFn | None, param_groups: ParamGroupsFn | None,
-                device: torch.device, logger: JsonlLogger | None, desc: str, show_progress: bool
-                ) -> tuple[nn.Module, dict[str, Any], list[dict[str, Any]]]:
+def _fit_one_lr(
+    make_head: Callable[[], nn.Module],
+    lr: float,
+    source: BatchSource,
+    loss_fn: LossFn,
+    cfg: SupervisedConfig,
+    val: Any,
+    metric_fn: MetricFn | None,
+    param_groups: ParamGroupsFn | None,
+    device: torch.device,
+    logger: JsonlLogger | None,
+    desc: str,
+    show_progress: bool,
+) -> tuple[nn.Module, dict[str, Any], list[dict[str, Any]]]:
     """Train one head at ``lr``; returns it (holding the kept state), its summary and its per-epoch records."""
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     # The seed governs init and any randomness inside the head (dropout), without disturbing the caller's stream.
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(cfg.seed)
         head = place_module(make_head(), device)
-        groups = param_groups(head, lr) if param_groups else [
-            {"params": [p for p in head.parameters() if p.requires_grad], "lr": lr}]
+        groups = (
+            param_groups(head, lr)
+            if param_groups
+            else [{"params": [p for p in head.parameters() if p.requires_grad], "lr": lr}]
+        )
         if cfg.optimizer == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, momentum=cfg.momentum,
-                                                               weight_decay=cfg.weight_decay)
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
         else:
             optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         steps = math.ceil(len(source) / cfg.batch_size)
@@ -217,12 +271,17 @@ def _fit_one_lr(make_head: Callable[[], nn.Module], lr: float, source: BatchSour
         generator = torch.Generator().manual_seed(cfg.seed)
         rows: list[dict[str, Any]] = []
         kept_state, kept_epoch, kept_metric, kept_val, stale = None, 0, None, {}, 0
-        bar = progress(range(1, cfg.epochs + 1), total=cfg.epochs, desc=desc, unit="epoch",
-                       disable=None if show_progress else True)
+        bar = progress(
+            range(1, cfg.epochs + 1), total=cfg.epochs, desc=desc, unit="epoch", disable=None if show_progress else True
+        )
         for epoch in bar:
-            record: dict[str, Any] = {"lr": lr, "epoch": epoch,
-                                      "train_loss": _train_epoch(head, source, loss_fn, optimizer, scheduler,
-                                                                 generator, cfg.batch_size, device)}
+            record: dict[str, Any] = {
+                "lr": lr,
+                "epoch": epoch,
+                "train_loss": _train_epoch(
+                    head, source, loss_fn, optimizer, scheduler, generator, cfg.batch_size, device
+                ),
+            }
             metrics = _validate(head, val, metric_fn, cfg.select) if metric_fn is not None else {}
             record.update({f"val_{k}": v for k, v in metrics.items()})
             record["last_lr"] = scheduler.get_last_lr()[0]
@@ -248,9 +307,16 @@ def _fit_one_lr(make_head: Callable[[], nn.Module], lr: float, source: BatchSour
     return head, summary, rows
 
 
-def _train_epoch(head: nn.Module, source: BatchSource, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator, batch_size: int,
-                 device: torch.device) -> float:
+def _train_epoch(
+    head: nn.Module,
+    source: BatchSource,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    batch_size: int,
+    device: torch.device,
+) -> float:
     """One pass over shuffled batches; returns the (weighted) mean loss, NaN when every batch was skipped."""
     head.train()
     total, weight = 0.0, 0.0
@@ -273,8 +339,11 @@ def _validate(head: nn.Module, val: Any, metric_fn: MetricFn, select: str) -> di
     with torch.no_grad():
         metrics = {k: float(v) for k, v in metric_fn(head, val).items()}
     if select not in metrics:
-        raise DinoscopeError(f"the validation metrics {sorted(metrics)} have no {select!r}", field="select",
-                             fix="select one of the metrics that metric_fn returns")
+        raise DinoscopeError(
+            f"the validation metrics {sorted(metrics)} have no {select!r}",
+            field="select",
+            fix="select one of the metrics that metric_fn returns",
+        )
     return metrics
 
 

@@ -22,8 +22,9 @@ CHANNEL_STRATEGIES = ("repeat", "mean", "zero")
 
 def adapt_patch_embed(weight: Tensor, n: int, strategy: str = "repeat") -> Tensor:
     if strategy not in CHANNEL_STRATEGIES:
-        raise DinoscopeError(f"unknown channel strategy {strategy!r}", field="channel_strategy",
-                             fix=f"use one of {CHANNEL_STRATEGIES}")
+        raise DinoscopeError(
+            f"unknown channel strategy {strategy!r}", field="channel_strategy", fix=f"use one of {CHANNEL_STRATEGIES}"
+        )
     if n < 1:
         raise DinoscopeError(f"in_chans must be at least 1, got {n}", field="in_chans")
     c0 = weight.shape[1]

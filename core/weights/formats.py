@@ -28,7 +28,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 def strip_prefix(sd: StateDict, prefix: str) -> StateDict:
     """Keep only keys starting with ``prefix`` (anchored) and drop it."""
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def strip_wrappers(sd: StateDict) -> StateDict:
@@ -40,7 +40,7 @@ def strip_wrappers(sd: StateDict) -> StateDict:
             changed = False
             for prefix in _WRAPPER_PREFIXES:
                 if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
+                    key, changed = key[len(prefix) :], True
         out[key] = value
     return out
 
@@ -72,10 +72,12 @@ def detect_format(sd: StateDict) -> str:
     if "cls_token" in sd and "patch_embed.proj.weight" in sd:
         return "cell_dino" if any(_CHUNKED.match(k) for k in sd) else "dinov2_hub"
     sample = ", ".join(list(sd)[:5])
-    raise DinoscopeError(f"the keys do not look like a ViT backbone checkpoint (first keys: {sample})",
-                         field="state_dict",
-                         fix="pass a DINOv2 hub/training checkpoint, a Cell-DINO or HighResCanopyHeight checkpoint, "
-                             "or weights exported by `dinoscope export`")
+    raise DinoscopeError(
+        f"the keys do not look like a ViT backbone checkpoint (first keys: {sample})",
+        field="state_dict",
+        fix="pass a DINOv2 hub/training checkpoint, a Cell-DINO or HighResCanopyHeight checkpoint, "
+        "or weights exported by `dinoscope export`",
+    )
 
 
 def remap_dinov2_hub(sd: StateDict, branch: str) -> StateDict:
@@ -85,8 +87,11 @@ def remap_dinov2_hub(sd: StateDict, branch: str) -> StateDict:
 def remap_dinov2_train(sd: StateDict, branch: str) -> StateDict:
     if _has_prefix(sd, "teacher.") or _has_prefix(sd, "student."):
         if not _has_prefix(sd, f"{branch}."):
-            raise DinoscopeError(f"this training checkpoint has no {branch!r} weights", field="branch",
-                                 fix="use branch='teacher' or branch='student'")
+            raise DinoscopeError(
+                f"this training checkpoint has no {branch!r} weights",
+                field="branch",
+                fix="use branch='teacher' or branch='student'",
+            )
         sd = strip_prefix(sd, f"{branch}.")
     return unchunk_blocks(strip_prefix(sd, "backbone."))
 
@@ -114,5 +119,7 @@ REMAPPERS: dict[str, Callable[[StateDict, str], StateDict]] = {
 
 def to_canonical(sd: StateDict, fmt: str, branch: str = "teacher") -> StateDict:
     if fmt not in REMAPPERS:
-        raise DinoscopeError(f"unknown checkpoint format {fmt!r}", field="format", fix=f"use one of {sorted(REMAPPERS)}")
+        raise DinoscopeError(
+            f"unknown checkpoint format {fmt!r}", field="format", fix=f"use one of {sorted(REMAPPERS)}"
+        )
     return REMAPPERS[fmt](sd, branch)

@@ -32,8 +32,11 @@ def infer_model_kwargs(sd: dict[str, Tensor], fmt: str, overrides: dict[str, Any
         patch_w = sd["patch_embed.proj.weight"]
         pos = sd["pos_embed"]
     except KeyError as err:
-        raise DinoscopeError(f"the backbone has no {err.args[0]!r} tensor", field=err.args[0],
-                             fix="check that the file is a ViT backbone checkpoint") from None
+        raise DinoscopeError(
+            f"the backbone has no {err.args[0]!r} tensor",
+            field=err.args[0],
+            fix="check that the file is a ViT backbone checkpoint",
+        ) from None
     embed_dim, in_chans, patch, _ = patch_w.shape
     depth = 1 + max((int(m[1]) for k in sd if (m := _BLOCK.match(k))), default=-1)
     n_table = pos.shape[1] - 1
@@ -54,18 +57,25 @@ def infer_model_kwargs(sd: dict[str, Tensor], fmt: str, overrides: dict[str, Any
     }
     if "blocks.0.mlp.w12.weight" in sd:
         hidden = sd["blocks.0.mlp.w12.weight"].shape[0] // 2
-        kwargs.update(ffn_layer="swiglufused", ffn_bias="blocks.0.mlp.w12.bias" in sd,
-                      mlp_ratio=_swiglu_ratio(hidden, embed_dim))
+        kwargs.update(
+            ffn_layer="swiglufused", ffn_bias="blocks.0.mlp.w12.bias" in sd, mlp_ratio=_swiglu_ratio(hidden, embed_dim)
+        )
     elif "blocks.0.mlp.fc1.weight" in sd:
-        kwargs.update(ffn_layer="mlp", ffn_bias="blocks.0.mlp.fc1.bias" in sd,
-                      mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim)
+        kwargs.update(
+            ffn_layer="mlp",
+            ffn_bias="blocks.0.mlp.fc1.bias" in sd,
+            mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        )
     kwargs.update(FAMILY_DEFAULTS.get(fmt, {}))
     if registers and fmt != "hrch":
         kwargs.update(REGISTER_DEFAULTS)
     if "num_heads" not in overrides:
         if embed_dim % HEAD_DIM:
-            raise DinoscopeError(f"cannot infer num_heads for embed_dim {embed_dim} (not a multiple of {HEAD_DIM})",
-                                 field="num_heads", fix="pass num_heads=... (e.g. --num-heads on the CLI)")
+            raise DinoscopeError(
+                f"cannot infer num_heads for embed_dim {embed_dim} (not a multiple of {HEAD_DIM})",
+                field="num_heads",
+                fix="pass num_heads=... (e.g. --num-heads on the CLI)",
+            )
         kwargs["num_heads"] = embed_dim // HEAD_DIM
     kwargs.update(overrides)
     return kwargs
@@ -75,5 +85,8 @@ def _swiglu_ratio(hidden: int, embed_dim: int) -> float:
     for ratio in (4.0, 8 / 3, 2.0, 3.0, 5.0, 6.0):
         if swiglu_hidden_features(int(embed_dim * ratio)) == hidden:
             return ratio
-    raise DinoscopeError(f"SwiGLU hidden size {hidden} matches no mlp_ratio for embed_dim {embed_dim}",
-                         field="mlp_ratio", fix="pass mlp_ratio=...")
+    raise DinoscopeError(
+        f"SwiGLU hidden size {hidden} matches no mlp_ratio for embed_dim {embed_dim}",
+        field="mlp_ratio",
+        fix="pass mlp_ratio=...",
+    )

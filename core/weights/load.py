@@ -27,9 +27,26 @@ from core.weights.meta import WeightMeta, default_channel_names, default_normali
 HRCH_MEAN = [0.430, 0.411, 0.296]  # HighResCanopyHeight src/transforms.py SSLNorm (GeoTIFF notebook)
 HRCH_STD = [0.213, 0.156, 0.143]
 CONTAINER_KEYS = ("state_dict", "model", "teacher", "module")
-_META_KEYS = {"img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-              "ffn_bias", "proj_bias", "init_values", "ffn_layer", "num_register_tokens", "interpolate_antialias",
-              "interpolate_offset", "interpolate_align_corners", "channel_adaptive", "block_chunks"}
+_META_KEYS = {
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "qkv_bias",
+    "ffn_bias",
+    "proj_bias",
+    "init_values",
+    "ffn_layer",
+    "num_register_tokens",
+    "interpolate_antialias",
+    "interpolate_offset",
+    "interpolate_align_corners",
+    "channel_adaptive",
+    "block_chunks",
+}
 
 
 def read_checkpoint(source: str | os.PathLike | dict) -> tuple[dict[str, Tensor], WeightMeta | None, dict]:
@@ -42,21 +59,29 @@ def read_checkpoint(source: str | os.PathLike | dict) -> tuple[dict[str, Tensor]
         if not path.exists():
             raise DinoscopeError("weights file not found", path=path, fix="check the path")
         if path.is_dir():
-            raise DinoscopeError("expected a weights file, got a directory", path=path,
-                                 fix="point to the .safetensors/.pth file (use `dinoscope export RUN_DIR OUT` for runs)")
+            raise DinoscopeError(
+                "expected a weights file, got a directory",
+                path=path,
+                fix="point to the .safetensors/.pth file (use `dinoscope export RUN_DIR OUT` for runs)",
+            )
         if path.suffix == ".safetensors":
             return _read_safetensors(path)
         try:
             container = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # corrupt, truncated, not a pickle, or pickled classes
-            raise DinoscopeError(f"not a readable PyTorch checkpoint ({type(err).__name__}; truncated, corrupt "
-                                 "or not a checkpoint)",
-                                 path=path, fix="pass a .pth/.pt state dict or a .safetensors file; quantised "
-                                 "HighResCanopyHeight files must be dequantised first") from None
+            raise DinoscopeError(
+                f"not a readable PyTorch checkpoint ({type(err).__name__}; truncated, corrupt or not a checkpoint)",
+                path=path,
+                fix="pass a .pth/.pt state dict or a .safetensors file; quantised "
+                "HighResCanopyHeight files must be dequantised first",
+            ) from None
         meta = None
     if not isinstance(container, dict):
-        raise DinoscopeError(f"the checkpoint holds a {type(container).__name__}, not a state dict",
-                             path=None if isinstance(source, dict) else source, field="state_dict")
+        raise DinoscopeError(
+            f"the checkpoint holds a {type(container).__name__}, not a state dict",
+            path=None if isinstance(source, dict) else source,
+            field="state_dict",
+        )
     sd = container
     for key in CONTAINER_KEYS:
         if isinstance(sd.get(key), dict) and not isinstance(sd.get(key), Tensor):
@@ -64,8 +89,9 @@ def read_checkpoint(source: str | os.PathLike | dict) -> tuple[dict[str, Tensor]
             break
     sd = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
     if not sd:
-        raise DinoscopeError("the checkpoint contains no tensors", path=None if isinstance(source, dict) else source,
-                             field="state_dict")
+        raise DinoscopeError(
+            "the checkpoint contains no tensors", path=None if isinstance(source, dict) else source, field="state_dict"
+        )
     return strip_wrappers(sd), meta, container
 
 
@@ -89,10 +115,18 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], WeightMeta | None,
     return sd, meta, {}
 
 
-def load_backbone(source: str | os.PathLike | dict, *, format: str | None = None, branch: str = "teacher",
-                  in_chans: int | None = None, channel_strategy: str = "repeat",
-                  channel_names: list[str] | None = None, mean: list[float] | None = None,
-                  std: list[float] | None = None, **overrides: Any) -> tuple[VisionTransformer, WeightMeta]:
+def load_backbone(
+    source: str | os.PathLike | dict,
+    *,
+    format: str | None = None,
+    branch: str = "teacher",
+    in_chans: int | None = None,
+    channel_strategy: str = "repeat",
+    channel_names: list[str] | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    **overrides: Any,
+) -> tuple[VisionTransformer, WeightMeta]:
     """Load a backbone from a path or state dict.
 
     Args:
@@ -111,16 +145,21 @@ def load_backbone(source: str | os.PathLike | dict, *, format: str | None = None
     if meta is not None:
         kwargs = {**meta.model_kwargs, **overrides}
     else:
-        embedded = {k: v for k, v in (container.get("config") or {}).items() if k in _META_KEYS} \
-            if isinstance(container.get("config"), dict) else {}
+        embedded = (
+            {k: v for k, v in (container.get("config") or {}).items() if k in _META_KEYS}
+            if isinstance(container.get("config"), dict)
+            else {}
+        )
         kwargs = infer_model_kwargs(sd, fmt, {**embedded, **overrides})
     src_chans = int(sd["patch_embed.proj.weight"].shape[1]) if "patch_embed.proj.weight" in sd else kwargs["in_chans"]
     names, mu, sigma = _source_channels(meta, fmt, src_chans)
     if in_chans is not None and in_chans != src_chans:
         sd = dict(sd)
         sd["patch_embed.proj.weight"] = adapt_patch_embed(sd["patch_embed.proj.weight"], in_chans, channel_strategy)
-        mu, sigma = adapt_channel_stats(mu, in_chans, channel_strategy), adapt_channel_stats(sigma, in_chans,
-                                                                                              channel_strategy)
+        mu, sigma = (
+            adapt_channel_stats(mu, in_chans, channel_strategy),
+            adapt_channel_stats(sigma, in_chans, channel_strategy),
+        )
         names = default_channel_names(in_chans)
         kwargs["in_chans"] = in_chans
     model = VisionTransformer(**kwargs)
@@ -129,7 +168,9 @@ def load_backbone(source: str | os.PathLike | dict, *, format: str | None = None
     out_meta = WeightMeta(
         arch=arch_for_shape(kwargs["embed_dim"], kwargs["depth"]),
         model_kwargs={k: kwargs[k] for k in sorted(kwargs) if k in _META_KEYS},
-        channel_names=list(channel_names or names), mean=list(mean or mu), std=list(std or sigma),
+        channel_names=list(channel_names or names),
+        mean=list(mean or mu),
+        std=list(std or sigma),
         source_format=fmt,
         extra=dict(meta.extra) if meta is not None else {},
     )
@@ -154,13 +195,21 @@ def strict_load(model: torch.nn.Module, sd: dict[str, Tensor], where: str | os.P
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
-    misshaped = sorted(f"{k} {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-                       for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    misshaped = sorted(
+        f"{k} {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(sd) & set(expected)
+        if sd[k].shape != expected[k].shape
+    )
     if missing or unexpected or misshaped:
+
         def show(items: list[str]) -> str:
             return ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "") or "none"
+
         raise DinoscopeError(
             f"weights do not match the architecture: missing keys [{show(missing)}]; unexpected keys "
-            f"[{show(unexpected)}]; mis-shaped keys [{show(misshaped)}]", path=where, field="state_dict",
-            fix="check the architecture overrides (num_heads, ffn_layer, num_register_tokens) or the file")
+            f"[{show(unexpected)}]; mis-shaped keys [{show(misshaped)}]",
+            path=where,
+            field="state_dict",
+            fix="check the architecture overrides (num_heads, ffn_layer, num_register_tokens) or the file",
+        )
     model.load_state_dict(sd, strict=True)

@@ -73,13 +73,19 @@ class WeightMeta:
         missing = sorted(n for n in ("arch", "model_kwargs", "channel_names", "mean", "std") if n not in data)
         if unknown or missing:
             raise DinoscopeError(
-                f"weights sidecar has unknown keys {unknown} / missing keys {missing}", path=path,
-                field=(unknown or missing)[0], fix=f"the sidecar keys are {sorted(names)}")
+                f"weights sidecar has unknown keys {unknown} / missing keys {missing}",
+                path=path,
+                field=(unknown or missing)[0],
+                fix=f"the sidecar keys are {sorted(names)}",
+            )
         version = int(data.get("format_version", FORMAT_VERSION))
         if version > FORMAT_VERSION:
-            raise DinoscopeError(f"sidecar format_version {version} is newer than this dinoscope supports "
-                                 f"({FORMAT_VERSION})", path=path, field="format_version",
-                                 fix="upgrade dinoscope")
+            raise DinoscopeError(
+                f"sidecar format_version {version} is newer than this dinoscope supports ({FORMAT_VERSION})",
+                path=path,
+                field="format_version",
+                fix="upgrade dinoscope",
+            )
         meta = cls(**data)
         meta.validate(path)
         return meta
@@ -88,9 +94,12 @@ class WeightMeta:
         c = self.in_chans
         for name in ("channel_names", "mean", "std"):
             if len(getattr(self, name)) != c:
-                raise DinoscopeError(f"{name} has {len(getattr(self, name))} entries but the model takes {c} "
-                                     "input channels", path=path, field=name,
-                                     fix=f"give exactly {c} values, one per channel")
+                raise DinoscopeError(
+                    f"{name} has {len(getattr(self, name))} entries but the model takes {c} input channels",
+                    path=path,
+                    field=name,
+                    fix=f"give exactly {c} values, one per channel",
+                )
         if any(s <= 0 for s in self.std):
             raise DinoscopeError("std values must be positive", path=path, field="std")
 
@@ -105,9 +114,12 @@ def read_sidecar(path: str | os.PathLike) -> WeightMeta:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DinoscopeError("the JSON sidecar of these weights is missing", path=path,
-                             fix="keep the .json written by `dinoscope weights convert` or `dinoscope export` "
-                                 "next to the .safetensors file") from None
+        raise DinoscopeError(
+            "the JSON sidecar of these weights is missing",
+            path=path,
+            fix="keep the .json written by `dinoscope weights convert` or `dinoscope export` "
+            "next to the .safetensors file",
+        ) from None
     except json.JSONDecodeError as err:
         raise DinoscopeError(f"the sidecar is not valid JSON ({err.msg} at line {err.lineno})", path=path) from None
     return WeightMeta.from_dict(data, path)

@@ -31,8 +31,14 @@ def boc_fixture() -> dict:
 def _fixed_weights(tmp_path: Path, names: list[str], **extra: object) -> Path:
     torch.manual_seed(1)
     kwargs = {**TINY, "in_chans": len(names)}
-    meta = WeightMeta(arch="vit_test", model_kwargs=kwargs, channel_names=names, mean=[0.1] * len(names),
-                      std=[0.2] * len(names), extra=dict(extra))
+    meta = WeightMeta(
+        arch="vit_test",
+        model_kwargs=kwargs,
+        channel_names=names,
+        mean=[0.1] * len(names),
+        std=[0.2] * len(names),
+        extra=dict(extra),
+    )
     return save_backbone(VisionTransformer(**kwargs), meta, tmp_path / "fixed.safetensors")
 
 
@@ -49,8 +55,11 @@ def test_bag_of_channels_matches_official_cell_dino_outputs(boc_fixture: dict, t
     # the same weights without the flag (shape inference cannot see it) are still run channel by channel
     plain, plain_meta = load_backbone(boc_fixture["state_dict"], num_heads=4)
     assert not plain.bag_of_channels
-    np.testing.assert_allclose(CellBackbone(plain, plain_meta, normalisation="none").embed(x, ["a", "b", "c"]),
-                               out["gil_cls_1"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        CellBackbone(plain, plain_meta, normalisation="none").embed(x, ["a", "b", "c"]),
+        out["gil_cls_1"].numpy(),
+        atol=1e-5,
+    )
 
 
 def test_bag_of_channels_takes_any_subset_and_order(boc_fixture: dict) -> None:
@@ -69,16 +78,19 @@ def test_fixed_channels_are_reordered_by_name_and_extra_ones_ignored(tmp_path: P
     data = rng.normal(size=(3, 4, 32, 32)).astype(np.float32)  # channels RNA, AGP, DNA, ER
     plan = backbone.match_channels(["RNA", "AGP", "DNA", "ER"])
     assert plan.indices == [2, 3, 0] and plan.ignored == ["AGP"]
-    expected = backbone.model.get_intermediate_layers(torch.from_numpy(data[:, [2, 3, 0]]), 1,
-                                                      return_class_token=True)[0][1]
-    np.testing.assert_allclose(backbone.embed(data, ["RNA", "AGP", "DNA", "ER"]), expected.detach().numpy(),
-                               atol=1e-5)
+    expected = backbone.model.get_intermediate_layers(torch.from_numpy(data[:, [2, 3, 0]]), 1, return_class_token=True)[
+        0
+    ][1]
+    np.testing.assert_allclose(backbone.embed(data, ["RNA", "AGP", "DNA", "ER"]), expected.detach().numpy(), atol=1e-5)
 
 
 def test_missing_channel_names_what_the_weights_need_and_what_the_data_has(tmp_path: Path) -> None:
     backbone = CellBackbone.load(_fixed_weights(tmp_path, ["DNA", "ER", "RNA"]))
-    with pytest.raises(DinoscopeError, match=r"need channels \['DNA', 'ER', 'RNA'\] but the data has "
-                                             r"\['DNA', 'ER', 'Mito'\]; missing \['RNA'\]"):
+    with pytest.raises(
+        DinoscopeError,
+        match=r"need channels \['DNA', 'ER', 'RNA'\] but the data has "
+        r"\['DNA', 'ER', 'Mito'\]; missing \['RNA'\]",
+    ):
         backbone.embed(np.zeros((1, 3, 32, 32), np.uint16), ["DNA", "ER", "Mito"])
     generic = CellBackbone.load(_fixed_weights(tmp_path, ["ch0", "ch1", "ch2"]))
     with pytest.raises(DinoscopeError, match="--weights-channels"):
@@ -95,13 +107,15 @@ def test_zscore_is_per_crop_and_meta_uses_the_stored_statistics(tmp_path: Path) 
     assert auto.normalisation == "zscore"
     crops = np.random.default_rng(1).integers(100, 4000, size=(4, 3, 32, 32)).astype(np.uint16)
     brighter = crops.astype(np.float32) * np.float32([2.0, 0.5, 3.0])[:, None, None] + 250.0
-    np.testing.assert_allclose(auto.embed(crops, ["DNA", "ER", "RNA"]), auto.embed(brighter, ["DNA", "ER", "RNA"]),
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        auto.embed(crops, ["DNA", "ER", "RNA"]), auto.embed(brighter, ["DNA", "ER", "RNA"]), atol=1e-3
+    )
     meta = CellBackbone.load(path, normalisation="meta")
     none = CellBackbone.load(path, normalisation="none")
     scaled = (crops.astype(np.float32) / 65535.0 - 0.1) / 0.2  # uint16 -> [0, 1], then the sidecar mean/std
-    np.testing.assert_allclose(meta.embed(crops, ["DNA", "ER", "RNA"]), none.embed(scaled, ["DNA", "ER", "RNA"]),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        meta.embed(crops, ["DNA", "ER", "RNA"]), none.embed(scaled, ["DNA", "ER", "RNA"]), atol=1e-5
+    )
     assert CellBackbone.load(_fixed_weights(tmp_path, ["DNA", "ER", "RNA"])).normalisation == "meta"
 
 
@@ -122,18 +136,42 @@ def _labelled_run(root: Path, *, dim: int = 12, cells: int = 30) -> tuple[Path, 
     for plate in ("P1", "P2"):
         for i in range(12):
             well, treatment = f"{string.ascii_uppercase[i // 6]}{i % 6 + 1:02d}", ("DMSO", "drug_a", "drug_b")[i % 3]
-            layout.append({"plate": plate, "well": well, "treatment": treatment,
-                           "role": "negative_control" if treatment == "DMSO" else "active"})
+            layout.append(
+                {
+                    "plate": plate,
+                    "well": well,
+                    "treatment": treatment,
+                    "role": "negative_control" if treatment == "DMSO" else "active",
+                }
+            )
             embs.append(centres[treatment] + rng.normal(0, 1, (cells, dim)))
-            rows.append(pd.DataFrame({"plate": plate, "well": well, "site": "0", "cell_id": np.arange(cells),
-                                      "x": 1.0, "y": 1.0, "edge": False}))
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "plate": plate,
+                        "well": well,
+                        "site": "0",
+                        "cell_id": np.arange(cells),
+                        "x": 1.0,
+                        "y": 1.0,
+                        "edge": False,
+                    }
+                )
+            )
     run = root / "run"
     group = zarr.open_group(run / "embeddings.zarr", mode="w")
-    group.attrs.update({"channel_names": ["DNA", "ER"], "channel_mode": "bag_of_channels",
-                        "normalisation": {"method": "zscore"}, "features": {"dim": dim},
-                        "weights": {"sha256": "abc"}})
-    group.create_array("embeddings", shape=(24 * cells, dim), chunks=(50, dim), dtype="float32")[:] = \
-        np.concatenate(embs)
+    group.attrs.update(
+        {
+            "channel_names": ["DNA", "ER"],
+            "channel_mode": "bag_of_channels",
+            "normalisation": {"method": "zscore"},
+            "features": {"dim": dim},
+            "weights": {"sha256": "abc"},
+        }
+    )
+    group.create_array("embeddings", shape=(24 * cells, dim), chunks=(50, dim), dtype="float32")[:] = np.concatenate(
+        embs
+    )
     pd.concat(rows, ignore_index=True).to_parquet(run / "cells.parquet")
     pd.DataFrame(layout).to_csv(root / "platemap.csv", index=False)
     return run, root / "platemap.csv"
@@ -146,8 +184,9 @@ def test_head_is_trained_on_wells_disjoint_from_its_held_out_wells(tmp_path: Pat
     assert len(metrics["train_wells"]) + len(metrics["held_out_wells"]) == 24
     held_out = {w for w in metrics["held_out_wells"]}
     layout = pd.read_csv(platemap)
-    labels_out = {t for p, w, t in layout[["plate", "well", "treatment"]].itertuples(index=False)
-                  if f"{p}/{w}" in held_out}
+    labels_out = {
+        t for p, w, t in layout[["plate", "well", "treatment"]].itertuples(index=False) if f"{p}/{w}" in held_out
+    }
     assert labels_out == {"DMSO", "drug_a", "drug_b"}  # every class is scored on unseen wells
     assert metrics["n_test_cells"] == 20 * metrics["n_test_wells"]
     assert metrics["macro_f1"] > 0.9 and metrics["well_macro_f1"] == 1.0
@@ -165,8 +204,12 @@ def test_head_is_trained_on_wells_disjoint_from_its_held_out_wells(tmp_path: Pat
 def test_head_refuses_embeddings_made_differently(tmp_path: Path) -> None:
     run, platemap = _labelled_run(tmp_path)
     _, meta, _ = fit_head(run, platemap, epochs=2)
-    same = {"channel_names": ["DNA", "ER"], "normalisation": {"method": "zscore"}, "features": {"dim": 12},
-            "weights": {"sha256": "abc"}}
+    same = {
+        "channel_names": ["DNA", "ER"],
+        "normalisation": {"method": "zscore"},
+        "features": {"dim": 12},
+        "weights": {"sha256": "abc"},
+    }
     check_compatible(meta, same, "head")
     with pytest.raises(DinoscopeError, match=r"channel_names: head \['DNA', 'ER'\] vs now \['ER', 'DNA'\]"):
         check_compatible(meta, {**same, "channel_names": ["ER", "DNA"]}, "head")
@@ -177,9 +220,13 @@ def test_head_refuses_embeddings_made_differently(tmp_path: Path) -> None:
 def test_fit_head_command_writes_head_and_reports_bad_labels(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run, platemap = _labelled_run(tmp_path)
     out = tmp_path / "head"
-    assert core.cli.main(["cells", "fit-head", str(run), "--platemap", str(platemap), "--out", str(out),
-                          "--epochs", "5"]) == 0
+    assert (
+        core.cli.main(["cells", "fit-head", str(run), "--platemap", str(platemap), "--out", str(out), "--epochs", "5"])
+        == 0
+    )
     assert {p.name for p in out.iterdir()} == {"head.safetensors", "head.json", "metrics.json"}
-    assert core.cli.main(["cells", "fit-head", str(run), "--platemap", str(platemap), "--out", str(out),
-                          "--label", "moa"]) == 2
+    assert (
+        core.cli.main(["cells", "fit-head", str(run), "--platemap", str(platemap), "--out", str(out), "--label", "moa"])
+        == 2
+    )
     assert "plate map has no column 'moa'" in capsys.readouterr().err

@@ -42,7 +42,8 @@ def test_detection_on_an_empty_image_finds_nothing() -> None:
 
 
 def test_label_centroids_are_in_yx_order_and_crops_centre_on_each_nucleus(
-        real_nuclei: tuple[np.ndarray, np.ndarray]) -> None:
+    real_nuclei: tuple[np.ndarray, np.ndarray],
+) -> None:
     image, labels = real_nuclei
     centroids = centroids_from_labels(labels)
     ids = np.unique(labels)[1:]
@@ -78,17 +79,24 @@ def test_crop_cells_pads_or_skips_at_the_border_and_records_it() -> None:
 
 def test_crops_from_a_lazy_image_equal_crops_from_memory(tmp_path: Path) -> None:
     data = np.random.default_rng(0).integers(0, 4000, (5, 40, 50)).astype(np.uint16)
-    image = io.read_image(io.write_ome_tiff(tmp_path / "f.ome.tif", data, ["DNA", "ER", "RNA", "AGP", "Mito"]),
-                          ["Mito", "DNA"])
+    image = io.read_image(
+        io.write_ome_tiff(tmp_path / "f.ome.tif", data, ["DNA", "ER", "RNA", "AGP", "Mito"]), ["Mito", "DNA"]
+    )
     centroids = np.array([[20.0, 25.0], [3.0, 47.0]])
     lazy = crop_cells(image.data, centroids, 16)
     np.testing.assert_array_equal(lazy.crops, crop_cells(data[[4, 0]], centroids, 16).crops)
 
 
 def test_centroids_from_a_cellprofiler_table_filter_and_swap_xy(tmp_path: Path) -> None:
-    table = pd.DataFrame({"Metadata_Plate": ["P1", "P1", "P2"], "Metadata_Well": ["A01", "A01", "A01"],
-                          "Metadata_Site": [1, 2, 1], "Nuclei_Location_Center_X": [5.0, 6.0, 7.0],
-                          "Nuclei_Location_Center_Y": [50.0, 60.0, 70.0]})
+    table = pd.DataFrame(
+        {
+            "Metadata_Plate": ["P1", "P1", "P2"],
+            "Metadata_Well": ["A01", "A01", "A01"],
+            "Metadata_Site": [1, 2, 1],
+            "Nuclei_Location_Center_X": [5.0, 6.0, 7.0],
+            "Nuclei_Location_Center_Y": [50.0, 60.0, 70.0],
+        }
+    )
     path = tmp_path / "Nuclei.csv"
     table.to_csv(path, index=False)
     np.testing.assert_array_equal(centroids_from_table(path, plate="P1", well="A01", site="2"), [[60.0, 6.0]])
@@ -120,8 +128,10 @@ def test_percentile_normalisation_clips_and_scales_each_channel() -> None:
 
 
 def test_zscore_normalisation_is_per_image_and_channel() -> None:
-    data = np.random.default_rng(1).gamma(2.0, 300.0, (3, 32, 32)).astype(np.float32) * np.array([1, 10, 100])[
-        :, None, None]
+    data = (
+        np.random.default_rng(1).gamma(2.0, 300.0, (3, 32, 32)).astype(np.float32)
+        * np.array([1, 10, 100])[:, None, None]
+    )
     out = normalise(data, "zscore")
     np.testing.assert_allclose(out.mean(axis=(1, 2)), 0, atol=1e-4)
     np.testing.assert_allclose(out.std(axis=(1, 2)), 1, atol=1e-4)

@@ -29,8 +29,9 @@ from core.models import VisionTransformer
 from core.weights import WeightMeta, save_backbone
 
 RECIPES = Path(__file__).parents[2] / "recipes"
-BOC = dict(img_size=32, patch_size=8, in_chans=1, channel_adaptive=True, embed_dim=64, depth=2, num_heads=4,
-           mlp_ratio=4.0)
+BOC = dict(
+    img_size=32, patch_size=8, in_chans=1, channel_adaptive=True, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,14 @@ def screen(tmp_path_factory: pytest.TempPathFactory) -> object:
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    meta = WeightMeta(arch="vit_test", model_kwargs=BOC, channel_names=["channel"], mean=[0.0], std=[1.0],
-                      extra={"input_normalisation": "per_image_zscore"})
+    meta = WeightMeta(
+        arch="vit_test",
+        model_kwargs=BOC,
+        channel_names=["channel"],
+        mean=[0.0],
+        std=[1.0],
+        extra={"input_normalisation": "per_image_zscore"},
+    )
     return save_backbone(VisionTransformer(**BOC), meta, tmp_path_factory.mktemp("w") / "boc.safetensors")
 
 
@@ -59,8 +66,9 @@ def reference_run(screen: object, weights: Path, tmp_path_factory: pytest.TempPa
 
 
 def _load(run: Path) -> tuple[np.ndarray, pd.DataFrame]:
-    return np.asarray(zarr.open_group(run / "embeddings.zarr", mode="r")["embeddings"][:]), \
-        pd.read_parquet(run / "cells.parquet")
+    return np.asarray(zarr.open_group(run / "embeddings.zarr", mode="r")["embeddings"][:]), pd.read_parquet(
+        run / "cells.parquet"
+    )
 
 
 def test_run_has_the_layout_profiles_reads(screen: object, weights: Path, reference_run: Path) -> None:
@@ -69,9 +77,11 @@ def test_run_has_the_layout_profiles_reads(screen: object, weights: Path, refere
     assert run.n_cells == len(nuclei) and run.dim == 5 * 64
     emb, cells = _load(reference_run)
     assert list(cells.columns) == ["plate", "well", "site", "cell_id", "x", "y", "edge"]
-    pd.testing.assert_frame_equal(cells[["well", "site", "cell_id"]],
-                                  nuclei.astype({"site": str}).rename(columns={"ObjectNumber": "cell_id"})[
-                                      ["well", "site", "cell_id"]], check_dtype=False)
+    pd.testing.assert_frame_equal(
+        cells[["well", "site", "cell_id"]],
+        nuclei.astype({"site": str}).rename(columns={"ObjectNumber": "cell_id"})[["well", "site", "cell_id"]],
+        check_dtype=False,
+    )
     attrs = zarr.open_group(reference_run / "embeddings.zarr", mode="r").attrs.asdict()
     assert attrs["channel_names"] == list(CHANNELS) and attrs["normalisation"]["method"] == "zscore"
     assert attrs["weights"]["meta"]["model_kwargs"]["channel_adaptive"] is True
@@ -89,8 +99,9 @@ def test_run_has_the_layout_profiles_reads(screen: object, weights: Path, refere
     assert sorted(r["field"] for r in log) == list(range(18))
 
 
-def test_a_crash_mid_plate_resumes_to_the_same_store(screen: object, weights: Path, reference_run: Path,
-                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crash_mid_plate_resumes_to_the_same_store(
+    screen: object, weights: Path, reference_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real_commit, calls = embed_mod.PartWriter._commit, []
 
     def crash_on_fifth(self: embed_mod.PartWriter, record: dict) -> None:
@@ -121,7 +132,8 @@ def test_a_crash_mid_plate_resumes_to_the_same_store(screen: object, weights: Pa
 
 
 def test_ranks_take_interleaved_fields_and_rank_zero_merges_in_order(
-        screen: object, weights: Path, reference_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    screen: object, weights: Path, reference_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(embed_mod, "_start_barrier", lambda: None)  # ranks run one after the other here
     run = tmp_path / "run"
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -138,39 +150,72 @@ def test_ranks_take_interleaved_fields_and_rank_zero_merges_in_order(
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_torchrun_two_ranks_equal_one_process(screen: object, weights: Path, reference_run: Path,
-                                              tmp_path: Path) -> None:
+def test_torchrun_two_ranks_equal_one_process(
+    screen: object, weights: Path, reference_run: Path, tmp_path: Path
+) -> None:
     import os
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "core.cli",
-               "cells", "embed", *map(str, screen.plates), "--weights", str(weights), "--out", str(tmp_path / "run"),
-               "--centroids", "table", "--nuclei-table", str(screen.nuclei), "--crop-size", "32", "--device", "cpu",
-               "--batch-size", "4"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "core.cli",
+        "cells",
+        "embed",
+        *map(str, screen.plates),
+        "--weights",
+        str(weights),
+        "--out",
+        str(tmp_path / "run"),
+        "--centroids",
+        "table",
+        "--nuclei-table",
+        str(screen.nuclei),
+        "--crop-size",
+        "32",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+    ]
     env = {**os.environ, "DINOSCOPE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).parents[2])
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr[-2000:]
     got, want = _load(tmp_path / "run"), _load(reference_run)
     np.testing.assert_array_equal(got[0], want[0])
     pd.testing.assert_frame_equal(got[1], want[1])
 
 
-def test_detected_nuclei_and_label_images_from_ngff_and_manifests(screen: object, weights: Path,
-                                                                   tmp_path: Path) -> None:
+def test_detected_nuclei_and_label_images_from_ngff_and_manifests(
+    screen: object, weights: Path, tmp_path: Path
+) -> None:
     _embed(screen, weights, tmp_path / "detect", centroids="detect")
     cells = pd.read_parquet(tmp_path / "detect" / "cells.parquet")
     truth = pd.read_csv(screen.nuclei)
-    match = match_centroids(cells[["y", "x"]].to_numpy(), truth[["Nuclei_Location_Center_Y",
-                                                                 "Nuclei_Location_Center_X"]].to_numpy(), 4.0)
+    match = match_centroids(
+        cells[["y", "x"]].to_numpy(), truth[["Nuclei_Location_Center_Y", "Nuclei_Location_Center_X"]].to_numpy(), 4.0
+    )
     assert match.recall >= 0.7 and match.precision >= 0.7  # whole-run matching: boxes sit on real nuclei
     # NGFF label images <field>/labels/Nuclei: discs at the true nuclei, labelled with their ObjectNumber
     plate = tmp_path / "labelled.ome.zarr"
     shutil.copytree(screen.plates[0], plate)
-    label_attrs = {"ome": {"version": "0.5", "image-label": {}, "multiscales": [{
-        "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
-        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0]}]}]}]}}
+    label_attrs = {
+        "ome": {
+            "version": "0.5",
+            "image-label": {},
+            "multiscales": [
+                {
+                    "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+                    "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0]}]}],
+                }
+            ],
+        }
+    }
     yy, xx = np.mgrid[:64, :64]
     for (well, site), nuclei in truth.groupby(["well", "site"]):
         labels = np.zeros((64, 64), np.uint16)
@@ -178,12 +223,14 @@ def test_detected_nuclei_and_label_images_from_ngff_and_manifests(screen: object
             labels[(yy - y) ** 2 + (xx - x) ** 2 < 16] = obj
         group = zarr.open_group(plate / well[0] / str(int(well[1:])) / str(site) / "labels", mode="w")
         group.create_group("Nuclei", attributes=label_attrs).create_array("0", data=labels, chunks=(64, 64))
-    embed_plate([plate], tmp_path / "ngff", weights=weights, crop_size=32, centroids="labels",
-                label_channel="Nuclei")
+    embed_plate([plate], tmp_path / "ngff", weights=weights, crop_size=32, centroids="labels", label_channel="Nuclei")
     cells = pd.read_parquet(tmp_path / "ngff" / "cells.parquet")
     assert cells["cell_id"].tolist() == truth["ObjectNumber"].tolist()
-    np.testing.assert_allclose(cells[["x", "y"]].to_numpy(), truth[["Nuclei_Location_Center_X",
-                                                                    "Nuclei_Location_Center_Y"]].to_numpy(), atol=0.6)
+    np.testing.assert_allclose(
+        cells[["x", "y"]].to_numpy(),
+        truth[["Nuclei_Location_Center_X", "Nuclei_Location_Center_Y"]].to_numpy(),
+        atol=0.6,
+    )
     # a LoadData manifest with one TIFF per channel plus an instance mask channel "Nuclei"
     rows = []
     for well, site in (("A01", "0"), ("C03", "1")):
@@ -194,13 +241,19 @@ def test_detected_nuclei_and_label_images_from_ngff_and_manifests(screen: object
         for k, (y, x) in enumerate([(20, 20), (40, 45)]):
             labels[(yy - y) ** 2 + (xx - x) ** 2 < 25] = 7 + k
         files = {}
-        for name, plane in [*zip(CHANNELS, data), ("Nuclei", labels)]:
+        for name, plane in [*zip(CHANNELS, data, strict=False), ("Nuclei", labels)]:
             tifffile.imwrite(tmp_path / f"{well}_{site}_{name}.tif", plane)
             files[f"FileName_{name}"] = f"{well}_{site}_{name}.tif"
         rows.append({"Metadata_Plate": "P9", "Metadata_Well": well, "Metadata_Site": site, **files})
     pd.DataFrame(rows).to_csv(tmp_path / "load_data.csv", index=False)
-    embed_plate([tmp_path / "load_data.csv"], tmp_path / "labels", weights=weights, crop_size=32,
-                centroids="labels", label_channel="Nuclei")
+    embed_plate(
+        [tmp_path / "load_data.csv"],
+        tmp_path / "labels",
+        weights=weights,
+        crop_size=32,
+        centroids="labels",
+        label_channel="Nuclei",
+    )
     emb, cells = _load(tmp_path / "labels")
     assert cells["cell_id"].tolist() == [7, 8, 7, 8] and emb.shape == (4, 5 * 64)
     np.testing.assert_allclose(cells[["y", "x"]].to_numpy()[:2], [[20, 20], [40, 45]])
@@ -223,35 +276,97 @@ def test_bad_inputs_fail_before_any_work(screen: object, weights: Path, tmp_path
     with pytest.raises(DinoscopeError, match="needs a nuclei table"):
         embed_plate(screen.plates, tmp_path / "b", weights=weights, centroids="table")
     fixed = dict(BOC, in_chans=3, channel_adaptive=False)
-    path = save_backbone(VisionTransformer(**fixed), WeightMeta("vit_test", fixed, ["DNA", "RNA", "Golgi"],
-                                                                [0.5] * 3, [0.2] * 3), tmp_path / "fixed")
+    path = save_backbone(
+        VisionTransformer(**fixed),
+        WeightMeta("vit_test", fixed, ["DNA", "RNA", "Golgi"], [0.5] * 3, [0.2] * 3),
+        tmp_path / "fixed",
+    )
     with pytest.raises(DinoscopeError, match=r"missing \['Golgi'\]"):
         _embed(screen, path, tmp_path / "c")
     assert not (tmp_path / "c" / "parts").exists()
 
 
-def test_embed_command_with_a_phenotype_head(screen: object, weights: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture) -> None:
-    args = [*map(str, screen.plates), "--weights", str(weights), "--centroids", "table", "--nuclei-table",
-            str(screen.nuclei), "--crop-size", "32"]
+def test_embed_command_with_a_phenotype_head(
+    screen: object, weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = [
+        *map(str, screen.plates),
+        "--weights",
+        str(weights),
+        "--centroids",
+        "table",
+        "--nuclei-table",
+        str(screen.nuclei),
+        "--crop-size",
+        "32",
+    ]
     assert core.cli.main(["cells", "embed", *args, "--out", str(tmp_path / "run")]) == 0
-    assert core.cli.main(["cells", "fit-head", str(tmp_path / "run"), "--platemap", str(screen.platemap),
-                          "--label", "role", "--out", str(tmp_path / "head"), "--epochs", "5"]) == 0
-    assert core.cli.main(["cells", "embed", *args, "--out", str(tmp_path / "run2"), "--head",
-                          str(tmp_path / "head"), "--set", "model.batch_size=7"]) == 0
+    assert (
+        core.cli.main(
+            [
+                "cells",
+                "fit-head",
+                str(tmp_path / "run"),
+                "--platemap",
+                str(screen.platemap),
+                "--label",
+                "role",
+                "--out",
+                str(tmp_path / "head"),
+                "--epochs",
+                "5",
+            ]
+        )
+        == 0
+    )
+    assert (
+        core.cli.main(
+            [
+                "cells",
+                "embed",
+                *args,
+                "--out",
+                str(tmp_path / "run2"),
+                "--head",
+                str(tmp_path / "head"),
+                "--set",
+                "model.batch_size=7",
+            ]
+        )
+        == 0
+    )
     cells = pd.read_parquet(tmp_path / "run2" / "cells.parquet")
     probs = cells[["prob_active", "prob_inert", "prob_negative_control"]].to_numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     names = np.array(["active", "inert", "negative_control"])
     assert cells["predicted_role"].tolist() == names[probs.argmax(axis=1)].tolist()
-    assert core.cli.main(["cells", "embed", *args, "--out", str(tmp_path / "run3"), "--head",
-                          str(tmp_path / "head"), "--channels", "DNA,ER"]) == 2
+    assert (
+        core.cli.main(
+            [
+                "cells",
+                "embed",
+                *args,
+                "--out",
+                str(tmp_path / "run3"),
+                "--head",
+                str(tmp_path / "head"),
+                "--channels",
+                "DNA,ER",
+            ]
+        )
+        == 2
+    )
     assert "trained on different embeddings" in capsys.readouterr().err
 
 
 def test_cells_dataset_serves_crops_for_pretraining(screen: object, tmp_path: Path) -> None:
-    dataset = build_cells_dataset(plates=[str(screen.plates[0])], crop_size=32, centroids="table",
-                                  nuclei_table=str(screen.nuclei), channels=["Mito", "DNA"])
+    dataset = build_cells_dataset(
+        plates=[str(screen.plates[0])],
+        crop_size=32,
+        centroids="table",
+        nuclei_table=str(screen.nuclei),
+        channels=["Mito", "DNA"],
+    )
     nuclei = pd.read_csv(screen.nuclei)
     assert dataset.channel_names == ["Mito", "DNA"] and 0 < len(dataset) < len(nuclei)  # border cells skipped
     item = dataset[3]
@@ -265,16 +380,24 @@ def test_cells_dataset_serves_crops_for_pretraining(screen: object, tmp_path: Pa
 
 
 def test_tiny_cells_pretraining_recipe_trains_a_backbone_cells_embed_can_use(
-        screen: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    screen: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from core.config import PretrainRecipe, load_recipe, to_yaml
     from core.train.export import export_run
     from core.train.loop import train
 
     monkeypatch.setitem(core_datasets.DATASET_KINDS, "cells", build_cells_dataset)  # until the entry point exists
-    recipe = load_recipe(PretrainRecipe, RECIPES / "tiny" / "cells_pretrain.yaml", [
-        f"data.params.plates={json.dumps([str(p) for p in screen.plates])}",
-        f"data.params.nuclei_table={json.dumps(str(screen.nuclei))}", "optim.epoch_length=2",
-        "train.batch_size_per_rank=4", "train.checkpoint_every=2"])
+    recipe = load_recipe(
+        PretrainRecipe,
+        RECIPES / "tiny" / "cells_pretrain.yaml",
+        [
+            f"data.params.plates={json.dumps([str(p) for p in screen.plates])}",
+            f"data.params.nuclei_table={json.dumps(str(screen.nuclei))}",
+            "optim.epoch_length=2",
+            "train.batch_size_per_rank=4",
+            "train.checkpoint_every=2",
+        ],
+    )
     (tmp_path / "config.yaml").write_text(to_yaml(recipe))
     last = train(recipe, tmp_path, resume=False)
     assert last["iteration"] == 2 and np.isfinite(last["loss/total"])
@@ -284,11 +407,16 @@ def test_tiny_cells_pretraining_recipe_trains_a_backbone_cells_embed_can_use(
     assert backbone.embed(crops, list(CHANNELS)).shape == (2, 5 * 64)
 
 
-@pytest.mark.parametrize("recipe,schema", [("tiny/cells_embed.yaml", "CellsEmbedRecipe"),
-                                           ("bio/cells_embed_vits8.yaml", "CellsEmbedRecipe"),
-                                           ("tiny/cells_profile.yaml", "CellsProfileRecipe"),
-                                           ("tiny/cells_pretrain.yaml", "PretrainRecipe"),
-                                           ("bio/pretrain_channel_adaptive_vits.yaml", "PretrainRecipe")])
+@pytest.mark.parametrize(
+    "recipe,schema",
+    [
+        ("tiny/cells_embed.yaml", "CellsEmbedRecipe"),
+        ("bio/cells_embed_vits8.yaml", "CellsEmbedRecipe"),
+        ("tiny/cells_profile.yaml", "CellsProfileRecipe"),
+        ("tiny/cells_pretrain.yaml", "PretrainRecipe"),
+        ("bio/pretrain_channel_adaptive_vits.yaml", "PretrainRecipe"),
+    ],
+)
 def test_cell_recipes_validate_against_their_schema(recipe: str, schema: str) -> None:
     import yaml
 
@@ -316,14 +444,22 @@ def test_synthetic_screen_acceptance(weights: Path, tmp_path: Path) -> None:
     Actives must be retrieved against controls better than inert treatments, and per-plate normalisation on the
     controls must remove the plate effect that fixed-statistics inputs keep.
     """
-    from bio.profiling import build_profiles
     from bio.evaluate import evaluate_profiles
+    from bio.profiling import build_profiles
 
     screen = make_plate(tmp_path / "screen", n_rows=4, n_cols=6, fields=1, size=96, plates=2, seed=3)
     separation = {}
     for norm in ("zscore", "meta"):
-        embed_plate(screen.plates, tmp_path / norm, weights=weights, crop_size=32, centroids="table",
-                    nuclei_table=screen.nuclei, avgpool=True, normalisation=norm)
+        embed_plate(
+            screen.plates,
+            tmp_path / norm,
+            weights=weights,
+            crop_size=32,
+            centroids="table",
+            nuclei_table=screen.nuclei,
+            avgpool=True,
+            normalisation=norm,
+        )
         provenance = build_profiles(tmp_path / norm, screen.platemap, tmp_path / f"{norm}.parquet")
         separation[norm] = provenance["batch_separation"]
     metrics = evaluate_profiles(tmp_path / "zscore.parquet", tmp_path / "eval", null_size=500, plots=False)

@@ -13,17 +13,31 @@ import pytest
 
 import bio.evaluate as evaluate_mod
 import core.cli
-from bio.evaluate import (batch_separation, knn_classify, knn_metrics, nearest_neighbours, phenotypic_activity,
-                          phenotypic_consistency)
+from bio.evaluate import (
+    batch_separation,
+    knn_classify,
+    knn_metrics,
+    nearest_neighbours,
+    phenotypic_activity,
+    phenotypic_consistency,
+)
 from bio.profiles import write_profiles
 from core.errors import DinoscopeError
 
 NULL_SIZE = 2000
 
 
-def make_profiles(*, n_plates: int = 4, n_controls: int = 6, replicates: int = 2, dim: int = 24,
-                  plate_offset: float = 0.0, noise: float = 1.0, moa: dict[str, str] | None = None,
-                  seed: int = 0) -> pd.DataFrame:
+def make_profiles(
+    *,
+    n_plates: int = 4,
+    n_controls: int = 6,
+    replicates: int = 2,
+    dim: int = 24,
+    plate_offset: float = 0.0,
+    noise: float = 1.0,
+    moa: dict[str, str] | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Well profiles: three actives (two share MoA m1 and a direction), two inert treatments, DMSO controls."""
     rng = np.random.default_rng(seed)
     u, w, v = (rng.normal(0, 1, dim) for _ in range(3))
@@ -34,10 +48,18 @@ def make_profiles(*, n_plates: int = 4, n_controls: int = 6, replicates: int = 2
     for p in range(n_plates):
         offset = rng.normal(0, plate_offset, dim)
         layout = [("DMSO", "negative_control")] * n_controls + [
-            (t, "active" if t.startswith("active") else "inert") for t in effects] * replicates
+            (t, "active" if t.startswith("active") else "inert") for t in effects
+        ] * replicates
         for i, (treatment, role) in enumerate(layout):
-            rows.append({"Metadata_plate": f"P{p}", "Metadata_well": f"W{i:02d}", "Metadata_treatment": treatment,
-                         "Metadata_role": role, "Metadata_moa": moa.get(treatment, "")})
+            rows.append(
+                {
+                    "Metadata_plate": f"P{p}",
+                    "Metadata_well": f"W{i:02d}",
+                    "Metadata_treatment": treatment,
+                    "Metadata_role": role,
+                    "Metadata_moa": moa.get(treatment, ""),
+                }
+            )
             feats.append(offset + effects.get(treatment, 0) + rng.normal(0, noise, dim))
     emb = pd.DataFrame(np.asarray(feats, np.float32), columns=[f"emb_{j}" for j in range(dim)])
     return pd.concat([pd.DataFrame(rows), emb], axis=1)
@@ -75,7 +97,8 @@ def test_consistency_retrieves_treatments_sharing_an_annotation() -> None:
 
 
 def test_nearest_neighbours_in_chunks_match_dense_search_and_respect_exclusions(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     rng = np.random.default_rng(1)
     feats = rng.normal(size=(300, 8)).astype(np.float32)
     plates = rng.integers(0, 4, 300)
@@ -141,6 +164,7 @@ def cli(monkeypatch: pytest.MonkeyPatch) -> object:
 def _strict_json(path: Path) -> dict:
     def reject(token: str) -> None:
         raise AssertionError(f"non-standard JSON constant {token}")
+
     return json.loads(path.read_text(), parse_constant=reject)
 
 
@@ -156,21 +180,28 @@ def test_cli_evaluate_writes_metrics_figures_and_report(tmp_path: Path, cli: obj
     assert metrics["knn"]["treatment_nsb"]["k"] == 1 and "macro_f1" in metrics["knn"]["moa_nsc"]
     assert metrics["batch_separation"]["before_normalisation"]["silhouette"] == 0.9
     assert "silhouette" in metrics["batch_separation"]["profiles"]
-    assert metrics["figures"] == {"pca": "pca.png", "activity_map": "activity_map.png",
-                                  "consistency_map": "consistency_map.png"}
+    assert metrics["figures"] == {
+        "pca": "pca.png",
+        "activity_map": "activity_map.png",
+        "consistency_map": "consistency_map.png",
+    }
     for name in metrics["figures"].values():
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 3 and "active_1" in report and "fraction retrieved" in report
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing_file", "cannot read profiles"),
-    ("no_treatment", "profiles have no column 'Metadata_treatment'"),
-    ("no_controls", "no profile has role == 'negative_control'"),
-])
-def test_cli_evaluate_bad_input_exits_2(tmp_path: Path, cli: object, capsys: pytest.CaptureFixture[str],
-                                        case: str, message: str) -> None:
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_file", "cannot read profiles"),
+        ("no_treatment", "profiles have no column 'Metadata_treatment'"),
+        ("no_controls", "no profile has role == 'negative_control'"),
+    ],
+)
+def test_cli_evaluate_bad_input_exits_2(
+    tmp_path: Path, cli: object, capsys: pytest.CaptureFixture[str], case: str, message: str
+) -> None:
     profiles = make_profiles(n_plates=2)
     if case == "no_treatment":
         profiles = profiles.drop(columns="Metadata_treatment")

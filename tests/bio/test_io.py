@@ -50,8 +50,9 @@ def test_ome_tiff_tczyx_takes_first_plane_or_max_projection(tmp_path: Path) -> N
     np.testing.assert_array_equal(first.read(), data[0, [2, 0], 0])
     projected = io.read_image(path, ["ER"], z_projection="max", timepoint=1)
     np.testing.assert_array_equal(projected.read()[0], data[1, 1].max(axis=0))
-    czyx = io.write_ome_tiff(tmp_path / "czyx.ome.tif", data[0].transpose(1, 0, 2, 3), ["DNA", "ER", "RNA"],
-                             axes="ZCYX")
+    czyx = io.write_ome_tiff(
+        tmp_path / "czyx.ome.tif", data[0].transpose(1, 0, 2, 3), ["DNA", "ER", "RNA"], axes="ZCYX"
+    )
     np.testing.assert_array_equal(io.read_image(czyx, ["ER"], z_projection="max").read()[0], data[0, 1].max(0))
     with pytest.raises(DinoscopeError, match="timepoint 5"):
         io.read_image(path, timepoint=5)
@@ -106,8 +107,9 @@ def test_duplicate_channel_names_in_a_file_are_rejected(tmp_path: Path) -> None:
 
 def test_ome_tiff_channel_names_that_look_like_numbers_stay_text(tmp_path: Path) -> None:
     names = ["0405", "1.50", "true", "DNA,ER", "1e3"]  # tifffile.xml2dict would give 405, 1.5, True, ..., 1000.0
-    path = io.write_ome_tiff(tmp_path / "lasers.ome.tif", _field(11, shape=(5, 8, 8)), names, pixel_size=325,
-                             axes="CYX")
+    path = io.write_ome_tiff(
+        tmp_path / "lasers.ome.tif", _field(11, shape=(5, 8, 8)), names, pixel_size=325, axes="CYX"
+    )
     image = io.read_image(path)
     assert image.channel_names == names and image.pixel_size == pytest.approx(325)
 
@@ -150,9 +152,19 @@ def test_reads_a_plate_written_by_ome_zarr_with_pyramids_and_z(tmp_path: Path, v
     write_well_metadata(well, [{"path": "fov7"}], fmt=fmt)  # a non-numeric field path: must come from metadata
     data = _field(5, "uint8", (2, 3, 32, 32))  # C Z Y X
     window = {"min": 0, "max": 255, "start": 0, "end": 255}
-    write_image(data, well.create_group("fov7"), axes="czyx", fmt=fmt, scale_factors=[2],
-                omero={"channels": [{"label": "DNA", "color": "0000FF", "window": window},
-                                    {"label": "Mito", "color": "FF0000", "window": window}]})
+    write_image(
+        data,
+        well.create_group("fov7"),
+        axes="czyx",
+        fmt=fmt,
+        scale_factors=[2],
+        omero={
+            "channels": [
+                {"label": "DNA", "color": "0000FF", "window": window},
+                {"label": "Mito", "color": "FF0000", "window": window},
+            ]
+        },
+    )
     [(row, col, fld, image)] = list(io.iter_fields(tmp_path / "ext.zarr", ["Mito"], z_projection="max"))
     assert (row, col, fld) == ("C", "3", "fov7") and image.metadata["axes"] == "czyx"
     np.testing.assert_array_equal(image.read()[0], data[1].max(axis=0))
@@ -213,15 +225,17 @@ def test_manifest_roundtrip_with_relative_and_absolute_paths(tmp_path: Path) -> 
     assert parsed[0].channel_names == ["OrigDNA", "OrigER", "OrigMito"]
     out = list(io.iter_manifest_fields(manifest, ["OrigMito", "OrigDNA"]))
     assert [(p, w, s) for p, w, s, _ in out] == [("BR01", "A01", "1"), ("BR01", "A01", "2")]
-    for (_, _, site, image) in out:
+    for _, _, site, image in out:
         assert image.channel_names == ["OrigMito", "OrigDNA"]
         np.testing.assert_array_equal(image.read(), fields[site][[2, 0]])
 
 
 def test_manifest_missing_file_names_the_line_and_file(tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "a.tif", np.zeros((4, 4), np.uint16))
-    rows = [{"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": "1", "FileName_DNA": "a.tif"},
-            {"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": "2", "FileName_DNA": "gone.tif"}]
+    rows = [
+        {"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": "1", "FileName_DNA": "a.tif"},
+        {"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": "2", "FileName_DNA": "gone.tif"},
+    ]
     with pytest.raises(DinoscopeError) as err:
         io.read_manifest(_write_manifest(tmp_path, rows))
     assert "line 3" in str(err.value) and "gone.tif" in str(err.value)

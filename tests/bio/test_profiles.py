@@ -14,16 +14,35 @@ import zarr
 import bio.profiles as profiles_mod
 import core.cli
 from bio.evaluate import batch_separation
-from bio.profiles import (aggregate_wells, annotate_wells, feature_columns, normalise_profiles,
-                          normalise_well_names, read_platemap, read_profiles, treatment_consensus)
+from bio.profiles import (
+    aggregate_wells,
+    annotate_wells,
+    feature_columns,
+    normalise_profiles,
+    normalise_well_names,
+    read_platemap,
+    read_profiles,
+    treatment_consensus,
+)
 from core.errors import DinoscopeError
 
 TREATMENTS = {"active_a": "m1", "active_b": "m2", "inert_c": "none", "inert_d": "none"}
 
 
-def make_run(root: Path, *, plates: tuple[str, ...] = ("P1", "P2", "P3"), n_controls: int = 4, replicates: int = 2,
-             cells_per_well: int = 20, dim: int = 16, plate_offset: float = 4.0, chunk_rows: int = 37,
-             shuffle: bool = False, dtype: str = "float32", seed: int = 0) -> tuple[Path, Path]:
+def make_run(
+    root: Path,
+    *,
+    plates: tuple[str, ...] = ("P1", "P2", "P3"),
+    n_controls: int = 4,
+    replicates: int = 2,
+    cells_per_well: int = 20,
+    dim: int = 16,
+    plate_offset: float = 4.0,
+    chunk_rows: int = 37,
+    shuffle: bool = False,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> tuple[Path, Path]:
     """Write RUN/{embeddings.zarr, cells.parquet} and a plate map; actives shift cells, plates add an offset."""
     rng = np.random.default_rng(seed)
     effects = {t: (rng.normal(0, 1.5, dim) if t.startswith("active") else np.zeros(dim)) for t in TREATMENTS}
@@ -31,14 +50,25 @@ def make_run(root: Path, *, plates: tuple[str, ...] = ("P1", "P2", "P3"), n_cont
     for plate in plates:
         offset = rng.normal(0, plate_offset, dim)
         wells = [("DMSO", "negative_control", "")] * n_controls + [
-            (t, "active" if t.startswith("active") else "inert", m) for t, m in TREATMENTS.items()] * replicates
+            (t, "active" if t.startswith("active") else "inert", m) for t, m in TREATMENTS.items()
+        ] * replicates
         for i, (treatment, role, moa) in enumerate(wells):
             well = f"{string.ascii_uppercase[i // 12]}{i % 12 + 1:02d}"
             layout.append({"plate": plate, "well": well, "treatment": treatment, "role": role, "moa": moa})
             embs.append(offset + effects.get(treatment, 0) + rng.normal(0, 1, (cells_per_well, dim)))
-            cells.append(pd.DataFrame({"plate": plate, "well": well, "site": np.arange(cells_per_well) % 4,
-                                       "cell_id": np.arange(cells_per_well), "x": 1.0, "y": 2.0,
-                                       "edge": np.arange(cells_per_well) % 5 == 0}))
+            cells.append(
+                pd.DataFrame(
+                    {
+                        "plate": plate,
+                        "well": well,
+                        "site": np.arange(cells_per_well) % 4,
+                        "cell_id": np.arange(cells_per_well),
+                        "x": 1.0,
+                        "y": 2.0,
+                        "edge": np.arange(cells_per_well) % 5 == 0,
+                    }
+                )
+            )
     table, emb = pd.concat(cells, ignore_index=True), np.concatenate(embs).astype(dtype)
     if shuffle:
         order = rng.permutation(len(table))
@@ -46,7 +76,8 @@ def make_run(root: Path, *, plates: tuple[str, ...] = ("P1", "P2", "P3"), n_cont
     run = root / "run"
     run.mkdir(parents=True)
     array = zarr.open_group(run / "embeddings.zarr", mode="w").create_array(
-        "embeddings", shape=emb.shape, chunks=(chunk_rows, dim), dtype=dtype)
+        "embeddings", shape=emb.shape, chunks=(chunk_rows, dim), dtype=dtype
+    )
     array[:] = emb
     table.to_parquet(run / "cells.parquet", row_group_size=50)
     platemap = root / "platemap.csv"
@@ -64,8 +95,9 @@ def _truth(run: Path, op: str, drop_edge: bool = False) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("op", ["median", "mean"])
-def test_streamed_aggregation_equals_in_memory_groupby(tmp_path: Path, op: str,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_streamed_aggregation_equals_in_memory_groupby(
+    tmp_path: Path, op: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Interleaved cells, tiny read batches and a tiny median budget (several passes) still give exact values."""
     run, _ = make_run(tmp_path, shuffle=True, dtype="float16")
     monkeypatch.setattr(profiles_mod, "_BATCH_BYTES", 1)
@@ -81,8 +113,9 @@ def test_drop_edge_cells_excludes_flagged_cells(tmp_path: Path) -> None:
     run, _ = make_run(tmp_path)
     wells = aggregate_wells(run, operation="median", drop_edge_cells=True)
     assert (wells["Metadata_n_cells"] == 16).all()
-    np.testing.assert_allclose(wells[feature_columns(wells)].to_numpy(), _truth(run, "median", True).to_numpy(),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        wells[feature_columns(wells)].to_numpy(), _truth(run, "median", True).to_numpy(), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_median_pass_plan_is_one_pass_for_sorted_runs_and_bounded_otherwise() -> None:
@@ -107,8 +140,13 @@ def test_aggregation_memory_stays_below_the_embedding_size(tmp_path: Path, monke
 
 
 def test_well_names_match_whatever_the_zero_padding() -> None:
-    assert normalise_well_names(pd.Series(["a1", "A01", "B012", " c7 ", "odd"])).tolist() == \
-        ["A01", "A01", "B12", "C07", "odd"]
+    assert normalise_well_names(pd.Series(["a1", "A01", "B012", " c7 ", "odd"])).tolist() == [
+        "A01",
+        "A01",
+        "B12",
+        "C07",
+        "odd",
+    ]
 
 
 def test_platemap_join_keeps_metadata_prefix_and_drops_unmapped_wells(tmp_path: Path) -> None:
@@ -118,15 +156,19 @@ def test_platemap_join_keeps_metadata_prefix_and_drops_unmapped_wells(tmp_path: 
     platemap["well"] = platemap["well"].str.replace("0", "", n=1)  # "A02" -> "A2"
     profiles = annotate_wells(aggregate_wells(run), platemap)
     assert len(profiles) == 36 - 3
-    assert {"Metadata_plate", "Metadata_well", "Metadata_treatment", "Metadata_role", "Metadata_moa"} <= \
-        set(profiles.columns)
+    assert {"Metadata_plate", "Metadata_well", "Metadata_treatment", "Metadata_role", "Metadata_moa"} <= set(
+        profiles.columns
+    )
     assert profiles.columns[-1] == "emb_15"
 
 
-@pytest.mark.parametrize("content, field", [
-    ("plate,well,treatment\nP1,A01,DMSO\n", "role"),
-    ("plate,well,treatment,role\nP1,A01,DMSO,negative_control\nP1,A1,x,active\n", "well"),
-])
+@pytest.mark.parametrize(
+    "content, field",
+    [
+        ("plate,well,treatment\nP1,A01,DMSO\n", "role"),
+        ("plate,well,treatment,role\nP1,A01,DMSO,negative_control\nP1,A1,x,active\n", "well"),
+    ],
+)
 def test_bad_platemap_raises_with_field(tmp_path: Path, content: str, field: str) -> None:
     path = tmp_path / "map.csv"
     path.write_text(content)
@@ -198,8 +240,26 @@ def test_cli_profile_writes_well_and_treatment_parquet(tmp_path: Path, cli: obje
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp file left behind
 
     cons = tmp_path / "cons.parquet"
-    assert cli(["cells", "profile", str(run), "--platemap", str(platemap), "--out", str(cons), "--level",
-                "treatment", "--aggregate", "mean", "--normalise", "standardize"]) == 0
+    assert (
+        cli(
+            [
+                "cells",
+                "profile",
+                str(run),
+                "--platemap",
+                str(platemap),
+                "--out",
+                str(cons),
+                "--level",
+                "treatment",
+                "--aggregate",
+                "mean",
+                "--normalise",
+                "standardize",
+            ]
+        )
+        == 0
+    )
     assert len(read_profiles(cons)[0]) == 5
 
 
@@ -208,15 +268,19 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case, message", [
-    ("no_embeddings", "embeddings.zarr"),
-    ("no_controls", "no well has role == 'negative_control'"),
-    ("missing_column", "plate map lacks column(s) ['role']"),
-    ("row_mismatch", "cells.parquet has 719 rows but embeddings has 720"),
-    ("unknown_wells", "no well of the run is in the plate map"),
-])
-def test_cli_profile_bad_input_exits_2(tmp_path: Path, cli: object, capsys: pytest.CaptureFixture[str],
-                                       case: str, message: str) -> None:
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_embeddings", "embeddings.zarr"),
+        ("no_controls", "no well has role == 'negative_control'"),
+        ("missing_column", "plate map lacks column(s) ['role']"),
+        ("row_mismatch", "cells.parquet has 719 rows but embeddings has 720"),
+        ("unknown_wells", "no well of the run is in the plate map"),
+    ],
+)
+def test_cli_profile_bad_input_exits_2(
+    tmp_path: Path, cli: object, capsys: pytest.CaptureFixture[str], case: str, message: str
+) -> None:
     run, platemap = make_run(tmp_path)
     table = pd.read_csv(platemap)
     if case == "no_embeddings":

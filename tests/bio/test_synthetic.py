@@ -40,7 +40,7 @@ def test_same_seed_gives_identical_plates_and_other_seeds_differ(tmp_path: Path)
     assert first.nuclei.read_text() == again.nuclei.read_text()
     assert first.nuclei.read_text() != other.nuclei.read_text()
     pixels = [[im.read() for *_, im in io.iter_fields(s.plates[0])] for s in (first, again, other)]
-    for a, b, c in zip(*pixels):
+    for a, b, c in zip(*pixels, strict=False):
         np.testing.assert_array_equal(a, b)
         assert not np.array_equal(a, c)
 
@@ -61,7 +61,7 @@ def test_platemap_roles_and_controls_on_every_plate(tables: tuple[pd.DataFrame, 
     platemap, _ = tables
     assert list(platemap.columns) == ["plate", "well", "treatment", "role"]
     assert len(platemap) == 48 and not platemap.duplicated(["plate", "well"]).any()
-    for treatment, role in zip(platemap.treatment, platemap.role):
+    for treatment, role in zip(platemap.treatment, platemap.role, strict=False):
         assert TREATMENTS[treatment].role == role
     assert set(platemap.role) == {"negative_control", "active", "inert"}
     per_plate = platemap.groupby("plate").treatment
@@ -84,8 +84,9 @@ def test_nuclei_table_centroids_land_on_nuclei(screen: object, tables: tuple[pd.
     assert np.mean(recalls) > 0.95
 
 
-def test_treatments_shift_their_feature_and_inert_ones_do_not(screen: object,
-                                                             tables: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+def test_treatments_shift_their_feature_and_inert_ones_do_not(
+    screen: object, tables: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
     platemap, _ = tables
     per_treatment: dict[str, dict[str, list[float]]] = {}
     for row, column, _, image in io.iter_fields(screen.plates[0], ["DNA", "ER"]):
@@ -103,7 +104,8 @@ def test_treatments_shift_their_feature_and_inert_ones_do_not(screen: object,
 
 
 def test_plates_differ_by_batch_effects_and_illumination_correction_removes_the_gradient(
-        screen: object, tables: tuple[pd.DataFrame, pd.DataFrame], tmp_path: Path) -> None:
+    screen: object, tables: tuple[pd.DataFrame, pd.DataFrame], tmp_path: Path
+) -> None:
     _, nuclei = tables
     flats = {}
     for plate_path in screen.plates:

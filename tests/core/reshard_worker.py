@@ -1,7 +1,7 @@
 """torchrun worker for ``test_requeue.py::test_resharded_state_equals_the_saved_state`` (not a test module).
 
-    torchrun --nproc_per_node 2 reshard_worker.py save OUT    # ZeRO-2: 3 steps, checkpoint, expected full state
-    torchrun --nproc_per_node N reshard_worker.py check OUT   # load at world size N, compare, take one more step
+torchrun --nproc_per_node 2 reshard_worker.py save OUT    # ZeRO-2: 3 steps, checkpoint, expected full state
+torchrun --nproc_per_node N reshard_worker.py check OUT   # load at world size N, compare, take one more step
 """
 
 from __future__ import annotations
@@ -25,17 +25,21 @@ KEYS = ("exp_avg", "exp_avg_sq")
 
 def _models() -> tuple[nn.ModuleDict, nn.ModuleDict]:
     torch.manual_seed(0)
-    student = nn.ModuleDict({"backbone": nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 8)),
-                             "head": nn.Linear(8, 5)})
+    student = nn.ModuleDict(
+        {"backbone": nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 8)), "head": nn.Linear(8, 5)}
+    )
     return student, copy.deepcopy(student)
 
 
 def _strategy(load_universal: bool) -> tuple[object, nn.ModuleDict]:
     student, teacher = _models()
-    strategy = build_strategy("deepspeed", zero_stage=2, micro_batch_size=GLOBAL_BATCH // get_world_size(),
-                              load_universal=load_universal)
-    groups = [{"params": list(student["backbone"].parameters()), "lr_multiplier": 1.0},
-              {"params": list(student["head"].parameters()), "lr_multiplier": 0.5}]
+    strategy = build_strategy(
+        "deepspeed", zero_stage=2, micro_batch_size=GLOBAL_BATCH // get_world_size(), load_universal=load_universal
+    )
+    groups = [
+        {"params": list(student["backbone"].parameters()), "lr_multiplier": 1.0},
+        {"params": list(student["head"].parameters()), "lr_multiplier": 0.5},
+    ]
     strategy.setup(student, teacher, groups, grad_clip=0.05)
     return strategy, student
 
@@ -64,8 +68,9 @@ def _full_moment(strategy: object, param: nn.Parameter, key: str) -> torch.Tenso
     if mapping is not None:
         zero = strategy.engine.optimizer
         flat = zero.single_partition_of_fp32_groups[mapping.param_group_index]
-        fragment = zero.optimizer.state[flat][key].narrow(0, mapping.hp_fragment_address.start,
-                                                          mapping.hp_fragment_address.numel)
+        fragment = zero.optimizer.state[flat][key].narrow(
+            0, mapping.hp_fragment_address.start, mapping.hp_fragment_address.numel
+        )
         full.narrow(0, mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel).copy_(fragment)
     torch.distributed.all_reduce(full)
     return full.view_as(param)

@@ -20,25 +20,40 @@ from torch import nn
 from core.distributed.env import free_port, init_distributed, shutdown_distributed
 from core.distributed.strategy import SingleProcessStrategy, Strategy, build_strategy
 from core.errors import DinoscopeError
-from core.train.checkpoint import (CLIENT_STATE_FILE, FORMAT_VERSION, LATEST_FILE, checkpoints_dir,
-                                   consolidated_student_state_dict, consolidated_teacher_state_dict, find_latest,
-                                   list_checkpoints, load_training_state, save_training_state, step_dir)
+from core.train.checkpoint import (
+    CLIENT_STATE_FILE,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    checkpoints_dir,
+    consolidated_student_state_dict,
+    consolidated_teacher_state_dict,
+    find_latest,
+    list_checkpoints,
+    load_training_state,
+    save_training_state,
+    step_dir,
+)
 
 CONFIG = {"model": {"arch": "vit_test"}, "optim": {"lr": 0.01, "betas": [0.9, 0.999]}}
 
 
 def _tiny_pair(seed: int) -> tuple[nn.ModuleDict, nn.ModuleDict]:
     torch.manual_seed(seed)
-    student = nn.ModuleDict({"backbone": nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Dropout(0.2),
-                                                       nn.Linear(16, 8)),
-                             "head": nn.Linear(8, 5)})
+    student = nn.ModuleDict(
+        {
+            "backbone": nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Dropout(0.2), nn.Linear(16, 8)),
+            "head": nn.Linear(8, 5),
+        }
+    )
     return student, copy.deepcopy(student)
 
 
 def _setup(strategy: Strategy, seed: int) -> tuple[Strategy, nn.ModuleDict]:
     student, teacher = _tiny_pair(seed)
-    groups = [{"params": list(student["backbone"].parameters()), "lr_multiplier": 1.0},
-              {"params": list(student["head"].parameters()), "lr_multiplier": 0.5}]
+    groups = [
+        {"params": list(student["backbone"].parameters()), "lr_multiplier": 1.0},
+        {"params": list(student["head"].parameters()), "lr_multiplier": 0.5},
+    ]
     strategy.setup(student, teacher, groups, grad_clip=1.0, precision="fp32")
     return strategy, student
 
@@ -69,8 +84,16 @@ def _scramble_rng() -> None:
 
 
 def _save(run: Path, it: int, strategy: Strategy, **kwargs: Any) -> Path:
-    return save_training_state(run, it, strategy, loss_state={"dino_center": torch.full((1, 3), float(it))},
-                               config=CONFIG, sampler_state={"start_iteration": it}, git_sha="abc123", **kwargs)
+    return save_training_state(
+        run,
+        it,
+        strategy,
+        loss_state={"dino_center": torch.full((1, 3), float(it))},
+        config=CONFIG,
+        sampler_state={"start_iteration": it},
+        git_sha="abc123",
+        **kwargs,
+    )
 
 
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -98,13 +121,12 @@ def test_single_process_resume_is_bit_exact(tmp_path: Path) -> None:
     assert _steps(resumed, student2, 2, 4) == want_losses
     _assert_same(resumed.full_teacher_state_dict(), want_teacher)
     _assert_same(resumed.full_student_state_dict(), want_student)
-    for a, b in zip(resumed.optimizer.state_dict()["state"].values(), want_optimizer["state"].values()):
+    for a, b in zip(resumed.optimizer.state_dict()["state"].values(), want_optimizer["state"].values(), strict=False):
         _assert_same(a, b)
     assert not torch.equal(want_teacher["head.weight"], want_student["head.weight"])
 
 
-def test_crash_while_writing_leaves_previous_checkpoint_latest(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_while_writing_leaves_previous_checkpoint_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     strategy, student = _setup(SingleProcessStrategy(), seed=0)
     first = _save(tmp_path, 1, strategy)
     teacher_at_1 = strategy.full_teacher_state_dict()
@@ -175,8 +197,16 @@ def test_bad_checkpoints_are_user_errors(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ ZeRO-2, 2 ranks
 def _zero2_worker(rank: int, port: int, run: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     init_distributed("gloo")
     try:
@@ -195,8 +225,17 @@ def _zero2_worker(rank: int, port: int, run: str, out: str) -> None:
         state = load_training_state(Path(run), resumed)
         resumed_losses = _steps(resumed, student2, 2, 4, rank)
         got = {"teacher": resumed.full_teacher_state_dict(), "student": resumed.full_student_state_dict()}
-        torch.save({"saved": saved, "want": want, "got": got, "losses": losses, "resumed_losses": resumed_losses,
-                    "iteration": state["iteration"]}, Path(out) / f"rank{rank}.pt")
+        torch.save(
+            {
+                "saved": saved,
+                "want": want,
+                "got": got,
+                "losses": losses,
+                "resumed_losses": resumed_losses,
+                "iteration": state["iteration"],
+            },
+            Path(out) / f"rank{rank}.pt",
+        )
     finally:
         shutdown_distributed()
 
@@ -205,8 +244,9 @@ def _zero2_worker(rank: int, port: int, run: str, out: str) -> None:
 def test_zero2_two_process_resume_is_bit_exact(tmp_path: Path) -> None:
     pytest.importorskip("deepspeed")
     run = tmp_path / "run"
-    context = mp.start_processes(_zero2_worker, args=(free_port(), str(run), str(tmp_path)), nprocs=2, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(
+        _zero2_worker, args=(free_port(), str(run), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + 120
     while not context.join(timeout=1.0):
         if time.monotonic() > deadline:

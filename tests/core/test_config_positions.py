@@ -67,8 +67,10 @@ def test_keys_in_flow_style_and_list_items_are_found(tmp_path: Path) -> None:
 
 def test_line_of_dotted_and_indexed_paths(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
-    path.write_text("a:\n  list:\n    - k: 1\n    - k: 2\n      deep: {k: 3}\n  k: 4\n"
-                    "note: |\n  k: not a key\ndup: 1\ndup: 2\nanchor: &x {k: 5}\nalias: *x\n")
+    path.write_text(
+        "a:\n  list:\n    - k: 1\n    - k: 2\n      deep: {k: 3}\n  k: 4\n"
+        "note: |\n  k: not a key\ndup: 1\ndup: 2\nanchor: &x {k: 5}\nalias: *x\n"
+    )
     assert _line_of(path, "a.list[1].k") == 4 and _line_of(path, "a.list.1.k") == 4
     assert _line_of(path, "a.list[1].deep.k") == 5 and _line_of(path, "a.k") == 6
     assert _line_of(path, "dup") == 10  # the later duplicate is the value safe_load keeps

@@ -13,8 +13,14 @@ import tifffile
 from PIL import Image
 
 import core.data.datasets as datasets_module
-from core.data import (DATASET_KINDS, ImageFolderDataset, InfiniteSampler, SyntheticShapesDataset, build_dataset,
-                       compute_channel_stats)
+from core.data import (
+    DATASET_KINDS,
+    ImageFolderDataset,
+    InfiniteSampler,
+    SyntheticShapesDataset,
+    build_dataset,
+    compute_channel_stats,
+)
 from core.errors import DinoscopeError
 
 REAL = Path(__file__).parents[1] / "data" / "real"
@@ -151,11 +157,12 @@ def test_build_dataset_core_kinds_and_errors() -> None:
 
 def test_build_dataset_finds_entry_point_kinds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     group = "dinoscope.datasets"
-    plugins = [EntryPoint("plugin_shapes", "core.data.datasets:SyntheticShapesDataset", group),
-               EntryPoint("broken", "dinoscope_missing_plugin.data:Tiles", group),
-               EntryPoint("image_folder", "dinoscope_missing_plugin.data:Shadowed", group)]
-    monkeypatch.setattr(datasets_module, "entry_points",
-                        lambda group: [ep for ep in plugins if ep.group == group])
+    plugins = [
+        EntryPoint("plugin_shapes", "core.data.datasets:SyntheticShapesDataset", group),
+        EntryPoint("broken", "dinoscope_missing_plugin.data:Tiles", group),
+        EntryPoint("image_folder", "dinoscope_missing_plugin.data:Shadowed", group),
+    ]
+    monkeypatch.setattr(datasets_module, "entry_points", lambda group: [ep for ep in plugins if ep.group == group])
     dataset = build_dataset("plugin_shapes", n=3, size=16, channels=1)
     assert len(dataset) == 3 and dataset.channel_names == ["ch0"]
     with pytest.raises(DinoscopeError, match="could not be imported"):
@@ -191,8 +198,8 @@ def _take(sampler: InfiniteSampler, n: int) -> list[int]:
 def test_sampler_shards_are_the_global_stream_interleaved(size: int, world_size: int) -> None:
     stream = _take(InfiniteSampler(size, seed=4), 60 * world_size)
     for epoch in range(4):
-        assert sorted(stream[epoch * size:(epoch + 1) * size]) == list(range(size))
-    assert stream[:size] != stream[size:2 * size]
+        assert sorted(stream[epoch * size : (epoch + 1) * size]) == list(range(size))
+    assert stream[:size] != stream[size : 2 * size]
     shards = [_take(InfiniteSampler(size, seed=4, rank=r, world_size=world_size), 60) for r in range(world_size)]
     for rank, shard in enumerate(shards):
         assert shard == stream[rank::world_size]
@@ -209,7 +216,7 @@ def test_sampler_resumes_exactly(world_size: int) -> None:
     for rank in range(world_size):
         full = _take(InfiniteSampler(11, seed=9, rank=rank, world_size=world_size), 80)
         resumed = InfiniteSampler(11, seed=9, rank=rank, world_size=world_size, start_index=iterations * batch)
-        assert _take(resumed, 80 - iterations * batch) == full[iterations * batch:]
+        assert _take(resumed, 80 - iterations * batch) == full[iterations * batch :]
 
 
 def test_sampler_seed_shuffle_and_validation() -> None:

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.distributed import DistEnv, all_reduce_mean, barrier, build_strategy, is_main_process
+from core.distributed.ema import ema_update_, update_teacher
 from core.distributed.env import first_slurm_host, free_port, init_distributed, shutdown_distributed
 from core.distributed.strategy import SingleProcessStrategy, Strategy, submodule_parameters
 from core.errors import DinoscopeError
-from core.distributed.ema import ema_update_, update_teacher
 
 REPO = Path(__file__).parents[2]
 STEPS = 3
@@ -35,32 +35,73 @@ GLOBAL_BATCH = 8
 
 # ------------------------------------------------------------------------------------------------ launcher layout
 def test_torchrun_environment() -> None:
-    env = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
-           "MASTER_ADDR": "node7", "MASTER_PORT": "1234"}
-    assert DistEnv.from_environ(env) == DistEnv(rank=5, local_rank=1, world_size=8, local_world_size=4,
-                                                master_addr="node7", master_port=1234, node_rank=1, num_nodes=2,
-                                                launcher="torchrun")
+    env = {
+        "RANK": "5",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "8",
+        "LOCAL_WORLD_SIZE": "4",
+        "GROUP_RANK": "1",
+        "MASTER_ADDR": "node7",
+        "MASTER_PORT": "1234",
+    }
+    assert DistEnv.from_environ(env) == DistEnv(
+        rank=5,
+        local_rank=1,
+        world_size=8,
+        local_world_size=4,
+        master_addr="node7",
+        master_port=1234,
+        node_rank=1,
+        num_nodes=2,
+        launcher="torchrun",
+    )
 
 
 def test_deepspeed_launcher_environment() -> None:
-    env = {"RANK": "3", "LOCAL_RANK": "0", "WORLD_SIZE": "6", "LOCAL_SIZE": "3", "CROSS_RANK": "1",
-           "CROSS_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29501"}
+    env = {
+        "RANK": "3",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "6",
+        "LOCAL_SIZE": "3",
+        "CROSS_RANK": "1",
+        "CROSS_SIZE": "2",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29501",
+    }
     layout = DistEnv.from_environ(env)
-    assert (layout.rank, layout.local_world_size, layout.node_rank, layout.num_nodes, layout.launcher) == \
-        (3, 3, 1, 2, "deepspeed")
+    assert (layout.rank, layout.local_world_size, layout.node_rank, layout.num_nodes, layout.launcher) == (
+        3,
+        3,
+        1,
+        2,
+        "deepspeed",
+    )
 
 
 def test_slurm_environment_uses_first_host_and_job_port() -> None:
-    env = {"SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
-           "SLURM_NODELIST": "gpu[003-004,010],cpu1", "SLURM_JOB_ID": "123456"}
+    env = {
+        "SLURM_PROCID": "6",
+        "SLURM_LOCALID": "2",
+        "SLURM_NTASKS": "8",
+        "SLURM_NNODES": "2",
+        "SLURM_NODEID": "1",
+        "SLURM_NODELIST": "gpu[003-004,010],cpu1",
+        "SLURM_JOB_ID": "123456",
+    }
     layout = DistEnv.from_environ(env)
     assert (layout.rank, layout.local_rank, layout.world_size, layout.local_world_size) == (6, 2, 8, 4)
-    assert (layout.master_addr, layout.master_port, layout.node_rank, layout.launcher) == \
-        ("gpu003", 20000 + 123456 % 20000, 1, "slurm")
+    assert (layout.master_addr, layout.master_port, layout.node_rank, layout.launcher) == (
+        "gpu003",
+        20000 + 123456 % 20000,
+        1,
+        "slurm",
+    )
 
 
-@pytest.mark.parametrize(("nodelist", "host"), [("node01", "node01"), ("a-b[7-9]", "a-b7"),
-                                                ("rack[2,4]-n[1-2]", "rack2-n[1-2]"), ("x[01-02],y3", "x01")])
+@pytest.mark.parametrize(
+    ("nodelist", "host"),
+    [("node01", "node01"), ("a-b[7-9]", "a-b7"), ("rack[2,4]-n[1-2]", "rack2-n[1-2]"), ("x[01-02],y3", "x01")],
+)
 def test_first_slurm_host(nodelist: str, host: str) -> None:
     assert first_slurm_host(nodelist) == host
 
@@ -114,8 +155,10 @@ def test_build_strategy_table_and_lazy_deepspeed_import() -> None:
     with pytest.raises(DinoscopeError, match="unknown strategy 'fsdp'") as err:
         build_strategy("fsdp")
     assert "deepspeed, single" in str(err.value)
-    code = ("import sys, core, core.distributed, core.train.checkpoint; from core.distributed import build_strategy; "
-            "build_strategy('single'); assert 'deepspeed' not in sys.modules, 'deepspeed imported'")
+    code = (
+        "import sys, core, core.distributed, core.train.checkpoint; from core.distributed import build_strategy; "
+        "build_strategy('single'); assert 'deepspeed' not in sys.modules, 'deepspeed imported'"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
 
 
@@ -125,8 +168,10 @@ def test_single_strategy_clips_each_submodule_separately() -> None:
     strategy.setup(student, teacher, _param_groups(student), grad_clip=0.05)
     x, y = _global_batches(1)[0]
     strategy.backward(_loss(student, x, y))
-    raw = {name: torch.nn.utils.get_total_norm([p.grad for p in ps]).item()
-           for name, ps in submodule_parameters(student).items()}
+    raw = {
+        name: torch.nn.utils.get_total_norm([p.grad for p in ps]).item()
+        for name, ps in submodule_parameters(student).items()
+    }
     norms = strategy.clip_and_step()
     assert norms.keys() == {"backbone", "head"} and {k: float(v) for k, v in norms.items()} == pytest.approx(raw)
     assert all(v > 0.05 for v in raw.values())
@@ -168,16 +213,30 @@ def test_bad_strategy_settings_are_user_errors() -> None:
 
 def test_deepspeed_config_is_generated_from_typed_arguments_and_validated() -> None:
     ds = pytest.importorskip("core.distributed.deepspeed_strategy")
-    cfg = ds.build_ds_config(zero_stage=3, micro_batch_size=4, grad_accum=2, world_size=2, grad_clip=3.0,
-                             precision="bf16", offload=True, overrides={"zero_optimization": {"overlap_comm": False}})
+    cfg = ds.build_ds_config(
+        zero_stage=3,
+        micro_batch_size=4,
+        grad_accum=2,
+        world_size=2,
+        grad_clip=3.0,
+        precision="bf16",
+        offload=True,
+        overrides={"zero_optimization": {"overlap_comm": False}},
+    )
     # clipping is per sub-module in the strategy, never DeepSpeed's single global norm
     assert cfg["train_batch_size"] == 16 and cfg["gradient_clipping"] == 0.0
     assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in cfg
     zero = cfg["zero_optimization"]
     assert zero["stage"] == 3 and zero["overlap_comm"] is False and zero["offload_param"]["device"] == "cpu"
     assert {"stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"} <= zero.keys()
-    single_rank = {"zero_stage": 2, "micro_batch_size": 4, "grad_accum": 1, "world_size": 1, "grad_clip": None,
-                   "precision": "fp16"}
+    single_rank = {
+        "zero_stage": 2,
+        "micro_batch_size": 4,
+        "grad_accum": 1,
+        "world_size": 1,
+        "grad_clip": None,
+        "precision": "fp16",
+    }
     ds.validate_ds_config(ds.build_ds_config(**single_rank))
     for bad in ({"zero_optimization": {"not_a_key": 1}}, {"train_batch_size": 3}):
         with pytest.raises(DinoscopeError, match="DeepSpeed rejects the generated config"):
@@ -191,22 +250,35 @@ def test_deepspeed_config_is_generated_from_typed_arguments_and_validated() -> N
 # ------------------------------------------------------------------------------------------------ equivalence
 def _tiny_pair(seed: int = 0) -> tuple[nn.ModuleDict, nn.ModuleDict]:
     torch.manual_seed(seed)
-    student = nn.ModuleDict({"backbone": nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 8)),
-                             "head": nn.Linear(8, 5)})
+    student = nn.ModuleDict(
+        {"backbone": nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 8)), "head": nn.Linear(8, 5)}
+    )
     return student, copy.deepcopy(student)
 
 
 def _param_groups(student: nn.ModuleDict) -> list[dict[str, Any]]:
-    return [{"params": list(student["backbone"].parameters()), "lr_multiplier": 1.0, "wd_multiplier": 1.0,
-             "is_last_layer": False},
-            {"params": list(student["head"].parameters()), "lr_multiplier": 0.5, "wd_multiplier": 0.0,
-             "is_last_layer": True}]
+    return [
+        {
+            "params": list(student["backbone"].parameters()),
+            "lr_multiplier": 1.0,
+            "wd_multiplier": 1.0,
+            "is_last_layer": False,
+        },
+        {
+            "params": list(student["head"].parameters()),
+            "lr_multiplier": 0.5,
+            "wd_multiplier": 0.0,
+            "is_last_layer": True,
+        },
+    ]
 
 
 def _global_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(123)
-    return [(torch.randn(GLOBAL_BATCH, 6, generator=generator), torch.randn(GLOBAL_BATCH, 5, generator=generator))
-            for _ in range(steps)]
+    return [
+        (torch.randn(GLOBAL_BATCH, 6, generator=generator), torch.randn(GLOBAL_BATCH, 5, generator=generator))
+        for _ in range(steps)
+    ]
 
 
 def _loss(student: nn.ModuleDict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -231,11 +303,16 @@ def _train(strategy: Strategy, rank: int, world_size: int, grad_accum: int = 1) 
         norms.append({k: float(v) for k, v in strategy.clip_and_step().items()})
         strategy.zero_grad()
         strategy.update_teacher(0.9 - 0.1 * it)
-    partitioned = [getattr(p, "ds_tensor", p).numel() < p.ds_numel for p in student.parameters()
-                   if hasattr(p, "ds_numel")]
-    return {"teacher": strategy.full_teacher_state_dict(), "student": strategy.full_student_state_dict(),
-            "norms": norms, "partitioned": partitioned,
-            "group_keys": [(g["lr_multiplier"], g["is_last_layer"]) for g in strategy.param_groups]}
+    partitioned = [
+        getattr(p, "ds_tensor", p).numel() < p.ds_numel for p in student.parameters() if hasattr(p, "ds_numel")
+    ]
+    return {
+        "teacher": strategy.full_teacher_state_dict(),
+        "student": strategy.full_student_state_dict(),
+        "norms": norms,
+        "partitioned": partitioned,
+        "group_keys": [(g["lr_multiplier"], g["is_last_layer"]) for g in strategy.param_groups],
+    }
 
 
 # ZeRO-1 and ZeRO-3 also accumulate gradients over 2 micro-batches per step.
@@ -243,8 +320,10 @@ STRATEGY_KWARGS: dict[str, tuple[str, dict[str, Any]]] = {
     "single_dp": ("single", {}),
     "zero1": ("deepspeed", {"zero_stage": 1, "micro_batch_size": 2, "grad_accum": 2}),
     "zero2": ("deepspeed", {"zero_stage": 2, "micro_batch_size": 4}),
-    "zero3": ("deepspeed", {"zero_stage": 3, "micro_batch_size": 2, "grad_accum": 2,
-                            "stage3_param_persistence_threshold": 0}),
+    "zero3": (
+        "deepspeed",
+        {"zero_stage": 3, "micro_batch_size": 2, "grad_accum": 2, "stage3_param_persistence_threshold": 0},
+    ),
 }
 
 
@@ -260,9 +339,16 @@ def _equivalence_worker(rank: int, port: int, variant: str, out: str) -> None:
 
 
 def _join(rank: int, world_size: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), DS_ACCELERATOR="cpu",
-                      OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     init_distributed("gloo")
 

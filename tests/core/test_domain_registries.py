@@ -131,9 +131,12 @@ def test_input_paths_come_from_schema_metadata_not_key_names(tmp_path: Path) -> 
     assert input_paths(_Predict()) == []  # nothing declared is set: nothing to check, outputs never
     blob, model = tmp_path / "flat.npz", tmp_path / "m.safetensors"
     recipe = _Predict(_Calibration(str(blob), [[str(tmp_path / "a.csv"), ""], [str(tmp_path / "b.csv")]]), str(model))
-    assert input_paths(recipe) == [("calibration.flat_field_blob", str(blob)),
-                                   ("calibration.lookup_tables", str(tmp_path / "a.csv")),
-                                   ("calibration.lookup_tables", str(tmp_path / "b.csv")), ("model", str(model))]
+    assert input_paths(recipe) == [
+        ("calibration.flat_field_blob", str(blob)),
+        ("calibration.lookup_tables", str(tmp_path / "a.csv")),
+        ("calibration.lookup_tables", str(tmp_path / "b.csv")),
+        ("model", str(model)),
+    ]
     with pytest.raises(DinoscopeError) as info:
         check_data_paths(recipe)
     assert info.value.field == "calibration.flat_field_blob"

@@ -17,8 +17,15 @@ from core.weights.meta import WeightMeta
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "recipes" / "tiny" / "pretrain.yaml")
-SHORT = ["train.max_iters=4", "train.checkpoint_every=4", "train.log_every=1", "data.params.n=32",
-         "optim.warmup_epochs=0.01", "teacher.warmup_teacher_temp_epochs=0.01", "optim.freeze_last_layer_epochs=0.01"]
+SHORT = [
+    "train.max_iters=4",
+    "train.checkpoint_every=4",
+    "train.log_every=1",
+    "data.params.n=32",
+    "optim.warmup_epochs=0.01",
+    "teacher.warmup_teacher_temp_epochs=0.01",
+    "optim.freeze_last_layer_epochs=0.01",
+]
 
 
 def test_weighted_knn_votes_with_softmax_weights() -> None:
@@ -42,17 +49,46 @@ def test_linear_grid_learns_a_separable_problem() -> None:
 def _export_random(path: Path, **kwargs: object) -> Path:
     torch.manual_seed(0)
     model = vit_test(patch_size=8, img_size=32, init_values=1.0, **kwargs)
-    meta = WeightMeta(arch="vit_test", model_kwargs={"img_size": 32, "patch_size": 8, "in_chans": 3,
-                                                     "embed_dim": 64, "depth": 2, "num_heads": 4, "init_values": 1.0},
-                      channel_names=["r", "g", "b"], mean=[0.5] * 3, std=[0.25] * 3)
+    meta = WeightMeta(
+        arch="vit_test",
+        model_kwargs={
+            "img_size": 32,
+            "patch_size": 8,
+            "in_chans": 3,
+            "embed_dim": 64,
+            "depth": 2,
+            "num_heads": 4,
+            "init_values": 1.0,
+        },
+        channel_names=["r", "g", "b"],
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+    )
     return save_backbone(model, meta, path)
 
 
 @pytest.mark.parametrize("protocol", ["knn", "linear"])
 def test_eval_cli(tmp_path: Path, protocol: str, capsys: pytest.CaptureFixture) -> None:
     weights = _export_random(tmp_path / "w.safetensors")
-    args = ["eval", protocol, str(weights), "--kind", "synthetic_shapes", "--size", "32", "--train", "n=40",
-            "size=32", "seed=1", "--val", "n=20", "size=32", "seed=2", "--out", str(tmp_path / "r.json")]
+    args = [
+        "eval",
+        protocol,
+        str(weights),
+        "--kind",
+        "synthetic_shapes",
+        "--size",
+        "32",
+        "--train",
+        "n=40",
+        "size=32",
+        "seed=1",
+        "--val",
+        "n=20",
+        "size=32",
+        "seed=2",
+        "--out",
+        str(tmp_path / "r.json"),
+    ]
     args += ["--k", "5,10"] if protocol == "knn" else ["--epochs", "5"]
     assert main(args) == 0
     result = json.loads((tmp_path / "r.json").read_text())
@@ -63,8 +99,22 @@ def test_eval_cli(tmp_path: Path, protocol: str, capsys: pytest.CaptureFixture) 
 def test_periodic_knn_during_pretraining(tmp_path: Path) -> None:
     run = tmp_path / "run"
     evalset = "{kind: synthetic_shapes, params: {n: 24, size: 32, seed: %d, labelled: true}}"
-    assert main(["pretrain", TINY, *SHORT, "eval.every=2", f"eval.train={evalset % 1}", f"eval.val={evalset % 2}",
-                 "eval.ks=[3]", "--output-dir", str(run)]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                TINY,
+                *SHORT,
+                "eval.every=2",
+                f"eval.train={evalset % 1}",
+                f"eval.val={evalset % 2}",
+                "eval.ks=[3]",
+                "--output-dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (run / "eval_knn.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [2, 4] and all(0 <= r["knn/top1_k3"] <= 100 for r in rows)
 
@@ -72,8 +122,23 @@ def test_periodic_knn_during_pretraining(tmp_path: Path) -> None:
 def test_distillation_from_a_frozen_bigger_teacher(tmp_path: Path) -> None:
     teacher = _export_random(tmp_path / "teacher.safetensors")  # stands in for a big pretrained backbone
     run = tmp_path / "distill"
-    assert main(["pretrain", TINY, *SHORT, f"distill.teacher_weights={teacher}", "model.arch=custom",
-                 "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "--output-dir", str(run)]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                TINY,
+                *SHORT,
+                f"distill.teacher_weights={teacher}",
+                "model.arch=custom",
+                "model.embed_dim=32",
+                "model.depth=1",
+                "model.num_heads=2",
+                "--output-dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     ckpt = torch.load(run / "checkpoints" / "step_00000004" / "teacher.pt", weights_only=True)
     frozen, _ = load_backbone(teacher)
     for key, value in frozen.state_dict().items():  # the teacher never moved
@@ -83,8 +148,22 @@ def test_distillation_from_a_frozen_bigger_teacher(tmp_path: Path) -> None:
 
 def test_bag_of_channels_pretraining_folds_channels(tmp_path: Path) -> None:
     run = tmp_path / "boc"
-    assert main(["pretrain", TINY, *SHORT, "model.channel_adaptive=true", "model.in_chans=1",
-                 "crops.channel_mode=fluorescence", "data.params.channels=4", "--output-dir", str(run)]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                TINY,
+                *SHORT,
+                "model.channel_adaptive=true",
+                "model.in_chans=1",
+                "crops.channel_mode=fluorescence",
+                "data.params.channels=4",
+                "--output-dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert main(["export", str(run), str(tmp_path / "boc.safetensors")]) == 0
     model, meta = load_backbone(tmp_path / "boc.safetensors")
     assert meta.channel_adaptive and meta.in_chans == 1

@@ -75,11 +75,13 @@ def _replay_ibot(fx: dict) -> dict[str, torch.Tensor]:
     out["sinkhorn_knopp_teacher"] = loss.sinkhorn_knopp_teacher(teacher, temp, inp["n_masked_patches"].clone())
     for tag in ("softmax", "sinkhorn"):
         targets = out[f"{tag}_center_teacher" if tag == "softmax" else "sinkhorn_knopp_teacher"]
-        weighted = loss.forward_masked(student, targets, student_masks_flat=masks, n_masked_patches=n_masked,
-                                       masks_weight=inp["masks_weight"])
+        weighted = loss.forward_masked(
+            student, targets, student_masks_flat=masks, n_masked_patches=n_masked, masks_weight=inp["masks_weight"]
+        )
         out[f"{tag}_forward_masked"] = weighted
-        out[f"{tag}_forward_masked_no_weight_arg"] = loss.forward_masked(student, targets, masks,
-                                                                         n_masked_patches=n_masked)
+        out[f"{tag}_forward_masked_no_weight_arg"] = loss.forward_masked(
+            student, targets, masks, n_masked_patches=n_masked
+        )
         out[f"{tag}_ibot_loss_metaarch"] = weighted * 2 * 0.5
     # A fresh loss has a zero center, so its centered softmax is the plain softmax of the dense fixture.
     dense_probs = IBOTPatchLoss(cfg["K"]).softmax_center_teacher(inp["teacher_dense_logits"], temp)
@@ -105,8 +107,10 @@ def _replay_koleo(fx: dict) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize(("fixture", "replay"), [("dino_loss.pt", _replay_dino), ("ibot_patch_loss.pt", _replay_ibot),
-                                                 ("koleo_loss.pt", _replay_koleo)])
+@pytest.mark.parametrize(
+    ("fixture", "replay"),
+    [("dino_loss.pt", _replay_dino), ("ibot_patch_loss.pt", _replay_ibot), ("koleo_loss.pt", _replay_koleo)],
+)
 def test_every_stored_output_matches_official(fixture: str, replay: object) -> None:
     assert not dist.is_initialized()
     fx = _load(fixture)
@@ -162,9 +166,12 @@ def test_ibot_dense_and_masked_forward_agree() -> None:
     dense = loss(student, teacher, masks)
     masked = loss.forward_masked(student[masks], teacher[masks], masks)
     torch.testing.assert_close(dense, masked, atol=1e-6, rtol=0)
-    padded = loss.forward_masked(torch.cat([student[masks], torch.randn(3, 16)]),
-                                 torch.cat([teacher[masks], torch.rand(3, 16)]), masks,
-                                 n_masked_patches=int(masks.sum()))
+    padded = loss.forward_masked(
+        torch.cat([student[masks], torch.randn(3, 16)]),
+        torch.cat([teacher[masks], torch.rand(3, 16)]),
+        masks,
+        n_masked_patches=int(masks.sum()),
+    )
     torch.testing.assert_close(padded, masked, atol=1e-6, rtol=0)
 
 

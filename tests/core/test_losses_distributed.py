@@ -79,9 +79,11 @@ def test_two_ranks_match_single_process(tmp_path: Path) -> None:
         torch.testing.assert_close(gathered, whole[key], atol=1e-6, rtol=1e-5, msg=key)
     for rank in ranks:
         torch.testing.assert_close(rank["dino_center"], whole["dino_center"], atol=1e-7, rtol=0)
-    torch.testing.assert_close(whole["dino_center"], 0.1 * inputs["dino_teacher"].mean(0, keepdim=True),
-                               atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        whole["dino_center"], 0.1 * inputs["dino_teacher"].mean(0, keepdim=True), atol=1e-7, rtol=0
+    )
     # The shared reductions must not have written into the caller's tensors.
     assert [int(r["ibot_n_masked_after"]) for r in ranks] == [IBOT_SPLIT, 20 - IBOT_SPLIT]
-    torch.testing.assert_close(torch.cat([r["dino_teacher_after"] for r in ranks]), inputs["dino_teacher"],
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        torch.cat([r["dino_teacher_after"] for r in ranks]), inputs["dino_teacher"], atol=0, rtol=0
+    )

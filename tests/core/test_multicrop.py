@@ -50,8 +50,14 @@ def test_real_orthophoto_and_nuclei_images() -> None:
     photo = MultiCropAugmentation(global_crops_size=64, local_crops_size=32, seed=0)(read_image(REAL / "OSBS_029.tif"))
     assert photo["global_crops"][0].shape == (3, 64, 64) and len(photo["local_crops"]) == 8
     nuclei = read_image(REAL / "nuclei_dsb2018_img.tif")  # uint16 with values up to 235 only
-    cells = MultiCropAugmentation(channel_mode="fluorescence", global_crops_size=64, local_crops_size=32,
-                                  local_crops_number=2, seed=0, **CELL_DINO_CROPS)(nuclei)
+    cells = MultiCropAugmentation(
+        channel_mode="fluorescence",
+        global_crops_size=64,
+        local_crops_size=32,
+        local_crops_number=2,
+        seed=0,
+        **CELL_DINO_CROPS,
+    )(nuclei)
     crop = cells["global_crops"][0]
     assert crop.shape == (1, 64, 64)
     # Self-standardisation makes the dim 16-bit image usable without knowing its true range.
@@ -72,13 +78,23 @@ def test_dtype_scaling_gives_the_same_crops() -> None:
     """uint8 / 255, uint16 / 65535, float as-is and uint16 / max_value all land on the same [0, 1] values."""
     base = _image(32, 32, 4)
     as_unit = base.astype(np.float32) / 255
-    inputs = {"uint8": (base, None), "uint16": (base.astype(np.uint16) * 257, None),
-              "float32": (as_unit, None), "12-bit": ((as_unit * 4095).round().astype(np.uint16), 4095.0)}
+    inputs = {
+        "uint8": (base, None),
+        "uint16": (base.astype(np.uint16) * 257, None),
+        "float32": (as_unit, None),
+        "12-bit": ((as_unit * 4095).round().astype(np.uint16), 4095.0),
+    }
     crops = {}
     for name, (image, max_value) in inputs.items():
         # Bilinear: bicubic overshoot is saturated for integer dtypes only, which is not what this test is about.
-        augment = _small(channel_mode="multispectral", max_value=max_value, mean=[0.0] * 4, std=[1.0] * 4,
-                         interpolation="bilinear", **NO_PHOTOMETRY)
+        augment = _small(
+            channel_mode="multispectral",
+            max_value=max_value,
+            mean=[0.0] * 4,
+            std=[1.0] * 4,
+            interpolation="bilinear",
+            **NO_PHOTOMETRY,
+        )
         crops[name] = torch.stack(augment(image)["global_crops"])
     for name in ("uint16", "float32", "12-bit"):
         torch.testing.assert_close(crops[name], crops["uint8"], atol=3e-3, rtol=0)
@@ -104,8 +120,7 @@ def test_rgb_grayscale_and_solarize_on_second_global_crop_only() -> None:
     first, second = solarized["global_crops"]
     torch.testing.assert_close(first[:, 0, 0], torch.tensor([0.8, 0.4, 0.2]), atol=1e-6, rtol=0)
     torch.testing.assert_close(second[:, 0, 0], torch.tensor([0.2, 0.4, 0.2]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(solarized["local_crops"][0][:, 0, 0], torch.tensor([0.8, 0.4, 0.2]), atol=1e-6,
-                               rtol=0)
+    torch.testing.assert_close(solarized["local_crops"][0][:, 0, 0], torch.tensor([0.8, 0.4, 0.2]), atol=1e-6, rtol=0)
 
 
 def _blur_rates(blur_probs: object, n: int = 150) -> tuple[float, float, float]:
@@ -114,10 +129,22 @@ def _blur_rates(blur_probs: object, n: int = 150) -> tuple[float, float, float]:
     board = (np.indices((16, 16)).sum(0) % 2 * 255).astype(np.uint8)[..., None]
     board = np.concatenate([board, board[:, ::-1]], axis=1)[:, 8:24]  # mirror-symmetric in both axes
     board = np.concatenate([board, board[::-1]], axis=0)[8:24]
-    augment = MultiCropAugmentation(global_crops_size=16, local_crops_size=16, local_crops_number=4,
-                                    global_crops_scale=(1.0, 1.0), local_crops_scale=(1.0, 1.0), crop_ratio=(1, 1),
-                                    interpolation="nearest", channel_mode="multispectral", mean=[0.0], std=[1.0],
-                                    color_jitter_prob=0.0, blur_probs=blur_probs, blur_sigma=(1.0, 2.0), seed=5)
+    augment = MultiCropAugmentation(
+        global_crops_size=16,
+        local_crops_size=16,
+        local_crops_number=4,
+        global_crops_scale=(1.0, 1.0),
+        local_crops_scale=(1.0, 1.0),
+        crop_ratio=(1, 1),
+        interpolation="nearest",
+        channel_mode="multispectral",
+        mean=[0.0],
+        std=[1.0],
+        color_jitter_prob=0.0,
+        blur_probs=blur_probs,
+        blur_sigma=(1.0, 2.0),
+        seed=5,
+    )
     reference = torch.from_numpy(board[..., 0] / 255.0).float()
     counts = np.zeros(3)
     for _ in range(n):
@@ -144,12 +171,20 @@ def test_fluorescence_self_standardises_flips_vertically_and_drops_unprotected_c
         torch.testing.assert_close(crop.std((1, 2), unbiased=False), torch.ones(3), atol=1e-3, rtol=0)
     # Full-image crops without jitter: only flips change the image; vertical ones must occur by default.
     gradient = np.repeat(np.arange(16, dtype=np.float32)[:, None, None], 16, axis=1)
-    flips = _small(channel_mode="fluorescence", global_crops_size=16, global_crops_scale=(1, 1), crop_ratio=(1, 1),
-                   hflip_prob=0.0, intensity_jitter_std=0.0, local_crops_number=0)
+    flips = _small(
+        channel_mode="fluorescence",
+        global_crops_size=16,
+        global_crops_scale=(1, 1),
+        crop_ratio=(1, 1),
+        hflip_prob=0.0,
+        intensity_jitter_std=0.0,
+        local_crops_number=0,
+    )
     tops = {float(flips(gradient)["global_crops"][0][0, 0, 0]) for _ in range(20)}
     assert len(tops) == 2
     dropped = _small(channel_mode="fluorescence", channel_drop_prob=1.0, protected_channels=(1,))(
-        _image(32, 32, 2, np.uint16))
+        _image(32, 32, 2, np.uint16)
+    )
     for crop in dropped["global_crops"] + dropped["local_crops"]:
         assert torch.count_nonzero(crop[0]) == 0 and torch.count_nonzero(crop[1]) > 0
 
@@ -201,22 +236,25 @@ def test_explicit_reseed_is_honoured_inside_workers() -> None:
     assert not torch.equal(in_parent[0], in_parent[1])
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"channel_mode": "rgb", "in_chans": 4}, "channel_mode"),
-    ({"channel_mode": "rgb", "mean": [0.5] * 4, "std": [0.2] * 4}, "channel_mode"),
-    ({"channel_mode": "multispectral", "in_chans": 5, "mean": [0.5] * 4, "std": [0.2] * 4}, "mean"),
-    ({"channel_mode": "multispectral", "mean": [0.5] * 4, "std": [0.2] * 3}, "std"),
-    ({"channel_mode": "multispectral", "mean": [0.5] * 2}, "std"),
-    ({"channel_mode": "multispectral", "mean": [0.5] * 2, "std": [0.2, 0.0]}, "std"),
-    ({"channel_mode": "fluorescence", "mean": [0.5], "std": [0.2]}, "mean"),
-    ({"channel_mode": "hyperspectral"}, "channel_mode"),
-    ({"blur_probs": "nominal"}, "blur_probs"),
-    ({"blur_probs": (0.1, 0.2)}, "blur_probs"),
-    ({"global_crops_scale": (0.5, 0.2)}, "global_crops_scale"),
-    ({"hflip_prob": 1.5}, "hflip_prob"),
-    ({"interpolation": "cubic"}, "interpolation"),
-    ({"local_crops_number": -1}, "local_crops_number"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"channel_mode": "rgb", "in_chans": 4}, "channel_mode"),
+        ({"channel_mode": "rgb", "mean": [0.5] * 4, "std": [0.2] * 4}, "channel_mode"),
+        ({"channel_mode": "multispectral", "in_chans": 5, "mean": [0.5] * 4, "std": [0.2] * 4}, "mean"),
+        ({"channel_mode": "multispectral", "mean": [0.5] * 4, "std": [0.2] * 3}, "std"),
+        ({"channel_mode": "multispectral", "mean": [0.5] * 2}, "std"),
+        ({"channel_mode": "multispectral", "mean": [0.5] * 2, "std": [0.2, 0.0]}, "std"),
+        ({"channel_mode": "fluorescence", "mean": [0.5], "std": [0.2]}, "mean"),
+        ({"channel_mode": "hyperspectral"}, "channel_mode"),
+        ({"blur_probs": "nominal"}, "blur_probs"),
+        ({"blur_probs": (0.1, 0.2)}, "blur_probs"),
+        ({"global_crops_scale": (0.5, 0.2)}, "global_crops_scale"),
+        ({"hflip_prob": 1.5}, "hflip_prob"),
+        ({"interpolation": "cubic"}, "interpolation"),
+        ({"local_crops_number": -1}, "local_crops_number"),
+    ],
+)
 def test_bad_arguments_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(DinoscopeError) as info:
         MultiCropAugmentation(**kwargs)

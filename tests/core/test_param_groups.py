@@ -41,13 +41,15 @@ def test_multipliers_match_official_for_every_name(reference: dict, module_name:
     expected = reference["outputs"][module_name]
     cfg = reference["config"]
     model = module_with_names(list(expected))
-    groups = get_params_groups_with_decay(model, lr_decay_rate=cfg["lr_decay_rate"],
-                                          patch_embed_lr_mult=cfg["patch_embed_lr_mult"])
+    groups = get_params_groups_with_decay(
+        model, lr_decay_rate=cfg["lr_decay_rate"], patch_embed_lr_mult=cfg["patch_embed_lr_mult"]
+    )
     assert [g["name"] for g in groups] == list(expected)
     params = dict(model.named_parameters())
     for group in groups:
-        actual = torch.tensor([group["lr_multiplier"], group["wd_multiplier"], float(group["is_last_layer"])],
-                              dtype=torch.float64)
+        actual = torch.tensor(
+            [group["lr_multiplier"], group["wd_multiplier"], float(group["is_last_layer"])], dtype=torch.float64
+        )
         torch.testing.assert_close(actual, expected[group["name"]], atol=0, rtol=0, msg=group["name"])
         assert group["params"] is params[group["name"]]
 
@@ -66,8 +68,9 @@ def test_fuse_groups_partitions_parameters(reference: dict) -> None:
 
 
 def test_n_blocks_attribute_wins_and_frozen_and_fsdp_names_are_handled() -> None:
-    model = module_with_names(["cls_token", "blocks.0.attn.weight", "_fsdp_wrapped_module.norm.weight",
-                               "frozen.weight"])
+    model = module_with_names(
+        ["cls_token", "blocks.0.attn.weight", "_fsdp_wrapped_module.norm.weight", "frozen.weight"]
+    )
     model.frozen.weight.requires_grad_(False)
     model.n_blocks = 3
     groups = {g["name"]: g for g in get_params_groups_with_decay(model, lr_decay_rate=0.5)}
@@ -98,8 +101,9 @@ def test_apply_optim_schedule_sets_lr_and_wd_from_multipliers(reference: dict) -
         assert group["weight_decay"] == pytest.approx(0.04 * group["wd_multiplier"])
     last = [g for g in optimizer.param_groups if g["is_last_layer"]]
     assert len(last) == 1 and len(last[0]["params"]) == 2 and last[0]["lr"] == 0.0
-    patch_bias = next(g for g in optimizer.param_groups if g["lr_multiplier"] == pytest.approx(0.1458)
-                      and g["wd_multiplier"] == 0.0)
+    patch_bias = next(
+        g for g in optimizer.param_groups if g["lr_multiplier"] == pytest.approx(0.1458) and g["wd_multiplier"] == 0.0
+    )
     assert patch_bias["lr"] == pytest.approx(1.458e-4) and patch_bias["weight_decay"] == 0.0
     plain = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     apply_optim_schedule(plain, lr=0.2, wd=0.3, last_layer_lr=0.0)

@@ -19,8 +19,15 @@ from core.errors import DinoscopeError
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "recipes" / "tiny" / "pretrain.yaml")
-SHORT = ["train.max_iters=3", "train.checkpoint_every=3", "train.log_every=1", "data.params.n=32",
-         "optim.warmup_epochs=0.01", "teacher.warmup_teacher_temp_epochs=0.01", "optim.freeze_last_layer_epochs=0.01"]
+SHORT = [
+    "train.max_iters=3",
+    "train.checkpoint_every=3",
+    "train.log_every=1",
+    "data.params.n=32",
+    "optim.warmup_epochs=0.01",
+    "teacher.warmup_teacher_temp_epochs=0.01",
+    "optim.freeze_last_layer_epochs=0.01",
+]
 
 
 def test_resolution_rules_on_a_cpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,11 +85,11 @@ def test_every_tensor_reaching_the_model_went_through_place(tmp_path: Path, monk
 
     def hooking_place_module(module: nn.Module, device: Any) -> nn.Module:
         module = real_place_module(module, device)
-        module.register_forward_pre_hook(lambda m, args, kwargs: check("meta_arch", (args, kwargs)),
-                                         with_kwargs=True)
+        module.register_forward_pre_hook(lambda m, args, kwargs: check("meta_arch", (args, kwargs)), with_kwargs=True)
         for role in ("student", "teacher"):
             getattr(module, role)["backbone"].register_forward_pre_hook(
-                lambda m, args, kwargs, role=role: check(f"{role} backbone", (args, kwargs)), with_kwargs=True)
+                lambda m, args, kwargs, role=role: check(f"{role} backbone", (args, kwargs)), with_kwargs=True
+            )
         return module
 
     monkeypatch.setattr(loop_module, "place", recording_place)

@@ -17,8 +17,14 @@ from core.weights import load_backbone
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "recipes" / "tiny" / "pretrain.yaml")
-FAST = ["train.max_iters=12", "train.checkpoint_every=6", "train.log_every=1", "data.params.n=64",
-        "optim.warmup_epochs=0.02", "teacher.warmup_teacher_temp_epochs=0.05"]
+FAST = [
+    "train.max_iters=12",
+    "train.checkpoint_every=6",
+    "train.log_every=1",
+    "data.params.n=64",
+    "optim.warmup_epochs=0.02",
+    "teacher.warmup_teacher_temp_epochs=0.05",
+]
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -34,8 +40,16 @@ def test_tiny_pretrain_writes_run_dir_and_exports(tmp_path: Path, capsys: pytest
     losses = _losses(run)
     assert sorted(losses) == list(range(1, 13)) and all(v == v for v in losses.values())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss/dino_local", "loss/dino_global", "loss/koleo", "loss/ibot", "lr", "teacher_temp",
-            "images_per_s", "max_memory_mb"} <= set(rows[-1])
+    assert {
+        "loss/dino_local",
+        "loss/dino_global",
+        "loss/koleo",
+        "loss/ibot",
+        "lr",
+        "teacher_temp",
+        "images_per_s",
+        "max_memory_mb",
+    } <= set(rows[-1])
     out = tmp_path / "export" / "tiny.safetensors"
     assert main(["export", str(run), str(out)]) == 0
     model, meta = load_backbone(out)
@@ -83,11 +97,29 @@ def test_recipe_typo_fails_before_running(tmp_path: Path, capsys: pytest.Capture
 def test_two_process_deepspeed_pretrain(tmp_path: Path, stage: int) -> None:
     run = tmp_path / f"zero{stage}"
     env = {**os.environ, "DINOSCOPE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "core.cli",
-           "pretrain", TINY, "train.max_iters=4", "train.checkpoint_every=4", "train.log_every=1",
-           "train.batch_size_per_rank=8", "data.params.n=64", "optim.warmup_epochs=0.02",
-           "teacher.warmup_teacher_temp_epochs=0.02", "optim.freeze_last_layer_epochs=0.01", "dist.strategy=deepspeed", f"dist.zero_stage={stage}",
-           "--output-dir", str(run)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "core.cli",
+        "pretrain",
+        TINY,
+        "train.max_iters=4",
+        "train.checkpoint_every=4",
+        "train.log_every=1",
+        "train.batch_size_per_rank=8",
+        "data.params.n=64",
+        "optim.warmup_epochs=0.02",
+        "teacher.warmup_teacher_temp_epochs=0.02",
+        "optim.freeze_last_layer_epochs=0.01",
+        "dist.strategy=deepspeed",
+        f"dist.zero_stage={stage}",
+        "--output-dir",
+        str(run),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(_losses(run)) == [1, 2, 3, 4]

@@ -20,14 +20,30 @@ from core.train.preemption import StopRequest, TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "recipes" / "tiny" / "pretrain.yaml")
-SHORT = ["train.log_every=1", "data.params.n=64", "optim.warmup_epochs=0.02", "teacher.warmup_teacher_temp_epochs=0.02",
-         "optim.freeze_last_layer_epochs=0.01"]
+SHORT = [
+    "train.log_every=1",
+    "data.params.n=64",
+    "optim.warmup_epochs=0.02",
+    "teacher.warmup_teacher_temp_epochs=0.02",
+    "optim.freeze_last_layer_epochs=0.01",
+]
 ENV = {**os.environ, "DINOSCOPE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
 
 def _pretrain(run: Path, *overrides: str, nproc: int = 1) -> list[str]:
-    launcher = [sys.executable, "-m", "core.cli"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "core.cli"]
+    launcher = (
+        [sys.executable, "-m", "core.cli"]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "core.cli",
+        ]
+    )
     return [*launcher, "pretrain", TINY, *SHORT, *overrides, "--output-dir", str(run)]
 
 
@@ -53,8 +69,9 @@ def test_sigterm_saves_the_reached_iteration_and_the_resumed_run_repeats_none(tm
     long = ["train.max_iters=150", "train.checkpoint_every=1000"]  # no periodic checkpoint before the end
     reference, run = tmp_path / "reference", tmp_path / "stopped"
     subprocess.run(_pretrain(reference, *long), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(_pretrain(run, *long), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _pretrain(run, *long), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for_lines(run, 4, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -91,19 +108,40 @@ def test_sigusr2_is_handed_to_the_previous_handler_after_the_save(tmp_path: Path
 @pytest.mark.distributed
 def test_two_rank_zero2_checkpoint_resumes_at_world_sizes_1_and_4(tmp_path: Path) -> None:
     evalset = "{kind: synthetic_shapes, params: {n: 24, size: 32, seed: %d, labelled: true}}"
-    common = ["train.max_iters=6", "train.checkpoint_every=3", "train.keep_checkpoints=5", "train.batch_size_per_rank=4",
-              "dist.strategy=deepspeed", "dist.zero_stage=2", "eval.every=3", f"eval.train={evalset % 1}",
-              f"eval.val={evalset % 2}", "eval.ks=[3]"]
+    common = [
+        "train.max_iters=6",
+        "train.checkpoint_every=3",
+        "train.keep_checkpoints=5",
+        "train.batch_size_per_rank=4",
+        "dist.strategy=deepspeed",
+        "dist.zero_stage=2",
+        "eval.every=3",
+        f"eval.train={evalset % 1}",
+        f"eval.val={evalset % 2}",
+        "eval.ks=[3]",
+    ]
     two = tmp_path / "two_ranks"
-    proc = subprocess.run(_pretrain(two, *common, "train.max_iters=3", nproc=2), cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        _pretrain(two, *common, "train.max_iters=3", nproc=2),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["iteration"] for r in _rows(two, "eval_knn.jsonl")] == [3]  # computed and written once, not per rank
     for world, nproc in ((1, 1), (4, 4)):
         run = tmp_path / f"resumed_at_{world}"
         subprocess.run(["cp", "-r", str(two), str(run)], check=True)
-        proc = subprocess.run(_pretrain(run, *common, nproc=nproc) + ["--allow-recipe-change"], cwd=ROOT, env=ENV,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            _pretrain(run, *common, nproc=nproc) + ["--allow-recipe-change"],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = _rows(run)
         assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -122,8 +160,15 @@ def test_resharded_state_equals_the_saved_state(tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
 
     def torchrun(nproc: int, *args: str) -> None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", worker,
-               *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            worker,
+            *args,
+        ]
         proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -135,13 +180,19 @@ def test_resharded_state_equals_the_saved_state(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ run directory
 def test_second_run_on_a_locked_directory_exits_2_at_once(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    first = subprocess.Popen(_pretrain(run, "train.max_iters=150", "train.checkpoint_every=1000"), cwd=ROOT,
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        _pretrain(run, "train.max_iters=150", "train.checkpoint_every=1000"),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for_lines(run, 1, first)
         started = time.monotonic()
-        second = subprocess.run(_pretrain(run, "train.max_iters=150"), cwd=ROOT, env=ENV, capture_output=True,
-                                text=True, timeout=120)
+        second = subprocess.run(
+            _pretrain(run, "train.max_iters=150"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120
+        )
         assert second.returncode == 2
         assert time.monotonic() - started < 30  # no waiting for the lock (the time is interpreter start-up)
         assert f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
@@ -156,15 +207,21 @@ def test_changed_recipe_is_refused_on_resume_unless_allowed(tmp_path: Path) -> N
     base = ["train.max_iters=4", "train.checkpoint_every=2"]
     subprocess.run(_pretrain(run, *base), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
     config_before = (run / "config.yaml").read_text()
-    changed = subprocess.run(_pretrain(run, *base, "optim.base_lr=0.01"), cwd=ROOT, env=ENV, capture_output=True,
-                             text=True, timeout=300)
+    changed = subprocess.run(
+        _pretrain(run, *base, "optim.base_lr=0.01"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert changed.returncode == 2
     assert "optim.base_lr" in changed.stderr and "0.001 -> 0.01" in changed.stderr
     assert "--allow-recipe-change" in changed.stderr and "Traceback" not in changed.stderr
     assert (run / "config.yaml").read_text() == config_before  # a refused resume writes nothing
-    operational = subprocess.run(_pretrain(run, *base, "train.num_workers=1", "train.max_iters=6") +
-                                 ["--allow-recipe-change"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                                 timeout=300)
+    operational = subprocess.run(
+        _pretrain(run, *base, "train.num_workers=1", "train.max_iters=6") + ["--allow-recipe-change"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert operational.returncode == 0, operational.stderr[-2000:]
     assert [r["iteration"] for r in _rows(run)] == [1, 2, 3, 4, 5, 6]
     recorded = [json.loads(line) for line in (run / "recipe_changes.jsonl").read_text().splitlines()]
@@ -174,8 +231,9 @@ def test_changed_recipe_is_refused_on_resume_unless_allowed(tmp_path: Path) -> N
 def test_resume_drops_lines_after_the_checkpoint_and_cleans_orphans(tmp_path: Path) -> None:
     run = tmp_path / "run"
     base = ["train.max_iters=6", "train.checkpoint_every=3"]
-    subprocess.run(_pretrain(run, *base, "train.max_iters=3"), cwd=ROOT, env=ENV, check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run(
+        _pretrain(run, *base, "train.max_iters=3"), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300
+    )
     # what a crash between checkpoints leaves behind: lines past the checkpoint, a torn line, temporaries
     with (run / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"iteration": 4, "loss/total": 1.0}) + "\n" + '{"iteration": 5, "lo')
@@ -183,8 +241,14 @@ def test_resume_drops_lines_after_the_checkpoint_and_cleans_orphans(tmp_path: Pa
     orphan_dir = run / "checkpoints" / ".step_00000004.tmp-crashed"
     orphan_file.write_text("partial")
     orphan_dir.mkdir()
-    proc = subprocess.run(_pretrain(run, *base) + ["--allow-recipe-change"], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        _pretrain(run, *base) + ["--allow-recipe-change"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["iteration"] for r in _rows(run)] == [1, 2, 3, 4, 5, 6]
     assert _rows(run)[3]["loss/total"] != 1.0

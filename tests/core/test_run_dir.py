@@ -52,8 +52,15 @@ except DinoscopeError as err:
 def _child(target: Path, *extra: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop(lock_mod.NO_LOCK_ENV, None)
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(target), *extra], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(target), *extra],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
 
 
 def _run_child(target: Path) -> tuple[int, str, str, float]:
@@ -146,8 +153,14 @@ def test_forked_child_neither_unlocks_nor_keeps_the_lock(tmp_path):
     # parent must not keep the lock held.
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", FORKER, str(run)], cwd=REPO, env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORKER, str(run)],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     child = None
     try:
         lines = [proc.stdout.readline(), proc.stdout.readline()]
@@ -195,8 +208,9 @@ def test_reacquiring_in_same_process_is_a_programming_error(tmp_path):
 def test_dead_pid_record_while_locked_is_reported(tmp_path):
     # Hold the flock through a descriptor of our own but leave a record naming a finished process: what a child
     # that inherited the lock file would produce.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead_pid = int(dead.stdout)
     lock_file = tmp_path / DIR_LOCK_NAME
     lock_file.write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname(), "argv": ["x"]}))
@@ -205,7 +219,7 @@ def test_dead_pid_record_while_locked_is_reported(tmp_path):
         lock_mod.fcntl.flock(fd, lock_mod.fcntl.LOCK_EX | lock_mod.fcntl.LOCK_NB)
         with pytest.raises(DinoscopeError, match=f"pid {dead_pid} no longer exists on this host"):
             OutputLock(tmp_path).acquire()
-        lock_file.write_text("{\"pid\": 12")  # a holder caught mid-write
+        lock_file.write_text('{"pid": 12')  # a holder caught mid-write
         with pytest.raises(DinoscopeError, match="record is empty or incomplete"):
             OutputLock(tmp_path).acquire()
     finally:
@@ -237,9 +251,13 @@ def test_no_lock_env_proceeds_with_warning(tmp_path, monkeypatch, caplog):
 
 
 # ---------------------------------------------------------------------------------------------------- recipes
-SAVED = {"optim": {"base_lr": 0.004, "epochs": 100}, "train": {"num_workers": 4, "seed": 0},
-         "crops": {"global_crops_scale": [0.32, 1.0]}, "eval": {"every": 0, "ks": [10, 20]},
-         "dist": {"stage3_max_live_parameters": 10}}
+SAVED = {
+    "optim": {"base_lr": 0.004, "epochs": 100},
+    "train": {"num_workers": 4, "seed": 0},
+    "crops": {"global_crops_scale": [0.32, 1.0]},
+    "eval": {"every": 0, "ks": [10, 20]},
+    "dist": {"stage3_max_live_parameters": 10},
+}
 
 
 def _with(**changes) -> dict:
@@ -255,8 +273,13 @@ def test_recipe_changes_lists_dotted_keys_sorted():
     new["model"] = {"arch": "vit_small"}
     del new["train"]["seed"]
     changes = recipe_changes(SAVED, new)
-    assert [c[0] for c in changes] == ["crops.global_crops_scale", "model.arch", "optim.base_lr", "train.num_workers",
-                                       "train.seed"]
+    assert [c[0] for c in changes] == [
+        "crops.global_crops_scale",
+        "model.arch",
+        "optim.base_lr",
+        "train.num_workers",
+        "train.seed",
+    ]
     assert changes[2][1:] == (0.004, 0.001)
     assert repr(changes[1][1]) == "<absent>" and repr(changes[4][2]) == "<absent>"
     assert recipe_changes(SAVED, json.loads(json.dumps(SAVED))) == []
@@ -321,8 +344,13 @@ def test_checkpoint_without_recipe_is_accepted_with_warning(tmp_path, caplog):
 # ---------------------------------------------------------------------------------------------------- logs, orphans
 def test_truncate_jsonl_drops_later_lines_and_torn_tail(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    keep = [b'{"iteration": 0, "loss": 1.5}', b'{"note": "no iteration: kept"}', b'{"iteration":10,"loss":1.25000}',
-            b'', b'{"iteration": 20, "loss": 1.0}']
+    keep = [
+        b'{"iteration": 0, "loss": 1.5}',
+        b'{"note": "no iteration: kept"}',
+        b'{"iteration":10,"loss":1.25000}',
+        b"",
+        b'{"iteration": 20, "loss": 1.0}',
+    ]
     later = [b'{"iteration": 21, "loss": 0.9}', b'{"iteration": 30, "loss": 0.8}']
     path.write_bytes(b"\n".join(keep + later) + b'\n{"iteration": 31, "lo')
     path.chmod(0o640)
@@ -353,14 +381,21 @@ def test_clean_orphans_removes_only_temporaries(tmp_path):
     (ckpts / "latest").write_text("step_00000005\n")
     (ckpts / ".latest.tmp-q1").write_text("step_00000010\n")
     (tmp_path / ".config.yaml.tmp-abc").write_text("x")
-    keep = [tmp_path / "config.yaml", tmp_path / "metrics.jsonl", tmp_path / DIR_LOCK_NAME, tmp_path / ".hidden",
-            tmp_path / "notes.tmp-1", tmp_path / "sub" / ".x.tmp-2"]
+    keep = [
+        tmp_path / "config.yaml",
+        tmp_path / "metrics.jsonl",
+        tmp_path / DIR_LOCK_NAME,
+        tmp_path / ".hidden",
+        tmp_path / "notes.tmp-1",
+        tmp_path / "sub" / ".x.tmp-2",
+    ]
     for path in keep:
         path.parent.mkdir(exist_ok=True)
         path.write_text("")
     removed = clean_orphans(tmp_path)
-    assert sorted(removed) == sorted([tmp_path / ".config.yaml.tmp-abc", ckpts / ".step_00000010.tmp-xyz",
-                                      ckpts / ".latest.tmp-q1"])
+    assert sorted(removed) == sorted(
+        [tmp_path / ".config.yaml.tmp-abc", ckpts / ".step_00000010.tmp-xyz", ckpts / ".latest.tmp-q1"]
+    )
     assert not any(p.exists() for p in removed)
     assert all(p.exists() for p in keep)
     assert (ckpts / "step_00000005" / ".inner.tmp-1").exists() and (ckpts / "latest").exists()

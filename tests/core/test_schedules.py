@@ -27,11 +27,20 @@ def _from_fixture_config(cfg: dict) -> Schedules:
     # One "epoch" of freeze_last iterations expresses every fixture length as a whole number of epochs.
     epoch_length = cfg["freeze_last"]
     return build_schedules(
-        base_lr=cfg["lr"], min_lr=cfg["min_lr"], epochs=cfg["total"] // epoch_length,
-        warmup_epochs=cfg["warmup"] // epoch_length, epoch_length=epoch_length, weight_decay=cfg["wd"],
-        weight_decay_end=cfg["wd_end"], momentum_teacher=cfg["mom"], final_momentum_teacher=cfg["mom_end"],
-        warmup_teacher_temp=cfg["tt_warm"], teacher_temp=cfg["tt"],
-        warmup_teacher_temp_epochs=cfg["tt_warm_iters"] // epoch_length, freeze_last_layer_epochs=1)
+        base_lr=cfg["lr"],
+        min_lr=cfg["min_lr"],
+        epochs=cfg["total"] // epoch_length,
+        warmup_epochs=cfg["warmup"] // epoch_length,
+        epoch_length=epoch_length,
+        weight_decay=cfg["wd"],
+        weight_decay_end=cfg["wd_end"],
+        momentum_teacher=cfg["mom"],
+        final_momentum_teacher=cfg["mom_end"],
+        warmup_teacher_temp=cfg["tt_warm"],
+        teacher_temp=cfg["tt"],
+        warmup_teacher_temp_epochs=cfg["tt_warm_iters"] // epoch_length,
+        freeze_last_layer_epochs=1,
+    )
 
 
 def test_build_schedules_matches_official_over_every_iteration(reference: dict) -> None:

@@ -44,8 +44,17 @@ def test_lr_grid_picks_the_lr_with_the_best_validation_metric(tmp_path: Path) ->
     train, val = _regression()
     # 1e-4 barely moves in 4 epochs, 5.0 diverges (the Hessian of the MSE is about 2I): 0.05 must win.
     cfg = SupervisedConfig(lrs=(1e-4, 0.05, 5.0), epochs=4, batch_size=32, optimizer="sgd", momentum=0.0)
-    result = train_supervised(lambda: nn.Linear(4, 1), train, _mse, cfg, val=val, metric_fn=_val_mse,
-                              log_path=tmp_path / "log.jsonl", plot_path=tmp_path / "loss.png", show_progress=False)
+    result = train_supervised(
+        lambda: nn.Linear(4, 1),
+        train,
+        _mse,
+        cfg,
+        val=val,
+        metric_fn=_val_mse,
+        log_path=tmp_path / "log.jsonl",
+        plot_path=tmp_path / "loss.png",
+        show_progress=False,
+    )
     by_lr = {run["lr"]: run["metric"] for run in result.per_lr}
     assert result.best_lr == 0.05 and result.best_metric == by_lr[0.05] < 0.5
     assert by_lr[1e-4] > 5.0 and not by_lr[5.0] < by_lr[0.05]  # diverged: inf or NaN, never chosen
@@ -71,8 +80,16 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_epoch(tmp_pat
         return {"score": next(scripted)}
 
     cfg = SupervisedConfig(lrs=(0.01,), epochs=6, batch_size=32, patience=2, select="score", mode="min")
-    result = train_supervised(lambda: nn.Linear(4, 1), train, _mse, cfg, val=val, metric_fn=metric,
-                              log_path=tmp_path / "log.jsonl", show_progress=False)
+    result = train_supervised(
+        lambda: nn.Linear(4, 1),
+        train,
+        _mse,
+        cfg,
+        val=val,
+        metric_fn=metric,
+        log_path=tmp_path / "log.jsonl",
+        show_progress=False,
+    )
     assert len(snapshots) == 4 and result.per_lr[0]["epochs_run"] == 4
     assert result.best_epoch == 2 and result.best_metric == 3.0
     assert not torch.equal(snapshots[1]["weight"], snapshots[3]["weight"])  # training went on after the best
@@ -85,8 +102,15 @@ def test_restore_best_false_keeps_the_last_epoch() -> None:
     train, val = _regression()
     scores = iter([1.0, 2.0, 3.0])
     cfg = SupervisedConfig(lrs=(0.01,), epochs=3, batch_size=64, restore_best=False, select="s")
-    result = train_supervised(lambda: nn.Linear(4, 1), train, _mse, cfg, val=val,
-                              metric_fn=lambda h, v: {"s": next(scores)}, show_progress=False)
+    result = train_supervised(
+        lambda: nn.Linear(4, 1),
+        train,
+        _mse,
+        cfg,
+        val=val,
+        metric_fn=lambda h, v: {"s": next(scores)},
+        show_progress=False,
+    )
     assert result.best_epoch == 3 and result.best_metric == 3.0
 
 
@@ -100,8 +124,9 @@ def test_same_seed_same_result_and_every_lr_starts_from_one_init() -> None:
         return head
 
     def run(seed: int) -> tuple[dict[str, Tensor], list[dict]]:
-        cfg = SupervisedConfig(lrs=(1e-3, 1e-2), epochs=3, batch_size=16, seed=seed, schedule="cosine",
-                               warmup_epochs=0.5)
+        cfg = SupervisedConfig(
+            lrs=(1e-3, 1e-2), epochs=3, batch_size=16, seed=seed, schedule="cosine", warmup_epochs=0.5
+        )
         result = train_supervised(make_head, train, _mse, cfg, val=val, metric_fn=_val_mse, show_progress=False)
         return result.state_dict, [{k: v for k, v in r.items() if k != "time"} for r in result.history]
 
@@ -125,17 +150,35 @@ def test_skipped_batches_and_weighted_epoch_loss() -> None:
     assert math.isfinite(result.history[0]["train_loss"]) and result.best_epoch == 2 and result.best_metric is None
 
 
-@pytest.mark.parametrize(("changes", "field"), [
-    ({"epochs": 0}, "epochs"), ({"lrs": ()}, "lrs"), ({"lrs": (1e-3, 0.0)}, "lrs"), ({"lrs": (-1.0,)}, "lrs"),
-    ({"lrs": (float("nan"),)}, "lrs"), ({"patience": 0}, "patience"), ({"batch_size": 0}, "batch_size"),
-    ({"weight_decay": -1.0}, "weight_decay"), ({"optimizer": "adam"}, "optimizer"), ({"mode": "up"}, "mode"),
-    ({"schedule": "step"}, "schedule"), ({"momentum": 1.0}, "momentum"),
-])
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"lrs": ()}, "lrs"),
+        ({"lrs": (1e-3, 0.0)}, "lrs"),
+        ({"lrs": (-1.0,)}, "lrs"),
+        ({"lrs": (float("nan"),)}, "lrs"),
+        ({"patience": 0}, "patience"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"mode": "up"}, "mode"),
+        ({"schedule": "step"}, "schedule"),
+        ({"momentum": 1.0}, "momentum"),
+    ],
+)
 def test_bad_ranges_are_user_errors(changes: dict, field: str) -> None:
     train, val = _regression(n=16)
     with pytest.raises(DinoscopeError) as err:
-        train_supervised(lambda: nn.Linear(4, 1), train, _mse, SupervisedConfig(**changes), val=val,
-                         metric_fn=_val_mse, show_progress=False)
+        train_supervised(
+            lambda: nn.Linear(4, 1),
+            train,
+            _mse,
+            SupervisedConfig(**changes),
+            val=val,
+            metric_fn=_val_mse,
+            show_progress=False,
+        )
     assert err.value.field == field
 
 
@@ -144,13 +187,22 @@ def test_grid_without_validation_and_unknown_metric_are_user_errors() -> None:
     with pytest.raises(DinoscopeError, match="validation"):
         train_supervised(lambda: nn.Linear(4, 1), train, _mse, SupervisedConfig(lrs=(1e-3, 1e-2)))
     with pytest.raises(DinoscopeError, match="'mae'"):
-        train_supervised(lambda: nn.Linear(4, 1), train, _mse, SupervisedConfig(select="mae", epochs=1), val=val,
-                         metric_fn=_val_mse, show_progress=False)
+        train_supervised(
+            lambda: nn.Linear(4, 1),
+            train,
+            _mse,
+            SupervisedConfig(select="mae", epochs=1),
+            val=val,
+            metric_fn=_val_mse,
+            show_progress=False,
+        )
 
 
 def test_ssl_loss_curve_is_drawn_through_core_plots(tmp_path: Path) -> None:
-    rows = [{"iteration": i, "loss/total": 10 - i, "loss/dino": 8 - i, "loss/koleo": -0.1, "lr": 1e-3 * i}
-            for i in range(1, 6)]
+    rows = [
+        {"iteration": i, "loss/total": 10 - i, "loss/dino": 8 - i, "loss/koleo": -0.1, "lr": 1e-3 * i}
+        for i in range(1, 6)
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = write_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "loss_curve.png")
     with Image.open(out) as image:
@@ -160,6 +212,10 @@ def test_ssl_loss_curve_is_drawn_through_core_plots(tmp_path: Path) -> None:
 
 def test_library_code_never_uses_pyplot_or_switches_the_backend() -> None:
     pattern = re.compile(r"matplotlib\.use\(|import\s+matplotlib\.pyplot|from\s+matplotlib\s+import\s+[^\n]*pyplot")
-    offenders = {str(path.relative_to(REPO)) for package in ("core", "geodino", "bio")
-                 for path in (REPO / package).rglob("*.py") if pattern.search(path.read_text())}
+    offenders = {
+        str(path.relative_to(REPO))
+        for package in ("core", "geodino", "bio")
+        for path in (REPO / package).rglob("*.py")
+        if pattern.search(path.read_text())
+    }
     assert offenders <= PYPLOT_PENDING, f"use core.plots (Figure + FigureCanvasAgg) instead of pyplot in {offenders}"

@@ -55,8 +55,16 @@ def test_efficient_stochastic_depth_keeps_dropped_samples_unchanged() -> None:
 
 
 def test_train_mode_drop_path_changes_output_eval_does_not() -> None:
-    model = VisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=4, num_heads=2, init_values=1.0,
-                              drop_path_rate=0.4, drop_path_uniform=True)
+    model = VisionTransformer(
+        img_size=28,
+        patch_size=14,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        init_values=1.0,
+        drop_path_rate=0.4,
+        drop_path_uniform=True,
+    )
     x = torch.randn(4, 3, 28, 28)
     model.eval()
     with torch.no_grad():
@@ -82,10 +90,12 @@ def test_input_not_multiple_of_patch_is_a_clear_error() -> None:
 
 
 def test_list_input_and_backward() -> None:
-    model = VisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, init_values=1e-5,
-                              num_register_tokens=2)
-    outs = model.forward_features([torch.randn(2, 3, 28, 28), torch.randn(3, 3, 14, 14)],
-                                  masks=[torch.zeros(2, 4, dtype=torch.bool), None])
+    model = VisionTransformer(
+        img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, init_values=1e-5, num_register_tokens=2
+    )
+    outs = model.forward_features(
+        [torch.randn(2, 3, 28, 28), torch.randn(3, 3, 14, 14)], masks=[torch.zeros(2, 4, dtype=torch.bool), None]
+    )
     assert outs[0]["x_norm_regtokens"].shape == (2, 2, 32) and outs[1]["x_norm_patchtokens"].shape == (3, 1, 32)
     (outs[0]["x_norm_clstoken"].sum() + outs[1]["x_norm_clstoken"].sum()).backward()
     assert model.cls_token.grad is not None and model.mask_token.grad is not None

@@ -14,8 +14,17 @@ KEYS = ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm"
 
 def _model(registers: int = 0, **kw: object) -> VisionTransformer:
     torch.manual_seed(0)
-    kw = {"img_size": 28, "patch_size": 14, "embed_dim": 32, "depth": 3, "num_heads": 2, "init_values": 0.5,
-          "num_register_tokens": registers, "attn_backend": "sdpa", **kw}
+    kw = {
+        "img_size": 28,
+        "patch_size": 14,
+        "embed_dim": 32,
+        "depth": 3,
+        "num_heads": 2,
+        "init_values": 0.5,
+        "num_register_tokens": registers,
+        "attn_backend": "sdpa",
+        **kw,
+    }
     return VisionTransformer(**kw)
 
 
@@ -113,10 +122,14 @@ def test_single_element_list_equals_tensor_call_in_training_with_same_seed(rate:
 def test_each_parameter_module_called_once_per_forward() -> None:
     model = _model(2)
     owners = {name or "<root>": m for name, m in model.named_modules() if any(True for _ in m.parameters(False))}
-    assert {"<root>", "patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.ls2", "blocks.2.mlp.fc2", "norm"} <= set(owners)
+    assert {"<root>", "patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.ls2", "blocks.2.mlp.fc2", "norm"} <= set(
+        owners
+    )
     counts: dict[str, int] = dict.fromkeys(owners, 0)
-    handles = [m.register_forward_pre_hook(lambda *_, n=name: counts.__setitem__(n, counts[n] + 1))
-               for name, m in owners.items()]
+    handles = [
+        m.register_forward_pre_hook(lambda *_, n=name: counts.__setitem__(n, counts[n] + 1))
+        for name, m in owners.items()
+    ]
     g, loc, mask = _crops()
     try:
         model(g, masks=mask, is_training=True)
@@ -144,7 +157,7 @@ def test_subset_stochastic_depth_per_set() -> None:
     assert seen == [[(4, 5), (1, 3)]]  # int(B * 0.5) kept per set, at least one; a single branch call
     offset = 0
     for (b, n), kept, alpha in zip(shapes, (4, 1), (2.0, 3.0), strict=True):
-        xi, oi = x[offset:offset + b * n].view(b, n, 4), out[offset:offset + b * n].view(b, n, 4)
+        xi, oi = x[offset : offset + b * n].view(b, n, 4), out[offset : offset + b * n].view(b, n, 4)
         changed = (oi != xi).flatten(1).any(1)
         assert changed.sum() == kept
         torch.testing.assert_close(oi[changed], xi[changed] + alpha)  # residual rescaled by B / kept
@@ -169,7 +182,7 @@ def test_drop_path_on_packed_rows_is_per_sample() -> None:
     out = drop(torch.ones(64 * 3 + 32 * 2, 4), seq_shapes=shapes)
     offset = 0
     for b, n in shapes:
-        per_sample = out[offset:offset + b * n].view(b, n * 4)
+        per_sample = out[offset : offset + b * n].view(b, n * 4)
         assert (per_sample == per_sample[:, :1]).all()  # the whole sample is kept or dropped
         assert set(per_sample[:, 0].tolist()) == {0.0, 2.0}  # kept samples rescaled by 1 / keep
         offset += b * n

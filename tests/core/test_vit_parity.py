@@ -27,11 +27,15 @@ def _fixtures(kind: str) -> list[Path]:
     out = []
     for path in sorted(REF.glob("*.pt")):
         cfg = _load(path).get("config", {})
-        if kind == "vit" and "embed_dim" in cfg and not cfg.get("channel_adaptive"):
-            out.append(path)
-        elif kind == "boc" and cfg.get("channel_adaptive"):
-            out.append(path)
-        elif kind == "head" and "bottleneck_dim" in cfg:
+        if (
+            kind == "vit"
+            and "embed_dim" in cfg
+            and not cfg.get("channel_adaptive")
+            or kind == "boc"
+            and cfg.get("channel_adaptive")
+            or kind == "head"
+            and "bottleneck_dim" in cfg
+        ):
             out.append(path)
     return out
 
@@ -78,8 +82,9 @@ def test_vit_outputs_match_official(path: Path) -> None:
                     _close(model.prepare_tokens_with_masks(x, masks), value, where)
                 elif key == "pos_embed_interpolated":
                     n = value.shape[1]
-                    _close(model.interpolate_pos_encoding(torch.zeros(1, n, value.shape[2]), *x.shape[-2:]),
-                           value, where)
+                    _close(
+                        model.interpolate_pos_encoding(torch.zeros(1, n, value.shape[2]), *x.shape[-2:]), value, where
+                    )
                 elif m := re.fullmatch(r"gil_n(\d+)_(patch|cls)_(\d+)", key):
                     outs = model.get_intermediate_layers(x, n=int(m[1]), reshape=True, return_class_token=True)
                     _close(outs[int(m[3])][0 if m[2] == "patch" else 1], value, where)
@@ -117,8 +122,9 @@ def test_bag_of_channels_matches_official(path: Path) -> None:
 def test_dino_head_matches_official(path: Path) -> None:
     fx = _load(path)
     head = DINOHead(**fx["config"]).eval()
-    assert {k: tuple(v.shape) for k, v in head.state_dict().items()} == \
-        {k: tuple(v.shape) for k, v in fx["state_dict"].items()}
+    assert {k: tuple(v.shape) for k, v in head.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in fx["state_dict"].items()
+    }
     init = fx["state_dict_at_init"]
     assert torch.equal(head.state_dict()["last_layer.weight_g"], init["last_layer.weight_g"])  # g starts at 1
     head.load_state_dict(fx["state_dict"], strict=True)

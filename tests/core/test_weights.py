@@ -27,7 +27,7 @@ def _chunked(sd: dict, chunks: int, depth: int) -> dict:
     for k, v in sd.items():
         if k.startswith("blocks."):
             i = int(k.split(".")[1])
-            k = f"blocks.{i // size}.{k[len('blocks.'):]}"
+            k = f"blocks.{i // size}.{k[len('blocks.') :]}"
         out[k] = v
     return out
 
@@ -62,7 +62,7 @@ def test_chunked_training_checkpoint_teacher_and_student(tmp_path: Path) -> None
     student_model, _ = load_backbone(path, num_heads=4, branch="student")
     assert all(float(p.detach().abs().sum()) == 0 for p in student_model.parameters())
     # The eval-style teacher_checkpoint.pth layout: {"teacher": {backbone.*, dino_head.*}}.
-    torch.save({"teacher": {k[len("teacher."):]: v for k, v in teacher.items()}}, tmp_path / "teacher.pth")
+    torch.save({"teacher": {k[len("teacher.") :]: v for k, v in teacher.items()}}, tmp_path / "teacher.pth")
     model2, meta2 = load_backbone(tmp_path / "teacher.pth", num_heads=4)
     assert meta2.source_format == "dinov2_train"
     _check_vit(model2, VIT)
@@ -89,8 +89,9 @@ def test_hrch_backbone_matches_official_features(name: str) -> None:
     x = F.pad(x, (0, -W % 16, 0, -H % 16))  # HRCH pads bottom/right
     out = HRCH["outputs"][name]
     with torch.no_grad():
-        layers = model.get_intermediate_layers(x, n=HRCH["config"]["backbone"]["out_indices"], reshape=True,
-                                               return_class_token=True, norm=False)
+        layers = model.get_intermediate_layers(
+            x, n=HRCH["config"]["backbone"]["out_indices"], reshape=True, return_class_token=True, norm=False
+        )
         n = out["pos_embed_interp"].shape[1]
         pos = model.interpolate_pos_encoding(torch.zeros(1, n, meta.embed_dim), *x.shape[-2:])
     torch.testing.assert_close(pos, out["pos_embed_interp"], atol=1e-5, rtol=1e-5)
@@ -137,10 +138,13 @@ def test_strict_loading_lists_bad_keys() -> None:
     assert "missing keys [norm.weight, register_tokens]" in text and "unexpected keys [extra.weight]" in text
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"not a checkpoint at all", "not a readable PyTorch checkpoint"),
-    (None, "not a readable PyTorch checkpoint"),  # truncated real file
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"not a checkpoint at all", "not a readable PyTorch checkpoint"),
+        (None, "not a readable PyTorch checkpoint"),  # truncated real file
+    ],
+)
 def test_bad_files_fail_clearly(tmp_path: Path, content: bytes | None, message: str) -> None:
     path = tmp_path / "bad.pth"
     if content is None:

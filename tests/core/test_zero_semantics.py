@@ -26,8 +26,15 @@ from core.ssl.meta_arch import loss_normaliser
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "recipes" / "tiny" / "pretrain.yaml")
-SHORT = ["train.max_iters=6", "train.checkpoint_every=6", "train.log_every=1", "data.params.n=64",
-         "optim.warmup_epochs=0.02", "teacher.warmup_teacher_temp_epochs=0.05", "optim.freeze_last_layer_epochs=0.01"]
+SHORT = [
+    "train.max_iters=6",
+    "train.checkpoint_every=6",
+    "train.log_every=1",
+    "data.params.n=64",
+    "optim.warmup_epochs=0.02",
+    "teacher.warmup_teacher_temp_epochs=0.05",
+    "optim.freeze_last_layer_epochs=0.01",
+]
 ENV = {**os.environ, "DINOSCOPE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 CLIP = 0.05
 
@@ -40,11 +47,24 @@ def _rows(run: Path) -> list[dict[str, Any]]:
 def test_zero_stages_at_world_size_1_give_the_single_strategy_losses_with_clipping_on(tmp_path: Path) -> None:
     """DINOv2 clips backbone, dino_head and ibot_head separately; DeepSpeed's own clipping is one global norm."""
     runs = {}
-    for name, extra in (("single", []), ("zero2", ["dist.strategy=deepspeed", "dist.zero_stage=2"]),
-                        ("zero3", ["dist.strategy=deepspeed", "dist.zero_stage=3"])):
+    for name, extra in (
+        ("single", []),
+        ("zero2", ["dist.strategy=deepspeed", "dist.zero_stage=2"]),
+        ("zero3", ["dist.strategy=deepspeed", "dist.zero_stage=3"]),
+    ):
         runs[name] = tmp_path / name
-        cmd = [sys.executable, "-m", "core.cli", "pretrain", TINY, *SHORT, "optim.clip_grad=0.5", *extra,
-               "--output-dir", str(runs[name])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "core.cli",
+            "pretrain",
+            TINY,
+            *SHORT,
+            "optim.clip_grad=0.5",
+            *extra,
+            "--output-dir",
+            str(runs[name]),
+        ]
         proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     single = _rows(runs["single"])
@@ -60,8 +80,13 @@ def test_zero_stages_at_world_size_1_give_the_single_strategy_losses_with_clippi
 
 def _tiny_pair() -> tuple[nn.ModuleDict, nn.ModuleDict]:
     torch.manual_seed(0)
-    student = nn.ModuleDict({"backbone": nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 8)),
-                             "dino_head": nn.Linear(8, 5), "ibot_head": nn.Linear(8, 3)})
+    student = nn.ModuleDict(
+        {
+            "backbone": nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 8)),
+            "dino_head": nn.Linear(8, 5),
+            "ibot_head": nn.Linear(8, 3),
+        }
+    )
     return student, copy.deepcopy(student)
 
 
@@ -77,24 +102,37 @@ def _train(strategy: Any, rank: int, world: int, steps: int = 3) -> dict[str, An
         for group in strategy.param_groups:
             group["lr"], group["weight_decay"] = 0.05, 0.04
         features = student["backbone"](x[rows])
-        loss = F.mse_loss(student["dino_head"](features), y[rows]) + F.mse_loss(student["ibot_head"](features),
-                                                                                 z[rows])
+        loss = F.mse_loss(student["dino_head"](features), y[rows]) + F.mse_loss(student["ibot_head"](features), z[rows])
         strategy.backward(loss)
         norms.append({k: float(v) for k, v in strategy.clip_and_step().items()})
         strategy.zero_grad()
         strategy.update_teacher(0.9)
-    return {"teacher": strategy.full_teacher_state_dict(), "student": strategy.full_student_state_dict(),
-            "norms": norms}
+    return {
+        "teacher": strategy.full_teacher_state_dict(),
+        "student": strategy.full_student_state_dict(),
+        "norms": norms,
+    }
 
 
 def _clip_worker(rank: int, port: int, stage: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     init_distributed("gloo")
     try:
-        result = _train(build_strategy("deepspeed", zero_stage=stage, micro_batch_size=4,
-                                       stage3_param_persistence_threshold=0), rank, 2)
+        result = _train(
+            build_strategy("deepspeed", zero_stage=stage, micro_batch_size=4, stage3_param_persistence_threshold=0),
+            rank,
+            2,
+        )
         if rank == 0:
             torch.save(result, out)
     finally:
@@ -106,8 +144,9 @@ def _clip_worker(rank: int, port: int, stage: int, out: str) -> None:
 def test_two_rank_zero_clips_each_module_like_one_process(stage: int, tmp_path: Path) -> None:
     pytest.importorskip("deepspeed")
     out = tmp_path / "rank0.pt"
-    context = mp.start_processes(_clip_worker, args=(free_port(), stage, str(out)), nprocs=2, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(
+        _clip_worker, args=(free_port(), stage, str(out)), nprocs=2, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + 180
     while not context.join(timeout=1.0):
         if time.monotonic() > deadline:
@@ -150,8 +189,11 @@ def test_no_local_crops_uses_the_official_normaliser(tmp_path: Path) -> None:
 
     recipe = load_recipe(PretrainRecipe, TINY, ["crops.local_crops_number=0"])
     meta = build_meta_arch(recipe)
-    student = {"global_logits": torch.randn(4, 256), "global_cls": torch.randn(4, 32),
-               "ibot_logits": torch.zeros(0, 256)}
+    student = {
+        "global_logits": torch.randn(4, 256),
+        "global_cls": torch.randn(4, 32),
+        "ibot_logits": torch.zeros(0, 256),
+    }
     teacher = {"dino": torch.softmax(torch.randn(2, 2, 256), -1), "ibot": torch.zeros(0, 256)}
     losses = meta.compute_losses(student, teacher, {"collated_masks": torch.zeros(4, 16, dtype=torch.bool)})
     raw = meta.dino_loss([student["global_logits"]], [teacher["dino"].flatten(0, 1)])
@@ -168,8 +210,16 @@ def test_koleo_with_one_image_per_rank_is_a_clear_error() -> None:
 
 
 def test_dist_section_exposes_accumulation_and_communication_settings() -> None:
-    recipe = load_recipe(PretrainRecipe, TINY, ["dist.grad_accum=4", "dist.overlap_comm=false",
-                                                "dist.reduce_bucket_size=1000", "dist.stage3_max_reuse_distance=0"])
+    recipe = load_recipe(
+        PretrainRecipe,
+        TINY,
+        [
+            "dist.grad_accum=4",
+            "dist.overlap_comm=false",
+            "dist.reduce_bucket_size=1000",
+            "dist.stage3_max_reuse_distance=0",
+        ],
+    )
     assert (recipe.dist.grad_accum, recipe.dist.overlap_comm, recipe.dist.reduce_bucket_size) == (4, False, 1000)
     with pytest.raises(DinoscopeError, match="dist.grad_accum must be at least 1"):
         load_recipe(PretrainRecipe, TINY, ["dist.grad_accum=0"])
@@ -184,11 +234,17 @@ def test_gradient_accumulation_steps_on_the_whole_accumulated_batch(tmp_path: Pa
     from core.train.checkpoint import read_client_state
 
     runs = {}
-    for name, extra in (("big", ["train.batch_size_per_rank=8"]),
-                        ("accum", ["train.batch_size_per_rank=4", "dist.grad_accum=2"])):
+    for name, extra in (
+        ("big", ["train.batch_size_per_rank=8"]),
+        ("accum", ["train.batch_size_per_rank=4", "dist.grad_accum=2"]),
+    ):
         runs[name] = tmp_path / name
-        assert main(["pretrain", TINY, *SHORT, "optim.scaling_rule=sqrt_wrt_1024", *extra,
-                     "--output-dir", str(runs[name])]) == 0
+        assert (
+            main(
+                ["pretrain", TINY, *SHORT, "optim.scaling_rule=sqrt_wrt_1024", *extra, "--output-dir", str(runs[name])]
+            )
+            == 0
+        )
     big, accum = _rows(runs["big"]), _rows(runs["accum"])
     assert [r["lr"] for r in accum] == [r["lr"] for r in big]
     assert read_client_state(runs["accum"])["sampler_state"]["samples_seen"] == 6 * 8

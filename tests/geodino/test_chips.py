@@ -74,10 +74,12 @@ def test_items_are_normalised_images_metre_targets_and_masks(forests: list[tuple
 
 
 def test_mostly_nodata_chips_are_skipped(forests: list[tuple[Path, Path]]) -> None:
-    strict = make_chip_dataset(forests, chip_size=32, split="train", block_size=64, val_fraction=0.0,
-                               max_nodata_fraction=0.05)
-    loose = make_chip_dataset(forests, chip_size=32, split="train", block_size=64, val_fraction=0.0,
-                              max_nodata_fraction=1.0)
+    strict = make_chip_dataset(
+        forests, chip_size=32, split="train", block_size=64, val_fraction=0.0, max_nodata_fraction=0.05
+    )
+    loose = make_chip_dataset(
+        forests, chip_size=32, split="train", block_size=64, val_fraction=0.0, max_nodata_fraction=1.0
+    )
     assert len(loose) == 2 * (256 // 32) ** 2 and len(strict) < len(loose)
     worst = max(1.0 - strict[i][2].float().mean().item() for i in range(len(strict)))
     assert worst <= 0.05
@@ -87,14 +89,16 @@ def test_mostly_nodata_chips_are_skipped(forests: list[tuple[Path, Path]]) -> No
 
 def test_chips_on_a_real_target_from_another_grid_are_valid_only_inside_it() -> None:
     pairs = [(REAL / "rmnp-rgb.tif", REAL / "rmnp-dem.tif")]
-    chips = make_chip_dataset(pairs, chip_size=64, split="train", block_size=128, val_fraction=0.0,
-                              max_nodata_fraction=0.5)
+    chips = make_chip_dataset(
+        pairs, chip_size=64, split="train", block_size=128, val_fraction=0.0, max_nodata_fraction=0.5
+    )
     with rasterio.open(REAL / "rmnp-dem.tif") as dem:
         dem_bounds = dem.bounds
     for i in range(len(chips)):
         left, bottom, right, top = chips.chip_bounds(i)
-        overlap = (min(right, dem_bounds.right) - max(left, dem_bounds.left)) * \
-                  (min(top, dem_bounds.top) - max(bottom, dem_bounds.bottom))
+        overlap = (min(right, dem_bounds.right) - max(left, dem_bounds.left)) * (
+            min(top, dem_bounds.top) - max(bottom, dem_bounds.bottom)
+        )
         assert overlap >= 0.45 * (right - left) * (top - bottom)
         _, target, valid = chips[i]
         heights = target[valid]
@@ -105,7 +109,7 @@ def test_chips_on_a_real_target_from_another_grid_are_valid_only_inside_it() -> 
 def test_pickled_chip_dataset_gives_the_same_items(forests: list[tuple[Path, Path]]) -> None:
     train = make_chip_dataset(forests[:1], chip_size=32, split="train", block_size=64, val_fraction=0.3)
     clone = pickle.loads(pickle.dumps(train))
-    for a, b in zip(train[0], clone[0]):
+    for a, b in zip(train[0], clone[0], strict=False):
         assert torch.equal(a, b)
 
 
@@ -126,8 +130,18 @@ def test_chip_arguments_are_validated(forests: list[tuple[Path, Path]]) -> None:
 def _constant(path: Path, size: int, value: int, nodata_cols: int = 0) -> Path:
     data = np.full((2, size, size), value, np.uint8)
     data[:, :, :nodata_cols] = 0
-    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=2, dtype="uint8", nodata=0,
-                       crs="EPSG:32617", transform=Affine(1, 0, 400000, 0, -1, 3290000)) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=2,
+        dtype="uint8",
+        nodata=0,
+        crs="EPSG:32617",
+        transform=Affine(1, 0, 400000, 0, -1, 3290000),
+    ) as dst:
         dst.write(data)
     return path
 
@@ -154,9 +168,10 @@ def test_windows_are_hwc_float_in_unit_range_with_global_scaling(forests: list[t
 def test_files_are_sampled_by_area(tmp_path: Path) -> None:
     small = _constant(tmp_path / "small.tif", 48, 50)
     large = _constant(tmp_path / "large.tif", 96, 200)
-    windows = GeoTiffWindows([small, large], window_size=16, length=400,
-                             normaliser=BandNormaliser.from_dtype("uint8", 2))
-    np.testing.assert_allclose(windows.weights, np.array([33 ** 2, 81 ** 2]) / (33 ** 2 + 81 ** 2))
+    windows = GeoTiffWindows(
+        [small, large], window_size=16, length=400, normaliser=BandNormaliser.from_dtype("uint8", 2)
+    )
+    np.testing.assert_allclose(windows.weights, np.array([33**2, 81**2]) / (33**2 + 81**2))
     items = np.stack([windows[i] for i in range(400)])
     from_large = np.isclose(items.max(axis=(1, 2, 3)), 200 / 255)
     assert abs(from_large.mean() - windows.weights[1]) < 0.06  # about 0.86; 3 binomial sigmas is 0.05
@@ -166,20 +181,31 @@ def test_files_are_sampled_by_area(tmp_path: Path) -> None:
 
 def test_windows_with_too_much_nodata_are_redrawn(tmp_path: Path) -> None:
     half_empty = _constant(tmp_path / "half.tif", 96, 120, nodata_cols=48)
-    strict = GeoTiffWindows(half_empty, window_size=16, length=100, max_nodata_fraction=0.0,
-                            normaliser=BandNormaliser.from_dtype("uint8", 2))
+    strict = GeoTiffWindows(
+        half_empty,
+        window_size=16,
+        length=100,
+        max_nodata_fraction=0.0,
+        normaliser=BandNormaliser.from_dtype("uint8", 2),
+    )
     assert all((strict[i] > 0).all() for i in range(100))  # zeros would be nodata pixels
     assert all(strict.locate(i)[1].col_off >= 48 for i in range(100))
-    loose = GeoTiffWindows(half_empty, window_size=16, length=100, max_nodata_fraction=1.0,
-                           normaliser=BandNormaliser.from_dtype("uint8", 2))
+    loose = GeoTiffWindows(
+        half_empty,
+        window_size=16,
+        length=100,
+        max_nodata_fraction=1.0,
+        normaliser=BandNormaliser.from_dtype("uint8", 2),
+    )
     assert any((loose[i] == 0).any() for i in range(100))
 
 
 def test_factory_expands_globs_and_rejects_bad_input(tmp_path: Path) -> None:
     for name in ("a.tif", "b.tif"):
         _constant(tmp_path / name, 32, 100)
-    dataset = build_geotiff_dataset(paths=str(tmp_path / "*.tif"), window_size=16, length=4,
-                                    normaliser={"offset": [0, 0], "scale": [255, 255]})
+    dataset = build_geotiff_dataset(
+        paths=str(tmp_path / "*.tif"), window_size=16, length=4, normaliser={"offset": [0, 0], "scale": [255, 255]}
+    )
     assert [p.name for p in dataset.paths] == ["a.tif", "b.tif"] and dataset[0].shape == (16, 16, 2)
     assert [p.name for p in build_geotiff_dataset(paths=tmp_path, window_size=8).paths] == ["a.tif", "b.tif"]
     with pytest.raises(DinoscopeError, match="unknown keys \\['crop'\\]"):

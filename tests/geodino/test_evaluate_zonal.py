@@ -21,10 +21,24 @@ from geodino.metrics import BlockR2, CanopyMetrics
 ORIGIN = (500000.0, 4000000.0)
 
 
-def write_float(path: Path, values: np.ndarray, *, nodata: float = np.nan, crs: str = "EPSG:32617",
-                transform: rasterio.Affine | None = None) -> Path:
-    profile = {"driver": "GTiff", "width": values.shape[1], "height": values.shape[0], "count": 1,
-               "dtype": "float32", "crs": crs, "transform": transform or from_origin(*ORIGIN, 1, 1), "nodata": nodata}
+def write_float(
+    path: Path,
+    values: np.ndarray,
+    *,
+    nodata: float = np.nan,
+    crs: str = "EPSG:32617",
+    transform: rasterio.Affine | None = None,
+) -> Path:
+    profile = {
+        "driver": "GTiff",
+        "width": values.shape[1],
+        "height": values.shape[0],
+        "count": 1,
+        "dtype": "float32",
+        "crs": crs,
+        "transform": transform or from_origin(*ORIGIN, 1, 1),
+        "nodata": nodata,
+    }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(values.astype(np.float32), 1)
     return path
@@ -40,8 +54,13 @@ def pair(tmp_path: Path) -> tuple[Path, Path, np.ndarray, np.ndarray, np.ndarray
     ref_stored[100:110] = -9999
     valid = np.isfinite(pred)
     valid[100:110] = False
-    return (write_float(tmp_path / "pred.tif", pred), write_float(tmp_path / "ref.tif", ref_stored, nodata=-9999),
-            pred, ref, valid)
+    return (
+        write_float(tmp_path / "pred.tif", pred),
+        write_float(tmp_path / "ref.tif", ref_stored, nodata=-9999),
+        pred,
+        ref,
+        valid,
+    )
 
 
 def test_evaluate_writes_metrics_equal_to_a_direct_computation_and_figures(tmp_path: Path, pair: tuple) -> None:
@@ -70,8 +89,7 @@ def test_evaluate_aligns_a_reference_in_another_crs(tmp_path: Path) -> None:
     pred_path = write_float(tmp_path / "pred.tif", ref + 1.0)
     utm = write_float(tmp_path / "ref_utm.tif", ref)
     with rasterio.open(utm) as src:
-        transform, width, height = calculate_default_transform(src.crs, "EPSG:3857", src.width, src.height,
-                                                               *src.bounds)
+        transform, width, height = calculate_default_transform(src.crs, "EPSG:3857", src.width, src.height, *src.bounds)
         profile = src.profile | {"crs": "EPSG:3857", "transform": transform, "width": width, "height": height}
         with rasterio.open(tmp_path / "ref_3857.tif", "w", **profile) as dst:
             reproject(rasterio.band(src, 1), rasterio.band(dst, 1), resampling=Resampling.bilinear)
@@ -88,8 +106,9 @@ def test_evaluate_cli_reports_and_returns_zero(tmp_path: Path, pair: tuple, caps
     assert (tmp_path / "cli" / "metrics.json").exists()
 
 
-def test_evaluate_cli_errors_name_file_field_and_fix(tmp_path: Path, pair: tuple,
-                                                     capsys: pytest.CaptureFixture) -> None:
+def test_evaluate_cli_errors_name_file_field_and_fix(
+    tmp_path: Path, pair: tuple, capsys: pytest.CaptureFixture
+) -> None:
     pred_path, ref_path, _, ref, _ = pair
     out = str(tmp_path / "e")
     assert main(["canopy", "evaluate", str(tmp_path / "missing.tif"), str(ref_path), "--out", out]) == 2
@@ -103,7 +122,7 @@ def test_evaluate_cli_errors_name_file_field_and_fix(tmp_path: Path, pair: tuple
 
     truncated = tmp_path / "truncated.tif"
     data = pred_path.read_bytes()
-    truncated.write_bytes(data[:len(data) // 2])
+    truncated.write_bytes(data[: len(data) // 2])
     assert main(["canopy", "evaluate", str(truncated), str(ref_path), "--out", out]) == 2
     err = capsys.readouterr().err
     assert "truncated.tif" in err and "[pixels]" in err and "corrupt" in err
@@ -120,11 +139,12 @@ def chm(tmp_path: Path) -> Path:
 
 def plots_in_wgs84() -> gpd.GeoDataFrame:
     x0, y0 = ORIGIN
-    shapes = [box(x0, y0 - 20, x0 + 20, y0),  # 10 m crowns, a quarter nodata
-              box(x0 + 40, y0 - 60, x0 + 60, y0 - 40),  # half 10 m, half 2 m
-              box(x0 + 90, y0 - 100, x0 + 110, y0 - 90)]  # 2 m, half outside the raster
-    plots = gpd.GeoDataFrame({"plot": ["a", "b", "c"], "owner": ["x", "y", "z"]}, geometry=shapes,
-                             crs="EPSG:32617")
+    shapes = [
+        box(x0, y0 - 20, x0 + 20, y0),  # 10 m crowns, a quarter nodata
+        box(x0 + 40, y0 - 60, x0 + 60, y0 - 40),  # half 10 m, half 2 m
+        box(x0 + 90, y0 - 100, x0 + 110, y0 - 90),
+    ]  # 2 m, half outside the raster
+    plots = gpd.GeoDataFrame({"plot": ["a", "b", "c"], "owner": ["x", "y", "z"]}, geometry=shapes, crs="EPSG:32617")
     return plots.to_crs("EPSG:4326")
 
 
@@ -148,8 +168,20 @@ def test_zonal_statistics_per_polygon_keep_attributes(tmp_path: Path, chm: Path,
 
 def test_zonal_cover_threshold_option(tmp_path: Path, chm: Path) -> None:
     plots_in_wgs84().to_file(tmp_path / "plots.gpkg")
-    assert main(["canopy", "zonal", str(chm), str(tmp_path / "plots.gpkg"), str(tmp_path / "s.gpkg"),
-                 "--cover-threshold", "1"]) == 0
+    assert (
+        main(
+            [
+                "canopy",
+                "zonal",
+                str(chm),
+                str(tmp_path / "plots.gpkg"),
+                str(tmp_path / "s.gpkg"),
+                "--cover-threshold",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert gpd.read_file(tmp_path / "s.gpkg")["cover"].tolist() == pytest.approx([1.0, 1.0, 1.0])
 
 
@@ -161,12 +193,14 @@ def test_zonal_cli_errors(tmp_path: Path, chm: Path, capsys: pytest.CaptureFixtu
     assert not (tmp_path / "o.gpkg").exists()
 
     plots_in_wgs84().to_file(tmp_path / "plots.gpkg")
-    assert main(["canopy", "zonal", str(tmp_path / "nope.tif"), str(tmp_path / "plots.gpkg"),
-                 str(tmp_path / "o.gpkg")]) == 2
+    assert (
+        main(["canopy", "zonal", str(tmp_path / "nope.tif"), str(tmp_path / "plots.gpkg"), str(tmp_path / "o.gpkg")])
+        == 2
+    )
     assert "nope.tif" in capsys.readouterr().err
 
     truncated = tmp_path / "truncated.tif"
-    truncated.write_bytes(chm.read_bytes()[:chm.stat().st_size // 2])
+    truncated.write_bytes(chm.read_bytes()[: chm.stat().st_size // 2])
     assert main(["canopy", "zonal", str(truncated), str(tmp_path / "plots.gpkg"), str(tmp_path / "o.gpkg")]) == 2
     assert "truncated.tif" in capsys.readouterr().err
     assert not (tmp_path / "o.gpkg").exists()

@@ -15,13 +15,13 @@ import torch
 from rasterio.windows import Window
 
 from core.config import load_recipe
-from core.launch.kinds import RecipeKind
 from core.errors import DinoscopeError
+from core.launch.kinds import RecipeKind
 from core.weights import save_backbone
 from geodino.cli_model import add_model_commands
 from geodino.config import CanopyFitRecipe, CanopyPredictRecipe
-from geodino.kinds import canopy_fit_kind, canopy_predict_kind
 from geodino.fit import fit_canopy
+from geodino.kinds import canopy_fit_kind, canopy_predict_kind
 from geodino.metrics import RegressionAccumulator
 from geodino.model import backbone_head_model, load_canopy_model, random_backbone, save_canopy_model
 from geodino.normalise import BandNormaliser
@@ -75,8 +75,23 @@ def test_fit_writes_model_metrics_log_and_plots(fitted: Path) -> None:
 def test_fitted_head_beats_the_mean_on_held_out_forests(fitted: Path, tmp_path: Path) -> None:
     scenes = [make_forest(tmp_path / "scenes", size=256, seed=s) for s in HELD_OUT_SEEDS]
     out_dir = tmp_path / "pred"
-    assert run_cli(["predict", "--model", str(fitted / "model.safetensors"), *[str(rgb) for rgb, _ in scenes],
-                    "--out", str(out_dir), "--tile", "128", "--overlap", "32"]) == 0
+    assert (
+        run_cli(
+            [
+                "predict",
+                "--model",
+                str(fitted / "model.safetensors"),
+                *[str(rgb) for rgb, _ in scenes],
+                "--out",
+                str(out_dir),
+                "--tile",
+                "128",
+                "--overlap",
+                "32",
+            ]
+        )
+        == 0
+    )
     assert (out_dir / "mosaic.vrt").exists()
     train_mean = json.loads((fitted / "metrics.json").read_text())["train_mean_height_m"]
     model, baseline = RegressionAccumulator(), RegressionAccumulator()
@@ -93,8 +108,26 @@ def test_fitted_head_beats_the_mean_on_held_out_forests(fitted: Path, tmp_path: 
 def test_predict_uncertainty_uint16_and_grid(fitted: Path, tmp_path: Path) -> None:
     rgb, _ = make_forest(tmp_path, size=96, seed=7)
     out = tmp_path / "chm.tif"
-    assert run_cli(["predict", "--model", str(fitted / "model.safetensors"), str(rgb), "--out", str(out),
-                    "--uncertainty", "--dtype", "uint16", "--tile", "64", "--overlap", "16"]) == 0
+    assert (
+        run_cli(
+            [
+                "predict",
+                "--model",
+                str(fitted / "model.safetensors"),
+                str(rgb),
+                "--out",
+                str(out),
+                "--uncertainty",
+                "--dtype",
+                "uint16",
+                "--tile",
+                "64",
+                "--overlap",
+                "16",
+            ]
+        )
+        == 0
+    )
     with rasterio.open(rgb) as src, rasterio.open(out) as pred, rasterio.open(tmp_path / "chm_std.tif") as std:
         assert (pred.crs, pred.transform, pred.shape) == (src.crs, src.transform, src.shape)
         assert pred.dtypes[0] == "uint16" and pred.nodata == 65535 and std.dtypes[0] == "uint16"
@@ -106,8 +139,15 @@ def test_predict_uncertainty_uint16_and_grid(fitted: Path, tmp_path: Path) -> No
 
 def test_wrong_band_count_names_file_and_bands(fitted: Path, tmp_path: Path) -> None:
     path = tmp_path / "two_bands.tif"
-    profile = {"driver": "GTiff", "width": 32, "height": 32, "count": 2, "dtype": "uint8", "crs": "EPSG:32617",
-               "transform": rasterio.transform.from_origin(0, 0, 0.5, 0.5)}
+    profile = {
+        "driver": "GTiff",
+        "width": 32,
+        "height": 32,
+        "count": 2,
+        "dtype": "uint8",
+        "crs": "EPSG:32617",
+        "transform": rasterio.transform.from_origin(0, 0, 0.5, 0.5),
+    }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(np.zeros((2, 32, 32), np.uint8))
     with pytest.raises(DinoscopeError) as err:
@@ -123,9 +163,17 @@ def test_model_round_trip_embedded_and_by_reference(tmp_path: Path, one_thread: 
     torch.manual_seed(0)
     backbone, meta = random_backbone("vit_test", 8, 32)
     head = {"embed_dim": 64, "n_layers": 2, "n_bins": 32, "max_height": 40.0, "bin_rule": "softmax"}
-    model = backbone_head_model(backbone, meta, "linear", head, layers=[0, 1], feature_norm=False,
-                                normaliser=BandNormaliser([10.0] * 3, [50.0] * 3), band_names=["r", "g", "b"],
-                                metadata={"gsd_m": 0.5})
+    model = backbone_head_model(
+        backbone,
+        meta,
+        "linear",
+        head,
+        layers=[0, 1],
+        feature_norm=False,
+        normaliser=BandNormaliser([10.0] * 3, [50.0] * 3),
+        band_names=["r", "g", "b"],
+        metadata={"gsd_m": 0.5},
+    )
     torch.nn.init.normal_(model.net.head.conv.weight, std=0.5)
     x = torch.randn(2, 3, 30, 45)  # not a multiple of the patch: padded, then cropped back
     expected = model.predict_batch(x)
@@ -158,8 +206,11 @@ def test_feature_cache_is_reused_and_fine_tuning_updates_the_backbone(fitted: Pa
     result = fit_canopy(recipe, rerun)  # same backbone, layers and chips: the features come from the cache
     assert key.stat().st_mtime_ns == stamp and result["head"]["mode"] == "regression"
     assert set(load_canopy_model(rerun / "model.safetensors")(torch.zeros(1, 3, 16, 16))) == {"height"}
-    recipe = load_recipe(CanopyFitRecipe, TINY_FIT, ["optim.epochs=1", "backbone.frozen=false",
-                                                     "data.synthetic.scenes=1", "train.progress=false"])
+    recipe = load_recipe(
+        CanopyFitRecipe,
+        TINY_FIT,
+        ["optim.epochs=1", "backbone.frozen=false", "data.synthetic.scenes=1", "train.progress=false"],
+    )
     tuned = fit_canopy(recipe, tmp_path / "tuned")
     assert not (tmp_path / "tuned" / "cache").exists() and tuned["frozen"] is False
     torch.manual_seed(recipe.train.seed)
@@ -169,9 +220,18 @@ def test_feature_cache_is_reused_and_fine_tuning_updates_the_backbone(fitted: Pa
 
 
 def test_dpt_head_fits_saves_and_reloads(tmp_path: Path, one_thread: None) -> None:
-    overrides = ["head.type=dpt", "head.n_bins=32", "head.dpt_channels=16", "backbone.patch_size=16",
-                 "backbone.overrides={depth: 4}", "backbone.n_layers=4", "optim.epochs=1", "optim.lr=0.0001",
-                 "data.synthetic.scenes=1", "train.progress=false"]
+    overrides = [
+        "head.type=dpt",
+        "head.n_bins=32",
+        "head.dpt_channels=16",
+        "backbone.patch_size=16",
+        "backbone.overrides={depth: 4}",
+        "backbone.n_layers=4",
+        "optim.epochs=1",
+        "optim.lr=0.0001",
+        "data.synthetic.scenes=1",
+        "train.progress=false",
+    ]
     result = fit_canopy(load_recipe(CanopyFitRecipe, TINY_FIT, overrides), tmp_path)
     assert result["head"]["type"] == "dpt" and np.isfinite(result["val"]["mae"])
     model = load_canopy_model(tmp_path / "model.safetensors")
@@ -180,8 +240,12 @@ def test_dpt_head_fits_saves_and_reloads(tmp_path: Path, one_thread: None) -> No
 
 
 def test_recipes_validate_and_kinds_resolve() -> None:
-    recipes = {"tiny/canopy_fit": CanopyFitRecipe, "geo/canopy_fit_vitl14": CanopyFitRecipe,
-               "tiny/canopy_predict": CanopyPredictRecipe, "geo/canopy_predict_hrch": CanopyPredictRecipe}
+    recipes = {
+        "tiny/canopy_fit": CanopyFitRecipe,
+        "geo/canopy_fit_vitl14": CanopyFitRecipe,
+        "tiny/canopy_predict": CanopyPredictRecipe,
+        "geo/canopy_predict_hrch": CanopyPredictRecipe,
+    }
     for name, schema in recipes.items():
         recipe = load_recipe(schema, REPO / "recipes" / f"{name}.yaml")
         assert isinstance(recipe, schema)

@@ -17,10 +17,25 @@ def test_pretrain_on_geotiff_windows(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["canopy", "synth", str(forests), "--scenes", "2", "--size", "128"]) == 0
     assert len(list(forests.glob("*_rgb.tif"))) == 2
     run = tmp_path / "run"
-    assert main(["pretrain", RECIPE, f"data.params.paths={forests}/*_rgb.tif", "data.params.length=64",
-                 "train.max_iters=4", "train.checkpoint_every=4", "train.log_every=1", "optim.warmup_epochs=0.01",
-                 "teacher.warmup_teacher_temp_epochs=0.01", "optim.freeze_last_layer_epochs=0.01",
-                 "--output-dir", str(run)]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                RECIPE,
+                f"data.params.paths={forests}/*_rgb.tif",
+                "data.params.length=64",
+                "train.max_iters=4",
+                "train.checkpoint_every=4",
+                "train.log_every=1",
+                "optim.warmup_epochs=0.01",
+                "teacher.warmup_teacher_temp_epochs=0.01",
+                "optim.freeze_last_layer_epochs=0.01",
+                "--output-dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert (run / "metrics.jsonl").read_text().count("\n") == 4
     assert main(["export", str(run), str(tmp_path / "geo.safetensors")]) == 0
     _, meta = load_backbone(tmp_path / "geo.safetensors")

@@ -35,12 +35,16 @@ def _our_outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Ten
     """Every tensor the fixture stores, computed by our model under the fixture's names."""
     captured: dict[str, torch.Tensor] = {}
     head = model.decode_head
-    hooks = [head.reassemble_blocks.register_forward_hook(
-        lambda m, i, o: captured.update({f"reassemble_{k}": t for k, t in enumerate(o)}))]
+    hooks = [
+        head.reassemble_blocks.register_forward_hook(
+            lambda m, i, o: captured.update({f"reassemble_{k}": t for k, t in enumerate(o)})
+        )
+    ]
     for k in range(4):
         hooks.append(head.convs[k].register_forward_hook(lambda m, i, o, k=k: captured.update({f"convs_{k}": o})))
-        hooks.append(head.fusion_blocks[k].register_forward_hook(
-            lambda m, i, o, k=k: captured.update({f"fusion_{k}": o})))
+        hooks.append(
+            head.fusion_blocks[k].register_forward_hook(lambda m, i, o, k=k: captured.update({f"fusion_{k}": o}))
+        )
     with torch.no_grad():
         out = model(x)
         features = model.features(x)
@@ -49,8 +53,13 @@ def _our_outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Ten
         pos = model.backbone.interpolate_pos_encoding(torch.zeros_like(tokens[:1]), *padded.shape[-2:])
     for hook in hooks:
         hook.remove()
-    captured.update(height_m=out["height"][:, None], decode_head_out=out["height"][:, None] / 10,
-                    logits_sub=out["logits"][:, :, ::8, ::8], tokens_after_embed=tokens, pos_embed_interp=pos)
+    captured.update(
+        height_m=out["height"][:, None],
+        decode_head_out=out["height"][:, None] / 10,
+        logits_sub=out["logits"][:, :, ::8, ::8],
+        tokens_after_embed=tokens,
+        pos_embed_interp=pos,
+    )
     for k, (patch, cls) in enumerate(features):
         captured.update({f"backbone_feat_{k}": patch, f"backbone_cls_{k}": cls})
     return captured
@@ -77,7 +86,7 @@ def test_uncertainty_is_the_std_of_the_official_bin_distribution() -> None:
     p = (torch.relu(logits) + 0.1) / (torch.relu(logits) + 0.1).sum(1, keepdim=True)
     metres = FX["bins"] * 10
     mean = torch.einsum("bkhw,k->bhw", p, metres)
-    std = torch.sqrt(torch.einsum("bkhw,k->bhw", p, metres ** 2) - mean ** 2)
+    std = torch.sqrt(torch.einsum("bkhw,k->bhw", p, metres**2) - mean**2)
     torch.testing.assert_close(out["height"][:, ::8, ::8], mean, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(out["std"][:, ::8, ::8], std, atol=1e-3, rtol=1e-4)
     assert float(std.min()) > 20  # random weights: nearly uniform bins, std near 100 / sqrt(12) m
@@ -87,11 +96,18 @@ def test_uncertainty_is_the_std_of_the_official_bin_distribution() -> None:
 def test_infers_real_checkpoint_layouts(size: str) -> None:
     shapes = FX[f"key_shapes_full_{size}"]
     config = infer_hrch_config(shapes)
-    expected = {"huge": (1280, 32, 20, [9, 16, 22, 29], [160, 320, 640, 1280]),
-                "large": (1024, 24, 16, [4, 11, 17, 23], [128, 256, 512, 1024])}[size]
+    expected = {
+        "huge": (1280, 32, 20, [9, 16, 22, 29], [160, 320, 640, 1280]),
+        "large": (1024, 24, 16, [4, 11, 17, 23], [128, 256, 512, 1024]),
+    }[size]
     b = config["backbone"]
-    assert (b["embed_dim"], b["depth"], b["num_heads"], config["out_indices"],
-            config["head"]["post_process_channels"]) == expected
+    assert (
+        b["embed_dim"],
+        b["depth"],
+        b["num_heads"],
+        config["out_indices"],
+        config["head"]["post_process_channels"],
+    ) == expected
     assert config["head"]["channels"] == 256 and config["head"]["n_bins"] == 256
     with torch.device("meta"):  # full size without allocating 2.7 GB
         model = build_hrch(config)
@@ -137,8 +153,11 @@ def test_hrch_checkpoint_is_a_canopy_model_that_crops_and_round_trips(tmp_path: 
 
 def _random_fixture_layout(seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(v.shape, generator=gen) * (0.05 if v.ndim > 1 else 0.01) + (1.0 if "norm" in k and
-            k.endswith("weight") else 0.0) for k, v in FX["state_dict"].items()}
+    return {
+        k: torch.randn(v.shape, generator=gen) * (0.05 if v.ndim > 1 else 0.01)
+        + (1.0 if "norm" in k and k.endswith("weight") else 0.0)
+        for k, v in FX["state_dict"].items()
+    }
 
 
 def test_random_hrch_checkpoint_predicts_real_orthophoto_on_its_grid(tmp_path: Path) -> None:

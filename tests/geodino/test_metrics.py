@@ -37,10 +37,10 @@ def test_streaming_equals_one_shot_and_excludes_invalid_and_nan() -> None:
     r = chunks.result()
     assert r["n_pixels"] == keep.sum()
     assert r["mae"] == pytest.approx(np.abs(err).mean())
-    assert r["rmse"] == pytest.approx(np.sqrt((err ** 2).mean()))
+    assert r["rmse"] == pytest.approx(np.sqrt((err**2).mean()))
     assert r["bias"] == pytest.approx(err.mean())
     sst = ((ref[keep] - ref[keep].mean()) ** 2).sum()
-    assert r["r2"] == pytest.approx(1 - (err ** 2).sum() / sst)
+    assert r["r2"] == pytest.approx(1 - (err**2).sum() / sst)
 
 
 def test_nmae_leaves_out_reference_below_two_metres() -> None:

@@ -23,14 +23,29 @@ REAL = Path(__file__).parents[1] / "data" / "real"
 NORM = BandNormaliser([127.5] * 3, [60.0] * 3)
 
 
-def write_rgb(path: Path, height: int, width: int, *, seed: int = 0, origin: tuple[float, float] = (500000, 4e6),
-              nodata_box: tuple[slice, slice] | None = (slice(0, 17), slice(0, 29))) -> Path:
+def write_rgb(
+    path: Path,
+    height: int,
+    width: int,
+    *,
+    seed: int = 0,
+    origin: tuple[float, float] = (500000, 4e6),
+    nodata_box: tuple[slice, slice] | None = (slice(0, 17), slice(0, 29)),
+) -> Path:
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 250, (3, height, width)).astype(np.uint8)
     if nodata_box is not None:
         data[:, nodata_box[0], nodata_box[1]] = 255
-    profile = {"driver": "GTiff", "width": width, "height": height, "count": 3, "dtype": "uint8",
-               "crs": "EPSG:32617", "transform": from_origin(*origin, 0.5, 0.5), "nodata": 255}
+    profile = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32617",
+        "transform": from_origin(*origin, 0.5, 0.5),
+        "nodata": 255,
+    }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
     return path
@@ -75,7 +90,7 @@ def test_ramp_weights_are_smooth_positive_and_blend_to_positive_everywhere() -> 
     total = np.zeros((160, 160))
     for y in regular.rows:
         for x in regular.cols:
-            total[y:y + 64, x:x + 64] += regular.weights(y, x)
+            total[y : y + 64, x : x + 64] += regular.weights(y, x)
     np.testing.assert_allclose(total, 1.0, atol=1e-6)
     # Irregular last tiles and a zero-weight margin still leave every pixel with positive weight.
     grid = TileGrid(height=150, width=203, tile=64, overlap=16, margin=2)
@@ -83,7 +98,7 @@ def test_ramp_weights_are_smooth_positive_and_blend_to_positive_everywhere() -> 
     total = np.zeros((150, 203))
     for y in grid.rows:
         for x in grid.cols:
-            total[y:y + 64, x:x + 64] += grid.weights(y, x)
+            total[y : y + 64, x : x + 64] += grid.weights(y, x)
     assert total.min() > 0.05
 
 
@@ -91,8 +106,9 @@ def test_tiled_prediction_equals_whole_raster_for_a_local_model(tmp_path: Path) 
     path = write_rgb(tmp_path / "in.tif", 301, 389)
     model = LocalConv()
     with RasterSource(path) as src:
-        predict_raster(model, src, NORM, tmp_path / "tiled.tif", tile=96, overlap=24, margin=1, batch_size=3,
-                       progress=False)
+        predict_raster(
+            model, src, NORM, tmp_path / "tiled.tif", tile=96, overlap=24, margin=1, batch_size=3, progress=False
+        )
     expected, valid = whole_prediction(model, path)
     with rasterio.open(tmp_path / "tiled.tif") as out:
         tiled = out.read(1)
@@ -110,8 +126,17 @@ def test_tiled_prediction_equals_whole_raster_for_a_local_model(tmp_path: Path) 
 def test_output_is_a_valid_cog_on_the_input_grid_with_nodata_and_tags(tmp_path: Path) -> None:
     path = write_rgb(tmp_path / "in.tif", 700, 650)
     with RasterSource(path) as src:
-        predict_raster(LocalConv(), src, NORM, tmp_path / "chm.tif", tile=128, overlap=32, batch_size=4,
-                       num_workers=2, progress=False)
+        predict_raster(
+            LocalConv(),
+            src,
+            NORM,
+            tmp_path / "chm.tif",
+            tile=128,
+            overlap=32,
+            batch_size=4,
+            num_workers=2,
+            progress=False,
+        )
     ok, errors, _ = validate_cog(tmp_path / "chm.tif")
     assert ok, errors
     with rasterio.open(path) as src, rasterio.open(tmp_path / "chm.tif") as out:
@@ -130,8 +155,18 @@ def test_uint16_output_is_scaled_documented_and_std_is_written(tmp_path: Path) -
     model = LocalConv(with_std=True)
     with RasterSource(path) as src:
         predict_raster(model, src, NORM, tmp_path / "f.tif", tile=64, overlap=16, progress=False)
-        predict_raster(model, src, NORM, tmp_path / "u.tif", tile=64, overlap=16, out_dtype="uint16",
-                       uint16_scale=100, uncertainty_path=tmp_path / "u_std.tif", progress=False)
+        predict_raster(
+            model,
+            src,
+            NORM,
+            tmp_path / "u.tif",
+            tile=64,
+            overlap=16,
+            out_dtype="uint16",
+            uint16_scale=100,
+            uncertainty_path=tmp_path / "u_std.tif",
+            progress=False,
+        )
     with rasterio.open(tmp_path / "f.tif") as f, rasterio.open(tmp_path / "u.tif") as u:
         metres = f.read(1)
         assert u.dtypes[0] == "uint16" and u.nodata == 65535 and u.scales[0] == pytest.approx(0.01)
@@ -154,7 +189,7 @@ def test_interrupted_run_resumes_without_redoing_strips_and_gives_the_identical_
         grid = TileGrid(330, 250, 64, 16)
         batches_per_row = -(-len(grid.cols) // 2)
 
-        class Crash(RuntimeError):
+        class CrashError(RuntimeError):
             pass
 
         model = LocalConv()
@@ -162,10 +197,10 @@ def test_interrupted_run_resumes_without_redoing_strips_and_gives_the_identical_
 
         def failing(batch: torch.Tensor) -> dict[str, torch.Tensor]:
             if model.batches == stop_after:
-                raise Crash("simulated failure")
+                raise CrashError("simulated failure")
             return model(batch)
 
-        with pytest.raises(Crash):
+        with pytest.raises(CrashError):
             predict_raster(failing, src, NORM, tmp_path / "out.tif", **kwargs)
         assert not (tmp_path / "out.tif").exists(), "no half-written file under the final name"
         progress = json.loads((tmp_path / ".out.tif.partial.json").read_text())
@@ -177,17 +212,19 @@ def test_interrupted_run_resumes_without_redoing_strips_and_gives_the_identical_
     assert (tmp_path / "out.tif").read_bytes() == (tmp_path / "ref.tif").read_bytes()
 
 
-def test_predict_many_splits_inputs_across_ranks_and_mosaics_them_in_a_vrt(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    inputs = [write_rgb(tmp_path / f"tile{i}.tif", 80, 100, seed=i, origin=(500000 + 50 * i, 4e6),
-                        nodata_box=None) for i in range(3)]
+def test_predict_many_splits_inputs_across_ranks_and_mosaics_them_in_a_vrt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inputs = [
+        write_rgb(tmp_path / f"tile{i}.tif", 80, 100, seed=i, origin=(500000 + 50 * i, 4e6), nodata_box=None)
+        for i in range(3)
+    ]
     out_dir = tmp_path / "out"
     monkeypatch.setenv("WORLD_SIZE", "2")
     done = {}
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
-        done[rank] = predict_many(LocalConv(), inputs, out_dir, normaliser=NORM, tile=64, overlap=16,
-                                  progress=False)
+        done[rank] = predict_many(LocalConv(), inputs, out_dir, normaliser=NORM, tile=64, overlap=16, progress=False)
         if rank == 0:
             assert not (out_dir / "mosaic.vrt").exists(), "rank 1 has not finished yet"
     assert [p.name for p in done[0]] == ["tile0.tif", "tile2.tif"] and [p.name for p in done[1]] == ["tile1.tif"]
@@ -196,15 +233,27 @@ def test_predict_many_splits_inputs_across_ranks_and_mosaics_them_in_a_vrt(tmp_p
         mosaic = vrt.read(1)
     for i in range(3):
         with rasterio.open(out_dir / f"tile{i}.tif") as one:
-            np.testing.assert_array_equal(mosaic[:, 100 * i:100 * (i + 1)], one.read(1))
+            np.testing.assert_array_equal(mosaic[:, 100 * i : 100 * (i + 1)], one.read(1))
 
 
 def test_predict_many_with_uncertainty_mosaics_heights_and_std(tmp_path: Path) -> None:
-    inputs = [write_rgb(tmp_path / f"tile{i}.tif", 64, 70, seed=i, origin=(500000 + 35 * i, 4e6), nodata_box=None)
-              for i in range(2)]
+    inputs = [
+        write_rgb(tmp_path / f"tile{i}.tif", 64, 70, seed=i, origin=(500000 + 35 * i, 4e6), nodata_box=None)
+        for i in range(2)
+    ]
     out_dir = tmp_path / "out"
-    done = predict_many(LocalConv(with_std=True), inputs, out_dir, normaliser=NORM, uncertainty=True, tile=64,
-                        overlap=16, rank=0, world_size=1, progress=False)
+    done = predict_many(
+        LocalConv(with_std=True),
+        inputs,
+        out_dir,
+        normaliser=NORM,
+        uncertainty=True,
+        tile=64,
+        overlap=16,
+        rank=0,
+        world_size=1,
+        progress=False,
+    )
     assert [p.name for p in done] == ["tile0.tif", "tile1.tif"]
     with rasterio.open(out_dir / "mosaic_std.vrt") as vrt, rasterio.open(out_dir / "tile1_std.tif") as one:
         assert vrt.width == 140

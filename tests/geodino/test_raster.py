@@ -21,8 +21,15 @@ OSBS = REAL / "OSBS_029.tif"
 
 
 def _write(path: Path, data: np.ndarray, **profile: object) -> Path:
-    base = {"driver": "GTiff", "count": data.shape[0], "height": data.shape[1], "width": data.shape[2],
-            "dtype": data.dtype, "crs": "EPSG:32617", "transform": Affine(1, 0, 400000, 0, -1, 3290000)}
+    base = {
+        "driver": "GTiff",
+        "count": data.shape[0],
+        "height": data.shape[1],
+        "width": data.shape[2],
+        "dtype": data.dtype,
+        "crs": "EPSG:32617",
+        "transform": Affine(1, 0, 400000, 0, -1, 3290000),
+    }
     base.update(profile)
     with rasterio.open(path, "w", **base) as dst:
         dst.write(data)
@@ -105,9 +112,8 @@ def test_truncated_real_tiff_fails_with_a_clear_message(tmp_path: Path) -> None:
     cut = tmp_path / "half.tif"
     blob = OSBS.read_bytes()
     cut.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(DinoscopeError) as err:
-        with RasterSource(cut) as src:
-            src.read(Window(0, 350, 400, 50))  # the strips at the bottom are past the cut
+    with pytest.raises(DinoscopeError) as err, RasterSource(cut) as src:
+        src.read(Window(0, 350, 400, 50))  # the strips at the bottom are past the cut
     message = str(err.value)
     assert str(cut) in message and "truncated or corrupt" in message
 

@@ -29,7 +29,7 @@ def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path: Path
     first = make_forest(tmp_path / "a", size=128, seed=7)
     again = make_forest(tmp_path / "b", size=128, seed=7)
     other = make_forest(tmp_path / "c", size=128, seed=8)
-    for one, two in zip(first, again):
+    for one, two in zip(first, again, strict=False):
         np.testing.assert_array_equal(_read(one), _read(two))
     assert not np.array_equal(_read(first[0]), _read(other[0]))
     assert not np.array_equal(np.nan_to_num(_read(first[1])), np.nan_to_num(_read(other[1])))
@@ -57,7 +57,7 @@ def test_files_share_a_tiled_compressed_projected_grid(tmp_path: Path) -> None:
 def test_crowns_follow_allometry_and_have_positive_height() -> None:
     scene = forest_scene(size=256, seed=3, nodata_fraction=0.0)
     trees = scene.trees
-    assert 2.0 <= trees.height.min() and trees.height.max() <= 40.0 and trees.height.size > 100
+    assert trees.height.min() >= 2.0 and trees.height.max() <= 40.0 and trees.height.size > 100
     assert np.corrcoef(trees.height, trees.radius)[0, 1] > 0.9
     assert np.all(np.diff(allometric_radius(np.array([2.0, 10.0, 20.0, 40.0]))) > 0)
     # At every stem the canopy is at least that tree's crown-edge height, and the tallest top is reached.
@@ -72,8 +72,7 @@ def test_taller_trees_cast_longer_shadows() -> None:
     size, res, elevation = 200, 0.5, 45.0
     lengths = {}
     for height in (10.0, 30.0):
-        trees = Trees(col=np.array([150.0]), row=np.array([150.0]), height=np.array([height]),
-                      radius=np.array([2.0]))
+        trees = Trees(col=np.array([150.0]), row=np.array([150.0]), height=np.array([height]), radius=np.array([2.0]))
         chm, _ = canopy_height(trees, size, res)
         shadow = cast_shadows(chm, res, sun_elevation=elevation, sun_azimuth=135.0) & (chm == 0)
         rows, cols = np.nonzero(shadow)
