@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # dinoscope developer entry point. Each command sets up .venv on first use (CPU torch pinned by constraints.txt).
 #   ./dev.sh demo   set-up, then the main job on the embedded example data
-#   ./dev.sh test   set-up, then the test suite (what CI runs)
+#   ./dev.sh test   set-up, then ruff (lint + format check) and the test suite (what CI runs)
 #   ./dev.sh setup  set-up only
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -34,6 +34,10 @@ case "${1:-}" in
   test)
     setup
     shift
+    # Lint first (seconds): ruff's rule sets and formatting as configured in pyproject.toml; the import contract
+    # (no cycles, core free of domains, layered core sub-packages) is tests/test_architecture.py.
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
     exec "$VENV/bin/python" -m pytest -q "$@"
     ;;
   *)
