@@ -72,8 +72,8 @@ def run_one(
     from bio.backbone import CellBackbone
     from bio.cells import crop_cells
     from bio.embed import embed_plate
+    from bio.fields import CentroidFinder, list_fields
     from bio.io import read_image
-    from bio.pretrain_data import CentroidFinder, list_fields
 
     plates = sorted(screen.glob("plate*.ome.zarr"))
     backbone = CellBackbone.load(weights, batch_size=batch)

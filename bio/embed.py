@@ -16,6 +16,8 @@ redone on resume and no cell is stored twice. Every batch holds crops of one fie
 depend on its neighbours and a resumed run equals an uninterrupted one. When every field is committed, rank 0
 merges the parts in field order into the final store (atomic renames) and removes them. Memory: one field (plus the
 next one being read ahead) and one batch of crops.
+
+The per-field pipeline lives in :mod:`bio.embed_fields`, the part writer and merge in :mod:`bio.embed_store`.
 """
 
 from __future__ import annotations
@@ -27,102 +29,21 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bio.backbone import CellBackbone
-from bio.pretrain_data import CentroidFinder, FieldInfo, field_channel_names, list_fields, open_fields
+from bio.embed_fields import embed_field, read_ahead
+from bio.embed_store import PartWriter, all_commits, merge_parts, prepare_run, wait_for_all
+from bio.fields import CentroidFinder, FieldInfo, field_channel_names, list_fields, open_fields
 from core.errors import DinoscopeError
-from core.io import atomic_path, write_json
+from core.io import write_json
 from core.logging import JsonlLogger, progress
 
 log = logging.getLogger(__name__)
 
 EDGE_POLICIES = ("pad", "skip")
 DTYPES = ("float32", "float16")
-_CHUNK_BYTES = 8 * 2**20
-_COLUMNS = ("cell_id", "y", "x", "edge")
-
-
-@dataclass
-class FieldResult:
-    """One field's cells: embeddings ``[n, D]``, ids, centroids, edge flags and optional class probabilities."""
-
-    embeddings: np.ndarray
-    cell_id: np.ndarray
-    y: np.ndarray
-    x: np.ndarray
-    edge: np.ndarray
-    probabilities: np.ndarray | None = None
-
-
-class PartWriter:
-    """One rank's resumable output: a rows file per field and ``committed.jsonl``, one line per finished field.
-
-    A field's rows file is written (atomically) before its commit line, so a crash leaves at worst an uncommitted
-    file, which the resumed run simply writes again.
-    """
-
-    def __init__(self, part_dir: Path) -> None:
-        self.dir = part_dir
-        part_dir.mkdir(parents=True, exist_ok=True)
-        self.commits = read_commits(part_dir, rewrite=True)
-        self.rows = sum(c["n"] for c in self.commits)
-
-    def append(self, field: FieldInfo, result: FieldResult, seconds: float) -> None:
-        name = f"field-{field.index:08d}.npz"
-        self._write_rows(name, result)
-        self._commit(
-            {
-                "field": field.index,
-                "key": field.key,
-                "rows": name,
-                "n": len(result.cell_id),
-                "seconds": round(seconds, 4),
-            }
-        )
-        self.rows += len(result.cell_id)
-
-    def _write_rows(self, name: str, result: FieldResult) -> None:
-        arrays = {key: value for key, value in vars(result).items() if value is not None}
-        with atomic_path(self.dir / name) as tmp, tmp.open("wb") as handle:
-            np.savez(handle, **arrays)
-
-    def _commit(self, record: dict[str, Any]) -> None:
-        with (self.dir / "committed.jsonl").open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        self.commits.append(record)
-
-
-def read_commits(part_dir: Path, *, rewrite: bool = False) -> list[dict[str, Any]]:
-    """Commit records of a part; a torn last line (crash mid-write) is ignored, and removed with ``rewrite``."""
-    path = part_dir / "committed.jsonl"
-    if not path.exists():
-        return []
-    records, lines = [], path.read_text().splitlines()
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    if rewrite and len(records) != len(lines):
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return records
-
-
-def _all_commits(run: Path) -> dict[int, tuple[Path, dict[str, Any]]]:
-    found: dict[int, tuple[Path, dict[str, Any]]] = {}
-    for part in sorted((run / "parts").glob("rank-*")):
-        for record in read_commits(part):
-            found.setdefault(int(record["field"]), (part, record))
-    return found
 
 
 def embed_plate(
@@ -229,22 +150,22 @@ def embed_plate(
         "head": head_meta["sha256"] if head_meta else None,
         "n_fields": len(fields),
     }
-    if _prepare_run(run, settings, resume, env):
+    if prepare_run(run, settings, resume, env):
         log.info("%s is complete; nothing to do", run)
         return json.loads((run / "embed_summary.json").read_text()) if env.is_main else {"rank": env.rank}
     dim = description["features"]["dim"]
     part = PartWriter(run / "parts" / f"rank-{env.rank:04d}")
-    done = set(_all_commits(run))
+    done = set(all_commits(run))
     mine = [f.index for f in fields if f.index % env.world_size == env.rank and f.index not in done]
     logger = JsonlLogger(run / "embed_log.jsonl")
     started = time.perf_counter()
 
     def embed_fields() -> Iterator[None]:
         """One tick per embedded cell, so the shared progress bar shows cells/s."""
-        loaded = _read_ahead(open_fields(fields, set(mine)), finder, names, flats, prefetch)
+        loaded = read_ahead(open_fields(fields, set(mine)), finder, names, flats, prefetch)
         for field, image_data, cents, ids in loaded:
             t0 = time.perf_counter()
-            result = _embed_field(backbone, image_data, cents, ids, names, crop_size, edge, classifier, dtype)
+            result = embed_field(backbone, image_data, cents, ids, names, crop_size, edge, classifier, dtype)
             part.append(field, result, time.perf_counter() - t0)
             seconds = time.perf_counter() - t0
             logger.log(
@@ -261,7 +182,7 @@ def embed_plate(
         pass
     if not env.is_main:
         return {"rank": env.rank, "fields": len(mine), "rows": part.rows}
-    commits = _wait_for_all(run, len(fields), poll_seconds)
+    commits = wait_for_all(run, len(fields), poll_seconds)
     attrs = {
         **description,
         "crops": settings["crops"],
@@ -272,7 +193,7 @@ def embed_plate(
         "head": {k: head_meta[k] for k in ("label", "classes", "sha256", "path")} if head_meta else None,
         "format": "dinoscope.cells.embed/1",
     }
-    n_cells = _merge(run, fields, commits, dim, dtype, chunk_rows, attrs, head_meta)
+    n_cells = merge_parts(run, fields, commits, dim, dtype, chunk_rows, attrs, head_meta)
     shutil.rmtree(run / "parts", ignore_errors=True)
     seconds = time.perf_counter() - started
     summary = {
@@ -299,210 +220,3 @@ def _embedding_channels(
     if channels:
         return [available[i] for i in channel_indices(available, list(channels), fields[0].source)]
     return [name for name in available if name != label_channel]
-
-
-def _prepare_run(run: Path, settings: dict[str, Any], resume: bool, env: Any) -> bool:
-    """Check or record the run's settings; True when the run is already complete.
-
-    Under several ranks every rank finishes this step before any starts embedding, so no rank reads commits that
-    another is about to discard.
-    """
-    config = run / "embed_config.json"
-    complete = False
-    if not resume:
-        if env.is_main:
-            for stale in ("embeddings.zarr", "cells.parquet", "embed_summary.json", "embed_config.json"):
-                target = run / stale
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-            for part in (run / "parts").glob("rank-*"):
-                if int(part.name.split("-")[1]) >= env.world_size:
-                    shutil.rmtree(part)
-        shutil.rmtree(run / "parts" / f"rank-{env.rank:04d}", ignore_errors=True)
-    elif config.exists():
-        previous = json.loads(config.read_text())
-        if previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise DinoscopeError(
-                f"this run was started with different settings ({', '.join(changed)})",
-                path=run,
-                field=changed[0],
-                fix="use a new output directory, or pass --no-resume to start over",
-            )
-        complete = (run / "embed_summary.json").exists()
-    if not complete:
-        run.mkdir(parents=True, exist_ok=True)
-        write_json(config, settings)
-    if env.world_size > 1:
-        _start_barrier()
-    return complete
-
-
-def _start_barrier() -> None:
-    """One barrier over a temporary gloo group; the end of the run is synchronised through files instead,
-    because ranks finish far apart and a collective would time out."""
-    import torch.distributed as dist
-
-    from core.distributed.env import init_distributed
-
-    created = not (dist.is_available() and dist.is_initialized())
-    init_distributed(backend="gloo")
-    dist.barrier()
-    if created:
-        dist.destroy_process_group()
-
-
-def _read_ahead(
-    opened: Iterator[tuple[FieldInfo, Any]],
-    finder: CentroidFinder,
-    names: list[str],
-    flats: dict[str, np.ndarray] | None,
-    prefetch: bool,
-) -> Iterator[tuple[FieldInfo, np.ndarray, np.ndarray, np.ndarray]]:
-    """Read pixels and find centroids of each field, one field ahead in a worker thread when ``prefetch``."""
-
-    def load(item: tuple[FieldInfo, Any]) -> tuple[FieldInfo, np.ndarray, np.ndarray, np.ndarray]:
-        field, image = item
-        with image:
-            data = np.asarray(image.select(names).read())
-            if flats is not None:
-                from bio.preprocess import apply_illumination
-
-                for c, name in enumerate(names):
-                    if name in flats:
-                        data[c] = apply_illumination(data[c], flats[name]).astype(data.dtype)
-            cents, ids = finder.find(field, image, data, names)
-        return field, data, cents, ids
-
-    if not prefetch:
-        yield from map(load, opened)
-        return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for item in opened:
-            future = pool.submit(load, item)
-            if pending is not None:
-                yield pending.result()
-            pending = future
-        if pending is not None:
-            yield pending.result()
-
-
-def _embed_field(
-    backbone: CellBackbone,
-    data: np.ndarray,
-    cents: np.ndarray,
-    ids: np.ndarray,
-    names: list[str],
-    crop_size: int,
-    edge: str,
-    classifier: Any,
-    dtype: str,
-) -> FieldResult:
-    from bio.cells import crop_cells
-
-    parts: list[FieldResult] = []
-    for start in range(0, len(cents), backbone.batch_size):
-        batch = crop_cells(data, cents[start : start + backbone.batch_size], crop_size, edge=edge)
-        kept = start + batch.kept
-        emb = backbone.embed(batch.crops, names)
-        probs = None
-        if classifier is not None:
-            from bio.heads import predict_proba
-
-            probs = predict_proba(classifier, emb)
-        parts.append(FieldResult(emb.astype(dtype), ids[kept], cents[kept, 0], cents[kept, 1], batch.at_edge, probs))
-    if not parts:  # a field without cells still gets committed, with zero rows
-        probs = None if classifier is None else np.zeros((0, classifier.head.linear.out_features), np.float32)
-        return FieldResult(
-            np.zeros((0, backbone.embedding_dim(len(names))), dtype),
-            np.zeros(0, np.int64),
-            np.zeros(0),
-            np.zeros(0),
-            np.zeros(0, bool),
-            probs,
-        )
-    joined = {name: np.concatenate([getattr(p, name) for p in parts]) for name in ("embeddings",) + _COLUMNS}
-    probs = None if classifier is None else np.concatenate([p.probabilities for p in parts])
-    return FieldResult(**joined, probabilities=probs)
-
-
-def _wait_for_all(run: Path, n_fields: int, poll_seconds: float) -> dict[int, tuple[Path, dict[str, Any]]]:
-    while len(commits := _all_commits(run)) < n_fields:
-        log.debug("waiting for other ranks: %d of %d fields committed", len(commits), n_fields)
-        time.sleep(poll_seconds)
-    return commits
-
-
-def _merge(
-    run: Path,
-    fields: list[FieldInfo],
-    commits: dict[int, tuple[Path, dict[str, Any]]],
-    dim: int,
-    dtype: str,
-    chunk_rows: int,
-    attrs: dict[str, Any],
-    head_meta: dict[str, Any] | None,
-) -> int:
-    """Concatenate the parts in field order into ``embeddings.zarr`` + ``cells.parquet``, writing whole chunks."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import zarr
-
-    n_total = sum(commits[f.index][1]["n"] for f in fields)
-    rows = chunk_rows or max(64, _CHUNK_BYTES // max(1, dim * np.dtype(dtype).itemsize))
-    with atomic_path(run / "embeddings.zarr", is_dir=True) as store, atomic_path(run / "cells.parquet") as table:
-        group = zarr.open_group(store, mode="w", zarr_format=3)
-        group.attrs.update(json.loads(json.dumps({**attrs, "n_cells": n_total, "n_fields": len(fields)}, default=str)))
-        array = group.create_array("embeddings", shape=(n_total, dim), chunks=(rows, dim), dtype=dtype)
-        writer = pq.ParquetWriter(table, _cells_schema(head_meta))
-        pending: list[dict[str, np.ndarray]] = []
-        written = buffered = 0
-        for field in [*fields, None]:
-            if field is not None:
-                part, record = commits[field.index]
-                with np.load(part / record["rows"]) as stored:
-                    rows_of = {name: stored[name] for name in stored.files}
-                for key in ("plate", "well", "site"):
-                    rows_of[key] = np.full(record["n"], getattr(field, key), dtype=object)
-                pending.append(rows_of)
-                buffered += record["n"]
-            take = buffered if field is None else (buffered // rows) * rows
-            if not take:
-                continue
-            joined = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-            array[written : written + take] = joined["embeddings"][:take]
-            writer.write_table(
-                pa.table(_cell_columns({k: v[:take] for k, v in joined.items()}, head_meta), schema=writer.schema)
-            )
-            pending = [{k: v[take:] for k, v in joined.items()}] if buffered > take else []
-            written, buffered = written + take, buffered - take
-        writer.close()
-    return n_total
-
-
-def _cells_schema(head_meta: dict[str, Any] | None) -> Any:
-    import pyarrow as pa
-
-    columns = [
-        ("plate", pa.string()),
-        ("well", pa.string()),
-        ("site", pa.string()),
-        ("cell_id", pa.int64()),
-        ("x", pa.float64()),
-        ("y", pa.float64()),
-        ("edge", pa.bool_()),
-    ]
-    if head_meta:
-        columns.append((f"predicted_{head_meta['label']}", pa.string()))
-        columns += [(f"prob_{name}", pa.float32()) for name in head_meta["classes"]]
-    return pa.schema(columns)
-
-
-def _cell_columns(rows: dict[str, np.ndarray], head_meta: dict[str, Any] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {key: rows[key] for key in ("plate", "well", "site", "cell_id", "x", "y", "edge")}
-    if head_meta:
-        classes = np.asarray(head_meta["classes"], dtype=object)
-        probs = rows["probabilities"]
-        out[f"predicted_{head_meta['label']}"] = classes[probs.argmax(axis=1)] if len(probs) else classes[:0]
-        out.update({f"prob_{name}": probs[:, k] for k, name in enumerate(head_meta["classes"])})
-    return out

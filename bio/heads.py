@@ -91,7 +91,8 @@ def fit_head(
     """
     import zarr
 
-    from bio.profiles import normalise_well_names, open_run, read_platemap
+    from bio.profiles import normalise_well_names, open_run
+    from bio.profiles_platemap import read_platemap
 
     if not 0.0 < holdout_fraction < 1.0:
         raise DinoscopeError(f"holdout_fraction must lie in (0, 1), got {holdout_fraction}", field="holdout_fraction")

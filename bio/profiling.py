@@ -8,16 +8,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from bio.evaluate import batch_separation
-from bio.profiles import (
-    aggregate_wells,
-    annotate_wells,
-    feature_columns,
-    normalise_profiles,
-    read_platemap,
-    treatment_consensus,
-    write_profiles,
-)
+from bio.evaluate_knn import batch_separation
+from bio.profiles import feature_columns, write_profiles
+from bio.profiles_aggregate import aggregate_wells
+from bio.profiles_normalise import normalise_profiles, treatment_consensus
+from bio.profiles_platemap import annotate_wells, read_platemap
 
 
 def build_profiles(

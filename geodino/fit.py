@@ -15,36 +15,29 @@ training mean everywhere), ``RUN/pred_vs_ref.png`` and ``RUN/loss_curve.png``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from numpy.lib.format import open_memmap
 from torch import Tensor
 
 from core.config.loader import to_yaml
 from core.errors import DinoscopeError
 from core.io import atomic_path, write_json
-from core.logging import progress
 from core.models.vit import VisionTransformer
 from core.train.supervised import SupervisedConfig, train_supervised
 from core.weights.load import load_backbone
 from core.weights.meta import WeightMeta
-from geodino.chips import ChipSampler, make_chip_dataset
 from geodino.config import CanopyFitRecipe
 from geodino.evaluate import HIST_BIN_M, HIST_MAX_M
+from geodino.fit_data import Batch, FeatureCache, LiveChips, chip_splits, file_id, training_pairs
 from geodino.metrics import RegressionAccumulator
 from geodino.model import CanopyModel, backbone_head_model, random_backbone, resolve_device, save_canopy_model
-from geodino.normalise import BandNormaliser
 from geodino.plots import density_scatter
 
 log = logging.getLogger(__name__)
-Batch = dict[str, Any]
 
 
 def fit_canopy(recipe: CanopyFitRecipe, run_dir: str | Path) -> dict[str, Any]:
@@ -58,7 +51,7 @@ def fit_canopy(recipe: CanopyFitRecipe, run_dir: str | Path) -> dict[str, Any]:
     pairs = training_pairs(recipe, run_dir)
     bands = [int(b) if str(b).isdigit() else b for b in recipe.data.bands] or None
     backbone, meta, backbone_id = _backbone(recipe)
-    chips = _chip_splits(recipe, pairs, bands, meta)
+    chips = chip_splits(recipe, pairs, bands, meta)
     if chips["train"].images[0].count != meta.in_chans:
         raise DinoscopeError(
             f"the backbone takes {meta.in_chans} channels but {chips['train'].images[0].count} "
@@ -92,7 +85,7 @@ def fit_canopy(recipe: CanopyFitRecipe, run_dir: str | Path) -> dict[str, Any]:
             "backbone": backbone_id,
             "layers": layers,
             "feature_norm": recipe.backbone.feature_norm,
-            "pairs": [[_file_id(a), _file_id(b)] for a, b in pairs],
+            "pairs": [[file_id(a), file_id(b)] for a, b in pairs],
             "resampling": recipe.data.resampling,
         }
         sources = {
@@ -152,22 +145,7 @@ def fit_canopy(recipe: CanopyFitRecipe, run_dir: str | Path) -> dict[str, Any]:
     return result
 
 
-# -- data ---------------------------------------------------------------------------------------------------------
-def training_pairs(recipe: CanopyFitRecipe, run_dir: Path) -> list[tuple[Path, Path]]:
-    """The recipe's (image, CHM) pairs plus any synthetic forests it asks for (written once, then reused)."""
-    from geodino.synthetic import make_forest
-
-    pairs = [(Path(image), Path(chm)) for image, chm in recipe.data.pairs]
-    syn = recipe.data.synthetic
-    out = run_dir / "synthetic" / f"{syn.size}px_{syn.res:g}m"
-    for seed in range(syn.seed, syn.seed + syn.scenes):
-        rgb, chm = out / f"forest_seed{seed}_rgb.tif", out / f"forest_seed{seed}_chm.tif"
-        if not (rgb.exists() and chm.exists()):
-            rgb, chm = make_forest(out, size=syn.size, seed=seed, res=syn.res)
-        pairs.append((rgb, chm))
-    return pairs
-
-
+# -- model ----------------------------------------------------------------------------------------------------------
 def _layers(recipe: CanopyFitRecipe, depth: int) -> list[int]:
     layers = list(recipe.backbone.layers) or list(range(depth - recipe.backbone.n_layers, depth))
     if min(layers) < 0 or max(layers) >= depth or layers != sorted(set(layers)):
@@ -177,33 +155,6 @@ def _layers(recipe: CanopyFitRecipe, depth: int) -> list[int]:
             fix=f"the backbone has {depth} blocks; e.g. layers: {list(range(max(0, depth - 4), depth))}",
         )
     return layers
-
-
-def _file_id(path: Path) -> list[Any]:
-    """Name, size and modification time: identifies a file's content for the cache, wherever it was copied."""
-    stat = path.stat()
-    return [path.name, stat.st_size, stat.st_mtime_ns]
-
-
-def _chip_splits(
-    recipe: CanopyFitRecipe, pairs: list[tuple[Path, Path]], bands: list[int | str] | None, meta: WeightMeta
-) -> dict[str, ChipSampler]:
-    d = recipe.data
-    normaliser = None  # percentiles: computed by the train split from the images, then shared with val
-    if d.normalise == "weights_meta":
-        normaliser = BandNormaliser.from_weights_meta(meta.mean, meta.std, d.dtype_max)
-    common: dict[str, Any] = {
-        "stride": d.stride or None,
-        "block_size": d.block_size or None,
-        "val_fraction": d.val_fraction,
-        "seed": d.split_seed,
-        "max_nodata_fraction": d.max_nodata_fraction,
-        "bands": bands,
-        "resampling": d.resampling,
-    }
-    train = make_chip_dataset(pairs, d.chip_size, split="train", normaliser=normaliser, **common)
-    val = make_chip_dataset(pairs, d.chip_size, split="val", normaliser=train.normaliser, **common)
-    return {"train": train, "val": val}
 
 
 def _backbone(recipe: CanopyFitRecipe) -> tuple[VisionTransformer, WeightMeta, dict[str, Any]]:
@@ -245,136 +196,6 @@ def head_kwargs(recipe: CanopyFitRecipe, embed_dim: int, n_layers: int) -> dict[
     if h.type == "dpt":
         return {**common, "channels": h.dpt_channels}
     return {**common, "n_layers": n_layers, "use_cls_token": h.use_cls_token, "mode": h.mode, "upsample": h.upsample}
-
-
-class LiveChips:
-    """Chips read on the fly (fine-tuning, or a frozen backbone without cache): batches of images."""
-
-    def __init__(self, chips: ChipSampler, num_workers: int = 0) -> None:
-        self.chips = chips
-        self.num_workers = num_workers
-
-    def __len__(self) -> int:
-        return len(self.chips)
-
-    def batches(
-        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
-    ) -> Iterator[Batch]:
-        loader = torch.utils.data.DataLoader(
-            self.chips, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=self.num_workers
-        )
-        for image, target, valid in loader:
-            yield {"image": image, "target": target, "valid": valid}
-
-    def target_mean(self) -> float:
-        total, count = 0.0, 0
-        for batch in self.batches(64):
-            total += float(batch["target"][batch["valid"]].double().sum())
-            count += int(batch["valid"].sum())
-        return total / max(count, 1)
-
-
-class FeatureCache:
-    """Frozen-backbone features of one chip split, computed once into ``directory`` and memory-mapped.
-
-    Files: ``patches.npy`` float16 ``[N, L, D, h, w]``, ``cls.npy`` float16 ``[N, L, D]``, ``target.npy`` float32
-    ``[N, S, S]``, ``valid.npy`` bool ``[N, S, S]``; ``key.json`` (written last) says what they were computed from.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        chips: ChipSampler,
-        model: CanopyModel,
-        key: dict[str, Any],
-        batch_size: int,
-        show_progress: bool = True,
-    ) -> None:
-        self.dir = directory
-        size = chips.chip_size
-        self.padded = size + (-size % model.pad_multiple)
-        full_key = {**key, "chips": chips.chips, "chip_size": size, "normaliser": chips.normaliser.to_dict()}
-        digest = hashlib.sha256(json.dumps(full_key, sort_keys=True, default=str).encode()).hexdigest()
-        key_file = directory / "key.json"
-        stored = json.loads(key_file.read_text()) if key_file.exists() else {}
-        if stored.get("digest") != digest:
-            key_file.unlink(missing_ok=True)
-            self._build(chips, model, batch_size, digest, show_progress)
-        else:
-            log.info("reusing cached features in %s", directory)
-        self.mean = float(json.loads(key_file.read_text())["target_mean"])
-        self.arrays = {
-            name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in ("patches", "cls", "target", "valid")
-        }
-
-    def __len__(self) -> int:
-        return int(self.arrays["target"].shape[0])
-
-    def target_mean(self) -> float:
-        return self.mean
-
-    def _build(self, chips: ChipSampler, model: CanopyModel, batch_size: int, digest: str, show_progress: bool) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        n, size, pad = len(chips), chips.chip_size, self.padded - chips.chip_size
-        device = next(model.parameters()).device
-        loader = torch.utils.data.DataLoader(chips, batch_size=batch_size, shuffle=False)
-        arrays: dict[str, np.ndarray] = {}
-        total, count, start = 0.0, 0, 0
-        for image, target, valid in progress(
-            loader,
-            total=len(loader),
-            desc=f"features {chips.split}",
-            unit="batch",
-            disable=None if show_progress else True,
-        ):
-            with torch.inference_mode():
-                features = model.net.features(torch.nn.functional.pad(image, (0, pad, 0, pad)).to(device))
-            patches = torch.stack([p for p, _ in features], 1).half().cpu().numpy()
-            cls = torch.stack([c for _, c in features], 1).half().cpu().numpy()
-            if not arrays:
-                shapes = {
-                    "patches": (patches.shape[1:], np.float16),
-                    "cls": (cls.shape[1:], np.float16),
-                    "target": ((size, size), np.float32),
-                    "valid": ((size, size), np.bool_),
-                }
-                arrays = {
-                    k: open_memmap(self.dir / f"{k}.npy", mode="w+", dtype=dt, shape=(n, *shape))
-                    for k, (shape, dt) in shapes.items()
-                }
-            stop = start + len(image)
-            for name, value in (
-                ("patches", patches),
-                ("cls", cls),
-                ("target", target.numpy()),
-                ("valid", valid.numpy()),
-            ):
-                arrays[name][start:stop] = value
-            total += float(target[valid].double().sum())
-            count += int(valid.sum())
-            start = stop
-        for array in arrays.values():
-            array.flush()
-        del arrays
-        write_json(self.dir / "key.json", {"digest": digest, "target_mean": total / max(count, 1), "n": n})
-
-    def batches(
-        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
-    ) -> Iterator[Batch]:
-        n = len(self)
-        order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
-        a = self.arrays
-        for i in range(0, n, batch_size):
-            idx = np.sort(order[i : i + batch_size])  # sorted reads are sequential on the memory map
-            patches = torch.from_numpy(np.ascontiguousarray(a["patches"][idx])).float()
-            cls = torch.from_numpy(np.ascontiguousarray(a["cls"][idx])).float()
-            features = [(patches[:, k], cls[:, k]) for k in range(patches.shape[1])]
-            yield {
-                "features": features,
-                "padded": (self.padded, self.padded),
-                "target": torch.from_numpy(a["target"][idx]),
-                "valid": torch.from_numpy(a["valid"][idx]),
-            }
 
 
 # -- training -----------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO 1/2/3 strategy. The only module of the project that imports ``deepspeed``.
+"""DeepSpeed ZeRO 1/2/3 strategy (DeepSpeed itself is imported only by :mod:`core.distributed.deepspeed_backend`).
 
 Design (see environment.md §2 for the CPU recipe it follows):
 
@@ -19,181 +19,47 @@ Design (see environment.md §2 for the CPU recipe it follows):
   master copy (``safe_get_full_fp32_param``) instead of the rounded fp16 weights.
 * **Precision.** ``bf16`` uses DeepSpeed's ``torch_autocast`` mode: fp32 parameters and master weights, bf16 compute
   and bf16 gradient reduction for Linear/Conv weights, as DINOv2's FSDP mixed precision does. ``fp16`` uses
-  DeepSpeed's native fp16 mode with dynamic loss scaling (parameters stored in fp16, fp32 masters).
-* **Clipping.** DINOv2 clips the backbone, the DINO head and the iBOT head separately (Oquab et al. 2023,
-  facebookresearch/dinov2 ``train/train.py``), while DeepSpeed's ``gradient_clipping`` is one global norm, so it is
-  kept at 0 and :meth:`clip_and_step` clips per sub-module itself: every rank sums the squares of the gradient
-  fragments it owns (ZeRO-1/2: its slice of the flat partition, through the tensor-fragment mapping DeepSpeed keeps
-  for each parameter; ZeRO-3: ``safe_get_local_grad``), one all-reduce of a vector with one entry per sub-module
-  gives the norms, and each rank scales its own fragments by ``min(1, clip / (norm + 1e-6))`` before the optimizer
-  step (the same coefficient as ``torch.nn.utils.clip_grad_norm_``). No parameter is ever gathered for this.
-* **Resharding.** A checkpoint written at another world size is converted once with DeepSpeed's universal
-  checkpoint tool (``deepspeed.checkpoint.ds_to_universal``; Lian et al. 2024, arXiv:2406.18820) into
-  ``deepspeed/state_universal`` beside the original shards and loaded with ``checkpoint.load_universal``.
+  DeepSpeed's native fp16 mode with dynamic loss scaling (parameters stored in fp16, fp32 masters). The config is
+  built and checked in :mod:`core.distributed.deepspeed_config`.
+* **Clipping.** Per student sub-module, on each rank's own gradient fragments, never gathering a parameter
+  (:mod:`core.distributed.deepspeed_clipping`).
+* **Resharding.** A checkpoint written at another world size is converted once to DeepSpeed's universal layout and
+  loaded with ``checkpoint.load_universal`` (:mod:`core.distributed.deepspeed_checkpoint`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import importlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
-from deepspeed.accelerator import get_accelerator
-from deepspeed.checkpoint.constants import (
-    UNIVERSAL_CHECKPOINT_INFO,
-    UNIVERSAL_CHECKPOINT_VERSION_KEY,
-    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-)
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_grad, safe_set_local_grad
 from torch import nn
 
+from core.distributed.clipping import check_grad_clip
+from core.distributed.deepspeed_backend import deepspeed, get_accelerator, safe_get_full_fp32_param, skip_shm_comm_op
+from core.distributed.deepspeed_checkpoint import UNIVERSAL_TAG, convert_to_universal, universal_client_state
+from core.distributed.deepspeed_clipping import global_norms, local_grad_fragments, scale_fragments
+from core.distributed.deepspeed_config import build_ds_config, validate_ds_config
 from core.distributed.device import module_device
 from core.distributed.ema import ema_update_, paired_parameters
 from core.distributed.env import barrier, get_rank, get_world_size, init_distributed
-from core.distributed.strategy import (
+from core.distributed.precision import Precision, autocast_context, check_precision
+from core.distributed.state_files import (
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
     STUDENT_FILE,
     TEACHER_FILE,
-    ModelsAfterSetup,
-    Precision,
-    autocast_context,
-    broadcast_module,
-    check_grad_clip,
-    check_precision,
-    clip_coefficients,
     cpu_state_dict,
     load_module_state,
     load_torch_file,
-    submodule_parameters,
 )
+from core.distributed.strategy import ModelsAfterSetup, broadcast_module
 from core.errors import DinoscopeError
-from core.io import atomic_path
 
 log = logging.getLogger(__name__)
-
-ZERO_STAGES = (1, 2, 3)
-_ROOT_PREFIX = "student."
-UNIVERSAL_TAG = f"{DEEPSPEED_TAG}_universal"
-
-
-def build_ds_config(
-    *,
-    zero_stage: int,
-    micro_batch_size: int,
-    grad_accum: int,
-    world_size: int,
-    grad_clip: float | None,
-    precision: str,
-    offload: bool = False,
-    reduce_bucket_size: int = 50_000_000,
-    allgather_bucket_size: int = 50_000_000,
-    overlap_comm: bool | None = None,
-    contiguous_gradients: bool = True,
-    stage3_prefetch_bucket_size: int = 50_000_000,
-    stage3_param_persistence_threshold: int = 100_000,
-    stage3_max_live_parameters: int = 1_000_000_000,
-    stage3_max_reuse_distance: int = 1_000_000_000,
-    load_universal: bool = False,
-    overrides: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The DeepSpeed JSON config for typed arguments; rare keys go through ``overrides`` (deep-merged).
-
-    Raises:
-        DinoscopeError: for a stage outside 1-3, a non-positive batch or accumulation, or an unknown precision.
-    """
-    if zero_stage not in ZERO_STAGES:
-        raise DinoscopeError(
-            f"zero_stage must be one of {ZERO_STAGES}, got {zero_stage}",
-            field="dist.zero_stage",
-            fix="use 1 or 2 (recommended) or 3 to also partition the parameters",
-        )
-    for field, value in (
-        ("micro_batch_size", micro_batch_size),
-        ("grad_accum", grad_accum),
-        ("world_size", world_size),
-    ):
-        if int(value) < 1:
-            raise DinoscopeError(f"{field} must be >= 1, got {value}", field=f"dist.{field}")
-    check_precision(precision)
-    check_grad_clip(grad_clip)
-    zero: dict[str, Any] = {
-        "stage": zero_stage,
-        "contiguous_gradients": contiguous_gradients,
-        "reduce_bucket_size": int(reduce_bucket_size),
-        "overlap_comm": zero_stage == 3 if overlap_comm is None else overlap_comm,
-    }
-    if zero_stage < 3:
-        zero["allgather_bucket_size"] = int(allgather_bucket_size)
-    else:
-        zero.update(
-            stage3_prefetch_bucket_size=int(stage3_prefetch_bucket_size),
-            stage3_param_persistence_threshold=int(stage3_param_persistence_threshold),
-            stage3_max_live_parameters=int(stage3_max_live_parameters),
-            stage3_max_reuse_distance=int(stage3_max_reuse_distance),
-            stage3_gather_16bit_weights_on_model_save=False,
-        )
-    if offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-        if zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": int(micro_batch_size),
-        "gradient_accumulation_steps": int(grad_accum),
-        "train_batch_size": int(micro_batch_size) * int(grad_accum) * int(world_size),
-        # Clipping is per sub-module (DeepSpeedStrategy.clip_and_step), never DeepSpeed's single global norm.
-        "gradient_clipping": 0.0,
-        "zero_optimization": zero,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    if load_universal:
-        config["checkpoint"] = {"load_universal": True}
-    if precision == "bf16":
-        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    elif precision == "fp16":
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
-    return _deep_merge(config, overrides or {})
-
-
-def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def validate_ds_config(config: Mapping[str, Any]) -> None:
-    """Run DeepSpeed's own config parser offline; its errors become a :class:`DinoscopeError`."""
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    try:
-        DeepSpeedConfig(dict(config))
-    except Exception as err:  # DeepSpeed raises AssertionError, pydantic ValidationError, ValueError...
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DinoscopeError(
-            f"DeepSpeed rejects the generated config: {first_line}",
-            field="dist.deepspeed_overrides",
-            fix="check dist.zero_stage, batch sizes and any dist.deepspeed_overrides keys",
-        ) from None
-
-
-def skip_shm_comm_op() -> None:
-    """Stop DeepSpeed's CPU accelerator JIT-building its shared-memory all-reduce op (35-50 s, inference only).
-
-    ``importlib`` is needed because ``deepspeed.comm`` re-exports ``torch`` under the name ``torch``.
-    """
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 class _EngineRoot(nn.Module):
@@ -369,67 +235,13 @@ class DeepSpeedStrategy(ModelsAfterSetup):
             raise RuntimeError(f"clip_and_step() needs {self.grad_accum} backward() calls since the last step")
         norms: dict[str, torch.Tensor] = {}
         if self.grad_clip is not None or (compute_norms and self.module_grad_norms):
-            fragments = self._local_grad_fragments()
-            norms = self._global_norms(fragments)
+            fragments = local_grad_fragments(self.student, self.zero_stage)
+            # fp16 gradients are loss-scaled
+            norms = global_norms(fragments, float(getattr(self.optimizer, "loss_scale", 1.0) or 1.0))
             if self.grad_clip is not None:
-                self._scale_fragments(fragments, norms)
+                scale_fragments(fragments, norms, self.grad_clip, self.zero_stage)
         self.engine.step()
         return norms
-
-    def _local_grad_fragments(self) -> dict[str, list[tuple[nn.Parameter, torch.Tensor]]]:
-        """This rank's slice of every student gradient, per sub-module (valid between backward and step)."""
-        fragments: dict[str, list[tuple[nn.Parameter, torch.Tensor]]] = {}
-        for name, params in submodule_parameters(self.student).items():
-            owned = []
-            for param in params:
-                if self.zero_stage == 3:
-                    grad = safe_get_local_grad(param)
-                else:
-                    mapping = getattr(param, "_hp_mapping", None)
-                    if mapping is None:  # no element of this parameter lies in this rank's partition
-                        continue
-                    grad = mapping.get_lp_grad_fragment(param._index_in_param_group)
-                    address = mapping.lp_fragment_address
-                    if grad.numel() == param.numel() and address.numel != param.numel():
-                        # a rank that keeps a full accumulation buffer owns only its address range of it
-                        grad = grad.reshape(-1).narrow(0, address.start, address.numel)
-                if grad is not None:
-                    owned.append((param, grad))
-            fragments[name] = owned
-        return fragments
-
-    def _global_norms(self, fragments: dict[str, list[tuple[nn.Parameter, torch.Tensor]]]) -> dict[str, torch.Tensor]:
-        """L2 norm of each sub-module's full gradient: local norms, one all-reduce of their squares, fp16 unscaled.
-
-        The local norm uses the same ``get_total_norm`` as the single-process strategy, so at world size 1 (where
-        a rank's fragments are the whole gradients) both strategies clip with bit-identical coefficients.
-        """
-        device = get_accelerator().current_device_name()
-        local = torch.zeros(len(fragments), dtype=torch.float32, device=device)
-        for index, owned in enumerate(fragments.values()):
-            if owned:
-                local[index] = torch.nn.utils.get_total_norm([g for _, g in owned], foreach=True).to(device)
-        if get_world_size() > 1:
-            squares = local.pow(2)
-            torch.distributed.all_reduce(squares)
-            local = squares.sqrt()
-        scale = float(getattr(self.engine.optimizer, "loss_scale", 1.0) or 1.0)  # fp16 gradients are loss-scaled
-        totals = local / scale if scale != 1.0 else local
-        return {name: totals[index] for index, name in enumerate(fragments)}
-
-    def _scale_fragments(
-        self, fragments: dict[str, list[tuple[nn.Parameter, torch.Tensor]]], norms: dict[str, torch.Tensor]
-    ) -> None:
-        assert self.grad_clip is not None
-        for name, owned in fragments.items():
-            coefficient = clip_coefficients(norms[name], self.grad_clip)
-            if not torch.isfinite(norms[name]):
-                continue  # an overflowing fp16 step is skipped by DeepSpeed's loss scaler anyway
-            for param, grad in owned:
-                if self.zero_stage == 3:
-                    safe_set_local_grad(param, grad * coefficient.to(grad.device, grad.dtype))
-                else:
-                    grad.mul_(coefficient.to(grad.device, grad.dtype))
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
@@ -464,9 +276,7 @@ class DeepSpeedStrategy(ModelsAfterSetup):
             str(directory / DEEPSPEED_DIR),
             tag=DEEPSPEED_TAG,
             save_latest=False,
-            client_state={
-                UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
-            },
+            client_state=universal_client_state(),
         )
         if get_rank() == 0:
             torch.save(cpu_state_dict(self.teacher), directory / TEACHER_FILE)
@@ -545,57 +355,6 @@ class DeepSpeedStrategy(ModelsAfterSetup):
             return {}
         state.update((k, v.detach().to("cpu", copy=True)) for k, v in self.student.named_buffers())
         return {k: state[k] for k in self.student.state_dict() if k in state}
-
-
-def consolidate_zero_checkpoint(ds_dir: Path, tag: str = DEEPSPEED_TAG) -> dict[str, torch.Tensor]:
-    """Full fp32 student state dict merged from the ZeRO shards of a checkpoint (DeepSpeed's zero_to_fp32)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
-        raise DinoscopeError(
-            f"cannot merge the ZeRO shards ({type(err).__name__}: {err})",
-            path=ds_dir,
-            fix="pass a complete DeepSpeed checkpoint directory",
-        ) from None
-    return {k[len(_ROOT_PREFIX) :] if k.startswith(_ROOT_PREFIX) else k: v for k, v in state.items()}
-
-
-def convert_to_universal(ds_dir: Path, tag: str = DEEPSPEED_TAG) -> Path:
-    """Convert ``ds_dir/tag`` (ZeRO shards of any world size) into ``ds_dir/<tag>_universal``, atomically.
-
-    DeepSpeed's own converter (``deepspeed.checkpoint.ds_to_universal``) writes one folder per parameter holding
-    its fp32 value and AdamW moments, which any data-parallel degree can load (arXiv:2406.18820).
-    """
-    import argparse
-    import contextlib
-    import io
-
-    from deepspeed.checkpoint import ds_to_universal
-
-    final = Path(ds_dir) / f"{tag}_universal"
-    with atomic_path(final, is_dir=True) as tmp:
-        args = argparse.Namespace(
-            input_folder=str(Path(ds_dir) / tag),
-            output_folder=str(tmp),
-            num_extract_workers=1,
-            num_merge_workers=1,
-            keep_temp_folder=False,
-            strict=True,
-            inject_missing_state=False,
-        )
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress
-                ds_to_universal.main(args)
-        except Exception as err:
-            raise DinoscopeError(
-                f"DeepSpeed cannot convert this checkpoint to the universal layout ({type(err).__name__}: {err})",
-                path=Path(ds_dir) / tag,
-                field="dist",
-                fix="resume at the world size the checkpoint was written with",
-            ) from None
-    return final
 
 
 def _gather_one(param: nn.Parameter) -> torch.Tensor:

@@ -14,7 +14,8 @@ distributed. The training loop drives it the same way whatever the backend::
         strategy.update_teacher(momentum)
 
 Implementations: :class:`SingleProcessStrategy` (plain PyTorch, data parallel over an existing process group) and
-``DeepSpeedStrategy`` (ZeRO 1/2/3, in :mod:`core.distributed.deepspeed_strategy`, the only module importing deepspeed).
+``DeepSpeedStrategy`` (ZeRO 1/2/3, in :mod:`core.distributed.deepspeed_strategy`; only
+:mod:`core.distributed.deepspeed_backend` imports deepspeed).
 :func:`build_strategy` picks one from an explicit name table and imports the DeepSpeed module lazily.
 
 Gradient clipping follows DINOv2 (Oquab et al. 2023, facebookresearch/dinov2 ``train.py``): each direct child of the
@@ -28,29 +29,28 @@ import importlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from core.distributed.clipping import check_grad_clip, submodule_parameters
 from core.distributed.ema import update_teacher
 from core.distributed.env import average_gradients, get_rank, get_world_size
+from core.distributed.precision import Precision, autocast_context, check_precision
+from core.distributed.state_files import (
+    DEEPSPEED_DIR,
+    OPTIMIZER_FILE,
+    STUDENT_FILE,
+    TEACHER_FILE,
+    cpu_state_dict,
+    load_module_state,
+    load_torch_file,
+)
 from core.errors import DinoscopeError
 
 log = logging.getLogger(__name__)
-
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-# Files a strategy writes into a checkpoint directory. The teacher is always a plain, full state dict so that it can
-# be read without DeepSpeed (see core.train.checkpoint.consolidated_teacher_state_dict).
-TEACHER_FILE = "teacher.pt"
-STUDENT_FILE = "student.pt"
-OPTIMIZER_FILE = "optimizer.pt"
-DEEPSPEED_DIR = "deepspeed"
-DEEPSPEED_TAG = "state"
 
 
 @runtime_checkable
@@ -117,79 +117,6 @@ class Strategy(Protocol):
 
     def full_student_state_dict(self) -> dict[str, torch.Tensor]:
         """Complete fp32 student state on rank 0, ``{}`` on other ranks (collective)."""
-
-
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise DinoscopeError(
-            f"unknown precision {precision!r}", field="precision", fix=f"use one of {', '.join(PRECISIONS)}"
-        )
-    return precision
-
-
-def check_grad_clip(grad_clip: float | None) -> float | None:
-    if grad_clip is not None and not grad_clip > 0:
-        raise DinoscopeError(
-            f"grad_clip must be positive or null, got {grad_clip}",
-            field="grad_clip",
-            fix="use a positive max norm (DINOv2 uses 3.0) or null to disable clipping",
-        )
-    return grad_clip
-
-
-def clip_coefficients(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """``min(1, max_norm / (norm + 1e-6))``: the factor ``torch.nn.utils.clip_grad_norm_`` scales gradients by."""
-    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
-
-
-def autocast_context(precision: str, device_type: str) -> contextlib.AbstractContextManager[None]:
-    """``torch.autocast`` for bf16/fp16, nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[precision])
-
-
-def submodule_parameters(student: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Trainable parameters per direct child of the student: the units that DINOv2 clips separately."""
-    groups = {name: [p for p in child.parameters() if p.requires_grad] for name, child in student.named_children()}
-    own = [p for p in student.parameters(recurse=False) if p.requires_grad]
-    if own:
-        groups["_root"] = own
-    return {name: params for name, params in groups.items() if params}
-
-
-def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-
-
-def load_torch_file(path: Path, what: str) -> Any:
-    """``torch.load(weights_only=True)`` with a clear error for a missing or unreadable checkpoint file."""
-    if not path.is_file():
-        raise DinoscopeError(
-            f"the {what} file of this checkpoint is missing",
-            path=path,
-            fix="resume from a complete checkpoint directory (see the `latest` pointer)",
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several unrelated types for truncated or foreign files
-        raise DinoscopeError(
-            f"cannot read the {what} file ({type(err).__name__}: {err})",
-            path=path,
-            fix="the file is damaged or not a dinoscope checkpoint; resume from an older step",
-        ) from None
-
-
-def load_module_state(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise DinoscopeError(
-            f"the {what} in this checkpoint does not match the model ({err})",
-            path=path,
-            field=what,
-            fix="resume with the same model configuration the checkpoint was made with",
-        ) from None
 
 
 class ModelsAfterSetup:

@@ -39,14 +39,8 @@ import torch
 import torch.distributed as dist
 
 from core.distributed.env import barrier, get_rank, get_world_size, has_process_group
-from core.distributed.strategy import (
-    DEEPSPEED_DIR,
-    DEEPSPEED_TAG,
-    STUDENT_FILE,
-    TEACHER_FILE,
-    Strategy,
-    load_torch_file,
-)
+from core.distributed.state_files import DEEPSPEED_DIR, DEEPSPEED_TAG, STUDENT_FILE, TEACHER_FILE, load_torch_file
+from core.distributed.strategy import Strategy
 from core.errors import DinoscopeError
 from core.io import atomic_path
 
@@ -362,7 +356,7 @@ def consolidated_student_state_dict(ckpt_dir: str | os.PathLike) -> dict[str, to
             "the checkpoint holds no student state", path=directory, fix="pass a complete step directory"
         )
     try:
-        ds_module = importlib.import_module("core.distributed.deepspeed_strategy")
+        ds_module = importlib.import_module("core.distributed.deepspeed_checkpoint")
     except ImportError as err:
         raise DinoscopeError(
             f"merging ZeRO shards needs deepspeed ({err})",

@@ -1,5 +1,5 @@
-"""`dinoscope cells embed`: run layout, crash-resume, rank sharding, centroid sources, heads, pretraining data, and
-the synthetic-screen acceptance check (embed -> profile -> evaluate)."""
+"""`dinoscope cells embed`: run layout, crash-resume, rank sharding, centroid sources, edge/dtype options and input
+checks (fixtures ``screen`` and ``weights`` come from ``conftest.py``)."""
 
 from __future__ import annotations
 
@@ -11,46 +11,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-import torch
 import zarr
 
-import bio.embed as embed_mod
-import core.cli
-import core.data.datasets as core_datasets
+import bio.embed_store as store_mod
 from bio.backbone import CellBackbone
 from bio.cells import crop_cells, match_centroids
 from bio.embed import embed_plate
 from bio.io import read_image
-from bio.pretrain_data import build_cells_dataset
 from bio.profiles import open_run
-from bio.synthetic import CHANNELS, make_plate
+from bio.synthetic import CHANNELS
 from core.errors import DinoscopeError
 from core.models import VisionTransformer
 from core.weights import WeightMeta, save_backbone
-
-RECIPES = Path(__file__).parents[2] / "recipes"
-BOC = dict(
-    img_size=32, patch_size=8, in_chans=1, channel_adaptive=True, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0
-)
-
-
-@pytest.fixture(scope="module")
-def screen(tmp_path_factory: pytest.TempPathFactory) -> object:
-    return make_plate(tmp_path_factory.mktemp("screen"), n_rows=3, n_cols=3, fields=2, size=64, plates=1)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    meta = WeightMeta(
-        arch="vit_test",
-        model_kwargs=BOC,
-        channel_names=["channel"],
-        mean=[0.0],
-        std=[1.0],
-        extra={"input_normalisation": "per_image_zscore"},
-    )
-    return save_backbone(VisionTransformer(**BOC), meta, tmp_path_factory.mktemp("w") / "boc.safetensors")
 
 
 def _embed(screen: object, weights: Path, out: Path, **options: object) -> dict:
@@ -102,15 +74,15 @@ def test_run_has_the_layout_profiles_reads(screen: object, weights: Path, refere
 def test_a_crash_mid_plate_resumes_to_the_same_store(
     screen: object, weights: Path, reference_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_commit, calls = embed_mod.PartWriter._commit, []
+    real_commit, calls = store_mod.PartWriter._commit, []
 
-    def crash_on_fifth(self: embed_mod.PartWriter, record: dict) -> None:
+    def crash_on_fifth(self: store_mod.PartWriter, record: dict) -> None:
         calls.append(record["field"])
         if len(calls) == 5:
             raise RuntimeError("killed")  # rows of field 4 are on disk, its commit line is not
         real_commit(self, record)
 
-    monkeypatch.setattr(embed_mod.PartWriter, "_commit", crash_on_fifth)
+    monkeypatch.setattr(store_mod.PartWriter, "_commit", crash_on_fifth)
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="killed"):
         _embed(screen, weights, run)
@@ -118,7 +90,7 @@ def test_a_crash_mid_plate_resumes_to_the_same_store(
     assert len((part / "committed.jsonl").read_text().splitlines()) == 4 and (part / "field-00000004.npz").exists()
     with (part / "committed.jsonl").open("a") as handle:
         handle.write('{"field": 9, "ro')  # a commit line torn by the crash
-    monkeypatch.setattr(embed_mod.PartWriter, "_commit", real_commit)
+    monkeypatch.setattr(store_mod.PartWriter, "_commit", real_commit)
     summary = _embed(screen, weights, run)
     assert summary["n_cells"] == open_run(reference_run).n_cells
     got, want = _load(run), _load(reference_run)
@@ -134,12 +106,12 @@ def test_a_crash_mid_plate_resumes_to_the_same_store(
 def test_ranks_take_interleaved_fields_and_rank_zero_merges_in_order(
     screen: object, weights: Path, reference_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(embed_mod, "_start_barrier", lambda: None)  # ranks run one after the other here
+    monkeypatch.setattr(store_mod, "start_barrier", lambda: None)  # ranks run one after the other here
     run = tmp_path / "run"
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert _embed(screen, weights, run)["rank"] == 1 and not (run / "embeddings.zarr").exists()
-    fields = [r["field"] for r in embed_mod.read_commits(run / "parts" / "rank-0001")]
+    fields = [r["field"] for r in store_mod.read_commits(run / "parts" / "rank-0001")]
     assert fields == list(range(1, 18, 2))
     monkeypatch.setenv("RANK", "0")
     _embed(screen, weights, run, poll_seconds=0.01)
@@ -275,7 +247,9 @@ def test_bad_inputs_fail_before_any_work(screen: object, weights: Path, tmp_path
         _embed(screen, weights, tmp_path / "a", channels=["DNA", "Actin"])
     with pytest.raises(DinoscopeError, match="needs a nuclei table"):
         embed_plate(screen.plates, tmp_path / "b", weights=weights, centroids="table")
-    fixed = dict(BOC, in_chans=3, channel_adaptive=False)
+    fixed = dict(
+        img_size=32, patch_size=8, in_chans=3, channel_adaptive=False, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0
+    )
     path = save_backbone(
         VisionTransformer(**fixed),
         WeightMeta("vit_test", fixed, ["DNA", "RNA", "Golgi"], [0.5] * 3, [0.2] * 3),
@@ -284,189 +258,3 @@ def test_bad_inputs_fail_before_any_work(screen: object, weights: Path, tmp_path
     with pytest.raises(DinoscopeError, match=r"missing \['Golgi'\]"):
         _embed(screen, path, tmp_path / "c")
     assert not (tmp_path / "c" / "parts").exists()
-
-
-def test_embed_command_with_a_phenotype_head(
-    screen: object, weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    args = [
-        *map(str, screen.plates),
-        "--weights",
-        str(weights),
-        "--centroids",
-        "table",
-        "--nuclei-table",
-        str(screen.nuclei),
-        "--crop-size",
-        "32",
-    ]
-    assert core.cli.main(["cells", "embed", *args, "--out", str(tmp_path / "run")]) == 0
-    assert (
-        core.cli.main(
-            [
-                "cells",
-                "fit-head",
-                str(tmp_path / "run"),
-                "--platemap",
-                str(screen.platemap),
-                "--label",
-                "role",
-                "--out",
-                str(tmp_path / "head"),
-                "--epochs",
-                "5",
-            ]
-        )
-        == 0
-    )
-    assert (
-        core.cli.main(
-            [
-                "cells",
-                "embed",
-                *args,
-                "--out",
-                str(tmp_path / "run2"),
-                "--head",
-                str(tmp_path / "head"),
-                "--set",
-                "model.batch_size=7",
-            ]
-        )
-        == 0
-    )
-    cells = pd.read_parquet(tmp_path / "run2" / "cells.parquet")
-    probs = cells[["prob_active", "prob_inert", "prob_negative_control"]].to_numpy()
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    names = np.array(["active", "inert", "negative_control"])
-    assert cells["predicted_role"].tolist() == names[probs.argmax(axis=1)].tolist()
-    assert (
-        core.cli.main(
-            [
-                "cells",
-                "embed",
-                *args,
-                "--out",
-                str(tmp_path / "run3"),
-                "--head",
-                str(tmp_path / "head"),
-                "--channels",
-                "DNA,ER",
-            ]
-        )
-        == 2
-    )
-    assert "trained on different embeddings" in capsys.readouterr().err
-
-
-def test_cells_dataset_serves_crops_for_pretraining(screen: object, tmp_path: Path) -> None:
-    dataset = build_cells_dataset(
-        plates=[str(screen.plates[0])],
-        crop_size=32,
-        centroids="table",
-        nuclei_table=str(screen.nuclei),
-        channels=["Mito", "DNA"],
-    )
-    nuclei = pd.read_csv(screen.nuclei)
-    assert dataset.channel_names == ["Mito", "DNA"] and 0 < len(dataset) < len(nuclei)  # border cells skipped
-    item = dataset[3]
-    assert item.shape == (32, 32, 2) and item.dtype == np.float32
-    field = dataset.fields[int(dataset.field_of[3])]
-    with read_image(field.path, ["Mito", "DNA"]) as image:
-        expected = crop_cells(image.read(), dataset.centres[3:4].astype(np.float64), 32).crops[0]
-    np.testing.assert_array_equal(item, np.moveaxis(expected, 0, -1).astype(np.float32))
-    with pytest.raises(DinoscopeError, match="unknown keys"):
-        build_cells_dataset(plates=str(screen.plates[0]), crop=32)
-
-
-def test_tiny_cells_pretraining_recipe_trains_a_backbone_cells_embed_can_use(
-    screen: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from core.config import PretrainRecipe, load_recipe, to_yaml
-    from core.train.export import export_run
-    from core.train.loop import train
-
-    monkeypatch.setitem(core_datasets.DATASET_KINDS, "cells", build_cells_dataset)  # until the entry point exists
-    recipe = load_recipe(
-        PretrainRecipe,
-        RECIPES / "tiny" / "cells_pretrain.yaml",
-        [
-            f"data.params.plates={json.dumps([str(p) for p in screen.plates])}",
-            f"data.params.nuclei_table={json.dumps(str(screen.nuclei))}",
-            "optim.epoch_length=2",
-            "train.batch_size_per_rank=4",
-            "train.checkpoint_every=2",
-        ],
-    )
-    (tmp_path / "config.yaml").write_text(to_yaml(recipe))
-    last = train(recipe, tmp_path, resume=False)
-    assert last["iteration"] == 2 and np.isfinite(last["loss/total"])
-    backbone = CellBackbone.load(export_run(tmp_path, tmp_path / "backbone.safetensors"))
-    assert backbone.channel_adaptive and backbone.normalisation == "zscore"
-    crops = np.random.default_rng(0).integers(0, 4000, (2, 5, 32, 32)).astype(np.uint16)
-    assert backbone.embed(crops, list(CHANNELS)).shape == (2, 5 * 64)
-
-
-@pytest.mark.parametrize(
-    "recipe,schema",
-    [
-        ("tiny/cells_embed.yaml", "CellsEmbedRecipe"),
-        ("bio/cells_embed_vits8.yaml", "CellsEmbedRecipe"),
-        ("tiny/cells_profile.yaml", "CellsProfileRecipe"),
-        ("tiny/cells_pretrain.yaml", "PretrainRecipe"),
-        ("bio/pretrain_channel_adaptive_vits.yaml", "PretrainRecipe"),
-    ],
-)
-def test_cell_recipes_validate_against_their_schema(recipe: str, schema: str) -> None:
-    import yaml
-
-    import bio.config
-    import core.config
-    from core.config import load_recipe
-
-    cls = getattr(bio.config, schema, None) or getattr(core.config, schema)
-    kind = yaml.safe_load((RECIPES / recipe).read_text())["kind"]
-    assert kind == {"CellsEmbedRecipe": "cells_embed", "CellsProfileRecipe": "cells_profile"}.get(schema, "pretrain")
-    loaded = load_recipe(cls, RECIPES / recipe)
-    if schema == "PretrainRecipe":
-        assert loaded.model.channel_adaptive and loaded.model.in_chans == 1 and loaded.data.kind == "cells"
-        assert loaded.crops.channel_mode == "fluorescence"
-    import bio.kinds
-
-    kinds = {"cells_embed": bio.kinds.cells_embed_kind, "cells_profile": bio.kinds.cells_profile_kind}
-    if kind in kinds:
-        assert kinds[kind]().schema is cls
-
-
-def test_synthetic_screen_acceptance(weights: Path, tmp_path: Path) -> None:
-    """Embed -> profile -> evaluate a two-plate synthetic screen with a random-init bag-of-channels ViT.
-
-    Actives must be retrieved against controls better than inert treatments, and per-plate normalisation on the
-    controls must remove the plate effect that fixed-statistics inputs keep.
-    """
-    from bio.evaluate import evaluate_profiles
-    from bio.profiling import build_profiles
-
-    screen = make_plate(tmp_path / "screen", n_rows=4, n_cols=6, fields=1, size=96, plates=2, seed=3)
-    separation = {}
-    for norm in ("zscore", "meta"):
-        embed_plate(
-            screen.plates,
-            tmp_path / norm,
-            weights=weights,
-            crop_size=32,
-            centroids="table",
-            nuclei_table=screen.nuclei,
-            avgpool=True,
-            normalisation=norm,
-        )
-        provenance = build_profiles(tmp_path / norm, screen.platemap, tmp_path / f"{norm}.parquet")
-        separation[norm] = provenance["batch_separation"]
-    metrics = evaluate_profiles(tmp_path / "zscore.parquet", tmp_path / "eval", null_size=500, plots=False)
-    per = {r["label"]: r["mean_average_precision"] for r in metrics["activity"]["per_label"]}
-    active = np.mean([v for k, v in per.items() if not k.startswith("inert")])
-    inert = np.mean([v for k, v in per.items() if k.startswith("inert")])
-    assert active > inert + 0.15
-    before, after = separation["meta"]["before_normalisation"], separation["meta"]["after_normalisation"]
-    assert before["silhouette"] > 0.5 and after["silhouette"] < before["silhouette"] - 0.4
-    assert after["knn_accuracy"] <= after["chance_accuracy"] < before["knn_accuracy"]

@@ -11,16 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import bio.evaluate as evaluate_mod
+import bio.evaluate_knn as knn_mod
 import core.cli
-from bio.evaluate import (
-    batch_separation,
-    knn_classify,
-    knn_metrics,
-    nearest_neighbours,
-    phenotypic_activity,
-    phenotypic_consistency,
-)
+from bio.evaluate_knn import batch_separation, knn_classify, knn_metrics, nearest_neighbours
+from bio.evaluate_map import phenotypic_activity, phenotypic_consistency
 from bio.profiles import write_profiles
 from core.errors import DinoscopeError
 
@@ -102,7 +96,7 @@ def test_nearest_neighbours_in_chunks_match_dense_search_and_respect_exclusions(
     rng = np.random.default_rng(1)
     feats = rng.normal(size=(300, 8)).astype(np.float32)
     plates = rng.integers(0, 4, 300)
-    monkeypatch.setattr(evaluate_mod, "_NEIGHBOUR_BLOCK", 1000)  # 3 query rows per chunk
+    monkeypatch.setattr(knn_mod, "_NEIGHBOUR_BLOCK", 1000)  # 3 query rows per chunk
     rows, nbrs = nearest_neighbours(feats, 3, exclude_same=[plates])
     unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
     sims = unit @ unit.T
@@ -137,7 +131,7 @@ def test_knn_metrics_use_not_same_batch_and_not_same_compound_holdouts() -> None
 def test_chunked_knn_memory_stays_far_below_a_dense_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
     n = 4000
     feats = np.random.default_rng(0).normal(size=(n, 16)).astype(np.float32)
-    monkeypatch.setattr(evaluate_mod, "_NEIGHBOUR_BLOCK", 2**18)
+    monkeypatch.setattr(knn_mod, "_NEIGHBOUR_BLOCK", 2**18)
     tracemalloc.start()
     nearest_neighbours(feats, 5, exclude_same=[np.arange(n) % 7])
     peak = tracemalloc.get_traced_memory()[1]
@@ -224,7 +218,7 @@ def test_activity_rejects_missing_treatment_names() -> None:
 
 def test_treatment_level_profiles_skip_replicate_metrics_but_score_consistency(tmp_path: Path) -> None:
     from bio.evaluate import evaluate_profiles
-    from bio.profiles import treatment_consensus
+    from bio.profiles_normalise import treatment_consensus
 
     path = tmp_path / "consensus.parquet"
     write_profiles(treatment_consensus(make_profiles(noise=0.3)), path)

@@ -11,19 +11,13 @@ import pandas as pd
 import pytest
 import zarr
 
-import bio.profiles as profiles_mod
+import bio.profiles_aggregate as aggregate_mod
 import core.cli
-from bio.evaluate import batch_separation
-from bio.profiles import (
-    aggregate_wells,
-    annotate_wells,
-    feature_columns,
-    normalise_profiles,
-    normalise_well_names,
-    read_platemap,
-    read_profiles,
-    treatment_consensus,
-)
+from bio.evaluate_knn import batch_separation
+from bio.profiles import feature_columns, normalise_well_names, read_profiles
+from bio.profiles_aggregate import aggregate_wells
+from bio.profiles_normalise import normalise_profiles, treatment_consensus
+from bio.profiles_platemap import annotate_wells, read_platemap
 from core.errors import DinoscopeError
 
 TREATMENTS = {"active_a": "m1", "active_b": "m2", "inert_c": "none", "inert_d": "none"}
@@ -100,7 +94,7 @@ def test_streamed_aggregation_equals_in_memory_groupby(
 ) -> None:
     """Interleaved cells, tiny read batches and a tiny median budget (several passes) still give exact values."""
     run, _ = make_run(tmp_path, shuffle=True, dtype="float16")
-    monkeypatch.setattr(profiles_mod, "_BATCH_BYTES", 1)
+    monkeypatch.setattr(aggregate_mod, "_BATCH_BYTES", 1)
     wells = aggregate_wells(run, operation=op, memory_budget_bytes=16 * 4 * 100)
     truth = _truth(run, op)
     assert len(wells) == len(truth) == 36
@@ -120,16 +114,16 @@ def test_drop_edge_cells_excludes_flagged_cells(tmp_path: Path) -> None:
 
 def test_median_pass_plan_is_one_pass_for_sorted_runs_and_bounded_otherwise() -> None:
     sorted_wells = pd.DataFrame({"count": [10] * 50, "first": np.arange(50) * 10, "last": np.arange(50) * 10 + 9})
-    assert len(profiles_mod._plan_median_passes(sorted_wells, budget_cells=10)) == 1
+    assert len(aggregate_mod._plan_median_passes(sorted_wells, budget_cells=10)) == 1
     interleaved = pd.DataFrame({"count": [10] * 50, "first": np.arange(50), "last": 450 + np.arange(50)})
-    groups = profiles_mod._plan_median_passes(interleaved, budget_cells=100)
+    groups = aggregate_mod._plan_median_passes(interleaved, budget_cells=100)
     assert len(groups) == 5 and sorted(np.concatenate(groups).tolist()) == list(range(50))
     assert all(interleaved["count"].to_numpy()[g].sum() <= 100 for g in groups)
 
 
 def test_aggregation_memory_stays_below_the_embedding_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run, _ = make_run(tmp_path, cells_per_well=800, dim=64, chunk_rows=1024)  # 28,800 cells, 7.4 MB float32
-    monkeypatch.setattr(profiles_mod, "_BATCH_BYTES", 2**18)
+    monkeypatch.setattr(aggregate_mod, "_BATCH_BYTES", 2**18)
     full_bytes = 28_800 * 64 * 4
     for op in ("median", "mean"):
         tracemalloc.start()

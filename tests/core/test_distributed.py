@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.distributed import DistEnv, all_reduce_mean, barrier, build_strategy, is_main_process
+from core.distributed.clipping import submodule_parameters
 from core.distributed.ema import ema_update_, update_teacher
 from core.distributed.env import first_slurm_host, free_port, init_distributed, shutdown_distributed
-from core.distributed.strategy import SingleProcessStrategy, Strategy, submodule_parameters
+from core.distributed.strategy import SingleProcessStrategy, Strategy
 from core.errors import DinoscopeError
 
 REPO = Path(__file__).parents[2]
@@ -212,8 +213,9 @@ def test_bad_strategy_settings_are_user_errors() -> None:
 
 
 def test_deepspeed_config_is_generated_from_typed_arguments_and_validated() -> None:
+    ds_config = pytest.importorskip("core.distributed.deepspeed_config")
     ds = pytest.importorskip("core.distributed.deepspeed_strategy")
-    cfg = ds.build_ds_config(
+    cfg = ds_config.build_ds_config(
         zero_stage=3,
         micro_batch_size=4,
         grad_accum=2,
@@ -237,10 +239,10 @@ def test_deepspeed_config_is_generated_from_typed_arguments_and_validated() -> N
         "grad_clip": None,
         "precision": "fp16",
     }
-    ds.validate_ds_config(ds.build_ds_config(**single_rank))
+    ds_config.validate_ds_config(ds_config.build_ds_config(**single_rank))
     for bad in ({"zero_optimization": {"not_a_key": 1}}, {"train_batch_size": 3}):
         with pytest.raises(DinoscopeError, match="DeepSpeed rejects the generated config"):
-            ds.validate_ds_config(ds.build_ds_config(**single_rank, overrides=bad))
+            ds_config.validate_ds_config(ds_config.build_ds_config(**single_rank, overrides=bad))
     with pytest.raises(DinoscopeError, match="zero_stage must be one of"):
         ds.DeepSpeedStrategy(zero_stage=4)
     with pytest.raises(DinoscopeError, match="micro_batch_size must be >= 1"):
@@ -329,13 +331,29 @@ STRATEGY_KWARGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def _equivalence_worker(rank: int, port: int, variant: str, out: str) -> None:
     _join(rank, 2, port)
+    name, kwargs = STRATEGY_KWARGS[variant]
     try:
-        name, kwargs = STRATEGY_KWARGS[variant]
         result = _train(build_strategy(name, **kwargs), rank, 2, kwargs.get("grad_accum", 1))
         if rank == 0:
             torch.save(result, out)
     finally:
         shutdown_distributed()
+    if name == "deepspeed":  # single_dp keeps exiting normally: it checks shutdown_distributed end to end
+        _exit_without_finalization()
+
+
+def _exit_without_finalization() -> None:
+    """End a worker whose results are on disk without interpreter finalization (reached only on success).
+
+    shutdown_distributed() stops gloo's worker threads by freeing the groups, but DeepSpeed keeps its groups alive
+    (module globals, engine objects), so their threads survive until exit. Such a thread may still be dropping the
+    tensors of the last collective when finalization starts; it then asks for the GIL too late and the process
+    aborts (SIGABRT, "terminate called without an active exception") after the test's work succeeded.
+    shutdown_distributed() only makes that unlikely (it yields the GIL); skipping finalization makes it impossible.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _join(rank: int, world_size: int, port: int) -> None:

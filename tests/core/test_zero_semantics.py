@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.config import PretrainRecipe, load_recipe
+from core.distributed.clipping import submodule_parameters
 from core.distributed.env import free_port, init_distributed, shutdown_distributed
-from core.distributed.strategy import SingleProcessStrategy, build_strategy, submodule_parameters
+from core.distributed.strategy import SingleProcessStrategy, build_strategy
 from core.errors import DinoscopeError
 from core.ssl.meta_arch import loss_normaliser
 

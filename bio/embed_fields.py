@@ -1,0 +1,107 @@
+"""The per-field cell pipeline of ``dinoscope cells embed`` (:mod:`bio.embed`): read a field's pixels and find its
+nuclei (one field ahead in a worker thread), crop boxes around the centroids and embed them batch by batch.
+
+Every batch holds crops of one field only, so a field's embeddings do not depend on its neighbours and a resumed
+run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bio.backbone import CellBackbone
+from bio.fields import CentroidFinder, FieldInfo
+
+COLUMNS = ("cell_id", "y", "x", "edge")
+
+
+@dataclass
+class FieldResult:
+    """One field's cells: embeddings ``[n, D]``, ids, centroids, edge flags and optional class probabilities."""
+
+    embeddings: np.ndarray
+    cell_id: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+    edge: np.ndarray
+    probabilities: np.ndarray | None = None
+
+
+def read_ahead(
+    opened: Iterator[tuple[FieldInfo, Any]],
+    finder: CentroidFinder,
+    names: list[str],
+    flats: dict[str, np.ndarray] | None,
+    prefetch: bool,
+) -> Iterator[tuple[FieldInfo, np.ndarray, np.ndarray, np.ndarray]]:
+    """Read pixels and find centroids of each field, one field ahead in a worker thread when ``prefetch``."""
+
+    def load(item: tuple[FieldInfo, Any]) -> tuple[FieldInfo, np.ndarray, np.ndarray, np.ndarray]:
+        field, image = item
+        with image:
+            data = np.asarray(image.select(names).read())
+            if flats is not None:
+                from bio.preprocess import apply_illumination
+
+                for c, name in enumerate(names):
+                    if name in flats:
+                        data[c] = apply_illumination(data[c], flats[name]).astype(data.dtype)
+            cents, ids = finder.find(field, image, data, names)
+        return field, data, cents, ids
+
+    if not prefetch:
+        yield from map(load, opened)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for item in opened:
+            future = pool.submit(load, item)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
+
+
+def embed_field(
+    backbone: CellBackbone,
+    data: np.ndarray,
+    cents: np.ndarray,
+    ids: np.ndarray,
+    names: list[str],
+    crop_size: int,
+    edge: str,
+    classifier: Any,
+    dtype: str,
+) -> FieldResult:
+    from bio.cells import crop_cells
+
+    parts: list[FieldResult] = []
+    for start in range(0, len(cents), backbone.batch_size):
+        batch = crop_cells(data, cents[start : start + backbone.batch_size], crop_size, edge=edge)
+        kept = start + batch.kept
+        emb = backbone.embed(batch.crops, names)
+        probs = None
+        if classifier is not None:
+            from bio.heads import predict_proba
+
+            probs = predict_proba(classifier, emb)
+        parts.append(FieldResult(emb.astype(dtype), ids[kept], cents[kept, 0], cents[kept, 1], batch.at_edge, probs))
+    if not parts:  # a field without cells still gets committed, with zero rows
+        probs = None if classifier is None else np.zeros((0, classifier.head.linear.out_features), np.float32)
+        return FieldResult(
+            np.zeros((0, backbone.embedding_dim(len(names))), dtype),
+            np.zeros(0, np.int64),
+            np.zeros(0),
+            np.zeros(0),
+            np.zeros(0, bool),
+            probs,
+        )
+    joined = {name: np.concatenate([getattr(p, name) for p in parts]) for name in ("embeddings",) + COLUMNS}
+    probs = None if classifier is None else np.concatenate([p.probabilities for p in parts])
+    return FieldResult(**joined, probabilities=probs)

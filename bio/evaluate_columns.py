@@ -1,0 +1,42 @@
+"""Metadata-column lookups shared by the profile evaluations (:mod:`bio.evaluate_map`, :mod:`bio.evaluate_knn`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from bio.profiles import meta_column, metadata_columns
+from core.errors import DinoscopeError
+
+
+def require_column(profiles: pd.DataFrame, name: str) -> str:
+    column = meta_column(name)
+    if column not in profiles.columns:
+        raise DinoscopeError(
+            f"profiles have no column {column!r}; they have {metadata_columns(profiles)}",
+            field=name,
+            fix="pass the right column name or re-run `dinoscope cells profile`",
+        )
+    return column
+
+
+def control_mask(profiles: pd.DataFrame, control_column: str, control_value: str) -> np.ndarray:
+    column = meta_column(control_column)
+    if column not in profiles.columns:
+        raise DinoscopeError(
+            f"profiles have no control column {column!r}",
+            field=control_column,
+            fix="pass --control-column naming the plate-map role column",
+        )
+    is_control = (profiles[column].astype(str) == str(control_value)).to_numpy()
+    if not is_control.any():
+        raise DinoscopeError(
+            f"no profile has {control_column} == {control_value!r}",
+            field=control_column,
+            fix="mark negative controls in the plate map, or pass --control-value",
+        )
+    return is_control
+
+
+def has_text(values: pd.Series) -> np.ndarray:
+    return (values.notna() & (values.astype(str).str.strip() != "")).to_numpy()
