@@ -53,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_process_group() -> None:
+    """After a successful command, stop the process group's communication threads before the interpreter exits
+    (a live gloo group can abort the process at exit; see ``core.distributed.env.shutdown_distributed``)."""
+    if "torch.distributed" not in sys.modules:  # nothing distributed ran; keeps `--help` free of torch
+        return
+    from core.distributed.env import shutdown_distributed  # deferred: torch is only loaded by commands that use it
+
+    shutdown_distributed()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 success, 2 user error, 1 unexpected failure)."""
     from core.logging import setup_logging
@@ -67,7 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = list(args.overrides) + stray
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        _leave_process_group()
+        return status
     except DinoscopeError as err:
         if args.verbose:
             raise
