@@ -38,7 +38,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.distributed.clipping import check_grad_clip
 from core.distributed.deepspeed_backend import deepspeed, get_accelerator, safe_get_full_fp32_param, skip_shm_comm_op
 from core.distributed.deepspeed_checkpoint import UNIVERSAL_TAG, convert_to_universal, universal_client_state
 from core.distributed.deepspeed_clipping import global_norms, local_grad_fragments, scale_fragments
@@ -46,7 +45,7 @@ from core.distributed.deepspeed_config import build_ds_config, validate_ds_confi
 from core.distributed.device import module_device
 from core.distributed.ema import ema_update_, paired_parameters
 from core.distributed.env import barrier, get_rank, get_world_size, init_distributed
-from core.distributed.precision import Precision, autocast_context, check_precision
+from core.distributed.precision import Precision, autocast_context
 from core.distributed.state_files import (
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
@@ -147,10 +146,7 @@ class DeepSpeedStrategy(ModelsAfterSetup):
         betas: tuple[float, float] | None = None,
         eps: float | None = None,
     ) -> None:
-        self.betas = self.betas if betas is None else (float(betas[0]), float(betas[1]))
-        self.eps = self.eps if eps is None else float(eps)
-        self.precision = check_precision(precision)
-        self.grad_clip = check_grad_clip(grad_clip)
+        self._record_settings(grad_clip, precision, betas, eps)
         if self.precision == "fp16" and not get_accelerator().is_fp16_supported():
             raise DinoscopeError(
                 "DeepSpeed does not support fp16 on this device",

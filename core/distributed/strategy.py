@@ -120,10 +120,26 @@ class Strategy(Protocol):
 
 
 class ModelsAfterSetup:
-    """The student and teacher a strategy received in ``setup``; reading them earlier is a programming error."""
+    """The student and teacher a strategy received in ``setup``; reading them earlier is a programming error.
+
+    Also records the settings every strategy's ``setup`` receives from the loop.
+    """
 
     _student: nn.Module | None = None
     _teacher: nn.Module | None = None
+    betas: tuple[float, float]
+    eps: float
+    precision: str
+    grad_clip: float | None
+
+    def _record_settings(
+        self, grad_clip: float | None, precision: Precision, betas: tuple[float, float] | None, eps: float | None
+    ) -> None:
+        """Checked clipping and precision; ``betas``/``eps`` given to ``setup`` override the constructor's."""
+        self.betas = self.betas if betas is None else (float(betas[0]), float(betas[1]))
+        self.eps = self.eps if eps is None else float(eps)
+        self.precision = check_precision(precision)
+        self.grad_clip = check_grad_clip(grad_clip)
 
     @property
     def student(self) -> nn.Module:
@@ -189,10 +205,7 @@ class SingleProcessStrategy(ModelsAfterSetup):
         betas: tuple[float, float] | None = None,
         eps: float | None = None,
     ) -> None:
-        self.betas = self.betas if betas is None else (float(betas[0]), float(betas[1]))
-        self.eps = self.eps if eps is None else float(eps)
-        self.precision = check_precision(precision)
-        self.grad_clip = check_grad_clip(grad_clip)
+        self._record_settings(grad_clip, precision, betas, eps)
         self._student, self._teacher = student, teacher
         teacher.requires_grad_(False)
         world = get_world_size()
