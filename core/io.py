@@ -26,10 +26,13 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
     prefix = f".{final.name}.tmp-"
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp creates 0700
     else:
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=final.suffix, dir=final.parent)
         os.close(fd)
         tmp = Path(name)
+        # mkstemp creates 0600; a final output follows the umask like any other tool's (0644 under 022).
+        os.chmod(tmp, 0o666 & ~_current_umask())
     try:
         yield tmp
         if is_dir and final.exists():
@@ -55,3 +58,10 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _current_umask() -> int:
+    """The process umask (read by setting and restoring it: POSIX offers no read-only call)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
