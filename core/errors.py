@@ -7,6 +7,7 @@ fix, and the CLI turns it into one clear message and exit status 2, never a trac
 from __future__ import annotations
 
 import os
+import signal
 
 
 class DinoscopeError(Exception):
@@ -54,8 +55,6 @@ class TrainingInterrupted(Exception):  # noqa: N818 - it is an outcome, not an e
     """
 
     def __init__(self, signum: int, iteration: int, checkpoint: os.PathLike | str | None) -> None:
-        import signal
-
         self.signum = int(signum)
         self.iteration = int(iteration)
         self.checkpoint = checkpoint
@@ -67,4 +66,5 @@ class TrainingInterrupted(Exception):  # noqa: N818 - it is an outcome, not an e
 
     @property
     def exit_code(self) -> int:
+        """``128 + signum``, the shell's status for a process stopped by that signal."""
         return 128 + self.signum

@@ -24,17 +24,20 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{final.name}.tmp-"
+    # mkstemp/mkdtemp create 0600/0700; a final output follows the umask like any other tool's (0644/0755 under
+    # 022). The mode is set again after writing, because some writers (safetensors) replace the file they are given.
+    mode = (0o777 if is_dir else 0o666) & ~_current_umask()
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
-        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp creates 0700
     else:
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=final.suffix, dir=final.parent)
         os.close(fd)
         tmp = Path(name)
-        # mkstemp creates 0600; a final output follows the umask like any other tool's (0644 under 022).
-        os.chmod(tmp, 0o666 & ~_current_umask())
+    os.chmod(tmp, mode)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, mode)
         if is_dir and final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -99,6 +99,7 @@ def lock_file_for(target: str | os.PathLike, *, is_dir: bool | None = None) -> P
 
 
 def no_lock_requested() -> bool:
+    """Whether ``DINOSCOPE_NO_LOCK`` is 1/true/yes/on (write without a lock, at the user's risk)."""
     return os.environ.get(NO_LOCK_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
@@ -120,6 +121,11 @@ class OutputLock:
 
     # -------------------------------------------------------------------------------------------------- acquire
     def acquire(self) -> LockInfo:
+        """Take the lock without waiting and write the holder record; returns it.
+
+        Raises :class:`~core.errors.DinoscopeError` naming the holder when another process has it, or when the file
+        system refuses locks; ``RuntimeError`` when this process already holds it. ``DINOSCOPE_NO_LOCK=1`` skips it.
+        """
         try:
             self.lock_file.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -272,6 +278,7 @@ class OutputLock:
 
     @property
     def held(self) -> bool:
+        """Whether this object currently holds the lock."""
         return self._fd is not None
 
     def __enter__(self) -> LockInfo:

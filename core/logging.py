@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tqdm.auto import tqdm
+
 T = TypeVar("T")
 
 
@@ -48,8 +50,6 @@ def progress(
     disable: bool | None = None,
 ) -> Iterator[T]:
     """A tqdm progress bar with rate and ETA, silenced when ``DINOSCOPE_NO_PROGRESS`` is set or on ranks > 0."""
-    from tqdm.auto import tqdm
-
     if disable is None:
         disable = bool(os.environ.get("DINOSCOPE_NO_PROGRESS")) or int(os.environ.get("RANK", "0")) > 0
     yield from tqdm(
@@ -68,11 +68,13 @@ class JsonlLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log(self, **record: Any) -> None:
+        """Append ``record`` as one JSON line; ``time`` (Unix seconds) is added unless given."""
         record.setdefault("time", time.time())
         with self.path.open("a") as f:
             f.write(json.dumps(record, default=_to_builtin) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """Every record so far, oldest first (``[]`` when the file does not exist)."""
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

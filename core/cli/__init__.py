@@ -1,34 +1,37 @@
 """The ``dinoscope`` command line.
 
-Sub-commands from ``core`` are listed in :data:`CORE_COMMANDS`. Domain packages add theirs through the
-entry-point group ``dinoscope.commands``: each entry point is a ``register(subparsers)`` function. This keeps
-``core`` free of any import of ``geodino`` or ``bio``.
+Every sub-command is declared once, from its schema (:mod:`core.cli.commands`), and built by one adapter
+(:mod:`core.cli.adapter`): flags with help, defaults and ranges from the schema, ``--recipe FILE``, ``--set``,
+trailing ``key=value`` overrides and ``--print-recipe`` everywhere. Domain packages add their command groups through
+the entry-point group ``dinoscope.commands`` (each entry point is a ``register(subparsers)`` function), so ``core``
+never imports ``geodino`` or ``bio``.
 
-Every sub-command handler takes the parsed namespace and returns an exit status. A
-:class:`~core.errors.DinoscopeError` becomes a one-paragraph message on stderr and exit status 2.
+A :class:`~core.errors.DinoscopeError` becomes a one-paragraph message on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
+from core.cli import commands
+from core.cli.adapter import add_command, add_group
+from core.cli.failures import (
+    DEBUG_ENV,
+    Terminated,
+    debug_requested,
+    internal_error_message,
+    os_error_message,
+    sigterm_as_interrupt,
+)
 from core.errors import DinoscopeError, TrainingInterrupted
+from core.logging import setup_logging
 
 log = logging.getLogger("dinoscope")
-
-# name -> module holding a ``register(subparsers)`` function; imported lazily so ``--help`` stays fast.
-CORE_COMMANDS: dict[str, str] = {
-    "weights": "core.cli.weights",
-    "pretrain": "core.cli.pretrain",
-    "eval": "core.cli.evaluate",
-    "launch": "core.cli.launch",
-    "demo": "core.cli.demo",
-}
 
 
 def _plugin_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
@@ -43,11 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dinoscope",
         description="DINOv2 self-supervised vision for canopy height mapping and cell-painting screens.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        "--debug",
+        dest="verbose",
+        action="store_true",
+        help=f"debug logging and full tracebacks (also {DEBUG_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in CORE_COMMANDS.values():
-        importlib.import_module(module).register(sub)
+    add_command(sub, commands.PRETRAIN)
+    add_command(sub, commands.EXPORT)
+    add_group(sub, "eval", "kNN and linear evaluation of frozen backbone features", commands.EVAL)
+    add_command(sub, commands.LAUNCH)
+    add_group(sub, "weights", "inspect and convert backbone checkpoints", commands.WEIGHTS)
+    add_command(sub, commands.DEMO)
     for register in _plugin_registrars():
         register(sub)
     return parser
@@ -64,9 +78,8 @@ def _leave_process_group() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 success, 2 user error, 1 unexpected failure)."""
-    from core.logging import setup_logging
-
+    """Run the CLI; returns the exit status (see :mod:`core.cli.failures`: 0 success, 1 unexpected failure, 2 a
+    problem the message explains, 128 + N stopped by signal N)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may follow options (`pretrain R --output-dir D a.b=1`); anything else is an error.
@@ -75,22 +88,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if stray:
         args.overrides = list(args.overrides) + stray
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    debug = debug_requested(args.verbose)
+    setup_logging(logging.DEBUG if debug else logging.INFO)
+    name = " ".join(str(getattr(args, key)) for key in vars(args) if key == "command" or key.endswith("_command"))
     try:
-        status = int(args.func(args) or 0)
+        with sigterm_as_interrupt():
+            status = int(args.func(args) or 0)
         _leave_process_group()
         return status
-    except DinoscopeError as err:
-        if args.verbose:
-            raise
-        print(f"dinoscope {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except TrainingInterrupted as stopped:  # a scheduler signal: state saved, resume by running the same command
-        print(f"dinoscope {args.command}: {stopped}", file=sys.stderr)
+        print(f"dinoscope {name}: {stopped}", file=sys.stderr)
         return stopped.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: outputs are atomic, so a rerun resumes
+        signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
+        print(
+            f"dinoscope {name}: stopped by {signal.Signals(signum).name}; run the same command to resume",
+            file=sys.stderr,
+        )
+        return 128 + int(signum)
+    except Exception as err:  # the one place every failure becomes a message instead of a traceback
+        if debug:
+            raise
+        if isinstance(err, OSError):
+            err = os_error_message(err)
+        text = str(err) if isinstance(err, DinoscopeError) else internal_error_message(err)
+        print(f"dinoscope {name}: error: {text}", file=sys.stderr)
+        return 2 if isinstance(err, DinoscopeError) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

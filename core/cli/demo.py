@@ -8,7 +8,6 @@ finished steps (their ``done`` marker exists) are skipped.
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import logging
@@ -17,6 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from core.cli import main as cli_main
+from core.cli.adapter import Invocation
+from core.config.commands import DemoCfg
 from core.errors import DinoscopeError
 from core.io import atomic_path
 
@@ -29,21 +31,20 @@ def _expand(argv: list, out: Path, quick: bool) -> list[str]:
     return [str(a).replace("{out}", str(out)).replace("{root}", str(ROOT)) for a in argv]
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from core.cli import main as cli_main
-
-    spec = yaml.safe_load(Path(args.steps).read_text())
-    out = Path(args.out)
+def run_demo(cfg: DemoCfg, options: None, invocation: Invocation) -> int:
+    """Run every step of the demo (each a ``dinoscope`` command line), then write ``index.html``."""
+    spec = yaml.safe_load(Path(cfg.steps or DEMO_FILE).read_text())
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = []
     for i, step in enumerate(spec["steps"], 1):
         marker = out / ".done" / f"{i:02d}"
         argv = list(step["argv"])
-        if args.quick and step.get("quick"):
+        if cfg.quick and step.get("quick"):
             # Overrides are positional: they go before the first option.
             cut = next((j for j, a in enumerate(argv) if str(a).startswith("--")), len(argv))
             argv = argv[:cut] + list(step["quick"]) + argv[cut:]
-        argv = _expand(argv, out, args.quick)
+        argv = _expand(argv, out, cfg.quick)
         if marker.exists():
             log.info("[%d/%d] %s: done earlier, skipped", i, len(spec["steps"]), step["name"])
             summary.append({"step": step["name"], "status": "skipped (done earlier)", "argv": argv})
@@ -95,11 +96,3 @@ def write_index(out: Path, summary: list[dict]) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(page)
     return path
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="the main job on embedded data: pretrain, evaluate, canopy and cells")
-    p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    p.add_argument("--quick", action="store_true", help="fewer iterations (smoke test)")
-    p.add_argument("--steps", default=str(DEMO_FILE), help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_demo)

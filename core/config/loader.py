@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import os
 import re
 import typing
@@ -17,9 +18,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from core.config.fields import check_rules
 from core.errors import DinoscopeError
 
 T = TypeVar("T")
@@ -104,8 +106,6 @@ def _recipe_error(err: OmegaConfBaseException, schema: type, path: Path | None, 
 
 def _open_free_dicts(node: Any) -> None:
     """Plain ``dict[str, Any]`` fields (e.g. dataset ``params``) accept any key; their factory checks them."""
-    from omegaconf import DictConfig
-
     if not isinstance(node, DictConfig):
         return
     for key in node:
@@ -117,16 +117,27 @@ def _open_free_dicts(node: Any) -> None:
                 _open_free_dicts(child)
 
 
-def load_recipe(schema: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
-    """Merge ``schema`` defaults, the YAML file at ``path`` and ``a.b=c`` overrides, strictly, into a ``schema``."""
+def load_recipe(
+    schema: type[T],
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    *,
+    kinds: tuple[str, ...] | None = None,
+) -> T:
+    """Merge ``schema`` defaults, the YAML file at ``path`` and ``a.b=c`` overrides, strictly, into a ``schema``.
+
+    ``kinds``: the recipe kinds this schema stands for; a file whose ``kind:`` is another one is refused (a typo
+    such as ``kind: pretrian`` would otherwise be ignored). ``None`` accepts any ``kind:``.
+    """
     base = OmegaConf.structured(schema)
     OmegaConf.set_struct(base, True)
     _open_free_dicts(base)
     rpath = Path(path) if path is not None else None
     cfg = base
     if rpath is not None:
-        if not rpath.exists():
-            raise DinoscopeError("recipe not found", path=rpath, fix="check the path (recipes live under recipes/)")
+        if not rpath.is_file():
+            what = "is a directory, not a recipe file" if rpath.is_dir() else "recipe not found"
+            raise DinoscopeError(what, path=rpath, fix="give a YAML recipe file (recipes live under recipes/)")
         try:
             data = yaml.safe_load(rpath.read_text()) or {}
         except yaml.YAMLError as err:
@@ -136,7 +147,17 @@ def load_recipe(schema: type[T], path: str | os.PathLike | None = None, override
         if not isinstance(data, dict):
             raise DinoscopeError("a recipe must be a mapping of sections", path=rpath)
         if "kind" not in _fields_at(schema, ""):
-            data.pop("kind", None)
+            kind = data.pop("kind", None)
+            if kinds is not None and kind is not None and kind not in kinds:
+                line = _line_of(rpath, "kind")
+                close = difflib.get_close_matches(str(kind), kinds, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise DinoscopeError(
+                    f"this command runs recipes of kind {' or '.join(map(repr, kinds))}, not {kind!r}",
+                    path=f"{rpath}:{line}" if line else rpath,
+                    field="kind",
+                    fix=f"{hint}`dinoscope launch RECIPE` runs a recipe of any kind",
+                )
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
         except OmegaConfBaseException as err:
@@ -152,6 +173,7 @@ def load_recipe(schema: type[T], path: str | os.PathLike | None = None, override
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise _recipe_error(err, schema, rpath, "file") from None
+    check_rules(obj, rpath)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate(rpath)
@@ -164,8 +186,6 @@ def to_yaml(obj: Any) -> str:
 
 def check_kwargs(factory: Any, params: dict[str, Any], field: str, path: str | os.PathLike | None = None) -> None:
     """Reject keyword arguments that ``factory`` does not take, listing the valid ones."""
-    import inspect
-
     sig = inspect.signature(factory)
     if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         return

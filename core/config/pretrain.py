@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
-from core.config.fields import dataset_params, input_path
+from core.config.fields import dataset_params, input_path, option
 from core.errors import DinoscopeError
 
 # ``crops.channel_mode`` names a photometric chain: one core builds itself (core.data.photometric) or one a domain
@@ -82,29 +82,29 @@ class TeacherCfg:
 
 @dataclass
 class OptimCfg:
-    epochs: int = 100
-    epoch_length: int = 1250  # iterations per "epoch", as DINOv2's OFFICIAL_EPOCH_LENGTH
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    base_lr: float = 0.004
+    epochs: int = option(100, help="training epochs", minimum=1, cli=False)
+    epoch_length: int = option(1250, help="iterations per epoch (DINOv2 OFFICIAL_EPOCH_LENGTH)", minimum=1, cli=False)
+    weight_decay: float = option(0.04, help="AdamW weight decay at the start", minimum=0.0, cli=False)
+    weight_decay_end: float = option(0.4, help="weight decay at the end (cosine)", minimum=0.0, cli=False)
+    base_lr: float = option(0.004, help="learning rate before batch-size scaling", above=0.0, cli=False)
     scaling_rule: str = "sqrt_wrt_1024"  # or "none"
-    warmup_epochs: float = 10
-    min_lr: float = 1.0e-6
-    clip_grad: float = 3.0
-    freeze_last_layer_epochs: float = 1
-    patch_embed_lr_mult: float = 0.2
-    layerwise_decay: float = 0.9
-    adamw_beta1: float = 0.9
-    adamw_beta2: float = 0.999
+    warmup_epochs: float = option(10, help="linear lr warm-up", minimum=0.0, cli=False)
+    min_lr: float = option(1.0e-6, help="final learning rate (cosine)", minimum=0.0, cli=False)
+    clip_grad: float = option(3.0, help="per-module gradient-norm clip (0: off)", minimum=0.0, cli=False)
+    freeze_last_layer_epochs: float = option(1, help="epochs with the last head layer frozen", minimum=0.0, cli=False)
+    patch_embed_lr_mult: float = option(0.2, help="lr multiplier of the patch embedding", minimum=0.0, cli=False)
+    layerwise_decay: float = option(0.9, help="lr decay per block from the top", above=0.0, maximum=1.0, cli=False)
+    adamw_beta1: float = option(0.9, help="AdamW beta1", minimum=0.0, below=1.0, cli=False)
+    adamw_beta2: float = option(0.999, help="AdamW beta2", minimum=0.0, below=1.0, cli=False)
 
 
 @dataclass
 class CropsCfg:
-    global_crops_size: int = 224
-    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
-    local_crops_number: int = 8
-    local_crops_size: int = 96
-    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    global_crops_size: int = option(224, help="global crop side in pixels", minimum=1, cli=False)
+    global_crops_scale: list[float] = option([0.32, 1.0], help="area fraction range", above=0.0, maximum=1.0, cli=False)
+    local_crops_number: int = option(8, help="local crops per image", minimum=0, cli=False)
+    local_crops_size: int = option(96, help="local crop side in pixels", minimum=1, cli=False)
+    local_crops_scale: list[float] = option([0.05, 0.32], help="area fraction range", above=0.0, maximum=1.0, cli=False)
     channel_mode: str = "rgb"  # photometric chain: rgb, or a registered one (channel_modes())
     blur_probs: str = "released"  # released | paper
     mean: list[float] = field(default_factory=list)  # per channel; empty = ImageNet for RGB, else from the data
@@ -120,18 +120,18 @@ class DataCfg:
 @dataclass
 class TrainCfg:
     output_dir: str = "runs/pretrain"
-    batch_size_per_rank: int = 64
-    num_workers: int = 4
+    batch_size_per_rank: int = option(64, help="images per rank and step", minimum=1, cli=False)
+    num_workers: int = option(4, help="DataLoader worker processes", minimum=0, cli=False)
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    max_iters: int = 0  # 0 = epochs * epoch_length
-    checkpoint_every: int = 1250
-    keep_checkpoints: int = 3
-    log_every: int = 10
+    max_iters: int = option(0, help="stop after this many iterations (0: epochs x epoch_length)", minimum=0, cli=False)
+    checkpoint_every: int = option(1250, help="iterations between checkpoints", minimum=1, cli=False)
+    keep_checkpoints: int = option(3, help="checkpoints kept (older ones are removed)", minimum=1, cli=False)
+    log_every: int = option(10, help="iterations between metric lines", minimum=1, cli=False)
     device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA exists, else cpu; or cpu | cuda | cuda:N
     pin_memory: bool | None = None  # None: pinned host batches exactly when training on CUDA
     persistent_workers: bool = True  # keep DataLoader workers alive between epochs (only with num_workers > 0)
-    prefetch_factor: int = 2  # batches each worker prepares ahead (only with num_workers > 0)
+    prefetch_factor: int = option(2, help="batches each worker prepares ahead (num_workers > 0)", minimum=1, cli=False)
     log_grad_norms: bool = True  # log per-module gradient norms on logging steps (clipping computes them anyway)
 
 
@@ -202,13 +202,6 @@ class PretrainRecipe:
             raise DinoscopeError(
                 f"dist.zero_stage is {self.dist.zero_stage}", path=path, field="dist.zero_stage", fix="use 1, 2 or 3"
             )
-        for key, value in (
-            ("train.batch_size_per_rank", self.train.batch_size_per_rank),
-            ("optim.epochs", self.optim.epochs),
-            ("optim.epoch_length", self.optim.epoch_length),
-        ):
-            if value < 1:
-                raise DinoscopeError(f"{key} must be at least 1, got {value}", path=path, field=key)
         p = self.model.patch_size
         for key, size in (
             ("crops.global_crops_size", self.crops.global_crops_size),

@@ -71,6 +71,7 @@ class MaskingGenerator:
         )
 
     def get_shape(self) -> tuple[int, int]:
+        """``(height, width)`` of the patch grid the masks cover."""
         return self.height, self.width
 
     def __call__(self, num_masking_patches: int | None = None) -> np.ndarray:

@@ -292,6 +292,7 @@ class ScaleToUnit(albu.ImageOnlyTransform):
         self.clip = clip
 
     def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        """``img [H, W, C]`` -> float32 ``[H, W, C]`` in [0, 1] (by dtype or ``max_value``; clipped if ``clip``)."""
         out = scale_to_unit(img, self.max_value)
         return np.clip(out, 0.0, 1.0, out=out) if self.clip else out
 

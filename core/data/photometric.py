@@ -124,6 +124,7 @@ class ChannelIntensityJitter(albu.ImageOnlyTransform):
         return self.random_generator.uniform(max(0.0, 1.0 - spread), 1.0 + spread, channels)
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        """Albumentations hook: one brightness and one contrast factor per channel of ``data["image"]``."""
         channels = data["image"].shape[-1]
         return {
             "brightness_factors": self._factors(self.brightness, channels).astype(np.float32),
@@ -133,6 +134,9 @@ class ChannelIntensityJitter(albu.ImageOnlyTransform):
     def apply(
         self, img: np.ndarray, brightness_factors: np.ndarray, contrast_factors: np.ndarray, **params: Any
     ) -> np.ndarray:
+        """``img [H, W, C]`` -> same shape: scale each channel by its brightness factor, then its deviation from its
+        spatial mean by its contrast factor.
+        """
         img = img * brightness_factors
         channel_mean = img.mean(axis=(0, 1), keepdims=True)
         return (img - channel_mean) * contrast_factors + channel_mean
@@ -155,6 +159,7 @@ def solarize(p: float) -> albu.Solarize:
 
 
 def check_probability(name: str, value: float) -> None:
+    """Raise :class:`~core.errors.DinoscopeError` naming ``name`` unless ``0 <= value <= 1``."""
     if not 0.0 <= float(value) <= 1.0:
         raise DinoscopeError(f"{name} must lie in [0, 1], got {value}", field=name)
 

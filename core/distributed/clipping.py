@@ -13,6 +13,7 @@ from core.errors import DinoscopeError
 
 
 def check_grad_clip(grad_clip: float | None) -> float | None:
+    """``grad_clip`` if positive or None (no clipping); raises :class:`~core.errors.DinoscopeError` otherwise."""
     if grad_clip is not None and not grad_clip > 0:
         raise DinoscopeError(
             f"grad_clip must be positive or null, got {grad_clip}",

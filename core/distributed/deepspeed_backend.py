@@ -2,8 +2,7 @@
 
 ``deepspeed`` is optional (``pip install 'dinoscope[dist]'``). Nothing imports this module at package import time:
 :func:`core.distributed.strategy.build_strategy` and :mod:`core.train.checkpoint` load the ``deepspeed_*`` modules
-that use it on demand. The converters of :mod:`deepspeed.checkpoint` and :mod:`deepspeed.utils.zero_to_fp32` are
-imported only when a checkpoint is resharded or merged.
+that use it on demand.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from pathlib import Path
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.checkpoint import ds_to_universal
 from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_INFO,
     UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -22,6 +22,7 @@ from deepspeed.checkpoint.constants import (
 )
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_grad, safe_set_local_grad
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 __all__ = [
     "UNIVERSAL_CHECKPOINT_INFO",
@@ -49,13 +50,9 @@ def skip_shm_comm_op() -> None:
 
 def fp32_state_dict_from_zero_checkpoint(ds_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """DeepSpeed's ``zero_to_fp32`` merge of the ZeRO shards under ``ds_dir/tag`` (keys of the engine root)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
 
 
 def run_ds_to_universal(args: argparse.Namespace) -> None:
     """DeepSpeed's universal-checkpoint converter (``deepspeed.checkpoint.ds_to_universal``) with parsed ``args``."""
-    from deepspeed.checkpoint import ds_to_universal
-
     ds_to_universal.main(args)

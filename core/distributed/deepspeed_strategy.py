@@ -44,7 +44,7 @@ from core.distributed.deepspeed_clipping import global_norms, local_grad_fragmen
 from core.distributed.deepspeed_config import build_ds_config, validate_ds_config
 from core.distributed.device import module_device
 from core.distributed.ema import ema_update_, paired_parameters
-from core.distributed.env import barrier, get_rank, get_world_size, init_distributed
+from core.distributed.env import barrier, broadcast_module, get_rank, get_world_size, init_distributed
 from core.distributed.precision import Precision, autocast_context
 from core.distributed.state_files import (
     DEEPSPEED_DIR,
@@ -55,7 +55,7 @@ from core.distributed.state_files import (
     load_module_state,
     load_torch_file,
 )
-from core.distributed.strategy import ModelsAfterSetup, broadcast_module
+from core.distributed.strategy import ModelsAfterSetup
 from core.errors import DinoscopeError
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,8 @@ class DeepSpeedStrategy(ModelsAfterSetup):
         betas: tuple[float, float] | None = None,
         eps: float | None = None,
     ) -> None:
+        """See :meth:`Strategy.setup`: check device and precision, start DeepSpeed's process group, build the ZeRO
+        config and ``deepspeed.initialize`` the student with an AdamW over ``param_groups`` (the teacher stays out)."""
         self._record_settings(grad_clip, precision, betas, eps)
         if self.precision == "fp16" and not get_accelerator().is_fp16_supported():
             raise DinoscopeError(
@@ -197,6 +199,7 @@ class DeepSpeedStrategy(ModelsAfterSetup):
 
     @property
     def engine(self) -> Any:
+        """The ``DeepSpeedEngine`` that wraps the student; raises ``RuntimeError`` before ``setup``."""
         if self._engine is None:
             raise RuntimeError("call setup() first")
         return self._engine
@@ -208,13 +211,18 @@ class DeepSpeedStrategy(ModelsAfterSetup):
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
+        """The client AdamW's live ``param_groups``, as DeepSpeed's optimizer exposes them."""
         return self.engine.optimizer.param_groups
 
     # -- step --------------------------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """``torch.autocast`` for bf16/fp16 on DeepSpeed's accelerator; no-op for fp32."""
         return autocast_context(self.precision, get_accelerator().device_name().split(":")[0])
 
     def backward(self, loss: torch.Tensor) -> None:
+        """``engine.backward(loss)``; before the accumulation boundary also ``engine.step()``, which then only advances
+        DeepSpeed's micro-batch counter.
+        """
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
         self._micro_batch_open = False
@@ -240,9 +248,13 @@ class DeepSpeedStrategy(ModelsAfterSetup):
         return norms
 
     def zero_grad(self) -> None:
+        """Clear the gradients through the engine."""
         self.engine.zero_grad()
 
     def update_teacher(self, momentum: float) -> None:
+        """EMA ``t <- m t + (1 - m) s`` from full student tensors: the fp32 masters for fp16; under ZeRO-3
+        gathered in buckets of ``ema_gather_numel`` elements.
+        """
         teacher_params, student_params = paired_parameters(self.teacher, self.student)
         for teacher_bucket, student_full in self._full_student_tensors(teacher_params, student_params):
             ema_update_(teacher_bucket, student_full, momentum)
@@ -266,8 +278,10 @@ class DeepSpeedStrategy(ModelsAfterSetup):
 
     # -- state -------------------------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
+        """Collective: the ZeRO shards under ``directory/deepspeed/state``, with the universal-checkpoint marker so that
+        ``ds_to_universal`` can reshard them for another world size, plus ``teacher.pt`` from rank 0.
+        """
         directory = Path(directory)
-        # The universal-checkpoint marker lets ds_to_universal reshard these shards for another world size later.
         self.engine.save_checkpoint(
             str(directory / DEEPSPEED_DIR),
             tag=DEEPSPEED_TAG,
@@ -334,9 +348,11 @@ class DeepSpeedStrategy(ModelsAfterSetup):
         load_module_state(self.teacher, load_torch_file(teacher_file, "teacher"), teacher_file, "teacher")
 
     def full_teacher_state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copy of the teacher (never partitioned) on rank 0, ``{}`` elsewhere."""
         return cpu_state_dict(self.teacher) if get_rank() == 0 else {}
 
     def full_student_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: full fp32 student parameters (gathered under ZeRO-3) and buffers on rank 0, ``{}`` elsewhere."""
         named = list(self.student.named_parameters())
         params = [param for _, param in named]
         on_main = get_rank() == 0

@@ -19,6 +19,7 @@ from torch import nn
 
 
 def check_momentum(momentum: float) -> float:
+    """``momentum`` as a float; raises ``ValueError`` outside [0, 1]."""
     momentum = float(momentum)
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"teacher momentum must lie in [0, 1], got {momentum}")

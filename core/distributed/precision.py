@@ -15,6 +15,7 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`; raises :class:`~core.errors.DinoscopeError` otherwise."""
     if precision not in PRECISIONS:
         raise DinoscopeError(
             f"unknown precision {precision!r}", field="precision", fix=f"use one of {', '.join(PRECISIONS)}"

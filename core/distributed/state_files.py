@@ -24,6 +24,7 @@ DEEPSPEED_TAG = "state"
 
 
 def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of ``module.state_dict()`` (safe to save while training goes on)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
@@ -46,6 +47,7 @@ def load_torch_file(path: Path, what: str) -> Any:
 
 
 def load_module_state(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
+    """Strict ``load_state_dict``; missing, unexpected or mis-shaped keys raise a ``DinoscopeError`` naming ``what``."""
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:

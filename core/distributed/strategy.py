@@ -32,12 +32,11 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from core.distributed.clipping import check_grad_clip, submodule_parameters
 from core.distributed.ema import update_teacher
-from core.distributed.env import average_gradients, get_rank, get_world_size
+from core.distributed.env import average_gradients, broadcast_module, get_rank, get_world_size
 from core.distributed.precision import Precision, autocast_context, check_precision
 from core.distributed.state_files import (
     DEEPSPEED_DIR,
@@ -101,7 +100,8 @@ class Strategy(Protocol):
         ``compute_norms`` false nothing is computed and ``{}`` is returned.
         """
 
-    def zero_grad(self) -> None: ...
+    def zero_grad(self) -> None:
+        """Drop the student's gradients after a step."""
 
     def update_teacher(self, momentum: float) -> None:
         """EMA ``t <- m t + (1 - m) s`` of every teacher parameter from the full student parameter."""
@@ -143,12 +143,14 @@ class ModelsAfterSetup:
 
     @property
     def student(self) -> nn.Module:
+        """The student given to ``setup`` (backbone and heads); raises ``RuntimeError`` before it."""
         if self._student is None:
             raise RuntimeError("call setup() first")
         return self._student
 
     @property
     def teacher(self) -> nn.Module:
+        """The EMA teacher given to ``setup``; raises ``RuntimeError`` before it."""
         if self._teacher is None:
             raise RuntimeError("call setup() first")
         return self._teacher
@@ -205,6 +207,7 @@ class SingleProcessStrategy(ModelsAfterSetup):
         betas: tuple[float, float] | None = None,
         eps: float | None = None,
     ) -> None:
+        """See :meth:`Strategy.setup`; broadcasts rank 0's weights when data parallel, adds a GradScaler for fp16."""
         self._record_settings(grad_clip, precision, betas, eps)
         self._student, self._teacher = student, teacher
         teacher.requires_grad_(False)
@@ -225,12 +228,14 @@ class SingleProcessStrategy(ModelsAfterSetup):
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
+        """The ``torch.optim.AdamW`` built by ``setup``."""
         if self._optimizer is None:
             raise RuntimeError("call setup() first")
         return self._optimizer
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
+        """The AdamW's live ``param_groups``."""
         return self.optimizer.param_groups
 
     def _device_type(self) -> str:
@@ -239,15 +244,18 @@ class SingleProcessStrategy(ModelsAfterSetup):
 
     # -- step --------------------------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """``torch.autocast`` for bf16/fp16 on the student's device type; no-op for fp32."""
         return autocast_context(self.precision, self._device_type())
 
     def backward(self, loss: torch.Tensor) -> None:
+        """``backward`` of ``loss / grad_accum`` (loss-scaled for fp16)."""
         loss = loss / self.grad_accum if self.grad_accum > 1 else loss
         if self._scaler is not None:
             loss = self._scaler.scale(loss)
         loss.backward()
 
     def clip_and_step(self, compute_norms: bool = True) -> dict[str, torch.Tensor]:
+        """See :meth:`Strategy.clip_and_step`: all-reduce, unscale (fp16), clip per sub-module, step."""
         if self.data_parallel and get_world_size() > 1:
             # reduce before unscaling so an inf on any rank makes every rank skip the step
             average_gradients(list(self.student.parameters()))
@@ -271,13 +279,16 @@ class SingleProcessStrategy(ModelsAfterSetup):
         return norms
 
     def zero_grad(self) -> None:
+        """Set the student's gradients to None."""
         self.optimizer.zero_grad(set_to_none=True)
 
     def update_teacher(self, momentum: float) -> None:
+        """EMA of the student into the teacher (:func:`core.distributed.ema.update_teacher`)."""
         update_teacher(self.teacher, self.student, momentum)
 
     # -- state -------------------------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
+        """Rank 0 writes ``student.pt``, ``teacher.pt`` and ``optimizer.pt`` (with the fp16 scaler)."""
         directory = Path(directory)
         if get_rank() == 0:  # every rank holds identical state
             torch.save(cpu_state_dict(self.student), directory / STUDENT_FILE)
@@ -291,7 +302,7 @@ class SingleProcessStrategy(ModelsAfterSetup):
             )
 
     def load(self, directory: Path, saved_world_size: int | None = None) -> None:
-        # Every rank holds full state here, so a checkpoint of any world size loads as it is.
+        """Load what :meth:`save` wrote; every rank holds full state, so any saved world size loads."""
         directory = Path(directory)
         if not (directory / STUDENT_FILE).is_file() and (directory / DEEPSPEED_DIR).is_dir():
             raise DinoscopeError(
@@ -320,18 +331,12 @@ class SingleProcessStrategy(ModelsAfterSetup):
             self._scaler.load_state_dict(state["scaler"])
 
     def full_teacher_state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copy of the teacher state on rank 0, ``{}`` elsewhere."""
         return cpu_state_dict(self.teacher) if get_rank() == 0 else {}
 
     def full_student_state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copy of the student state on rank 0, ``{}`` elsewhere."""
         return cpu_state_dict(self.student) if get_rank() == 0 else {}
-
-
-@torch.no_grad()
-def broadcast_module(module: nn.Module) -> None:
-    """Rank 0's parameters and buffers on every rank (tensors must already be on the backend's device)."""
-    if get_world_size() > 1:
-        for tensor in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(tensor.data, src=0)
 
 
 # Options of the DeepSpeed strategy that a recipe's dist section always carries; meaningless without ZeRO.
@@ -367,7 +372,7 @@ def _single(**kwargs: Any) -> Strategy:
 
 def _deepspeed(**kwargs: Any) -> Strategy:
     try:
-        module = importlib.import_module("core.distributed.deepspeed_strategy")
+        module = importlib.import_module("core.distributed.deepspeed_strategy")  # deferred: optional extra [dist]
     except ImportError as err:
         raise DinoscopeError(
             f"strategy 'deepspeed' needs the deepspeed package ({err})",

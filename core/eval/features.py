@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from core.data.datasets import scale_to_unit
 from core.distributed.device import module_device, place, wants_pinned_memory
+from core.models.heads import linear_input
 from core.weights.meta import default_normalisation
 
 
@@ -59,8 +60,6 @@ def extract(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``([n, F] features, [n] labels)``: the class token (``n_last_blocks=1, avgpool=False``) or the linear-probe
     input of DINOv2 (class tokens of the last blocks, plus the mean patch token)."""
-    from core.models.heads import linear_input
-
     was_training = backbone.training
     backbone.eval()
     device = module_device(backbone)  # features are computed wherever the backbone lives, returned on the CPU

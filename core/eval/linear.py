@@ -86,6 +86,12 @@ def linear_evaluate(
     epochs: int = 100,
     lrs: Sequence[float] = LR_GRID,
 ) -> dict[str, Any]:
+    """DINOv2 linear evaluation of a frozen ``backbone`` (Oquab et al. 2023, Sec. 7).
+
+    Features of both sets (images resized to ``size``): class tokens of the last ``n_last_blocks`` blocks plus the
+    mean patch token, ``[n, (n_last_blocks + 1) * D]``; then :func:`train_linear_grid` over ``lrs``. Returns its
+    result (``top1``, ``best_lr``, ``top1_per_lr``) with ``n_train``, ``n_val`` and ``features``.
+    """
     xtr, ytr = extract(backbone, train_set, size=size, mean=mean, std=std, n_last_blocks=n_last_blocks, avgpool=True)
     xva, yva = extract(backbone, val_set, size=size, mean=mean, std=std, n_last_blocks=n_last_blocks, avgpool=True)
     # The probes train where the backbone lives (features come back on the CPU).

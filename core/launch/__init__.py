@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from core.config.fields import DATASET_PARAMS_OF, INPUT_PATH, walk_fields
+from core.config.loader import load_recipe
+from core.distributed.layout import DistEnv
 from core.errors import DinoscopeError
+from core.launch.kinds import get_kind, recipe_kind_of
 from core.launch.resources import LaunchResources, load_resources
 
 __all__ = [
@@ -60,8 +63,7 @@ class LaunchPlan:
 
     @property
     def kind(self) -> Any:
-        from core.launch.kinds import get_kind
-
+        """The :class:`~core.launch.kinds.RecipeKind` named ``kind_name`` (its schema and ``run``)."""
         return get_kind(self.kind_name, self.recipe_path)
 
 
@@ -101,7 +103,7 @@ def _paths(value: Any) -> list[str]:
 
 def _dataset_input_params(kind: str, kind_key: str) -> tuple[str, ...]:
     """The keyword arguments of dataset kind ``kind`` that name input paths (its factory's ``input_params``)."""
-    # Deferred: core.data imports torch and PIL, which `dinoscope launch` must not wait for to reject a recipe typo.
+    # deferred: core.data.datasets loads torch; launch planning stays torch-free (tests/core/test_launch.py)
     from core.data.datasets import dataset_kinds
 
     kinds = dataset_kinds()
@@ -207,8 +209,6 @@ def resolve_run_dir(
 
 def _world_size_from_environment() -> int:
     """World size of an externally started job (``launch --launcher local`` under torchrun or srun), else 1."""
-    from core.distributed.env import DistEnv
-
     return DistEnv.from_environ().world_size
 
 
@@ -225,9 +225,6 @@ def plan_launch(
     Raises:
         DinoscopeError: naming the file, the key and the fix for the first problem found.
     """
-    from core.config import load_recipe
-    from core.launch.kinds import get_kind, recipe_kind_of
-
     path = Path(recipe_path)
     kind_name = recipe_kind_of(path)
     kind = get_kind(kind_name, path)

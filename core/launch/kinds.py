@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from core.config.pretrain import PretrainRecipe
 from core.errors import DinoscopeError
 
 ENTRY_POINT_GROUP = "dinoscope.recipes"
@@ -42,25 +43,21 @@ class RecipeKind:
 
 
 def _run_pretrain(recipe: Any, run_dir: Path) -> int:
-    from core.eval.periodic import periodic_knn  # deferred: torch and the training stack load only for a run
+    # deferred: torch and the training stack load only for a run; launch planning stays torch-free (a recipe
+    # typo fails in < 2 s, tests/core/test_launch.py)
+    from core.eval.periodic import periodic_knn
     from core.train.loop import train
 
     train(recipe, run_dir, evaluator=periodic_knn(recipe, run_dir))
     return 0
 
 
-def _pretrain_schema() -> type:
-    from core.config.pretrain import PretrainRecipe
-
-    return PretrainRecipe
-
-
 CORE_KINDS: dict[str, Callable[[], RecipeKind]] = {
     "pretrain": lambda: RecipeKind(
-        _pretrain_schema(), _run_pretrain, "DINOv2 SSL pretraining (EMA teacher)", owns_run_dir=True
+        PretrainRecipe, _run_pretrain, "DINOv2 SSL pretraining (EMA teacher)", owns_run_dir=True
     ),
     "distill": lambda: RecipeKind(
-        _pretrain_schema(),
+        PretrainRecipe,
         _run_pretrain,
         "DINOv2 distillation from a frozen pretrained teacher (distill.teacher_weights)",
         owns_run_dir=True,
@@ -69,6 +66,9 @@ CORE_KINDS: dict[str, Callable[[], RecipeKind]] = {
 
 
 def recipe_kinds() -> dict[str, Callable[[], RecipeKind]]:
+    """Kind name -> factory of its :class:`RecipeKind`: :data:`CORE_KINDS`, then the ``dinoscope.recipes``
+    entry points (a core name wins).
+    """
     kinds: dict[str, Callable[[], RecipeKind]] = dict(CORE_KINDS)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         kinds.setdefault(ep.name, lambda ep=ep: _as_kind(ep.load()))
@@ -81,6 +81,7 @@ def _as_kind(obj: Any) -> RecipeKind:
 
 
 def get_kind(name: str, path: str | os.PathLike | None = None) -> RecipeKind:
+    """The :class:`RecipeKind` named ``name``; otherwise a ``DinoscopeError`` that lists the known kinds."""
     kinds = recipe_kinds()
     if name not in kinds:
         raise DinoscopeError(

@@ -24,6 +24,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from core.config.loader import to_yaml
+from core.distributed.layout import DEFAULT_MASTER_PORT, DistEnv, free_port
+from core.io import atomic_path, write_json
 from core.launch import LaunchPlan
 
 log = logging.getLogger(__name__)
@@ -65,8 +68,6 @@ def rdzv_id(plan: LaunchPlan) -> str:
 
 def _torchrun_rendezvous(plan: LaunchPlan, master_port: int | None) -> list[str]:
     """torchrun's rendezvous options: ``--standalone`` on one machine without an address, else the multi-node form."""
-    from core.distributed.env import DEFAULT_MASTER_PORT  # imported here: core.distributed pulls in torch
-
     res = plan.resources
     if not res.multi_node:
         return ["--standalone"]
@@ -102,7 +103,7 @@ def process_command(plan: LaunchPlan, master_port: int | None = None) -> list[st
             *_worker_args(plan),
         ]
     if plan.resources.launcher == "deepspeed":
-        port = master_port or plan.resources.master_port or _free_port()
+        port = master_port or plan.resources.master_port or free_port()
         # --no_local_rank: the worker reads LOCAL_RANK from the environment instead of a --local_rank argument.
         return [
             sys.executable,
@@ -117,12 +118,6 @@ def process_command(plan: LaunchPlan, master_port: int | None = None) -> list[st
     raise ValueError(f"process_command does not handle launcher {plan.resources.launcher!r}")
 
 
-def _free_port() -> int:
-    from core.distributed.env import free_port
-
-    return free_port()
-
-
 def process_environment(
     plan: LaunchPlan, base: Mapping[str, str] | None = None, cuda: bool | None = None
 ) -> dict[str, str]:
@@ -130,7 +125,7 @@ def process_environment(
     CUDA, one OpenMP thread per rank unless set, then the resources' ``env``."""
     env = dict(os.environ if base is None else base)
     if cuda is None:
-        import torch
+        import torch  # deferred: launch planning stays torch-free (a recipe typo fails in < 2 s, test_launch.py)
 
         cuda = torch.cuda.is_available()
     if not cuda:
@@ -143,8 +138,6 @@ def process_environment(
 
 def write_launch_record(plan: LaunchPlan, command: list[str] | str, extra: Mapping[str, object] | None = None) -> Path:
     """``RUN/launch.json``: the resources, world size and exact command, for reproducibility."""
-    from core.io import write_json
-
     path = plan.run_dir / LAUNCH_RECORD
     write_json(
         path,
@@ -164,9 +157,7 @@ def write_launch_record(plan: LaunchPlan, command: list[str] | str, extra: Mappi
 
 
 def _write_run_files(plan: LaunchPlan) -> None:
-    from core.config import to_yaml
-    from core.io import atomic_path
-    from core.train.run_info import write_run_info
+    from core.train.run_info import write_run_info  # deferred: loads torch; launch planning stays torch-free
 
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(plan.run_dir / "config.yaml") as tmp:
@@ -181,7 +172,7 @@ def run_in_process(plan: LaunchPlan, *, record: bool = True) -> int:
     checkpoint when there is one. ``record`` writes ``launch.json`` (off for ranks started by a launcher, whose
     parent wrote it).
     """
-    from core.distributed.env import DistEnv, shutdown_distributed
+    from core.distributed.env import shutdown_distributed  # deferred: loads torch; launch planning stays torch-free
 
     layout = DistEnv.from_environ()
     if layout.is_main:

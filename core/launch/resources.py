@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.config.fields import option
+from core.config.loader import load_recipe
 from core.errors import DinoscopeError
 
 LAUNCHERS = ("local", "torchrun", "deepspeed", "slurm")
@@ -62,17 +64,26 @@ class LaunchResources:
         submitit_dir: where submitit keeps job pickles and logs (default ``<run dir>/submitit``).
     """
 
-    launcher: str = "local"
-    nodes: int = 1
-    nproc_per_node: int = 1
-    gpus_per_node: int = 0
+    launcher: str = option(
+        "local",
+        help="local: this process; torchrun/deepspeed: --nproc local processes; slurm: a submitit job",
+        choices=LAUNCHERS,
+    )
+    nodes: int = option(
+        1,
+        help="machines: SLURM nodes, or torchrun nodes each running this same command",
+        flags=("--nodes", "--nnodes"),
+        minimum=1,
+    )
+    nproc_per_node: int = option(1, help="processes on this machine (torchrun/deepspeed)", flags="--nproc", minimum=1)
+    gpus_per_node: int = option(0, help="GPUs per SLURM node (one task each)", minimum=0)
     cpus_per_task: int = 0
     mem: str = ""
-    partition: str = ""
-    account: str = ""
+    partition: str = option("", help="SLURM partition")
+    account: str = option("", help="SLURM account")
     qos: str = ""
     constraint: str = ""
-    time: str = ""
+    time: str = option("", help="SLURM time limit, e.g. 72:00:00")
     job_name: str = "dinoscope"
     sbatch_extra: list[str] = field(default_factory=list)
     setup: list[str] = field(default_factory=list)
@@ -80,12 +91,18 @@ class LaunchResources:
     requeue: bool = True
     max_timeout_requeues: int = 3
     signal_delay_s: int = 120
-    master_port: int = 0
-    node_rank: int = 0
-    master_addr: str = ""
-    rdzv_backend: str = "static"
-    rdzv_id: str = ""
-    global_batch_size: int = 0
+    master_port: int = option(0, help="rendezvous port (torchrun default 29500 across nodes; 0: automatic)", minimum=0)
+    node_rank: int = option(0, help="torchrun on several nodes (static): this machine's index, 0..N-1", minimum=0)
+    master_addr: str = option("", help="torchrun on several nodes: host of node 0 (of the c10d store)")
+    rdzv_backend: str = option(
+        "static",
+        help="torchrun rendezvous on several nodes: static (--node-rank per machine) or c10d",
+        choices=RDZV_BACKENDS,
+    )
+    rdzv_id: str = option("", help="c10d job id shared by every node (default: derived from the run directory)")
+    global_batch_size: int = option(
+        0, help="require train.batch_size_per_rank x world size to equal this (0: no check)", minimum=0
+    )
     cluster: str = "slurm"
     submitit_dir: str = ""
 
@@ -210,6 +227,7 @@ class LaunchResources:
 
     @property
     def world_size(self) -> int:
+        """Total processes: ``nodes * tasks_per_node``."""
         return self.nodes * self.tasks_per_node
 
 
@@ -274,8 +292,6 @@ def _quote_times(path: str | os.PathLike | None, overrides: list[str]) -> list[s
 
 def load_resources(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> LaunchResources:
     """Strictly load a resource file (optional) and ``key=value`` overrides into :class:`LaunchResources`."""
-    from core.config import load_recipe
-
     try:
         return load_recipe(LaunchResources, path, _quote_times(path, list(overrides or [])))
     except DinoscopeError as err:

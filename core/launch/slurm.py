@@ -27,9 +27,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from core.distributed.layout import DEFAULT_MASTER_ADDR, DistEnv
 from core.errors import DinoscopeError
-from core.launch import LaunchPlan
+from core.launch import LaunchPlan, plan_launch
+from core.launch.local import run_in_process, write_launch_record
 from core.launch.resources import LaunchResources, parse_time_minutes, sbatch_options
+from core.logging import setup_logging
 
 # Variables a stale submitting shell may carry into srun's environment; the task's own layout must win.
 TORCH_RENDEZVOUS_KEYS = (
@@ -54,8 +57,6 @@ def rendezvous_environ(environ: Mapping[str, str], master_port: int = 0) -> dict
         environ: the task's environment.
         master_port: fixed rendezvous port; 0 derives it from the job id.
     """
-    from core.distributed.env import DEFAULT_MASTER_ADDR, DistEnv
-
     if "SLURM_PROCID" in environ:
         layout = DistEnv.from_environ({k: v for k, v in environ.items() if k not in TORCH_RENDEZVOUS_KEYS})
     elif "SUBMITIT_LOCAL_GLOBALID" in environ:
@@ -109,10 +110,6 @@ class TrainingJob:
     requeue: bool = True
 
     def __call__(self) -> int:
-        from core.launch import plan_launch
-        from core.launch.local import run_in_process
-        from core.logging import setup_logging
-
         setup_logging()
         os.chdir(self.workdir)
         os.environ.update(self.env)
@@ -125,7 +122,7 @@ class TrainingJob:
         callable (it resumes from the run directory's latest checkpoint)."""
         if not self.requeue:
             return None
-        from submitit.helpers import DelayedSubmission
+        from submitit.helpers import DelayedSubmission  # deferred: optional extra [cluster], SLURM jobs only
 
         return DelayedSubmission(self, *args, **kwargs)
 
@@ -147,6 +144,7 @@ class TrainingJob:
 
 
 def training_job(plan: LaunchPlan) -> TrainingJob:
+    """The picklable :class:`TrainingJob` of ``plan``: absolute paths, this directory as ``workdir``."""
     return TrainingJob(
         recipe_path=str(plan.recipe_path.resolve()),
         overrides=list(plan.overrides),
@@ -216,7 +214,7 @@ def submitit_folder(plan: LaunchPlan) -> Path:
 
 def _import_submitit() -> Any:
     try:
-        import submitit
+        import submitit  # deferred: optional extra [cluster], SLURM jobs only
     except ImportError as err:
         raise DinoscopeError(
             f"launcher 'slurm' needs the submitit package ({err})",
@@ -228,8 +226,6 @@ def _import_submitit() -> Any:
 
 def submit(plan: LaunchPlan) -> Any:
     """Submit the plan as one submitit job (``cluster: slurm`` or ``local``); returns the submitit ``Job``."""
-    from core.launch.local import write_launch_record
-
     submitit = _import_submitit()
     params = executor_parameters(plan.resources)
     folder = submitit_folder(plan)
@@ -261,7 +257,7 @@ def submit(plan: LaunchPlan) -> Any:
 def sbatch_script(plan: LaunchPlan) -> str:
     """The sbatch script submitit would write for this plan (submitit's own generator, so it is exact)."""
     _import_submitit()  # a clear error if it is missing
-    from submitit.slurm.slurm import _make_sbatch_string
+    from submitit.slurm.slurm import _make_sbatch_string  # deferred: optional extra [cluster], SLURM jobs only
 
     folder = submitit_folder(plan)
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])

@@ -27,13 +27,14 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "math", "xformers")
 @functools.lru_cache(maxsize=1)
 def _xformers_ops() -> ModuleType | None:
     try:
-        import xformers.ops as xops
+        import xformers.ops as xops  # deferred: optional extra [gpu], CUDA only; probed once, cached
     except Exception:  # noqa: BLE001 - ImportError, or a broken binary build for this torch
         return None
     return xops
 
 
 def xformers_available() -> bool:
+    """Whether ``xformers.ops`` imports (optional extra ``[gpu]``); probed once."""
     return _xformers_ops() is not None
 
 
@@ -63,10 +64,12 @@ class Attention(nn.Module):
 
     @property
     def backend(self) -> str:
+        """The requested kernel, one of :data:`ATTENTION_BACKENDS` (``auto`` is resolved per call)."""
         return self._backend
 
     @backend.setter
     def backend(self, value: str) -> None:
+        """Set the kernel; ``ValueError`` for a name not in :data:`ATTENTION_BACKENDS`."""
         if value not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {value!r}; choose one of {ATTENTION_BACKENDS}")
         self._backend = value

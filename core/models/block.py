@@ -46,9 +46,11 @@ class LayerScale(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
 
     def reset_parameters(self) -> None:
+        """Set ``gamma`` back to ``init_values``."""
         nn.init.constant_(self.gamma, self.init_values)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x [..., D] -> x * gamma`` (same shape)."""
         return x * self.gamma
 
 
@@ -153,6 +155,9 @@ class Block(nn.Module):
         return self.ls2(self.mlp(self.norm2(x)))  # per token: the packing does not matter
 
     def forward(self, x: Tensor | Sequence[Tensor], seq_shapes: SeqShapes | None = None) -> Tensor | list[Tensor]:
+        """``x [B, N, D] -> [B, N, D]``; a list of ``[B_i, N_i, D]`` -> list (packed inside, so each sub-module runs
+        once); packed rows ``[sum_i B_i * N_i, D]`` with ``seq_shapes`` -> packed rows.
+        """
         if isinstance(x, (list, tuple)):
             rows, shapes = pack_tokens(x)
             return unpack_tokens(self._forward(rows, shapes), shapes)

@@ -32,6 +32,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x [..., in_features] -> [..., out_features]``."""
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -59,6 +60,7 @@ class SwiGLUFFN(nn.Module):
         self.w3 = nn.Linear(hidden, out_features, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x [..., in_features] -> [..., out_features]``."""
         a, b = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(a) * b)
 

@@ -30,9 +30,11 @@ class WeightNormLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
+        """Effective weight ``[out, in]``: ``g * v / ||v||`` with the row norms of ``v``."""
         return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x [..., in] -> [..., out]`` (no bias)."""
         return F.linear(x, self.weight)
 
 
@@ -73,6 +75,7 @@ class DINOHead(nn.Module):
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x [..., in_dim]`` -> MLP -> L2-normalised ``[..., bottleneck_dim]`` -> ``[..., out_dim]``."""
         x = self.mlp(x)
         eps = 1e-6 if x.dtype == torch.float16 else 1e-12
         x = F.normalize(x, dim=-1, p=2, eps=eps)
@@ -106,6 +109,7 @@ class LinearHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, features: Tensor | Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        """Features ``[B, in_dim]`` (or block outputs, turned into them by :func:`linear_input`) -> ``[B, out_dim]``."""
         if not isinstance(features, Tensor):
             features = linear_input(features, self.n_last_blocks, self.avgpool)
         return self.linear(features)

@@ -47,6 +47,7 @@ class PatchEmbed(nn.Module):
         return H // p, W // p
 
     def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
+        """``x [B, C, H, W] -> [B, H/p * W/p, D]``; a list of images gives a list (one ``proj`` call)."""
         if isinstance(x, (list, tuple)):
             return self._forward_many(x)
         self._grid(x)
@@ -168,6 +169,7 @@ class VisionTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def set_attention_backend(self, backend: str) -> None:
+        """Use attention kernel ``backend`` (see :data:`~core.models.attention.ATTENTION_BACKENDS`) in every block."""
         for block in self.blocks:
             block.attn.backend = backend
 

@@ -9,10 +9,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.config.loader import check_kwargs
 from core.config.pretrain import CropsCfg, DataCfg, ModelCfg, PretrainRecipe
+from core.data.datasets import build_dataset, dataset_kinds
+from core.data.multicrop import MultiCropAugmentation
 from core.errors import DinoscopeError
 from core.models import DINOHead, VisionTransformer, build_backbone
+from core.models.factories import BACKBONES
 from core.ssl.meta_arch import SSLMetaArch
+from core.weights import load_backbone, read_checkpoint, strict_load
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,9 @@ def backbone_kwargs(cfg: ModelCfg) -> dict[str, Any]:
 
 
 def build_student_teacher(cfg: ModelCfg) -> tuple[VisionTransformer, VisionTransformer]:
+    """Student and teacher backbones: the student with drop path (and ``model.pretrained`` loaded strictly when set),
+    the teacher without drop path, starting from the student's weights.
+    """
     kwargs = backbone_kwargs(cfg)
 
     def make(**extra: Any) -> VisionTransformer:
@@ -51,8 +59,6 @@ def build_student_teacher(cfg: ModelCfg) -> tuple[VisionTransformer, VisionTrans
 
     student = make(drop_path_rate=cfg.drop_path_rate, drop_path_uniform=cfg.drop_path_uniform)
     if cfg.pretrained:
-        from core.weights import load_backbone, strict_load
-
         pretrained, _ = load_backbone(cfg.pretrained, in_chans=cfg.in_chans)
         strict_load(student, pretrained.state_dict(), cfg.pretrained)
     teacher = make()
@@ -98,8 +104,6 @@ def _distillation_teacher(
 ) -> tuple[nn.Module, nn.Module, nn.Module | None]:
     """A frozen pretrained backbone; its heads come from the checkpoint when it has them (``teacher.dino_head``),
     otherwise they are frozen random projections (seeded), which still transfer the teacher's feature geometry."""
-    from core.weights import load_backbone, read_checkpoint, strict_load
-
     path = recipe.distill.teacher_weights
     teacher, meta = load_backbone(path, **recipe.distill.teacher_overrides)
     sd, _, _ = read_checkpoint(path)
@@ -121,9 +125,10 @@ def _distillation_teacher(
     return teacher, heads[0], heads[1]
 
 
-def build_augmentation(crops: CropsCfg, model: ModelCfg) -> Any:
-    from core.data import MultiCropAugmentation
-
+def build_augmentation(crops: CropsCfg, model: ModelCfg) -> MultiCropAugmentation:
+    """DINOv2 multi-crop augmentation of the recipe: 2 global and ``local_crops_number`` local crops of
+    ``model.in_chans`` channels.
+    """
     return MultiCropAugmentation(
         global_crops_size=crops.global_crops_size,
         global_crops_scale=tuple(crops.global_crops_scale),
@@ -138,10 +143,27 @@ def build_augmentation(crops: CropsCfg, model: ModelCfg) -> Any:
     )
 
 
-def build_data(cfg: DataCfg, path: Any = None) -> Any:
-    from core.config import check_kwargs
-    from core.data import build_dataset, dataset_kinds
+def preflight(recipe: PretrainRecipe, path: Any = None) -> None:
+    """Every check that needs no data and no weights: the backbone name and shape, the dataset kind and its
+    parameters. Training runs this before it writes anything into the run directory."""
+    kwargs = backbone_kwargs(recipe.model)
+    if recipe.model.arch != "custom" and recipe.model.arch not in BACKBONES:
+        raise DinoscopeError(
+            f"unknown backbone {recipe.model.arch!r}",
+            path=path,
+            field="model.arch",
+            fix=f"use one of {sorted(BACKBONES)}, or 'custom' with embed_dim, depth and num_heads",
+        )
+    if recipe.model.arch == "custom" and kwargs["embed_dim"] % kwargs["num_heads"]:
+        raise DinoscopeError(
+            f"model.embed_dim {kwargs['embed_dim']} is not divisible by model.num_heads {kwargs['num_heads']}",
+            path=path,
+            field="model.num_heads",
+        )
+    _dataset_factory(recipe.data, path)
 
+
+def _dataset_factory(cfg: DataCfg, path: Any) -> Any:
     kinds = dataset_kinds()
     if cfg.kind not in kinds:
         raise DinoscopeError(
@@ -150,4 +172,13 @@ def build_data(cfg: DataCfg, path: Any = None) -> Any:
     factory = kinds[cfg.kind]
     factory = factory.load() if hasattr(factory, "load") else factory
     check_kwargs(factory, dict(cfg.params), "data.params", path)
+    return factory
+
+
+def build_data(cfg: DataCfg, path: Any = None) -> Any:
+    """The pretraining dataset of kind ``data.kind`` (core or ``dinoscope.datasets`` entry point) with ``data.params``.
+
+    Raises :class:`~core.errors.DinoscopeError` naming ``path`` for an unknown kind or parameter.
+    """
+    _dataset_factory(cfg, path)
     return build_dataset(cfg.kind, **cfg.params)

@@ -158,6 +158,9 @@ class SSLMetaArch(nn.Module):
         return losses
 
     def forward(self, batch: dict[str, Any], teacher_temp: float) -> dict[str, Tensor]:
+        """Loss terms of one batch (``dino_local``, ``dino_global``, ``koleo``, ``ibot`` when enabled) and ``total``:
+        teacher targets at ``teacher_temp``, student outputs, then :meth:`compute_losses`.
+        """
         teacher = self.teacher_output(batch, teacher_temp)
         student = self.student_output(batch)
         return self.compute_losses(student, teacher, batch)
@@ -169,6 +172,7 @@ class SSLMetaArch(nn.Module):
         return {"dino_center": self.dino_loss.center.clone(), "ibot_center": self.ibot_loss.center.clone()}
 
     def load_loss_state(self, state: dict[str, Tensor]) -> None:
+        """Restore the centre buffers saved by :meth:`loss_state` (pending centre updates are dropped)."""
         self.dino_loss.apply_center_update()
         self.ibot_loss.apply_center_update()
         self.dino_loss.center.copy_(state["dino_center"])

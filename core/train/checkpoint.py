@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from core.distributed.env import barrier, get_rank, get_world_size, has_process_group
 from core.distributed.state_files import DEEPSPEED_DIR, DEEPSPEED_TAG, STUDENT_FILE, TEACHER_FILE, load_torch_file
@@ -54,14 +55,17 @@ _STEP_RE = re.compile(r"step_(\d{8,})")
 
 
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    """``RUN/checkpoints``."""
     return Path(run_dir) / CHECKPOINTS_DIR
 
 
 def step_dir(run_dir: str | os.PathLike, iteration: int) -> Path:
+    """``RUN/checkpoints/step_{iteration:08d}``."""
     return checkpoints_dir(run_dir) / f"step_{int(iteration):08d}"
 
 
 def rng_file(rank: int) -> str:
+    """File name of one rank's RNG states in a step directory (``rng_rank00003.pt``)."""
     return f"rng_rank{rank:05d}.pt"
 
 
@@ -108,6 +112,9 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the python, numpy, torch (and, when present and usable, CUDA) RNG states of
+    :func:`capture_rng_state`.
+    """
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     np_state = state["numpy"]
@@ -133,13 +140,12 @@ def plain_config(config: Any) -> Any:
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
     elif type(config).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
         config = OmegaConf.to_container(config, resolve=True)
     return json.loads(json.dumps(config, default=str))
 
 
 def config_hash(config: Any) -> str | None:
+    """First 16 hex digits of the SHA-256 of the config's sorted-key JSON; None for None."""
     if config is None:
         return None
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
@@ -356,6 +362,7 @@ def consolidated_student_state_dict(ckpt_dir: str | os.PathLike) -> dict[str, to
             "the checkpoint holds no student state", path=directory, fix="pass a complete step directory"
         )
     try:
+        # deferred: optional extra [dist] (deepspeed), only for ZeRO checkpoints
         ds_module = importlib.import_module("core.distributed.deepspeed_checkpoint")
     except ImportError as err:
         raise DinoscopeError(

@@ -6,18 +6,24 @@ from pathlib import Path
 
 import yaml
 
+from core.config.loader import load_recipe
+from core.config.pretrain import PretrainRecipe
 from core.distributed.device import place
 from core.errors import DinoscopeError
+from core.models.factories import ARCH_SIZES
+from core.ssl.build import backbone_kwargs, build_augmentation
+from core.train.checkpoint import consolidated_teacher_state_dict, find_latest
+from core.weights.export import save_backbone
+from core.weights.load import _META_KEYS
 from core.weights.meta import WeightMeta, default_channel_names
 
 
 def export_run(run_dir: Path, out: Path, step: int | None = None) -> Path:
-    from core.config import PretrainRecipe, load_recipe
-    from core.ssl.build import backbone_kwargs, build_augmentation
-    from core.train.checkpoint import consolidated_teacher_state_dict, find_latest
-    from core.weights import save_backbone
-    from core.weights.load import _META_KEYS
+    """Export the teacher backbone of a run's latest checkpoint (or of ``step``) to ``out`` (.safetensors + sidecar).
 
+    The sidecar records the architecture, channel names and the input normalisation the recipe trained with.
+    Returns the weights path; a directory without ``config.yaml`` or checkpoints raises ``DinoscopeError``.
+    """
     config = run_dir / "config.yaml"
     if not config.exists():
         raise DinoscopeError(
@@ -34,8 +40,6 @@ def export_run(run_dir: Path, out: Path, step: int | None = None) -> Path:
     teacher = consolidated_teacher_state_dict(Path(ckpt))
     # the one placement function, so exported tensors are host tensors whatever device wrote the checkpoint
     backbone = place({k[len("backbone.") :]: v for k, v in teacher.items() if k.startswith("backbone.")}, "cpu")
-    from core.models import ARCH_SIZES
-
     kwargs = backbone_kwargs(recipe.model)
     if recipe.model.arch != "custom":
         dim, depth, heads = ARCH_SIZES[recipe.model.arch]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,7 @@ from core.distributed.env import get_world_size, has_process_group, init_distrib
 from core.distributed.strategy import Strategy, build_strategy
 from core.errors import DinoscopeError
 from core.logging import JsonlLogger, progress
-from core.ssl.build import build_augmentation, build_data, build_meta_arch
+from core.ssl.build import build_augmentation, build_data, build_meta_arch, preflight
 from core.train.checkpoint import load_training_state, save_training_state
 from core.train.data import ChannelsAsSamples, build_ssl_loader
 from core.train.param_groups import apply_optim_schedule, fuse_params_groups, get_params_groups_with_decay
@@ -110,8 +111,6 @@ def build_recipe_strategy(recipe: PretrainRecipe, *, resharding: bool = False) -
 def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -147,6 +146,7 @@ def train(
             (without ``allow_recipe_change``), a setting is impossible here, or the loss became NaN.
         TrainingInterrupted: SIGTERM/SIGUSR2 arrived; a checkpoint at the reached iteration was saved first.
     """
+    preflight(recipe)  # nothing is written to the run directory before the recipe can run
     device = resolve_device(recipe.train.device)
     activate(device)  # before the process group: NCCL binds each rank to its GPU
     env = init_distributed("nccl" if device.type == "cuda" else "gloo")

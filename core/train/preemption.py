@@ -16,6 +16,7 @@ Ctrl-C (SIGINT) keeps Python's behaviour (KeyboardInterrupt), so an interactive 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -47,6 +48,7 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
+        """Whether a stop signal has arrived."""
         return self.signum is not None
 
     def __enter__(self) -> StopRequest:
@@ -89,5 +91,7 @@ class StopRequest:
                 signal.Signals(self.signum).name,
                 getattr(previous, "__qualname__", previous),
             )
-            previous(self.signum, getattr(self, "_frame", None))
+            # The CLI's own handler raises KeyboardInterrupt ("stop like Ctrl-C"); the state is saved, so say so.
+            with contextlib.suppress(KeyboardInterrupt):
+                previous(self.signum, getattr(self, "_frame", None))
         raise TrainingInterrupted(self.signum, iteration, checkpoint)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from core.config.commands import ALLOW_CHANGE_ENV
 from core.config.loader import to_yaml
 from core.distributed.env import DistEnv, get_world_size, has_process_group
 from core.errors import DinoscopeError
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval_knn.jsonl"
-ALLOW_CHANGE_ENV = "DINOSCOPE_ALLOW_RECIPE_CHANGE"  # set by `dinoscope launch --allow-recipe-change` for every rank
 
 
 @dataclasses.dataclass
@@ -56,6 +56,7 @@ class ResumePoint:
     world_size: int | None = None
 
     def resharding(self, world_size: int) -> bool:
+        """Whether the checkpoint was written at a world size other than ``world_size``."""
         return self.world_size is not None and self.world_size != world_size
 
 
@@ -92,6 +93,10 @@ class RunSession:
         self._lock: OutputLock | None = None
 
     def open(self) -> ResumePoint:
+        """Collective: rank 0 locks the run directory, removes temporaries, checks the recipe against the resumed run's,
+        drops log lines past the checkpoint and writes ``config.yaml``/``run_info.json``; every rank gets the resume
+        point, or rank 0's error as a ``DinoscopeError``.
+        """
         outcome: dict[str, Any] = {}
         if self.env.is_main:
             try:
@@ -109,6 +114,7 @@ class RunSession:
         return ResumePoint(**outcome["point"])
 
     def close(self) -> None:
+        """Release the run-directory lock (idempotent)."""
         if self._lock is not None:
             self._lock.release()
             self._lock = None

@@ -53,7 +53,8 @@ class BatchSource(Protocol):
 
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
-    ) -> Iterator[Any]: ...
+    ) -> Iterator[Any]:
+        """Batches of ``batch_size`` samples (the last may be smaller), shuffled with ``generator`` if asked."""
 
 
 class TensorSource:
@@ -72,6 +73,7 @@ class TensorSource:
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(x[idx], y[idx])`` batches of ``batch_size`` rows, shuffled with ``generator`` if asked."""
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
         for idx in order.split(batch_size):
             yield self.x[idx], self.y[idx]

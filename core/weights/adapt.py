@@ -21,6 +21,9 @@ CHANNEL_STRATEGIES = ("repeat", "mean", "zero")
 
 
 def adapt_patch_embed(weight: Tensor, n: int, strategy: str = "repeat") -> Tensor:
+    """Patch-embedding weight ``[D, C0, p, p] -> [D, n, p, p]`` by ``strategy`` (see the module docstring); unchanged
+    when ``n == C0``.
+    """
     if strategy not in CHANNEL_STRATEGIES:
         raise DinoscopeError(
             f"unknown channel strategy {strategy!r}", field="channel_strategy", fix=f"use one of {CHANNEL_STRATEGIES}"

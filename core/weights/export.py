@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from safetensors.torch import save_file
 from torch import nn
 
 from core.io import atomic_path, write_json
@@ -17,8 +18,6 @@ def save_backbone(model: nn.Module | dict, meta: WeightMeta, path: str | os.Path
 
     The sidecar is also embedded in the safetensors header, so the weights stay usable if the JSON gets lost.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")

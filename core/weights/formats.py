@@ -81,10 +81,12 @@ def detect_format(sd: StateDict) -> str:
 
 
 def remap_dinov2_hub(sd: StateDict, branch: str) -> StateDict:
+    """facebookresearch/dinov2 hub backbones: canonical up to block chunking."""
     return unchunk_blocks(sd)
 
 
 def remap_dinov2_train(sd: StateDict, branch: str) -> StateDict:
+    """DINOv2 training checkpoints: keep ``branch`` (teacher or student), drop ``backbone.``, unchunk."""
     if _has_prefix(sd, "teacher.") or _has_prefix(sd, "student."):
         if not _has_prefix(sd, f"{branch}."):
             raise DinoscopeError(
@@ -97,14 +99,17 @@ def remap_dinov2_train(sd: StateDict, branch: str) -> StateDict:
 
 
 def remap_cell_dino(sd: StateDict, branch: str) -> StateDict:
+    """Cell-DINO backbones: unchunk ``blocks.{chunk}.{i}`` names."""
     return unchunk_blocks(sd)
 
 
 def remap_hrch(sd: StateDict, branch: str) -> StateDict:
+    """facebookresearch/HighResCanopyHeight backbones: drop the ``backbone.`` prefix."""
     return strip_prefix(sd, "backbone.")
 
 
 def remap_dinoscope(sd: StateDict, branch: str) -> StateDict:
+    """Weights exported by dinoscope: already canonical."""
     return sd
 
 
@@ -118,6 +123,7 @@ REMAPPERS: dict[str, Callable[[StateDict, str], StateDict]] = {
 
 
 def to_canonical(sd: StateDict, fmt: str, branch: str = "teacher") -> StateDict:
+    """Remap a state dict of family ``fmt`` (a key of :data:`REMAPPERS`) to canonical ViT keys."""
     if fmt not in REMAPPERS:
         raise DinoscopeError(
             f"unknown checkpoint format {fmt!r}", field="format", fix=f"use one of {sorted(REMAPPERS)}"

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import Tensor
 
 from core.errors import DinoscopeError
+from core.memory import check_fits_in_memory
 from core.models.factories import arch_for_shape
 from core.models.vit import VisionTransformer
 from core.weights.adapt import adapt_channel_stats, adapt_patch_embed
@@ -96,9 +99,6 @@ def read_checkpoint(source: str | os.PathLike | dict) -> tuple[dict[str, Tensor]
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], WeightMeta | None, dict]:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
     try:
         sd = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
@@ -153,7 +153,21 @@ def load_backbone(
         kwargs = infer_model_kwargs(sd, fmt, {**embedded, **overrides})
     src_chans = int(sd["patch_embed.proj.weight"].shape[1]) if "patch_embed.proj.weight" in sd else kwargs["in_chans"]
     names, mu, sigma = _source_channels(meta, fmt, src_chans)
+    if kwargs.get("embed_dim", 0) % max(int(kwargs.get("num_heads", 1)), 1):
+        raise DinoscopeError(
+            f"embed_dim {kwargs['embed_dim']} is not divisible by num_heads {kwargs['num_heads']}",
+            path=where,
+            field="num_heads",
+            fix=f"use a divisor of {kwargs['embed_dim']} (the head width is 64 in every DINOv2 model)",
+        )
     if in_chans is not None and in_chans != src_chans:
+        width, patch = sd["patch_embed.proj.weight"].shape[0], sd["patch_embed.proj.weight"].shape[-1]
+        check_fits_in_memory(
+            in_chans * width * patch * patch * 4 * 3,  # the adapted weight, its source repeat, and the model copy
+            what=f"a patch embedding for {in_chans} channels",
+            field="in_chans",
+            fix="give the number of channels the data has",
+        )
         sd = dict(sd)
         sd["patch_embed.proj.weight"] = adapt_patch_embed(sd["patch_embed.proj.weight"], in_chans, channel_strategy)
         mu, sigma = (

@@ -45,29 +45,38 @@ class WeightMeta:
 
     @property
     def patch_size(self) -> int:
+        """Patch side in pixels."""
         return int(self.model_kwargs["patch_size"])
 
     @property
     def embed_dim(self) -> int:
+        """Token width ``D``."""
         return int(self.model_kwargs["embed_dim"])
 
     @property
     def in_chans(self) -> int:
+        """Number of input channels."""
         return int(self.model_kwargs["in_chans"])
 
     @property
     def num_register_tokens(self) -> int:
+        """Register tokens (Darcet et al. 2023, arXiv:2309.16588); 0 when absent."""
         return int(self.model_kwargs.get("num_register_tokens", 0))
 
     @property
     def channel_adaptive(self) -> bool:
+        """Whether the backbone embeds each channel on its own (bag of channels, Cell-DINO)."""
         return bool(self.model_kwargs.get("channel_adaptive", False))
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as a JSON-ready dict (the sidecar's content)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: str | os.PathLike | None = None) -> WeightMeta:
+        """A validated :class:`WeightMeta` from a sidecar dict; unknown or missing keys, or a newer ``format_version``,
+        raise :class:`~core.errors.DinoscopeError` naming ``path``.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         missing = sorted(n for n in ("arch", "model_kwargs", "channel_names", "mean", "std") if n not in data)
@@ -91,6 +100,9 @@ class WeightMeta:
         return meta
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
+        """Require one ``channel_names``/``mean``/``std`` entry per input channel and ``std > 0``; raises
+        :class:`~core.errors.DinoscopeError` naming ``path``.
+        """
         c = self.in_chans
         for name in ("channel_names", "mean", "std"):
             if len(getattr(self, name)) != c:
@@ -110,6 +122,7 @@ def sidecar_path(weights_path: str | os.PathLike) -> Path:
 
 
 def read_sidecar(path: str | os.PathLike) -> WeightMeta:
+    """Read and validate a JSON sidecar; a missing or malformed file raises ``DinoscopeError``."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -126,6 +139,7 @@ def read_sidecar(path: str | os.PathLike) -> WeightMeta:
 
 
 def default_channel_names(in_chans: int) -> list[str]:
+    """``red, green, blue`` for 3 channels, else ``ch0 .. ch{n-1}``."""
     if in_chans == 3:
         return ["red", "green", "blue"]
     return [f"ch{i}" for i in range(in_chans)]

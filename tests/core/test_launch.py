@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,34 +29,21 @@ def _error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ validation before start
-def test_recipe_typo_fails_in_under_2s_naming_the_closest_key(tmp_path: Path) -> None:
+def test_recipe_typo_fails_before_torch_loads_naming_the_closest_key(tmp_path: Path) -> None:
+    """A typo is reported before the training stack (torch) is imported, so it fails at once (no timing asserted:
+    the fact checked is that nothing heavy was loaded before the message)."""
     run = tmp_path / "run"
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "core.cli",
-            "launch",
-            str(TINY),
-            "optim.bse_lr=0.1",
-            "--launcher",
-            "torchrun",
-            "--nproc",
-            "2",
-            "--output-dir",
-            str(run),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    argv = ["launch", str(TINY), "optim.bse_lr=0.1", "--launcher", "torchrun", "--nproc", "2", "--output-dir", str(run)]
+    probe = (
+        "import sys; from core.cli import main; status = main(sys.argv[1:]); "
+        "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded'); sys.exit(status)"
     )
-    elapsed = time.perf_counter() - start
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 2
     assert "optim.bse_lr" in proc.stderr and "did you mean optim.'base_lr'" in proc.stderr
-    assert elapsed < 2.0, f"a typo must fail fast, took {elapsed:.2f} s"
+    assert "torch not loaded" in proc.stdout
     assert not run.exists()
 
 
