@@ -1,6 +1,6 @@
 """Canopy-height rasters on disk: value encoding, a resumable partial GeoTIFF, COG conversion and VRT mosaics.
 
-Encodings (canopy.md section 5): ``float32`` metres with nodata NaN (the HRCH notebook's output), or ``uint16``
+Encodings: ``float32`` metres with nodata NaN (the HRCH notebook's output), or ``uint16``
 holding ``round(metres * uint16_scale)`` with nodata 65535 and the GDAL band scale ``1 / uint16_scale`` so GDAL
 aware readers (QGIS, rasterio ``scales``, exactextract) see metres. 0 is a real height, so it is never nodata.
 
@@ -12,10 +12,12 @@ sidecar so an interrupted run can continue.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import numpy as np
 import rasterio
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
+from rio_cogeo.cogeo import cog_translate, cog_validate
 
 from core.errors import DinoscopeError
 from core.io import atomic_path, write_json
@@ -108,8 +111,26 @@ def partial_profile(like: Any, out_dtype: str) -> dict[str, Any]:
 
 def write_rows(path: Path, row: int, data: np.ndarray) -> None:
     """Write ``data`` (rows x width) at ``row`` and close the file, so the rows are on disk when this returns."""
-    with rasterio.open(path, "r+") as dst:
+    with disk_errors(path), rasterio.open(path, "r+") as dst:
         dst.write(data, 1, window=Window(0, row, data.shape[1], data.shape[0]))
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """A full disk or quota as an ``OSError`` (ENOSPC / EDQUOT) naming ``path``, which the command line explains in
+    one message: GDAL reports it as a generic write error, and a Python file write without the file's name."""
+    try:
+        yield
+    except RasterioError as err:
+        text = str(err).lower()
+        for code, words in ((errno.ENOSPC, "no space left"), (errno.EDQUOT, "quota exceeded")):
+            if words in text:
+                raise OSError(code, os.strerror(code), str(path)) from None
+        raise
+    except OSError as err:
+        if err.filename is None and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
 
 
 def write_cog(
@@ -123,8 +144,6 @@ def write_cog(
     blocksize: int = 512,
 ) -> Path:
     """Convert the finished partial GeoTIFF into a COG at ``out_path`` (atomically), with average overviews."""
-    from rio_cogeo.cogeo import cog_translate
-
     profile = {
         "driver": "GTiff",
         "interleave": "pixel",
@@ -144,7 +163,7 @@ def write_cog(
     # A small block cache keeps the conversion's memory flat in raster size (measured: +90 MB at 2,000 x 20,000
     # and 20,000 x 2,000 alike, against +150 to +200 MB with a 64 MiB cache and threaded compression) and costs
     # about 10 % more time.
-    with atomic_path(out_path) as tmp:
+    with disk_errors(out_path), atomic_path(out_path) as tmp:
         cog_translate(
             str(partial),
             str(tmp),
@@ -160,8 +179,6 @@ def write_cog(
 
 def validate_cog(path: str | os.PathLike) -> tuple[bool, list[str], list[str]]:
     """``(is_valid, errors, warnings)`` from rio-cogeo's validator."""
-    from rio_cogeo.cogeo import cog_validate
-
     return cog_validate(str(path), quiet=True)
 
 
@@ -295,7 +312,7 @@ class ResumableOutputs:
             return state
         self.remove_partials()
         for partial in self.partials:
-            with rasterio.open(partial, "w", **partial_profile(self.like, self.out_dtype)):
+            with disk_errors(partial), rasterio.open(partial, "w", **partial_profile(self.like, self.out_dtype)):
                 pass
         return 0, None
 
@@ -312,12 +329,14 @@ class ResumableOutputs:
             pending, self._pending = self._pending, None
             pending.result()
 
-    def finish(self, source_name: str) -> None:
-        """Turn every partial file into its COG, then remove the partial files and the sidecar."""
+    def finish(self, source_name: str, extra_tags: dict[str, str] | None = None) -> None:
+        """Turn every partial file into its COG (with ``extra_tags``), then remove the partial files and the
+        sidecar."""
         self.wait()
         quantities = ["canopy height", "canopy height std"]
         for partial, final, quantity in zip(self.partials, self.outputs, quantities, strict=False):
             tags = height_tags(self.out_dtype, self.uint16_scale, quantity) | {"source": source_name}
+            tags |= extra_tags or {}
             write_cog(
                 partial,
                 final,
@@ -329,12 +348,14 @@ class ResumableOutputs:
         self.remove_partials()
 
     def close(self) -> None:
+        """Wait for the queued commit (re-raising its error), then shut the writer thread down; partial files stay."""
         try:
             self.wait()
         finally:
             self._pool.shutdown(wait=True)
 
     def remove_partials(self) -> None:
+        """Delete the partial GeoTIFFs, the progress sidecar and every carry file (a fresh start or the end)."""
         carries = self.sidecar.parent.glob(self.sidecar.name + ".carry-*.npz")
         for path in [*self.partials, self.sidecar, *carries]:
             path.unlink(missing_ok=True)
@@ -345,7 +366,7 @@ class ResumableOutputs:
         for k, partial in enumerate(self.partials):
             write_rows(partial, first_row, encode_heights(values[k], valid, self.out_dtype, self.uint16_scale))
         carry_path = self._carry_path(row_index + 1)
-        with open(carry_path, "wb") as f:
+        with disk_errors(carry_path), open(carry_path, "wb") as f:
             np.savez(f, **carry)
         write_json(
             self.sidecar,

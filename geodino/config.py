@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.config.fields import input_path
+from core.config.fields import input_path, option
 from core.errors import DinoscopeError
 
 
@@ -92,6 +92,15 @@ class FitTrainCfg:
 
 @dataclass
 class CanopyFitRecipe:
+    """``dinoscope canopy fit`` / ``kind: canopy_fit``: a canopy-height head on a frozen backbone.
+
+    Example::
+
+        from core.config import load_recipe
+        from geodino import CanopyFitRecipe
+        recipe = load_recipe(CanopyFitRecipe, "recipes/tiny/canopy_fit.yaml", ["head.mode=bins"])
+    """
+
     data: FitDataCfg = field(default_factory=FitDataCfg)
     backbone: FitBackboneCfg = field(default_factory=FitBackboneCfg)
     head: FitHeadCfg = field(default_factory=FitHeadCfg)
@@ -143,28 +152,63 @@ class CanopyFitRecipe:
             raise DinoscopeError("need max_height > min_height >= 0", path=path, field="head.max_height")
 
 
+TALLEST_TREE_M = 120.0  # uint16 outputs must represent every real canopy height (tallest known tree: ~116 m)
+
+
 @dataclass
 class CanopyPredictRecipe:
-    model: str = input_path()  # model.safetensors from `canopy fit`, or a full HRCH .pth
-    inputs: list[str] = input_path(default_factory=list)
-    out: str = ""  # a .tif for one input; otherwise a directory (one COG per input + mosaic.vrt)
-    uncertainty: bool = False
-    tile: int = 256
-    overlap: int = 64
-    batch_size: int = 8
-    dtype: str = "float32"  # float32 (metres, NaN nodata) | uint16 (metres * uint16_scale, 65535 nodata)
-    uint16_scale: float = 100.0
-    bands: list[str] = field(default_factory=list)
-    device: str = "auto"
-    num_workers: int = 1
-    num_heads: int = 0  # HRCH checkpoints whose width is not a multiple of 64
-    resume: bool = True
+    """``dinoscope canopy predict`` / ``kind: canopy_predict``: seamless tiled prediction into COGs.
+
+    Example::
+
+        from core.config import load_recipe
+        from geodino import CanopyPredictRecipe
+        recipe = load_recipe(CanopyPredictRecipe, None, ["model=m.safetensors", "inputs=[a.tif]", "out=chm/"])
+    """
+
+    model: str = option("", help="model.safetensors from `canopy fit`, or a full HRCH .pth", is_input=True)
+    inputs: list[str] = option(
+        [], help="input rasters (GeoTIFF, COG, VRT), directories or globs", positional=True, is_input=True
+    )
+    out: str = option("", help="output .tif (one input) or directory (one COG per input + mosaic.vrt)")
+    uncertainty: bool = option(False, help="also write the per-pixel std (<name>_std.tif)")
+    tile: int = option(256, help="tile side in pixels", minimum=16)
+    overlap: int = option(64, help="overlap between tiles in pixels", minimum=0)
+    batch_size: int = option(8, help="tiles per model call", minimum=1)
+    dtype: str = option(
+        "float32",
+        help="float32 metres with NaN nodata, or uint16 (metres x uint16_scale, 65535 nodata)",
+        choices=("float32", "uint16"),
+    )
+    uint16_scale: float = option(100.0, help="uint16 units per metre (100: centimetres)", minimum=0.001)
+    bands: list[str] = option([], help="bands to use, 1-based indices or names (default: all)")
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N")
+    num_workers: int = option(1, help="reader threads", flags="--workers", minimum=1)
+    num_heads: int = option(0, help="attention heads, for HRCH widths not a multiple of 64 (0: derived)", minimum=0)
+    resume: bool = option(True, help="continue a previous interrupted run's partial output")
+    overwrite: bool = option(False, help="replace existing outputs that were made with other settings or models")
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
-        _choices(path, {"dtype": (self.dtype, ("float32", "uint16"))})
+        """A model, inputs and an output are required; tiles must overlap less than their size; uint16 output must
+        hold the tallest trees."""
         for key in ("model", "out"):
             if not getattr(self, key):
                 raise DinoscopeError(f"{key} is empty", path=path, field=key)
+        if self.overlap >= self.tile:
+            raise DinoscopeError(
+                f"overlap {self.overlap} is not smaller than tile {self.tile}",
+                path=path,
+                field="overlap",
+                fix="use an overlap of about a quarter of the tile",
+            )
+        highest = 65534 / self.uint16_scale
+        if self.dtype == "uint16" and highest < TALLEST_TREE_M:
+            raise DinoscopeError(
+                f"uint16 with scale {self.uint16_scale} stores heights only up to {highest:.2f} m",
+                path=path,
+                field="uint16_scale",
+                fix=f"use a scale of at most {65534 / TALLEST_TREE_M:.0f} (100 = centimetres)",
+            )
         if not self.inputs:
             raise DinoscopeError("inputs is empty", path=path, field="inputs", fix="list the rasters to predict")
 
@@ -173,3 +217,90 @@ def _choices(path: str | os.PathLike | None, checks: dict[str, tuple[str, tuple[
     for key, (value, valid) in checks.items():
         if value not in valid:
             raise DinoscopeError(f"{key} is {value!r}", path=path, field=key, fix=f"use one of {list(valid)}")
+
+
+@dataclass
+class FitOptions:
+    """Run switches of ``dinoscope canopy fit``."""
+
+    output_dir: str = option("", help="run directory (default: train.output_dir)")
+    overwrite: bool = option(False, help="replace a finished fit in the run directory made with another recipe")
+
+
+@dataclass
+class CanopySynthCfg:
+    """``dinoscope canopy synth OUT``: deterministic synthetic forests (RGB GeoTIFF + matching CHM)."""
+
+    out: str = option("", help="output directory", positional=True, metavar="OUT")
+    scenes: int = option(1, help="number of scenes (seeds seed, seed+1, ...)", minimum=1)
+    seed: int = option(0, help="random seed of the first scene")
+    size: int = option(512, help="scene side in pixels", minimum=32)
+    res: float = option(0.5, help="pixel size in metres", minimum=0.01)
+    crs: str = option("EPSG:32617", help="projected CRS")
+
+
+@dataclass
+class CanopyEvaluateCfg:
+    """``dinoscope canopy evaluate PRED REF``: a predicted canopy-height raster against a reference CHM."""
+
+    pred: str = option(
+        "",
+        help="predicted canopy height raster (metres, or with a GDAL scale)",
+        positional=True,
+        metavar="PRED",
+        is_input=True,
+    )
+    ref: str = option(
+        "",
+        help="reference canopy height model (e.g. lidar CHM), any CRS",
+        positional=True,
+        metavar="REF",
+        is_input=True,
+    )
+    out: str = option("", help="output directory")
+    resampling: str = option(
+        "bilinear",
+        help="how REF is resampled onto PRED's grid: bilinear (upsampling), average or max (downsampling)",
+        choices=("bilinear", "average", "max", "nearest", "cubic", "min", "med", "mode"),
+    )
+    block: int = option(50, help="block size in pixels for block R2 (HRCH: 50)", minimum=2)
+    trim: int = option(3, help="border trimmed before block R2, in pixels (HRCH: 3)", minimum=0)
+    ref_scale: float = option(
+        0.0, help="metres per REF unit when the file has no scale metadata (0: the file's)", minimum=0.0
+    )
+    pred_scale: float = option(0.0, help="metres per PRED unit (0: the file's metadata)", minimum=0.0)
+
+    def validate(self, path: str | os.PathLike | None = None) -> None:
+        """Both rasters and the output directory must be named."""
+        for key in ("pred", "ref", "out"):
+            if not getattr(self, key):
+                raise DinoscopeError(
+                    f"{key} is not set", path=path, field=key, fix="dinoscope canopy evaluate PRED REF --out DIR"
+                )
+
+
+@dataclass
+class CanopyZonalCfg:
+    """``dinoscope canopy zonal RASTER POLYGONS OUTPUT``: per-polygon canopy statistics."""
+
+    raster: str = option("", help="canopy height raster", positional=True, metavar="RASTER", is_input=True)
+    polygons: str = option(
+        "",
+        help="polygons: GeoPackage, GeoParquet, shapefile or GeoJSON",
+        positional=True,
+        metavar="POLYGONS",
+        is_input=True,
+    )
+    output: str = option(
+        "", help="output file (.gpkg recommended; .parquet or .geojson also work)", positional=True, metavar="OUTPUT"
+    )
+    cover_threshold: float = option(5.0, help="canopy cover threshold in metres", minimum=0.0)
+    band: int = option(1, help="raster band holding heights", minimum=1)
+
+    def validate(self, path: str | os.PathLike | None = None) -> None:
+        """The raster, the polygons and the output must be named."""
+        for key in ("raster", "polygons", "output"):
+            if not getattr(self, key):
+                raise DinoscopeError(
+                    f"{key} is not set", path=path, field=key, fix="dinoscope canopy zonal RASTER POLYGONS OUTPUT"
+                )

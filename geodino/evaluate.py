@@ -23,6 +23,7 @@ from core.errors import DinoscopeError
 from core.io import write_json
 from geodino.align import AlignedTarget
 from geodino.metrics import CanopyMetrics
+from geodino.outputs import check_output_path
 from geodino.plots import density_scatter, map_previews
 from geodino.raster import RasterSource
 
@@ -57,8 +58,17 @@ def evaluate_rasters(
 
     Returns:
         the metrics dictionary that was written.
+
+    Example::
+
+        from geodino import evaluate_rasters
+        metrics = evaluate_rasters("chm_pred.tif", "lidar_chm.tif", "eval/", resampling="average")
+        print(metrics["mae"], metrics["block_r2"])
     """
-    out_dir = Path(out_dir)
+    out_dir = check_output_path(out_dir, is_dir=True)
+    _check_single_band(pred_path, "PRED", "a canopy-height prediction", "the COG written by `canopy predict`")
+    _check_single_band(ref_path, "REF", "a CHM", "the single-band canopy height model (e.g. a lidar CHM)")
+    counts = {"pred": 0, "ref": 0}
     metrics = CanopyMetrics(block=block, trim=trim, blocks_from_updates=False)
     edges = np.arange(0.0, HIST_MAX_M + HIST_BIN_M / 2, HIST_BIN_M)
     hist = np.zeros((len(edges) - 1, len(edges) - 1), np.int64)
@@ -83,6 +93,8 @@ def evaluate_rasters(
             ref, ref_valid = ref_src.read(window)
             ref = ref * ref_scale + ref_offset
             valid = pred_valid & ref_valid
+            counts["pred"] += int(pred_valid.sum())
+            counts["ref"] += int(ref_valid.sum())
             metrics.update(pred, ref, valid)
             if blocks_ok:
                 metrics.update_blocks(pred, ref, valid, trim=0)
@@ -92,12 +104,7 @@ def evaluate_rasters(
             _fill_preview(ref_preview, np.where(ref_valid, ref, np.nan), window, factor)
     result = metrics.result()
     if result["n_pixels"] == 0:
-        raise DinoscopeError(
-            "no pixel is valid in both the prediction and the reference",
-            path=ref_path,
-            field="nodata",
-            fix="check the nodata values and that the rasters overlap",
-        )
+        _no_common_pixels(pred_path, ref_path, counts)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {
         "density": density_scatter(hist, edges, out_dir / "pred_vs_ref_density.png", metrics=result).name,
@@ -112,8 +119,8 @@ def evaluate_rasters(
         ref_scale=ref_scale,
         preview_factor=factor,
         plots=plots,
-        definitions="canopy.md 4.1: bias = mean(pred - ref); nmae excludes ref < 2 m; "
-        "iou = |A&B| / (|A|B| + 1) with cover = height > threshold; per_bin by reference "
+        definitions="HRCH (Tolan et al. 2024) and Open-Canopy (Fogel et al. 2025): bias = mean(pred - ref); "
+        "nmae excludes ref < 2 m; iou = |A&B| / (|A|B| + 1) with cover = height > threshold; per_bin by reference "
         "height",
     )
     write_json(out_dir / "metrics.json", _finite(result))
@@ -127,6 +134,37 @@ def evaluate_rasters(
         out_dir / "metrics.json",
     )
     return result
+
+
+def _check_single_band(path: str | os.PathLike, name: str, what: str, wanted: str) -> None:
+    """Refuse a multi-band raster (an RGB image given instead of a height raster) before any pixel is compared."""
+    with RasterSource(path) as src:
+        if src.count != 1:
+            raise DinoscopeError(
+                f"{name} has {src.count} bands; {what} has one",
+                path=path,
+                field=name.lower(),
+                fix=f"give {wanted}, not an image; to use one band of this file: "
+                f"`gdal_translate -b 1 {path} {Path(path).stem}_band1.tif`",
+            )
+
+
+def _no_common_pixels(pred_path: str | os.PathLike, ref_path: str | os.PathLike, counts: dict[str, int]) -> None:
+    """Explain why no pixel can be compared (always raises)."""
+    if counts["pred"] == 0:
+        why, path = "PRED has no valid pixel: every pixel is nodata", pred_path
+        fix = "check PRED's nodata value, or predict again (an empty input tile?)"
+    elif counts["ref"] == 0:
+        why, path = "REF has no valid pixel inside PRED's extent: where they overlap, REF is all nodata", ref_path
+        fix = "check REF's nodata value and that REF covers the predicted area, not just touches it"
+    else:
+        why, path = (
+            f"PRED's {counts['pred']} valid pixels and REF's {counts['ref']} valid pixels (on PRED's grid) do not "
+            "coincide anywhere",
+            ref_path,
+        )
+        fix = "the valid parts of the two rasters do not overlap: check that they cover the same area"
+    raise DinoscopeError(f"no pixel is valid in both rasters: {why}", path=path, field="nodata", fix=fix)
 
 
 def _windows(

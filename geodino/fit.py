@@ -16,6 +16,7 @@ training mean everywhere), ``RUN/pred_vs_ref.png`` and ``RUN/loss_curve.png``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,33 +25,73 @@ import torch
 from torch import Tensor
 
 from core.config.loader import to_yaml
+from core.distributed.device import resolve_device
 from core.errors import DinoscopeError
 from core.io import atomic_path, write_json
+from core.lock import OutputLock
 from core.models.vit import VisionTransformer
+from core.train.run_info import write_run_info
 from core.train.supervised import SupervisedConfig, train_supervised
 from core.weights.load import load_backbone
 from core.weights.meta import WeightMeta
 from geodino.config import CanopyFitRecipe
 from geodino.evaluate import HIST_BIN_M, HIST_MAX_M
+from geodino.fit_checks import check_fit_pairs, check_previous_fit
 from geodino.fit_data import Batch, FeatureCache, LiveChips, chip_splits, file_id, training_pairs
 from geodino.metrics import RegressionAccumulator
-from geodino.model import CanopyModel, backbone_head_model, random_backbone, resolve_device, save_canopy_model
+from geodino.model import CanopyModel, backbone_head_model, random_backbone, save_canopy_model
+from geodino.outputs import check_output_path
 from geodino.plots import density_scatter
 
 log = logging.getLogger(__name__)
 
 
-def fit_canopy(recipe: CanopyFitRecipe, run_dir: str | Path) -> dict[str, Any]:
-    """Run a ``canopy_fit`` recipe into ``run_dir``; returns what was written to ``metrics.json``."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(run_dir / "config.yaml") as tmp:
-        tmp.write_text(to_yaml(recipe))
+def fit_canopy(
+    recipe: CanopyFitRecipe,
+    run_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    recipe_path: str | None = None,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Run a ``canopy_fit`` recipe into ``run_dir``; returns what was written to ``metrics.json``.
+
+    Nothing is written before the device, the backbone and the listed (image, CHM) pairs are checked. Then the run
+    directory is locked for the whole fit (a second fit into it fails at once, naming the first), a finished fit
+    made with another recipe is refused unless ``overwrite`` (:func:`geodino.fit_checks.check_previous_fit`), and
+    ``config.yaml`` and ``run_info.json`` are written.
+
+    Example::
+
+        from core.config import load_recipe
+        from geodino import CanopyFitRecipe, fit_canopy
+        recipe = load_recipe(CanopyFitRecipe, "recipes/tiny/canopy_fit.yaml", ["optim.epochs=5"])
+        result = fit_canopy(recipe, "runs/canopy_fit")
+        result["val"]["mae"], result["baseline_train_mean"]["mae"]   # held-out metres vs predicting the mean
+    """
+    run_dir = check_output_path(run_dir, is_dir=True, field="output_dir")
     torch.manual_seed(recipe.train.seed)
-    device = resolve_device(recipe.train.device)
-    pairs = training_pairs(recipe, run_dir)
+    device = resolve_device(recipe.train.device, field="train.device")
     bands = [int(b) if str(b).isdigit() else b for b in recipe.data.bands] or None
     backbone, meta, backbone_id = _backbone(recipe)
+    check_fit_pairs(recipe, bands, meta.in_chans)
+    with OutputLock(run_dir, what="run directory", is_dir=True):
+        check_previous_fit(run_dir, recipe, overwrite)
+        with atomic_path(run_dir / "config.yaml") as tmp:
+            tmp.write_text(to_yaml(recipe))
+        write_run_info(run_dir, recipe_path, list(overrides))
+        return _fit(recipe, run_dir, device, bands, (backbone, meta, backbone_id))
+
+
+def _fit(
+    recipe: CanopyFitRecipe,
+    run_dir: Path,
+    device: torch.device,
+    bands: list[int | str] | None,
+    loaded: tuple[VisionTransformer, WeightMeta, dict[str, Any]],
+) -> dict[str, Any]:
+    backbone, meta, backbone_id = loaded
+    pairs = training_pairs(recipe, run_dir)
     chips = chip_splits(recipe, pairs, bands, meta)
     if chips["train"].images[0].count != meta.in_chans:
         raise DinoscopeError(

@@ -22,6 +22,7 @@ from geodino.chips import ChipSampler, make_chip_dataset
 from geodino.config import CanopyFitRecipe
 from geodino.model import CanopyModel
 from geodino.normalise import BandNormaliser
+from geodino.synthetic import make_forest
 
 log = logging.getLogger(__name__)
 Batch = dict[str, Any]
@@ -29,8 +30,6 @@ Batch = dict[str, Any]
 
 def training_pairs(recipe: CanopyFitRecipe, run_dir: Path) -> list[tuple[Path, Path]]:
     """The recipe's (image, CHM) pairs plus any synthetic forests it asks for (written once, then reused)."""
-    from geodino.synthetic import make_forest
-
     pairs = [(Path(image), Path(chm)) for image, chm in recipe.data.pairs]
     syn = recipe.data.synthetic
     out = run_dir / "synthetic" / f"{syn.size}px_{syn.res:g}m"
@@ -51,6 +50,11 @@ def file_id(path: Path) -> list[Any]:
 def chip_splits(
     recipe: CanopyFitRecipe, pairs: list[tuple[Path, Path]], bands: list[int | str] | None, meta: WeightMeta
 ) -> dict[str, ChipSampler]:
+    """Train and validation chip samplers over ``pairs`` with spatial-block splits (:func:`make_chip_dataset`).
+
+    The normaliser is the backbone's ``meta`` mean/std (``normalise: weights_meta``), or scene-level percentiles
+    computed by the train split and shared with validation, so both see identical scaling.
+    """
     d = recipe.data
     normaliser = None  # percentiles: computed by the train split from the images, then shared with val
     if d.normalise == "weights_meta":
@@ -82,6 +86,7 @@ class LiveChips:
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[Batch]:
+        """Batches ``{"image" [B, C, S, S], "target" [B, S, S] metres, "valid" [B, S, S]}`` of ``S``-pixel chips."""
         loader = torch.utils.data.DataLoader(
             self.chips, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=self.num_workers
         )
@@ -89,6 +94,7 @@ class LiveChips:
             yield {"image": image, "target": target, "valid": valid}
 
     def target_mean(self) -> float:
+        """Mean target height in metres over all valid pixels (one pass over the chips)."""
         total, count = 0.0, 0
         for batch in self.batches(64):
             total += float(batch["target"][batch["valid"]].double().sum())
@@ -133,6 +139,7 @@ class FeatureCache:
         return int(self.arrays["target"].shape[0])
 
     def target_mean(self) -> float:
+        """Mean target height in metres over all valid pixels, recorded when the cache was built."""
         return self.mean
 
     def _build(self, chips: ChipSampler, model: CanopyModel, batch_size: int, digest: str, show_progress: bool) -> None:
@@ -183,6 +190,8 @@ class FeatureCache:
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[Batch]:
+        """Batches ``{"features": [(patch [B, D, h, w], cls [B, D])] per layer, "padded": (P, P), "target",
+        "valid"}`` read from the memory maps as float32."""
         n = len(self)
         order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
         a = self.arrays

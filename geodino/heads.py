@@ -138,9 +138,11 @@ class LinearCanopyHead(nn.Module):
 
     @property
     def has_std(self) -> bool:
+        """True in ``bins`` mode, where the head also returns the per-pixel std of the bin distribution."""
         return self.mode == "bins"
 
     def forward(self, features: Features, out_size: tuple[int, int]) -> dict[str, Tensor]:
+        """``n_layers`` x ``(patch [B, D, h, w], cls [B, D])`` -> ``{"height", "std"?}`` ``[B, *out_size]`` metres."""
         logits = self.conv(concat_features(features, self.use_cls_token))
         if self.mode == "regression":
             return {"height": resize_maps(logits[:, 0], out_size)}

@@ -56,6 +56,7 @@ class ConvModule(nn.Module):
         self.relu = relu
 
     def forward(self, x: Tensor) -> Tensor:
+        """``[B, C_in, H, W] -> [B, C_out, H', W']`` (conv, then ReLU when enabled)."""
         x = self.conv(x)
         return torch.relu(x) if self.relu else x
 
@@ -78,6 +79,7 @@ class ReassembleBlocks(nn.Module):
         self.readout_projects = nn.ModuleList(nn.Sequential(nn.Linear(2 * embed_dim, embed_dim), nn.GELU()) for _ in c)
 
     def forward(self, inputs: Features) -> list[Tensor]:
+        """4 x ``(patch [B, D, h, w], cls [B, D])`` -> ``[B, c_i, s_i * h, s_i * w]`` with ``s = 4, 2, 1, 1/2``."""
         out = []
         for i, (patch, cls) in enumerate(inputs):
             b, d, h, w = patch.shape
@@ -98,6 +100,7 @@ class PreActResidualConvUnit(nn.Module):
         self.conv2 = ConvModule(channels, channels, 3, padding=1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Shape-preserving residual refinement ``[B, C, H, W] -> [B, C, H, W]``."""
         return x + self.conv2(torch.relu(self.conv1(torch.relu(x))))
 
 
@@ -111,6 +114,7 @@ class FeatureFusionBlock(nn.Module):
         self.res_conv_unit2 = PreActResidualConvUnit(channels)
 
     def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+        """``x [B, F, H, W]`` plus the next level's ``skip`` (resized to ``x`` if needed) -> ``[B, F, 2H, 2W]``."""
         if skip is not None and self.res_conv_unit1 is not None:
             if skip.shape != x.shape:
                 skip = F.interpolate(skip, size=x.shape[2:], mode="bilinear", align_corners=False)
@@ -124,6 +128,7 @@ class Upsample2x(nn.Module):
     """Bilinear x2 with ``align_corners=True`` (a parameter-free slot in ``HeadDepth``)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        """``[B, C, H, W] -> [B, C, 2H, 2W]``."""
         return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
 
 
@@ -141,6 +146,7 @@ class HeadDepth(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """Decoder features ``[B, F, H, W]`` -> bin logits ``[B, n_bins, 2H, 2W]``."""
         return self.head(x)
 
 
@@ -175,6 +181,7 @@ class DPTHead(nn.Module):
         self.conv_depth = HeadDepth(channels, n_bins, hidden)
 
     def forward(self, inputs: Features) -> Tensor:
+        """Coarsest level first through the fusion blocks, then the depth head: bin logits ``[B, n_bins, H', W']``."""
         if len(inputs) != 4:
             raise ValueError(f"the DPT head needs the outputs of 4 blocks, got {len(inputs)}")
         levels = [conv(x) for conv, x in zip(self.convs, self.reassemble_blocks(inputs), strict=False)]
@@ -222,6 +229,7 @@ class DPTCanopyHead(nn.Module):
     has_std = True
 
     def forward(self, features: Features, out_size: tuple[int, int]) -> dict[str, Tensor]:
+        """4 blocks of ``(patch, cls)`` -> ``{"height", "std"}`` ``[B, *out_size]`` metres (bin mean and std)."""
         mean, std = bin_moments(self.decode(features), self.bins, self.bin_rule, self.eps)
         return {"height": resize_maps(mean, out_size), "std": resize_maps(std, out_size)}
 
@@ -267,6 +275,7 @@ class HRCHModel(nn.Module):
         )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """See the class docstring: heights and std in metres (bin expectation x ``output_scale``) plus logits."""
         logits = self.decode_head(self.features(x))
         mean, std = bin_moments(logits, self.bins, "relu_eps", self.eps)
         return {"height": mean * self.output_scale, "std": std * self.output_scale, "logits": logits}
@@ -331,6 +340,7 @@ def build_hrch(config: Mapping[str, Any]) -> HRCHModel:
 
 
 def is_hrch_state_dict(sd: Mapping[str, Any]) -> bool:
+    """True when ``sd`` holds HRCH decoder tensors (``decode_head.*``), i.e. a full model, not a bare backbone."""
     return any(k.startswith("decode_head.") for k in sd)
 
 
@@ -345,7 +355,7 @@ def load_hrch(
     """
     where = None if isinstance(source, dict) else source
     sd, _, container = read_checkpoint(source)
-    if sd and all(k.startswith("chm_module_.") for k in sd):  # the geoai port's wrapper (canopy.md 1.3)
+    if sd and all(k.startswith("chm_module_.") for k in sd):  # opengeos/geoai's port wraps the model
         sd = {k[len("chm_module_.") :]: v for k, v in sd.items()}
     quantised = sorted(k for k in sd if k.endswith(_QUANTISED_SUFFIXES))
     if quantised:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.launch.kinds import RecipeKind
-from geodino.cli_model import predict_files
+from geodino import services
 from geodino.config import CanopyFitRecipe, CanopyPredictRecipe
 from geodino.fit import fit_canopy
 
@@ -20,27 +20,16 @@ def _run_fit(recipe: CanopyFitRecipe, run_dir: Path) -> int:
 
 
 def _run_predict(recipe: CanopyPredictRecipe, run_dir: Path) -> int:
-    predict_files(
-        recipe.model,
-        recipe.inputs,
-        recipe.out,
-        uncertainty=recipe.uncertainty,
-        tile=recipe.tile,
-        overlap=recipe.overlap,
-        batch_size=recipe.batch_size,
-        out_dtype=recipe.dtype,
-        uint16_scale=recipe.uint16_scale,
-        bands=recipe.bands or None,
-        device=recipe.device,
-        num_workers=recipe.num_workers,
-        num_heads=recipe.num_heads or None,
-        resume=recipe.resume,
-    )
+    services.predict(recipe)
     return 0
 
 
 CANOPY_FIT = RecipeKind(
-    CanopyFitRecipe, _run_fit, "fit a canopy-height head on a frozen backbone (image/CHM pairs)", distributed=False
+    CanopyFitRecipe,
+    _run_fit,
+    "fit a canopy-height head on a frozen backbone (image/CHM pairs)",
+    distributed=False,
+    owns_run_dir=True,  # fit_canopy checks its inputs, then locks the run directory and writes config.yaml itself
 )
 CANOPY_PREDICT = RecipeKind(
     CanopyPredictRecipe, _run_predict, "tiled canopy-height prediction into COGs", distributed=True

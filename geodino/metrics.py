@@ -1,6 +1,6 @@
 """Streaming canopy-height error metrics: feed windows one at a time, read the totals at the end.
 
-Definitions (canopy.md section 4.1), the union of HRCH and Open-Canopy:
+Definitions, the union of HRCH and Open-Canopy:
 
 * MAE, RMSE, bias (mean error, ``pred - ref``) and pixel R² (``1 - SSE / SST`` around the reference mean) as in
   HighResCanopyHeight ``inference.py`` (Tolan et al., Remote Sensing of Environment 300:113888, 2024).
@@ -48,6 +48,7 @@ class MeanVar:
         self.m2 = 0.0
 
     def update(self, values: np.ndarray) -> None:
+        """Merge a batch of values (any shape, all counted) into the running count, mean and ``m2``."""
         n = values.size
         if n == 0:
             return
@@ -75,6 +76,8 @@ class RegressionAccumulator:
         self.err = MeanVar()
 
     def update(self, pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Add the pixels of one window: heights in metres, same shape; non-finite or ``valid == False`` pixels
+        are skipped."""
         pred, ref = _select(pred, ref, valid)
         err = pred - ref
         self.n += err.size
@@ -88,6 +91,8 @@ class RegressionAccumulator:
         self.err.update(err)
 
     def result(self) -> dict[str, float]:
+        """``mae``, ``rmse``, ``bias``, ``error_std`` and ``nmae`` in metres (nMAE unitless), pixel ``r2`` and
+        ``n_pixels``; NaN where undefined (no pixels, or a constant reference for R²)."""
         n = self.n
         nan = float("nan")
         r2 = 1.0 - self.sq_sum / self.ref.m2 if n and self.ref.m2 > 0 else nan
@@ -154,15 +159,18 @@ class BlockR2:
         self.add_block_means(pred_means[pred_ok], ref_means[pred_ok])
 
     def add_block_means(self, pred_means: np.ndarray, ref_means: np.ndarray) -> None:
+        """Add already computed block means (metres), e.g. from a streaming reader that cuts blocks itself."""
         err = np.asarray(pred_means, np.float64) - np.asarray(ref_means, np.float64)
         self.sq_sum += float((err * err).sum())
         self.ref.update(np.asarray(ref_means, np.float64))
 
     @property
     def n_blocks(self) -> int:
+        """How many blocks have been counted so far."""
         return self.ref.n
 
     def result(self) -> float:
+        """Block R² ``1 - SSE / SST`` of block means (SST around the mean reference block); NaN without blocks."""
         return 1.0 - self.sq_sum / self.ref.m2 if self.ref.n and self.ref.m2 > 0 else float("nan")
 
 
@@ -187,6 +195,8 @@ class BinnedErrors:
         return np.clip(np.searchsorted(self.edges, heights, side="right") - 1, 0, len(self.labels) - 1)
 
     def update(self, pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Add one window's valid pixels (metres) to the bin of their reference height; predictions are also
+        counted in the bin of their own height (``n_pred``)."""
         pred, ref = _select(pred, ref, valid)
         err = pred - ref
         k = len(self.labels)
@@ -199,6 +209,7 @@ class BinnedErrors:
         self.nmae_sum += np.bincount(idx, np.abs(err) / (1 + np.abs(ref)), minlength=k)
 
     def result(self) -> dict[str, dict[str, Any]]:
+        """``{bin label: {n, n_pred, mae, rmse, bias, error_std, nmae}}`` (metres; NaN for empty bins)."""
         out = {}
         for i, label in enumerate(self.labels):
             n = int(self.n[i])
@@ -225,12 +236,14 @@ class CoverIoU:
         self.union = 0
 
     def update(self, pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Count one window's valid pixels into the intersection and union of the two cover masks."""
         pred, ref = _select(pred, ref, valid)
         a, b = pred > self.threshold, ref > self.threshold
         self.intersection += int((a & b).sum())
         self.union += int((a | b).sum())
 
     def result(self) -> float:
+        """``intersection / (union + 1)``; the +1 (Open-Canopy) makes two cover-free maps score 0, not NaN."""
         return self.intersection / (self.union + 1)
 
 
@@ -257,6 +270,7 @@ class CanopyMetrics:
         self.blocks_from_updates = blocks_from_updates
 
     def update(self, pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Feed one window (``H x W`` metres) to every pixel metric, and to block R² when ``blocks_from_updates``."""
         self.regression.update(pred, ref, valid)
         self.binned.update(pred, ref, valid)
         for iou in self.ious.values():
@@ -267,9 +281,12 @@ class CanopyMetrics:
     def update_blocks(
         self, pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None = None, *, trim: int | None = None
     ) -> None:
+        """Feed one block-aligned image to block R² only; ``trim`` as in :meth:`BlockR2.update`."""
         self.blocks.update(pred, ref, valid, trim=trim)
 
     def result(self) -> dict[str, Any]:
+        """Every metric as one flat dict (the ``metrics.json`` keys): mae, rmse, r2, block_r2, bias, nmae,
+        per_bin, ``iou_<t>m`` per threshold, n_pixels, n_blocks, error_std, block_size, block_trim."""
         reg = self.regression.result()
         out: dict[str, Any] = {k: reg[k] for k in ("mae", "rmse", "r2")}
         out["block_r2"] = self.blocks.result()

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from core.errors import DinoscopeError
@@ -64,9 +66,12 @@ class BackboneHead(nn.Module):
 
     @property
     def has_std(self) -> bool:
+        """Whether the head also predicts a per-pixel height std."""
         return bool(getattr(self.head, "has_std", False))
 
     def features(self, x: Tensor) -> Features:
+        """Outputs of blocks ``layers``: ``[(patch [B, D, H/p, W/p], cls [B, D])]``, the head's input (and what
+        :class:`geodino.fit_data.FeatureCache` stores)."""
         return list(
             self.backbone.get_intermediate_layers(
                 x, n=self.layers, reshape=True, return_class_token=True, norm=self.feature_norm
@@ -74,6 +79,7 @@ class BackboneHead(nn.Module):
         )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """``x [B, C, H, W]`` -> ``{"height", "std"?}`` ``[B, H, W]`` in metres."""
         return self.head(self.features(x), tuple(x.shape[-2:]))
 
 
@@ -108,10 +114,12 @@ class CanopyModel(nn.Module):
 
     @property
     def has_std(self) -> bool:
+        """Whether predictions include a ``std`` map (uncertainty in metres)."""
         return bool(self.net.has_std)
 
     @property
     def in_chans(self) -> int:
+        """Number of input bands, one per name in ``band_names``."""
         return len(self.band_names)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -203,16 +211,6 @@ def random_backbone(
     return VisionTransformer(**kwargs).eval(), meta
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise DinoscopeError(f"unknown device {name!r}", field="device", fix="use auto, cpu, cuda or cuda:N") from None
-
-
 # -- persistence -------------------------------------------------------------------------------------------------
 def save_canopy_model(
     model: CanopyModel, path: str | os.PathLike, *, backbone_path: str | os.PathLike | None = None
@@ -222,8 +220,6 @@ def save_canopy_model(
     With ``backbone_path`` the backbone tensors are not stored; the sidecar references that file instead (relative
     to the model's directory when it lies below it).
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
@@ -255,6 +251,18 @@ def load_canopy_model(
     """Load a model saved by :func:`save_canopy_model`, or a full HRCH checkpoint (``.pth``/``.pt``), in eval mode.
 
     ``num_heads`` is only needed for HRCH checkpoints whose width is not a multiple of 64.
+
+    Example::
+
+        import torch
+        from rasterio.windows import Window
+        from geodino import RasterSource, load_canopy_model
+
+        model = load_canopy_model("runs/canopy_fit/model.safetensors")
+        with RasterSource("scene.tif", bands=model.band_names) as src:
+            data, valid = src.read(Window(0, 0, 224, 224))       # (C, 224, 224) raw values, (224, 224) mask
+        x = torch.from_numpy(model.normaliser(data, valid))[None]
+        heights = model.predict_batch(x)["height"][0]             # (224, 224) metres
     """
     path = Path(path)
     if not path.exists():
@@ -319,9 +327,6 @@ def load_canopy_model(
 
 
 def _read_model_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:

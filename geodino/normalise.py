@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from core.errors import DinoscopeError
-
-if TYPE_CHECKING:
-    from geodino.raster import RasterSource
+from geodino.raster import RasterSource
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +61,7 @@ class BandNormaliser:
 
     @property
     def count(self) -> int:
+        """Number of bands the constants are for."""
         return int(self.offset.size)
 
     def __call__(self, data: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
@@ -168,6 +167,7 @@ class BandNormaliser:
 
     # -- persistence ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready ``{offset, scale, band_names, method}`` (raw pixel units), stored next to fitted heads."""
         return {
             "offset": self.offset.tolist(),
             "scale": self.scale.tolist(),
@@ -177,6 +177,7 @@ class BandNormaliser:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BandNormaliser:
+        """Rebuild from :meth:`to_dict`'s output; unknown or missing keys are a :class:`DinoscopeError`."""
         unknown = sorted(set(data) - _DICT_KEYS)
         missing = sorted({"offset", "scale"} - set(data))
         if unknown or missing:

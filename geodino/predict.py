@@ -18,6 +18,8 @@ batch-size-dependent kernels give bit-identical output.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -29,8 +31,10 @@ import rasterio
 import torch
 
 from core.errors import DinoscopeError
+from core.lock import OutputLock
 from core.logging import progress as progress_bar
 from geodino.cog import ResumableOutputs, check_out_dtype, write_vrt
+from geodino.outputs import RECORD_TAG, check_output_path, output_state, refuse_different
 from geodino.raster import RasterSource
 from geodino.tiling import StripAccumulator, TileBatchReader, TileGrid
 
@@ -55,6 +59,7 @@ def predict_raster(
     resume: bool = True,
     num_workers: int = 1,
     progress: bool = True,
+    record: dict[str, Any] | None = None,
 ) -> Path:
     """Predict canopy height over ``source`` and write it as a COG at ``out_path``.
 
@@ -74,9 +79,18 @@ def predict_raster(
         resume: continue from a previous interrupted run's partial file and sidecar when they match this run.
         num_workers: reader threads, each with its own file handle.
         progress: show a progress bar over tile rows.
+        record: how this prediction is made (:func:`geodino.outputs.prediction_record`): stored in the COG's tags
+            and part of what a resumed run must match, so a partial file of another model is never continued.
 
     Returns:
         ``out_path``.
+
+    Example::
+
+        from geodino import RasterSource, load_canopy_model, predict_raster
+        model = load_canopy_model("model.safetensors", device="cuda")
+        with RasterSource("scene.tif", bands=model.band_names) as src:
+            predict_raster(model.predict_batch, src, model.normaliser, "scene_chm.tif", tile=512, overlap=128)
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +101,7 @@ def predict_raster(
         )
     grid = TileGrid(source.height, source.width, tile, overlap, margin)
     paths = [out_path] + ([Path(uncertainty_path)] if uncertainty_path is not None else [])
-    config = _run_config(source, grid, batch_size, out_dtype, uint16_scale, paths)
+    config = _run_config(source, grid, batch_size, out_dtype, uint16_scale, paths) | {"record": record}
     outputs = ResumableOutputs(paths, source, out_dtype=out_dtype, uint16_scale=uint16_scale, config=config)
     accumulator = StripAccumulator(grid, len(paths))
     # GDAL's block cache defaults to 5 % of RAM and would fill up with blocks that are never read again.
@@ -117,7 +131,7 @@ def predict_raster(
                     outputs.commit(row_index, first, values, valid_rows, accumulator.carry())
             finally:
                 reader.close()
-            outputs.finish(source.path.name)
+            outputs.finish(source.path.name, {RECORD_TAG: json.dumps(record, sort_keys=True)} if record else None)
         finally:
             outputs.close()
     return out_path
@@ -134,43 +148,66 @@ def predict_many(
     rank: int | None = None,
     world_size: int | None = None,
     mosaic: bool = True,
+    records: Sequence[dict[str, Any]] | None = None,
+    overwrite: bool = False,
     **predict_kwargs: Any,
 ) -> list[Path]:
     """Predict every input raster into ``out_dir/<stem>.tif`` and mosaic all outputs in ``out_dir/mosaic.vrt``.
 
     With ``RANK``/``WORLD_SIZE`` in the environment (or given) each rank predicts ``inputs[rank::world_size]``.
-    Outputs that already exist are skipped. The VRT is written by rank 0 after a barrier when a
-    ``torch.distributed`` process group is up; otherwise by whichever rank finds every output present.
-    With ``uncertainty`` each input also gets ``<stem>_std.tif``, mosaicked in ``mosaic_std.vrt``. Other keywords
-    go to :func:`predict_raster`.
+    One process locks ``out_dir`` for the whole run (:class:`core.lock.OutputLock`: a second run on the same
+    directory fails at once, naming the first); several ranks lock each output they write instead.
+
+    Existing outputs: with ``records`` (one :func:`geodino.outputs.prediction_record` per input) an output made the
+    same way is skipped with a message, and one made differently is refused before anything is predicted unless
+    ``overwrite``; without ``records`` every existing output is skipped. The VRT is written by rank 0 after a
+    barrier when a ``torch.distributed`` process group is up; otherwise by whichever rank finds every output
+    present. With ``uncertainty`` each input also gets ``<stem>_std.tif``, mosaicked in ``mosaic_std.vrt``. Other
+    keywords go to :func:`predict_raster`.
 
     Returns:
         the height outputs predicted (or found) by this rank.
     """
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_path(out_dir, is_dir=True)
     heights = _output_names([Path(p) for p in inputs], out_dir)
     stds = [p.with_name(f"{p.stem}_std.tif") for p in heights] if uncertainty else []
     mine = list(range(rank, len(heights), world_size))
-    for i in mine:
-        wanted = [heights[i]] + ([stds[i]] if uncertainty else [])
-        if all(p.exists() for p in wanted):
-            log.info("%s exists, skipping", heights[i])
-            continue
-        with RasterSource(inputs[i], bands=bands) as source:
-            predict_raster(
-                model_fn, source, normaliser, heights[i], uncertainty_path=stds[i] if stds else None, **predict_kwargs
-            )
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed:
-        torch.distributed.barrier()
-    should_write = rank == 0 if distributed else all(p.exists() for p in heights + stds)
-    if mosaic and should_write:
-        write_vrt(heights, out_dir / "mosaic.vrt")
-        if stds:
-            write_vrt(stds, out_dir / "mosaic_std.vrt")
+    lock = OutputLock(out_dir, what="prediction directory", is_dir=True) if world_size == 1 else None
+    with lock or contextlib.nullcontext():
+        todo, conflicts = [], []
+        for i in mine:
+            wanted = [heights[i]] + ([stds[i]] if uncertainty else [])
+            state, differences = ("complete" if all(p.exists() for p in wanted) else "missing"), []
+            if records is not None:
+                state, differences = output_state(wanted, records[i])
+            if state == "complete":
+                log.info("%s is already complete (same model, settings and input): skipped", heights[i])
+            elif state == "different" and not overwrite:
+                conflicts.append((heights[i], differences))
+            else:
+                todo.append(i)
+        if conflicts:
+            refuse_different(conflicts)
+        for i in todo:
+            std = stds[i] if stds else None
+            with (
+                OutputLock(heights[i], what="prediction", is_dir=False) if lock is None else contextlib.nullcontext(),
+                RasterSource(inputs[i], bands=bands) as source,
+            ):
+                record = records[i] if records is not None else None
+                predict_raster(
+                    model_fn, source, normaliser, heights[i], uncertainty_path=std, record=record, **predict_kwargs
+                )
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:
+            torch.distributed.barrier()
+        should_write = rank == 0 if distributed else all(p.exists() for p in heights + stds)
+        if mosaic and should_write:
+            write_vrt(heights, out_dir / "mosaic.vrt")
+            if stds:
+                write_vrt(stds, out_dir / "mosaic_std.vrt")
     return [heights[i] for i in mine]
 
 

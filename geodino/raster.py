@@ -43,6 +43,14 @@ class RasterSource:
         count: number of *selected* bands.
         indexes: the selected 1-based band indices.
         band_names: one name per selected band.
+
+    Example::
+
+        from rasterio.windows import Window
+        from geodino import RasterSource
+
+        with RasterSource("naip.tif", bands=["red", "green", "blue"]) as src:
+            data, valid = src.read(Window(0, 0, 512, 512))   # float32 (3, 512, 512) and bool (512, 512)
     """
 
     def __init__(self, path: str | os.PathLike, bands: Sequence[int | str] | None = None) -> None:
@@ -175,6 +183,7 @@ class RasterSource:
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def close(self) -> None:
+        """Close the rasterio dataset (also done on leaving a ``with`` block)."""
         self._ds.close()
 
     def __enter__(self) -> RasterSource:

@@ -24,8 +24,12 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import CRSError
 
+from core.errors import DinoscopeError
 from core.io import atomic_path
+from core.memory import check_fits_in_memory
 from geodino.raster import tile_size_for
 
 RGB_NODATA = 255
@@ -180,6 +184,32 @@ def forest_scene(
     return ForestScene(rgb=rgb, chm=chm, shadow=shadow, trees=trees, transform=transform, crs=crs)
 
 
+# Peak working set of forest_scene per pixel: about a dozen float64 planes (crowns, shadows, texture, RGB).
+_SCENE_BYTES_PER_PIXEL = 100
+
+
+def _check_scene(size: int, res: float, crs: str) -> None:
+    """Refuse sizes, pixel sizes and CRSs that cannot make a scene, before any work or file."""
+    if size < 32:
+        raise DinoscopeError(f"size {size} is too small for a forest scene", field="size", fix="use at least 32 pixels")
+    if not res > 0:
+        raise DinoscopeError(f"pixel size {res} m is not positive", field="res", fix="e.g. 0.5 (metres)")
+    try:
+        parsed = CRS.from_user_input(crs)
+    except CRSError as err:
+        raise DinoscopeError(f"unknown CRS {crs!r} ({err})", field="crs", fix="e.g. EPSG:32617 (a UTM zone)") from None
+    if parsed.is_geographic:
+        raise DinoscopeError(
+            f"{crs} is geographic (degrees)", field="crs", fix="use a projected CRS in metres, e.g. a UTM zone"
+        )
+    check_fits_in_memory(
+        size * size * _SCENE_BYTES_PER_PIXEL,
+        what=f"a {size} x {size} synthetic scene",
+        field="size",
+        fix="use a smaller --size and more --scenes",
+    )
+
+
 def make_forest(
     out_dir: str | os.PathLike,
     size: int = 512,
@@ -197,7 +227,13 @@ def make_forest(
 
     Returns:
         ``(rgb_path, chm_path)`` inside ``out_dir``.
+
+    Example::
+
+        from geodino import make_forest
+        rgb, chm = make_forest("data/forest", size=512, seed=3)   # 0.5 m pixels, EPSG:32617
     """
+    _check_scene(size, res, crs)
     scene = forest_scene(size, seed, res, crs, nodata_fraction, sun_elevation, sun_azimuth)
     out_dir = Path(out_dir)
     rgb_path = out_dir / f"forest_seed{seed}_rgb.tif"

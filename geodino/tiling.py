@@ -98,18 +98,22 @@ class TileGrid:
 
     @property
     def stride(self) -> int:
+        """Pixels between neighbouring tile origins: ``tile - overlap``."""
         return self.tile - self.overlap
 
     @property
     def rows(self) -> list[int]:
+        """Tile origins along y, in pixels (:func:`grid_starts`)."""
         return grid_starts(self.height, self.tile, self.stride)
 
     @property
     def cols(self) -> list[int]:
+        """Tile origins along x, in pixels (:func:`grid_starts`)."""
         return grid_starts(self.width, self.tile, self.stride)
 
     @property
     def n_tiles(self) -> int:
+        """Number of tiles: ``len(rows) * len(cols)``."""
         return len(self.rows) * len(self.cols)
 
     def finished_rows(self, row_index: int) -> tuple[int, int]:

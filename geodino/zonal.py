@@ -7,7 +7,13 @@ area without a valid height: nodata or outside the raster). exactextract reads t
 memory stays bounded; GDAL band scale/offset (e.g. uint16 centimetres) is applied, so statistics are in metres.
 
 Polygons may come in any CRS and are reprojected to the raster's CRS for the computation; the output keeps the
-input's attribute columns and geometries (in the input CRS) and adds the statistics columns.
+input's attribute columns and geometries (in the input CRS) and adds the statistics columns. Polygons must declare
+their CRS: a file without one (or a GeoJSON whose coordinates are not degrees) is refused with the fix.
+
+Polygons outside the raster: when some lie entirely outside, they keep their row with empty statistics (``mean``,
+``p50``, ``p95`` and ``cover`` missing, ``n_pixels`` 0, ``nodata_fraction`` 1) and a warning says how many, so a plot
+network larger than the mapped area still comes back whole and in order. When none overlaps the raster the command
+fails instead, giving both extents: that is a wrong raster or a wrong CRS, never a result.
 """
 
 from __future__ import annotations
@@ -18,10 +24,17 @@ import re
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
+import rasterio
+from exactextract import exact_extract
+from exactextract.raster import RasterioRasterSource
+from rasterio.errors import RasterioError
+from shapely.geometry import box
 
 from core.errors import DinoscopeError
 from core.io import atomic_path
+from geodino.outputs import check_output_path
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +45,6 @@ _DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 
 def read_polygons(path: str | os.PathLike) -> Any:
     """Read a GeoPackage, GeoParquet, shapefile or GeoJSON into a GeoDataFrame of polygons with a CRS."""
-    import geopandas as gpd
-
     path = Path(path)
     if not path.exists():
         raise DinoscopeError("file not found", path=path, field="polygons", fix="check the path")
@@ -63,20 +74,46 @@ def read_polygons(path: str | os.PathLike) -> Any:
         )
     if gdf.crs is None:
         raise DinoscopeError(
-            "the polygons have no CRS",
+            "the polygons have no CRS, so they cannot be placed on the raster",
             path=path,
             field="crs",
-            fix="set it, e.g. `gdf.set_crs('EPSG:32617')`, or add the .prj of a shapefile",
+            fix=f"assign the CRS the coordinates are in, e.g. `ogr2ogr -a_srs EPSG:32617 fixed.gpkg {path}` "
+            "(or add the shapefile's .prj)",
         )
+    _check_degrees(gdf, path)
     return gdf
 
 
-def zonal_stats(raster_path: str | os.PathLike, polygons: Any, *, cover_threshold: float = 5.0, band: int = 1) -> Any:
-    """Statistics per polygon of ``band`` of ``raster_path``; returns ``polygons`` plus :data:`STAT_COLUMNS`."""
-    import rasterio
-    from exactextract import exact_extract
-    from rasterio.errors import RasterioError
+def _check_degrees(gdf: Any, path: Path) -> None:
+    """A geographic CRS with coordinates beyond +-180 / +-90 is a file without a CRS read as WGS84 (GeoJSON has no
+    other default) or a wrong CRS: refuse it rather than let every polygon land nowhere."""
+    if not gdf.crs.is_geographic:
+        return
+    left, bottom, right, top = gdf.total_bounds
+    if -180.5 <= left <= right <= 360.5 and -90.5 <= bottom <= top <= 90.5:
+        return
+    raise DinoscopeError(
+        f"the coordinates ({_extent(left, bottom, right, top)}) are not degrees, but the file's CRS is "
+        f"{gdf.crs.to_string()} (longitude/latitude; a GeoJSON without a CRS is read as WGS84)",
+        path=path,
+        field="crs",
+        fix=f"assign the CRS the coordinates are in, e.g. `ogr2ogr -a_srs EPSG:32617 fixed.gpkg {path}`, "
+        "then use fixed.gpkg",
+    )
 
+
+def zonal_stats(raster_path: str | os.PathLike, polygons: Any, *, cover_threshold: float = 5.0, band: int = 1) -> Any:
+    """Statistics per polygon of ``band`` of ``raster_path``; returns ``polygons`` plus :data:`STAT_COLUMNS`.
+
+    ``polygons`` is a GeoDataFrame or a vector file path, in any CRS. Heights in metres; cover is the fraction of
+    the polygon's valid area above ``cover_threshold``.
+
+    Example::
+
+        from geodino import zonal_stats
+        plots = zonal_stats("chm.tif", "plots.gpkg", cover_threshold=5.0)
+        plots[["plot_id", "mean", "p95", "cover"]].head()
+    """
     raster_path = Path(raster_path)
     if not raster_path.exists():
         raise DinoscopeError("file not found", path=raster_path, field="raster", fix="check the path")
@@ -109,6 +146,7 @@ def zonal_stats(raster_path: str | os.PathLike, polygons: Any, *, cover_threshol
                 f"band {band} does not exist (the raster has {ds.count})", path=raster_path, field="band"
             )
         local = polygons.to_crs(ds.crs)
+        _check_inside(local, ds.bounds, raster_path)
         pixel_area = abs(ds.res[0] * ds.res[1])
 
         def cover(values: np.ma.MaskedArray, coverage: np.ndarray) -> float:
@@ -119,8 +157,6 @@ def zonal_stats(raster_path: str | os.PathLike, polygons: Any, *, cover_threshol
 
         ops = ["mean", "quantile(q=0.5)", "quantile(q=0.95)", "count", cover]
         try:
-            from exactextract.raster import RasterioRasterSource
-
             stats = exact_extract(
                 RasterioRasterSource(ds, band), local.reset_index(drop=True)[["geometry"]], ops, output="pandas"
             )
@@ -144,6 +180,32 @@ def zonal_stats(raster_path: str | os.PathLike, polygons: Any, *, cover_threshol
     return out
 
 
+def _check_inside(local: Any, bounds: Any, raster_path: Path) -> None:
+    """Every polygon outside the raster is an error (wrong raster or CRS); some outside get empty rows and a
+    warning (a plot network larger than the mapped area is normal)."""
+    inside = local.geometry.intersects(box(*bounds)).to_numpy()
+    if inside.any():
+        if not inside.all():
+            log.warning(
+                "%d of %d polygons lie entirely outside %s: their statistics are empty (n_pixels 0, nodata_fraction 1)",
+                int((~inside).sum()),
+                len(inside),
+                raster_path.name,
+            )
+        return
+    raise DinoscopeError(
+        f"none of the {len(local)} polygons overlaps the raster (polygons {_extent(*local.total_bounds)}; raster "
+        f"{_extent(*bounds)}, both in the raster's CRS)",
+        path=raster_path,
+        field="polygons",
+        fix="check that the polygons belong to this raster's area and that both files declare their CRS correctly",
+    )
+
+
+def _extent(left: float, bottom: float, right: float, top: float) -> str:
+    return f"x {left:.10g} to {right:.10g}, y {bottom:.10g} to {top:.10g}"
+
+
 def zonal_to_file(
     raster_path: str | os.PathLike,
     polygons_path: str | os.PathLike,
@@ -152,8 +214,14 @@ def zonal_to_file(
     cover_threshold: float = 5.0,
     band: int = 1,
 ) -> Path:
-    """Read polygons, compute :func:`zonal_stats` and write them atomically (format from the suffix)."""
-    out_path = Path(out_path)
+    """Read polygons, compute :func:`zonal_stats` and write them atomically (format from the suffix).
+
+    Example::
+
+        from geodino import zonal_to_file
+        zonal_to_file("chm.tif", "plots.shp", "plots_stats.gpkg", cover_threshold=2.0)
+    """
+    out_path = check_output_path(out_path, is_dir=False, field="output", suffix=".gpkg")
     driver = _DRIVERS.get(out_path.suffix.lower())
     parquet = out_path.suffix.lower() in (".parquet", ".geoparquet")
     if driver is None and not parquet:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from collections.abc import Iterator
@@ -14,11 +13,11 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
+from core.cli import main
 from core.config import load_recipe
 from core.errors import DinoscopeError
 from core.launch.kinds import RecipeKind
 from core.weights import save_backbone
-from geodino.cli_model import add_model_commands
 from geodino.config import CanopyFitRecipe, CanopyPredictRecipe
 from geodino.fit import fit_canopy
 from geodino.kinds import canopy_fit_kind, canopy_predict_kind
@@ -34,10 +33,8 @@ HELD_OUT_SEEDS = (100, 101, 102, 103)
 
 
 def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dinoscope canopy")
-    add_model_commands(parser.add_subparsers(dest="canopy_command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """``dinoscope -v canopy ARGV`` (``-v`` lets a DinoscopeError through, so tests can inspect it)."""
+    return main(["-v", "canopy", *argv])
 
 
 @pytest.fixture(scope="module")

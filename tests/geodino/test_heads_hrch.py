@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import DinoscopeError
-from geodino.cli_model import predict_files
 from geodino.heads import LinearCanopyHead, bin_moments, height_bins
 from geodino.hrch import DPTCanopyHead, build_hrch, infer_hrch_config, load_hrch
 from geodino.model import load_canopy_model, save_canopy_model
+from geodino.prediction import predict_files
 
 DATA = Path(__file__).parents[1] / "data"
 FX = torch.load(DATA / "hrch_reference" / "hrch_small.pt", weights_only=True)
