@@ -1,16 +1,53 @@
 """dinoscope bio: DINOv2 embeddings for cell-painting screens.
 
-Modules (imported explicitly; this package imports nothing heavy):
+The entry points for notebooks are exported here (each loads its module on first use, so ``import bio`` is
+instant)::
 
-* :mod:`bio.io` - read OME-TIFF, OME-Zarr images and HCS plates (NGFF 0.4/0.5) and CellProfiler LoadData manifests
-  as lazy, channel-named :class:`bio.io.Image` objects; write OME-TIFF and OME-Zarr plates.
+    from bio import read_image, embed_plate, build_profiles, evaluate_profiles
+
+    image = read_image("plate.ome.zarr/A/1/0", channels=["DNA", "RNA"])                   # channels by name
+    embed_plate(["plate.ome.zarr"], "runs/embed", weights="backbone.safetensors")         # per-cell embeddings
+    build_profiles("runs/embed", "platemap.csv", "profiles.parquet")                       # normalised to controls
+    metrics = evaluate_profiles("profiles.parquet", "eval/")                               # mAP, kNN, report.html
+
+Modules:
+
+* :mod:`bio.io` - OME-TIFF, OME-Zarr images and HCS plates (NGFF 0.4/0.5) and CellProfiler LoadData manifests as
+  lazy, channel-named :class:`bio.io_base.Image` objects; OME-TIFF and OME-Zarr plate writers.
 * :mod:`bio.preprocess` - per-plate illumination correction and per-channel normalisation.
 * :mod:`bio.cells` - nucleus centroids (CellProfiler tables, label images, built-in detection) and single-cell crops.
 * :mod:`bio.synthetic` - seeded synthetic Cell Painting plates with known treatment effects, for tests and demos.
 * :mod:`bio.backbone` - channel-matched backbones (fixed channels by name, or bag of channels for any subset).
-* :mod:`bio.embed` - resumable, rank-parallel per-cell embedding to zarr + parquet (``dinoscope cells embed``).
-* :mod:`bio.profiles` - streaming well profiles, normalisation against controls (pycytominer).
-* :mod:`bio.evaluate`, :mod:`bio.plots` - copairs mAP, kNN, batch separation; plots and an HTML report.
-* :mod:`bio.heads` - phenotype classifiers on embeddings (``dinoscope cells fit-head``).
+* :mod:`bio.embed`, :mod:`bio.embed_fields`, :mod:`bio.embed_store` - resumable, rank-parallel per-cell embedding
+  to zarr + parquet.
+* :mod:`bio.profiles`, :mod:`bio.profiles_aggregate`, :mod:`bio.profiles_normalise`, :mod:`bio.profiling` -
+  streaming well profiles and normalisation against controls (pycytominer).
+* :mod:`bio.evaluate`, :mod:`bio.evaluate_map`, :mod:`bio.evaluate_knn`, :mod:`bio.plots` - copairs mAP, kNN,
+  batch separation; plots and an HTML report.
+* :mod:`bio.heads` - phenotype classifiers on embeddings.
 * :mod:`bio.pretrain_data` - single-cell crops as a ``data.kind: cells`` pretraining dataset.
+* :mod:`bio.config`, :mod:`bio.services`, :mod:`bio.cli` - recipes, their services, ``dinoscope cells``.
 """
+
+from __future__ import annotations
+
+from core.lazy import lazy_exports
+
+_EXPORTS = {
+    "read_image": "bio.io",
+    "embed_plate": "bio.embed",
+    "open_run": "bio.profiles",
+    "build_profiles": "bio.profiling",
+    "evaluate_profiles": "bio.evaluate",
+    "fit_head": "bio.heads",
+    "make_plate": "bio.synthetic",
+    "CellsEmbedRecipe": "bio.config",
+    "CellsProfileRecipe": "bio.config",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports("bio", _EXPORTS)
+
+
+def __dir__() -> list[str]:
+    """The exported names (for tab completion in notebooks)."""
+    return __all__

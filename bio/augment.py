@@ -59,6 +59,7 @@ class DropRandomChannel(albu.ImageOnlyTransform):
         self.protected_channels = tuple(protected_channels)
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        """Pick the channel to blank from the ``H x W x C`` image (None for single-channel or all-protected)."""
         channels = data["image"].shape[-1]
         candidates = [c for c in range(channels) if c not in self.protected_channels]
         # Never blank a single-channel image: nothing would be left to learn from.
@@ -67,6 +68,7 @@ class DropRandomChannel(albu.ImageOnlyTransform):
         return {"channel": candidates[int(self.random_generator.integers(len(candidates)))]}
 
     def apply(self, img: np.ndarray, channel: int | None, **params: Any) -> np.ndarray:
+        """A copy of ``img`` (``H x W x C``) with ``channel`` set to 0; unchanged when ``channel`` is None."""
         if channel is None:
             return img
         img = img.copy()
@@ -82,6 +84,7 @@ class SelfStandardize(albu.ImageOnlyTransform):
         self.eps = eps
 
     def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        """Standardise each channel of ``img`` (``H x W x C``) over its pixels; returns float32."""
         mean = img.mean(axis=(0, 1), keepdims=True)
         std = img.std(axis=(0, 1), keepdims=True)
         return ((img - mean) / (std + self.eps)).astype(np.float32)

@@ -1,6 +1,6 @@
 """Channel-matched cell backbones: any DINOv2-family checkpoint, fed cell crops by channel *name*.
 
-Two channel designs are supported (bio.md section 2; facebookresearch/dinov2 PR #575):
+Two channel designs are supported (Cell-DINO and Channel-Adaptive DINO in facebookresearch/dinov2 PR #575):
 
 * **fixed channels** (Cell-DINO, DINO4Cells): the patch embedding takes ``in_chans`` channels in one order, named
   by ``WeightMeta.channel_names``. Data channels are matched by name and reordered; extra data channels are
@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.distributed.device import resolve_device
 from core.errors import DinoscopeError
 from core.models import VisionTransformer, linear_input
 from core.weights import WeightMeta, load_backbone
@@ -134,9 +135,7 @@ class CellBackbone:
         self.avgpool = avgpool
         self.input_size = input_size or None
         self.batch_size = batch_size
-        self.device = torch.device(
-            "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-        )
+        self.device = resolve_device(str(device), field="model.device")
         self.autocast_dtype = PRECISIONS[precision] if self.device.type == "cuda" else None
         self.precision = precision if self.autocast_dtype is not None else "fp32"
         self.weights_path = weights_path
@@ -175,6 +174,7 @@ class CellBackbone:
     # ------------------------------------------------------------------------------------------------ channels
     @property
     def channel_adaptive(self) -> bool:
+        """True for bag-of-channels weights (Channel-Adaptive DINO): each channel is encoded on its own."""
         return bool(getattr(self.model, "bag_of_channels", False))
 
     @property

@@ -14,6 +14,14 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
+from skimage.feature import peak_local_max
+from skimage.filters import gaussian, threshold_otsu
+from skimage.measure import regionprops
+from skimage.segmentation import watershed
 
 from core.errors import DinoscopeError
 
@@ -35,8 +43,6 @@ def centroids_from_table(
     The table is a CSV path or a DataFrame. Metadata columns may be called ``Metadata_Plate`` or ``plate`` (any
     case); values are compared as text so ``site=1`` matches ``"1"``.
     """
-    import pandas as pd
-
     source = table if isinstance(table, (str, os.PathLike)) else None
     frame = pd.read_csv(table) if source is not None else table
     for column in (x_column, y_column):
@@ -66,8 +72,6 @@ def centroids_from_table(
 
 def centroids_from_labels(labels: np.ndarray) -> np.ndarray:
     """Centroids ``(y, x)`` of every object of an instance label image (0 = background), in label order."""
-    from skimage.measure import regionprops
-
     labels = np.asarray(labels)
     if labels.ndim != 2 or labels.dtype.kind not in "ui":
         raise DinoscopeError(
@@ -98,11 +102,6 @@ def detect_nuclei(
     Returns:
         ``N x 2`` centroids ``(y, x)``, and the ``Y x X`` int32 label image when ``return_labels``.
     """
-    from scipy import ndimage as ndi
-    from skimage.feature import peak_local_max
-    from skimage.filters import gaussian, threshold_otsu
-    from skimage.segmentation import watershed
-
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
         raise DinoscopeError(
@@ -190,18 +189,17 @@ class CentroidMatch:
 
     @property
     def precision(self) -> float:
+        """Matched pairs over predicted centroids (0 when nothing was predicted)."""
         return len(self.pairs) / self.n_predicted if self.n_predicted else 0.0
 
     @property
     def recall(self) -> float:
+        """Matched pairs over reference centroids (0 when there is no reference)."""
         return len(self.pairs) / self.n_reference if self.n_reference else 0.0
 
 
 def match_centroids(predicted: np.ndarray, reference: np.ndarray, max_distance: float = 5.0) -> CentroidMatch:
     """Optimal one-to-one matching (Hungarian algorithm, Kuhn 1955) keeping pairs closer than ``max_distance``."""
-    from scipy.optimize import linear_sum_assignment
-    from scipy.spatial.distance import cdist
-
     predicted = np.asarray(predicted, dtype=np.float64).reshape(-1, 2)
     reference = np.asarray(reference, dtype=np.float64).reshape(-1, 2)
     if len(predicted) == 0 or len(reference) == 0:
@@ -215,8 +213,6 @@ def match_centroids(predicted: np.ndarray, reference: np.ndarray, max_distance: 
 
 
 def _drop_small(mask: np.ndarray, min_area: int) -> np.ndarray:
-    from scipy import ndimage as ndi
-
     components, _ = ndi.label(mask)
     return _drop_small_labels(components, min_area) > 0
 

@@ -1,8 +1,9 @@
-"""Recipe schemas for the cell commands: ``kind: cells_embed`` and ``kind: cells_profile``.
+"""Schemas of the cell commands: ``kind: cells_embed`` and ``kind: cells_profile`` recipes, and the
+``dinoscope cells synth|fit-head|profile|evaluate`` sub-commands.
 
-Schemas only: the services that run them are wired in ``bio.kinds`` (entry points ``dinoscope.recipes``).
-``dinoscope cells embed`` builds the same schema from its flags, so a recipe and a command line describe a run
-identically.
+Schemas only (dataclasses, field metadata, validation). Each field is declared once with its flag, help and rules
+(:func:`core.config.fields.option`); :mod:`bio.cli` builds the sub-commands from them and :mod:`bio.services` runs
+them, so a recipe file and the equivalent command line describe a run identically.
 """
 
 from __future__ import annotations
@@ -10,65 +11,101 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from core.config.fields import input_path
+from core.config.fields import option
 from core.errors import DinoscopeError
+
+NORMALISATIONS = ("mad_robustize", "standardize", "spherize", "none")
 
 
 @dataclass
 class EmbedDataCfg:
-    sources: list[str] = input_path(default_factory=list)  # OME-Zarr plate roots and/or LoadData CSVs
-    channels: list[str] = field(default_factory=list)  # channels to embed, in order; empty = all
-    centroids: str = "detect"  # detect | table | labels
-    nuclei_table: str = input_path()  # CellProfiler nuclei CSV for centroids: table
-    label_channel: str = ""  # instance-mask channel (or NGFF labels/<name>) for centroids: labels
-    detect_channel: str = "DNA"  # nuclear stain for centroids: detect
-    illumination: str = input_path()  # .npz flat-fields per channel (bio.preprocess.save_illumination)
+    """Where the cells come from."""
+
+    sources: list[str] = option(
+        [], help="OME-Zarr plates (.zarr) and/or LoadData CSVs", positional=True, metavar="SOURCE", is_input=True
+    )
+    channels: list[str] = option(
+        [], help="channels to embed, comma-separated, in order (default: all)", comma_list=True
+    )
+    centroids: str = option("detect", help="where nuclei come from", choices=("detect", "table", "labels"))
+    nuclei_table: str = option(
+        "", help="CellProfiler nuclei CSV (Nuclei_Location_Center_X/Y) for --centroids table", is_input=True
+    )
+    label_channel: str = option("", help="instance-mask channel or NGFF labels name for --centroids labels")
+    detect_channel: str = option("DNA", help="nuclear stain for --centroids detect")
+    illumination: str = option(
+        "", help=".npz flat-fields per channel to divide by (bio.preprocess.save_illumination)", is_input=True
+    )
 
 
 @dataclass
 class EmbedModelCfg:
-    weights: str = input_path()  # backbone file (safetensors + sidecar, DINOv2 / Cell-DINO .pth)
-    weights_channels: list[str] = field(default_factory=list)  # model input names when the file has none
-    normalisation: str = "auto"  # auto | zscore | meta | none
-    n_last_blocks: int = 1
-    avgpool: bool = False
-    input_size: int = 0  # resize crops to this side before the model; 0 = crop size
-    batch_size: int = 256
-    device: str = "auto"
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA autocast)
+    """The backbone and how crops are fed to it."""
+
+    weights: str = option(
+        "", help="backbone weights (.safetensors + .json from `dinoscope export`, or .pth)", is_input=True
+    )
+    weights_channels: list[str] = option(
+        [], help="names of a fixed-channel model's inputs in order, when the weights carry none", comma_list=True
+    )
+    normalisation: str = option(
+        "auto",
+        help="per-crop z-score (Cell-DINO), the weights' mean/std, or none",
+        choices=("auto", "zscore", "meta", "none"),
+    )
+    n_last_blocks: int = option(1, help="class tokens of this many last blocks", minimum=1)
+    avgpool: bool = option(False, help="append the mean patch token")
+    input_size: int = option(0, help="resize crops to this side before the model (0: the crop size)", minimum=0)
+    batch_size: int = option(256, help="crops per forward pass", minimum=1)
+    device: str = option("auto", help="cpu, cuda, cuda:N or auto")
+    precision: str = option("fp32", help="CUDA autocast precision", choices=("fp32", "bf16", "fp16"))
 
 
 @dataclass
 class EmbedCropsCfg:
-    size: int = 64
-    edge: str = "pad"  # pad (flagged in cells.parquet) | skip
+    """Single-cell crops around each nucleus."""
+
+    size: int = option(64, help="crop side in pixels", flags="--crop-size", minimum=8)
+    edge: str = option("pad", help="crops crossing the border: pad (flagged) or skip", choices=("pad", "skip"))
 
 
 @dataclass
 class EmbedOutputCfg:
-    dir: str = "runs/cells_embed"
-    dtype: str = "float32"  # float32 | float16
-    chunk_rows: int = 0  # rows per zarr chunk; 0 = about 8 MiB per chunk
-    head: str = input_path()  # phenotype head from `dinoscope cells fit-head` (an input): per-cell predictions
-    resume: bool = True
+    """The embedding run directory."""
+
+    dir: str = option("runs/cells_embed", help="run directory (embeddings.zarr + cells.parquet)", flags="--out")
+    dtype: str = option(
+        "float32",
+        help="stored embedding type",
+        choices=("float32", "float16"),
+        switches=(("--float16", "float16"),),
+    )
+    chunk_rows: int = option(0, help="rows per zarr chunk (0: about 8 MiB)", minimum=0)
+    head: str = option(
+        "", help="phenotype head from `dinoscope cells fit-head`: adds per-cell predictions", is_input=True
+    )
+    resume: bool = option(True, help="continue a previous run in --out (--no-resume discards it and starts over)")
+    overwrite: bool = option(False, help="replace a finished run in --out that was made with other settings")
 
 
 @dataclass
 class CellsEmbedRecipe:
+    """``dinoscope cells embed`` / ``kind: cells_embed``: per-cell embeddings of plates.
+
+    Example::
+
+        from core.config import load_recipe
+        from bio import CellsEmbedRecipe
+        recipe = load_recipe(CellsEmbedRecipe, "recipes/tiny/cells_embed.yaml", ["model.n_last_blocks=4"])
+    """
+
     data: EmbedDataCfg = field(default_factory=EmbedDataCfg)
     model: EmbedModelCfg = field(default_factory=EmbedModelCfg)
     crops: EmbedCropsCfg = field(default_factory=EmbedCropsCfg)
     output: EmbedOutputCfg = field(default_factory=EmbedOutputCfg)
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
-        choices = {
-            "data.centroids": (self.data.centroids, ("detect", "table", "labels")),
-            "model.normalisation": (self.model.normalisation, ("auto", "zscore", "meta", "none")),
-            "model.precision": (self.model.precision, ("fp32", "bf16", "fp16")),
-            "crops.edge": (self.crops.edge, ("pad", "skip")),
-            "output.dtype": (self.output.dtype, ("float32", "float16")),
-        }
-        _check_choices(choices, path)
+        """Plates and weights are required; each centroid source needs its input."""
         if not self.data.sources:
             raise DinoscopeError(
                 "no input plates",
@@ -89,56 +126,146 @@ class CellsEmbedRecipe:
         }.get(self.data.centroids)
         if needs and not needs[1]:
             raise DinoscopeError(f"data.centroids {self.data.centroids!r} needs {needs[0]}", path=path, field=needs[0])
-        for key, value in (
-            ("crops.size", self.crops.size),
-            ("model.batch_size", self.model.batch_size),
-            ("model.n_last_blocks", self.model.n_last_blocks),
-        ):
-            if value < 1:
-                raise DinoscopeError(f"{key} must be at least 1, got {value}", path=path, field=key)
 
 
 @dataclass
-class CellsProfileRecipe:
-    run: str = input_path()  # embedding run directory (embeddings.zarr + cells.parquet)
-    platemap: str = input_path()  # CSV: plate, well, treatment, role (+ annotations such as moa)
-    output_dir: str = "runs/cells_profile"  # profiles.parquet and eval/ are written here
-    aggregate: str = "median"  # median | mean
-    normalise: str = "mad_robustize"  # mad_robustize | standardize | spherize | none
-    normalise_by: str = "plate"  # plate | all
-    level: str = "well"  # well | treatment
-    drop_edge_cells: bool = False
-    control_column: str = "role"
-    control_value: str = "negative_control"
-    treatment_column: str = "treatment"
-    evaluate: bool = True  # also run `dinoscope cells evaluate` into output_dir/eval
-    annotation_column: str = "moa"
-    batch_column: str = "plate"
-    null_size: int = 10000
-    knn_k: int = 1
-    seed: int = 0
+class ControlCfg:
+    """Plate-map columns that name treatments and negative controls."""
+
+    control_column: str = option("role", help="plate-map column marking controls")
+    control_value: str = option("negative_control", help="value of negative-control wells")
+    treatment_column: str = option("treatment", help="plate-map column naming treatments")
+
+
+@dataclass
+class ProfileSettings(ControlCfg):
+    """How cell embeddings become normalised profiles (pycytominer conventions)."""
+
+    aggregate: str = option("median", help="cells -> well statistic", choices=("median", "mean"))
+    normalise: str = option("mad_robustize", help="pycytominer method fitted on controls", choices=NORMALISATIONS)
+    normalise_by: str = option(
+        "plate", help="fit the normalisation per plate or once on all controls", choices=("plate", "all")
+    )
+    level: str = option(
+        "well", help="write well profiles or treatment consensus profiles", choices=("well", "treatment")
+    )
+    drop_edge_cells: bool = option(False, help="skip cells flagged 'edge'")
+
+
+@dataclass
+class EvaluateSettings(ControlCfg):
+    """How profiles are scored (copairs mAP, not-same-batch kNN, plate separation)."""
+
+    batch_column: str = option("plate", help="column whose values define batches for not-same-batch kNN")
+    annotation_column: str = option("moa", help="annotation for consistency mAP (if present)")
+    null_size: int = option(10000, help="permutations for mAP p-values", minimum=10)
+    threshold: float = option(0.05, help="q-value threshold for 'retrieved'", minimum=0.0, maximum=1.0)
+    knn_k: int = option(1, help="neighbours for kNN (1 = CHAMMI 1-NN)", minimum=1)
+    batch_size: int = option(20000, help="pairs per copairs similarity batch", minimum=1)
+    seed: int = option(0, help="random seed of the permutations")
+
+
+def _require(obj: object, keys: tuple[str, ...], path: str | os.PathLike | None, fix: str) -> None:
+    for key in keys:
+        if not getattr(obj, key):
+            raise DinoscopeError(f"{key} is not set", path=path, field=key, fix=fix)
+
+
+@dataclass
+class CellsProfileCfg(ProfileSettings):
+    """``dinoscope cells profile RUN --platemap CSV --out FILE``: well profiles into one Parquet file."""
+
+    run: str = option(
+        "",
+        help="embedding run directory (embeddings.zarr + cells.parquet)",
+        positional=True,
+        metavar="RUN",
+        is_input=True,
+    )
+    platemap: str = option("", help="CSV with plate, well, treatment, role (+ e.g. moa)", is_input=True)
+    out: str = option("", help="output profiles .parquet")
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
-        _check_choices(
-            {
-                "aggregate": (self.aggregate, ("median", "mean")),
-                "normalise": (self.normalise, ("mad_robustize", "standardize", "spherize", "none")),
-                "normalise_by": (self.normalise_by, ("plate", "all")),
-                "level": (self.level, ("well", "treatment")),
-            },
-            path,
-        )
-        for key in ("run", "platemap"):
-            if not getattr(self, key):
-                raise DinoscopeError(
-                    f"{key} is not set",
-                    path=path,
-                    field=key,
-                    fix="give the embedding run directory and the plate-map CSV",
-                )
+        """The run, the plate map and the output file are required."""
+        _require(self, ("run", "platemap", "out"), path, "dinoscope cells profile RUN --platemap CSV --out FILE")
 
 
-def _check_choices(choices: dict[str, tuple[str, tuple[str, ...]]], path: str | os.PathLike | None) -> None:
-    for key, (value, valid) in choices.items():
-        if value not in valid:
-            raise DinoscopeError(f"{key} is {value!r}", path=path, field=key, fix=f"use one of {valid}")
+@dataclass
+class CellsEvaluateCfg(EvaluateSettings):
+    """``dinoscope cells evaluate PROFILES --out DIR``: metrics, figures and an HTML report."""
+
+    profiles: str = option(
+        "",
+        help="profiles .parquet from `dinoscope cells profile`",
+        positional=True,
+        metavar="PROFILES",
+        is_input=True,
+    )
+    out: str = option("", help="output directory")
+
+    def validate(self, path: str | os.PathLike | None = None) -> None:
+        """The profiles and the output directory are required."""
+        _require(self, ("profiles", "out"), path, "dinoscope cells evaluate PROFILES --out DIR")
+
+
+@dataclass
+class CellsProfileRecipe(ProfileSettings, EvaluateSettings):
+    """``kind: cells_profile``: profiles into ``output_dir/profiles.parquet``, then (``evaluate``) metrics into
+    ``output_dir/eval``.
+
+    Example::
+
+        from core.config import load_recipe
+        from bio import CellsProfileRecipe
+        recipe = load_recipe(CellsProfileRecipe, None, ["run=runs/embed", "platemap=platemap.csv"])
+    """
+
+    run: str = option("", help="embedding run directory (embeddings.zarr + cells.parquet)", is_input=True)
+    platemap: str = option("", help="CSV: plate, well, treatment, role (+ annotations such as moa)", is_input=True)
+    output_dir: str = option("runs/cells_profile", help="profiles.parquet and eval/ are written here")
+    evaluate: bool = option(True, help="also score the profiles into output_dir/eval")
+
+    def validate(self, path: str | os.PathLike | None = None) -> None:
+        """The embedding run and the plate map are required."""
+        _require(self, ("run", "platemap"), path, "give the embedding run directory and the plate-map CSV")
+
+
+@dataclass
+class CellsSynthCfg:
+    """``dinoscope cells synth OUT``: a deterministic synthetic cell-painting screen."""
+
+    out: str = option("", help="output directory", positional=True, metavar="OUT")
+    seed: int = option(0, help="random seed")
+    plates: int = option(2, help="number of plates", minimum=1)
+    rows: int = option(4, help="well rows per plate", minimum=1, maximum=32)
+    cols: int = option(6, help="well columns per plate", minimum=1, maximum=48)
+    fields: int = option(2, help="fields of view per well", minimum=1)
+    size: int = option(128, help="field side in pixels", minimum=32)
+    ngff: str = option("0.5", help="OME-NGFF version", choices=("0.4", "0.5"))
+
+
+@dataclass
+class CellsFitHeadCfg:
+    """``dinoscope cells fit-head RUN --platemap CSV --out DIR``: a phenotype classifier on cell embeddings."""
+
+    run: str = option(
+        "",
+        help="embedding run directory from `dinoscope cells embed`",
+        positional=True,
+        metavar="RUN",
+        is_input=True,
+    )
+    platemap: str = option("", help="CSV with plate, well, treatment, role (+ e.g. moa)", is_input=True)
+    label: str = option("treatment", help="plate-map column to predict")
+    out: str = option("", help="output directory for the head")
+    holdout_fraction: float = option(0.25, help="share of each label's wells held out", minimum=0.0, maximum=0.9)
+    max_cells_per_well: int = option(500, help="cells sampled per well", minimum=1)
+    epochs: int = option(100, help="training epochs", minimum=1)
+    lr: float = option(1e-3, help="AdamW learning rate", minimum=0.0)
+    weight_decay: float = option(1e-4, help="AdamW weight decay", minimum=0.0)
+    drop_edge_cells: bool = option(False, help="skip cells flagged 'edge'")
+    seed: int = option(0, help="random seed of the well split and sampling")
+
+    def validate(self, path: str | os.PathLike | None = None) -> None:
+        """The run, the plate map and the output directory are required."""
+        _require(self, ("run", "platemap", "out"), path, "dinoscope cells fit-head RUN --platemap CSV --out DIR")

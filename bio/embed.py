@@ -17,6 +17,10 @@ depend on its neighbours and a resumed run equals an uninterrupted one. When eve
 merges the parts in field order into the final store (atomic renames) and removes them. Memory: one field (plus the
 next one being read ahead) and one batch of crops.
 
+Before any of this, :mod:`bio.embed_checks` checks every input (metadata only, nothing written); the run directory
+is locked for the whole run, and a previous run there is resumed, found complete, or refused when its settings differ
+(replaced with ``overwrite``): see :mod:`bio.embed_store`. A run that embeds no cell at all fails, saying why.
+
 The per-field pipeline lives in :mod:`bio.embed_fields`, the part writer and merge in :mod:`bio.embed_store`.
 """
 
@@ -33,9 +37,15 @@ from pathlib import Path
 from typing import Any
 
 from bio.backbone import CellBackbone
+from bio.embed_checks import check_inputs, nothing_embedded
 from bio.embed_fields import embed_field, read_ahead
-from bio.embed_store import PartWriter, all_commits, merge_parts, prepare_run, wait_for_all
+from bio.embed_store import PartWriter, all_commits, merge_parts, run_lock, start_run, wait_for_all
 from bio.fields import CentroidFinder, FieldInfo, field_channel_names, list_fields, open_fields
+from bio.heads import check_compatible, load_head
+from bio.io import channel_indices
+from bio.preprocess import load_illumination
+from core.distributed.device import resolve_device
+from core.distributed.env import DistEnv
 from core.errors import DinoscopeError
 from core.io import write_json
 from core.logging import JsonlLogger, progress
@@ -71,6 +81,7 @@ def embed_plate(
     device: str = "auto",
     precision: str = "fp32",
     resume: bool = True,
+    overwrite: bool = False,
     prefetch: bool = True,
     poll_seconds: float = 1.0,
 ) -> dict[str, Any]:
@@ -91,14 +102,23 @@ def embed_plate(
         head: a phenotype head from ``dinoscope cells fit-head``; adds per-cell predictions.
         illumination: ``.npz`` flat-fields per channel (:func:`bio.preprocess.save_illumination`).
         resume: continue a previous run in ``out_dir`` (settings must match); ``False`` starts over.
+        overwrite: replace a run in ``out_dir`` made with other settings (otherwise refused).
         prefetch: read and segment the next field while the current one is embedded.
         poll_seconds: how often rank 0 checks whether the other ranks are done.
 
     Returns:
         the run summary (also written to ``RUN/embed_summary.json``).
-    """
-    from core.distributed.env import DistEnv
 
+    Example::
+
+        import pandas as pd
+        from bio import embed_plate, open_run
+
+        embed_plate(["plate1.ome.zarr"], "runs/embed", weights="backbone.safetensors", channels=["DNA", "RNA", "ER"])
+        run = open_run("runs/embed")
+        cells = pd.read_parquet(run.cells_path)   # one row per cell: plate, well, site, cell_id, x, y, edge
+        vectors = run.embeddings[:]                # (n_cells, D) float32
+    """
     env = DistEnv.from_environ()
     run = Path(out_dir)
     for key, value, valid in (("edge", edge, EDGE_POLICIES), ("dtype", dtype, DTYPES)):
@@ -106,116 +126,131 @@ def embed_plate(
             raise DinoscopeError(f"unknown {key} {value!r}", field=key, fix=f"use one of {', '.join(valid)}")
     if crop_size < 1:
         raise DinoscopeError(f"crop size must be positive, got {crop_size}", field="crop_size")
-    fields = list_fields(sources)
-    finder = CentroidFinder(
-        centroids, nuclei_table=nuclei_table, label_channel=label_channel, detect_channel=detect_channel
-    )
-    names = _embedding_channels(fields, channels, label_channel)
-    if env.world_size > 1 and str(device) in ("auto", "cuda"):
-        import torch
+    # Held for the whole run. A single process on an existing directory locks first, so that a second run there
+    # fails at once; otherwise the inputs are checked first (a failed check leaves no new directory behind) and
+    # start_run locks, with every rank agreeing (bio.embed_store).
+    lock = run_lock(run, env.rank)
+    if env.world_size == 1 and run.exists():
+        lock.acquire()
+    try:
+        fields = list_fields(sources)
+        finder = CentroidFinder(
+            centroids, nuclei_table=nuclei_table, label_channel=label_channel, detect_channel=detect_channel
+        )
+        names = _embedding_channels(fields, channels, label_channel)
+        check_inputs(fields, finder, names)
+        device = str(resolve_device(device, local_rank=env.local_rank, field="model.device"))
+        backbone = CellBackbone.load(
+            weights,
+            weights_channels=weights_channels,
+            normalisation=normalisation,
+            n_last_blocks=n_last_blocks,
+            avgpool=avgpool,
+            input_size=input_size,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+        )
+        description = backbone.describe(names)
+        classifier = head_meta = None
+        if head:
+            classifier, head_meta = load_head(head)
+            check_compatible(head_meta, description, head)
+        flats = load_illumination(illumination) if illumination else None
+        settings = {
+            "sources": [str(Path(s).resolve()) for s in sources],
+            "channels": names,
+            "centroids": finder.describe(),
+            "crops": {"size": crop_size, "edge": edge},
+            "illumination": str(illumination) if illumination else None,
+            "dtype": dtype,
+            "precision": backbone.precision,
+            "normalisation": description["normalisation"],
+            "features": description["features"],
+            "weights": backbone.weights_sha256 or str(weights),
+            "head": head_meta["sha256"] if head_meta else None,
+            "n_fields": len(fields),
+        }
+        if start_run(run, settings, env, lock, resume=resume, overwrite=overwrite):
+            return _already_complete(run, env)
+        part = PartWriter(run / "parts" / f"rank-{env.rank:04d}")
+        done = set(all_commits(run))
+        if done and env.is_main:
+            log.info("resuming %s: %d of %d fields were embedded before", run, len(done), len(fields))
+        mine = [f.index for f in fields if f.index % env.world_size == env.rank and f.index not in done]
+        logger = JsonlLogger(run / "embed_log.jsonl")
+        started = time.perf_counter()
 
-        device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
-    backbone = CellBackbone.load(
-        weights,
-        weights_channels=weights_channels,
-        normalisation=normalisation,
-        n_last_blocks=n_last_blocks,
-        avgpool=avgpool,
-        input_size=input_size,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-    )
-    description = backbone.describe(names)
-    classifier = head_meta = None
-    if head:
-        from bio.heads import check_compatible, load_head
+        def embed_fields() -> Iterator[None]:
+            """One tick per embedded cell, so the shared progress bar shows cells/s."""
+            loaded = read_ahead(open_fields(fields, set(mine)), finder, names, flats, prefetch)
+            for field, image_data, cents, ids in loaded:
+                t0 = time.perf_counter()
+                result = embed_field(backbone, image_data, cents, ids, names, crop_size, edge, classifier, dtype)
+                part.append(field, result, time.perf_counter() - t0, found=len(cents))
+                seconds = time.perf_counter() - t0
+                logger.log(
+                    rank=env.rank,
+                    field=field.index,
+                    key=field.key,
+                    n_cells=len(result.cell_id),
+                    seconds=seconds,
+                    cells_per_s=len(result.cell_id) / max(seconds, 1e-9),
+                )
+                yield from itertools.repeat(None, len(result.cell_id))
 
-        classifier, head_meta = load_head(head)
-        check_compatible(head_meta, description, head)
-    from bio.preprocess import load_illumination
+        for _ in progress(embed_fields(), desc=f"embed (rank {env.rank}/{env.world_size})", unit="cell"):
+            pass
+        if not env.is_main:
+            return {"rank": env.rank, "fields": len(mine), "rows": part.rows}
+        commits = wait_for_all(run, len(fields), poll_seconds, env.world_size)
+        if not sum(record["n"] for _, record in commits.values()):
+            raise nothing_embedded(run, [record for _, record in commits.values()], finder, crop_size, edge)
+        attrs = {
+            **description,
+            "crops": settings["crops"],
+            "centroids": settings["centroids"],
+            "sources": settings["sources"],
+            "illumination": settings["illumination"],
+            "dtype": dtype,
+            "head": {k: head_meta[k] for k in ("label", "classes", "sha256", "path")} if head_meta else None,
+            "format": "dinoscope.cells.embed/1",
+        }
+        dim = description["features"]["dim"]
+        n_cells = merge_parts(run, fields, commits, dim, dtype, chunk_rows, attrs, head_meta)
+        shutil.rmtree(run / "parts", ignore_errors=True)
+        summary = {
+            "run": str(run),
+            "n_cells": n_cells,
+            "n_fields": len(fields),
+            "dim": dim,
+            "dtype": dtype,
+            "channel_names": names,
+            "seconds_this_call": time.perf_counter() - started,
+            "world_size": env.world_size,
+        }
+        write_json(run / "embed_summary.json", summary)
+        log.info("embedded %d cells from %d fields into %s (D=%d)", n_cells, len(fields), run, dim)
+        return summary
+    finally:
+        lock.release()
 
-    flats = load_illumination(illumination) if illumination else None
-    settings = {
-        "sources": [str(Path(s).resolve()) for s in sources],
-        "channels": names,
-        "centroids": finder.describe(),
-        "crops": {"size": crop_size, "edge": edge},
-        "illumination": str(illumination) if illumination else None,
-        "dtype": dtype,
-        "precision": backbone.precision,
-        "normalisation": description["normalisation"],
-        "features": description["features"],
-        "weights": backbone.weights_sha256 or str(weights),
-        "head": head_meta["sha256"] if head_meta else None,
-        "n_fields": len(fields),
-    }
-    if prepare_run(run, settings, resume, env):
-        log.info("%s is complete; nothing to do", run)
-        return json.loads((run / "embed_summary.json").read_text()) if env.is_main else {"rank": env.rank}
-    dim = description["features"]["dim"]
-    part = PartWriter(run / "parts" / f"rank-{env.rank:04d}")
-    done = set(all_commits(run))
-    mine = [f.index for f in fields if f.index % env.world_size == env.rank and f.index not in done]
-    logger = JsonlLogger(run / "embed_log.jsonl")
-    started = time.perf_counter()
 
-    def embed_fields() -> Iterator[None]:
-        """One tick per embedded cell, so the shared progress bar shows cells/s."""
-        loaded = read_ahead(open_fields(fields, set(mine)), finder, names, flats, prefetch)
-        for field, image_data, cents, ids in loaded:
-            t0 = time.perf_counter()
-            result = embed_field(backbone, image_data, cents, ids, names, crop_size, edge, classifier, dtype)
-            part.append(field, result, time.perf_counter() - t0)
-            seconds = time.perf_counter() - t0
-            logger.log(
-                rank=env.rank,
-                field=field.index,
-                key=field.key,
-                n_cells=len(result.cell_id),
-                seconds=seconds,
-                cells_per_s=len(result.cell_id) / max(seconds, 1e-9),
-            )
-            yield from itertools.repeat(None, len(result.cell_id))
-
-    for _ in progress(embed_fields(), desc=f"embed (rank {env.rank}/{env.world_size})", unit="cell"):
-        pass
+def _already_complete(run: Path, env: DistEnv) -> dict[str, Any]:
     if not env.is_main:
-        return {"rank": env.rank, "fields": len(mine), "rows": part.rows}
-    commits = wait_for_all(run, len(fields), poll_seconds)
-    attrs = {
-        **description,
-        "crops": settings["crops"],
-        "centroids": settings["centroids"],
-        "sources": settings["sources"],
-        "illumination": settings["illumination"],
-        "dtype": dtype,
-        "head": {k: head_meta[k] for k in ("label", "classes", "sha256", "path")} if head_meta else None,
-        "format": "dinoscope.cells.embed/1",
-    }
-    n_cells = merge_parts(run, fields, commits, dim, dtype, chunk_rows, attrs, head_meta)
-    shutil.rmtree(run / "parts", ignore_errors=True)
-    seconds = time.perf_counter() - started
-    summary = {
-        "run": str(run),
-        "n_cells": n_cells,
-        "n_fields": len(fields),
-        "dim": dim,
-        "dtype": dtype,
-        "channel_names": names,
-        "seconds_this_call": seconds,
-        "world_size": env.world_size,
-    }
-    write_json(run / "embed_summary.json", summary)
-    log.info("embedded %d cells from %d fields into %s (D=%d)", n_cells, len(fields), run, dim)
+        return {"rank": env.rank}
+    summary = json.loads((run / "embed_summary.json").read_text())
+    log.info(
+        "%s: already complete with these settings (%s cells), nothing to do (--no-resume embeds it again)",
+        run,
+        summary.get("n_cells"),
+    )
     return summary
 
 
 def _embedding_channels(
     fields: list[FieldInfo], channels: Sequence[str] | None, label_channel: str | None
 ) -> list[str]:
-    from bio.io import channel_indices
-
     available = field_channel_names(fields[0])
     if channels:
         return [available[i] for i in channel_indices(available, list(channels), fields[0].source)]

@@ -15,7 +15,10 @@ from typing import Any
 import numpy as np
 
 from bio.backbone import CellBackbone
+from bio.cells import crop_cells
 from bio.fields import CentroidFinder, FieldInfo
+from bio.heads import predict_proba
+from bio.preprocess import apply_illumination
 
 COLUMNS = ("cell_id", "y", "x", "edge")
 
@@ -46,8 +49,6 @@ def read_ahead(
         with image:
             data = np.asarray(image.select(names).read())
             if flats is not None:
-                from bio.preprocess import apply_illumination
-
                 for c, name in enumerate(names):
                     if name in flats:
                         data[c] = apply_illumination(data[c], flats[name]).astype(data.dtype)
@@ -79,8 +80,20 @@ def embed_field(
     classifier: Any,
     dtype: str,
 ) -> FieldResult:
-    from bio.cells import crop_cells
+    """Embed the cells of one field in batches of ``backbone.batch_size`` crops.
 
+    Args:
+        backbone: the frozen encoder (:class:`bio.backbone.CellBackbone`).
+        data: the field's pixels ``[C, Y, X]``, channels in the order of ``names``.
+        cents: nucleus centroids ``[n, 2]`` as ``(y, x)`` pixels; ids: their cell ids ``[n]``.
+        crop_size, edge: box side in pixels and the border policy of :func:`bio.cells.crop_cells`.
+        classifier: a phenotype head from :func:`bio.heads.load_head`, or None; adds probabilities ``[n, K]``.
+        dtype: storage dtype of the embeddings (``float32`` or ``float16``).
+
+    Returns:
+        the kept cells (all, or those away from the border with ``edge="skip"``) with embeddings ``[n, D]``; a
+        field without cells gives zero rows of the right width.
+    """
     parts: list[FieldResult] = []
     for start in range(0, len(cents), backbone.batch_size):
         batch = crop_cells(data, cents[start : start + backbone.batch_size], crop_size, edge=edge)
@@ -88,8 +101,6 @@ def embed_field(
         emb = backbone.embed(batch.crops, names)
         probs = None
         if classifier is not None:
-            from bio.heads import predict_proba
-
             probs = predict_proba(classifier, emb)
         parts.append(FieldResult(emb.astype(dtype), ids[kept], cents[kept, 0], cents[kept, 1], batch.at_edge, probs))
     if not parts:  # a field without cells still gets committed, with zero rows

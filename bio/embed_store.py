@@ -4,6 +4,14 @@ Rank ``r`` writes each field's rows to its own part ``RUN/parts/rank-<r>/``; a f
 the part's ``committed.jsonl`` written only after its rows, so a field interrupted by a crash is simply redone on
 resume and no cell is stored twice. When every field is committed, rank 0 merges the parts in field order into
 ``RUN/embeddings.zarr`` + ``RUN/cells.parquet`` (atomic renames).
+
+Start of a run (:func:`start_run`): each process locks the run directory, so a second run on the same directory
+fails at once naming the first, instead of interleaving parts with it (or waiting forever for fields the first run
+already merged away). Rank 0 (and a single process) takes ``RUN/.dinoscope.lock``, the lock every dinoscope output
+uses; rank ``r > 0`` takes ``RUN/.rank-<r>.lock``: the ranks of one job never contend with each other, while each
+rank of a second job meets its counterpart's lock. Under several ranks the lock results, and the settings check, are
+agreed over a temporary gloo group before anything is changed, so every rank of a refused job stops with the
+others and none waits forever in a barrier.
 """
 
 from __future__ import annotations
@@ -17,15 +25,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import zarr
 
 from bio.embed_fields import FieldResult
 from bio.fields import FieldInfo
+from core.distributed.env import init_distributed
 from core.errors import DinoscopeError
 from core.io import atomic_path, write_json
+from core.lock import OutputLock
 
 log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 8 * 2**20
+# What a run writes besides the parts; a run started over removes them (never anything else in the directory).
+RUN_FILES = ("embeddings.zarr", "cells.parquet", "embed_summary.json", "embed_config.json", "embed_log.jsonl")
 
 
 class PartWriter:
@@ -41,15 +58,19 @@ class PartWriter:
         self.commits = read_commits(part_dir, rewrite=True)
         self.rows = sum(c["n"] for c in self.commits)
 
-    def append(self, field: FieldInfo, result: FieldResult, seconds: float) -> None:
+    def append(self, field: FieldInfo, result: FieldResult, seconds: float, found: int | None = None) -> None:
+        """Write ``field``'s rows (``field-<index>.npz``) and then its commit line; ``seconds`` is logged and
+        ``found`` (nuclei found, before ``edge="skip"`` dropped any) recorded to explain a run without cells."""
         name = f"field-{field.index:08d}.npz"
         self._write_rows(name, result)
+        n = len(result.cell_id)
         self._commit(
             {
                 "field": field.index,
                 "key": field.key,
                 "rows": name,
-                "n": len(result.cell_id),
+                "n": n,
+                "found": n if found is None else int(found),
                 "seconds": round(seconds, 4),
             }
         )
@@ -86,6 +107,7 @@ def read_commits(part_dir: Path, *, rewrite: bool = False) -> list[dict[str, Any
 
 
 def all_commits(run: Path) -> dict[int, tuple[Path, dict[str, Any]]]:
+    """Committed fields of every rank's part: ``{field index: (part directory, commit record)}``."""
     found: dict[int, tuple[Path, dict[str, Any]]] = {}
     for part in sorted((run / "parts").glob("rank-*")):
         for record in read_commits(part):
@@ -93,58 +115,144 @@ def all_commits(run: Path) -> dict[int, tuple[Path, dict[str, Any]]]:
     return found
 
 
-def prepare_run(run: Path, settings: dict[str, Any], resume: bool, env: Any) -> bool:
-    """Check or record the run's settings; True when the run is already complete.
+def run_lock(run: Path, rank: int) -> OutputLock:
+    """The lock this rank holds on ``run`` for the whole run (see the module docstring)."""
+    if rank == 0:
+        return OutputLock(run, what="embedding run", is_dir=True)
+    return OutputLock(run / f"rank-{rank:04d}", what=f"embedding run (rank {rank})", is_dir=False)
 
-    Under several ranks every rank finishes this step before any starts embedding, so no rank reads commits that
-    another is about to discard.
+
+class RankSync:
+    """The two start-of-run synchronisation points of a multi-rank run, over one temporary gloo group (a no-op for
+    one process). The end of the run is synchronised through files instead, because ranks finish far apart and a
+    collective would time out."""
+
+    def __init__(self, world_size: int) -> None:
+        self.active = world_size > 1
+        self.created = False
+
+    def agree(self, ok: bool) -> bool:
+        """Whether every rank is ``ok``; also a barrier."""
+        if not self.active:
+            return ok
+        if not (dist.is_available() and dist.is_initialized()):
+            init_distributed(backend="gloo")
+            self.created = True
+        flag = torch.tensor([int(ok)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        """Leave the group if this object created it."""
+        if self.created:
+            dist.destroy_process_group()
+            self.created = False
+
+
+def start_run(
+    run: Path, settings: dict[str, Any], env: Any, lock: OutputLock, *, resume: bool, overwrite: bool
+) -> bool:
+    """Lock ``run`` (unless ``lock`` is held already), check the settings of a previous run there, start over or
+    resume; True when the run is already complete.
+
+    Every rank decides from the directory as it was (nothing changes before all ranks agree), and finishes its
+    clean-up before any rank reads commits (another agreement), so no rank reads commits that another discards.
+    """
+    sync = RankSync(env.world_size)
+    try:
+        failure: BaseException | None = None
+        try:
+            if lock.info is None:  # not taken yet (DINOSCOPE_NO_LOCK leaves info set but nothing held)
+                lock.acquire()
+            action = plan_run(run, settings, resume=resume, overwrite=overwrite)
+        except DinoscopeError as err:
+            failure = err
+        if not sync.agree(failure is None):
+            raise failure or DinoscopeError("another rank of this job could not start; see its message", path=run)
+        try:
+            if action == "start":
+                _start_over(run, settings, env)
+        except Exception as err:
+            failure = err
+        if not sync.agree(failure is None):
+            raise failure or DinoscopeError("another rank of this job could not start; see its message", path=run)
+    finally:
+        sync.close()
+    return action == "complete"
+
+
+def plan_run(run: Path, settings: dict[str, Any], *, resume: bool, overwrite: bool) -> str:
+    """``"complete"``, ``"resume"`` or ``"start"`` (over) for a run in ``run`` with ``settings``; reads only.
+
+    A run made with other settings is replaced only with ``overwrite`` (or ``resume=False``, which always starts
+    over); otherwise it is refused, so a finished run is never destroyed by a changed flag.
     """
     config = run / "embed_config.json"
-    complete = False
+    if not config.exists():
+        return "start"
     if not resume:
-        if env.is_main:
-            for stale in ("embeddings.zarr", "cells.parquet", "embed_summary.json", "embed_config.json"):
-                target = run / stale
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-            for part in (run / "parts").glob("rank-*"):
-                if int(part.name.split("-")[1]) >= env.world_size:
-                    shutil.rmtree(part)
-        shutil.rmtree(run / "parts" / f"rank-{env.rank:04d}", ignore_errors=True)
-    elif config.exists():
+        log.info("--no-resume: starting %s over", run)
+        return "start"
+    try:
         previous = json.loads(config.read_text())
-        if previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise DinoscopeError(
-                f"this run was started with different settings ({', '.join(changed)})",
-                path=run,
-                field=changed[0],
-                fix="use a new output directory, or pass --no-resume to start over",
-            )
-        complete = (run / "embed_summary.json").exists()
-    if not complete:
+    except ValueError:
+        previous = {"embed_config.json": "unreadable"}
+    if previous != settings:
+        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        details = "; ".join(
+            f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}"
+            for k in changed
+            if len(repr(previous.get(k))) + len(repr(settings.get(k))) < 120
+        )
+        if overwrite:
+            log.warning("--overwrite: replacing the run in %s, made with other settings (%s)", run, ", ".join(changed))
+            return "start"
+        raise DinoscopeError(
+            f"this directory holds an embedding run made with different settings ({', '.join(changed)})"
+            + (f": {details}" if details else ""),
+            path=run,
+            field=changed[0],
+            fix="pass --overwrite to replace it, or choose another --out",
+        )
+    if all((run / name).exists() for name in ("embed_summary.json", "embeddings.zarr", "cells.parquet")):
+        return "complete"
+    if (run / "embed_summary.json").exists():
+        log.warning("%s says it is complete but its store is missing: embedding it again", run)
+        return "start"
+    return "resume"
+
+
+def _start_over(run: Path, settings: dict[str, Any], env: Any) -> None:
+    """Remove this rank's part (rank 0: also the store and parts of ranks beyond the world size); record settings."""
+    if env.is_main:
+        for name in RUN_FILES:
+            target = run / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        for part in (run / "parts").glob("rank-*"):
+            if int(part.name.split("-")[1]) >= env.world_size:
+                shutil.rmtree(part)
+    shutil.rmtree(run / "parts" / f"rank-{env.rank:04d}", ignore_errors=True)
+    if env.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        write_json(config, settings)
-    if env.world_size > 1:
-        start_barrier()
-    return complete
+        write_json(run / "embed_config.json", settings)
 
 
-def start_barrier() -> None:
-    """One barrier over a temporary gloo group; the end of the run is synchronised through files instead,
-    because ranks finish far apart and a collective would time out."""
-    import torch.distributed as dist
+def wait_for_all(
+    run: Path, n_fields: int, poll_seconds: float, world_size: int = 1
+) -> dict[int, tuple[Path, dict[str, Any]]]:
+    """Poll every ``poll_seconds`` until all ``n_fields`` fields are committed (by any rank); returns the commits.
 
-    from core.distributed.env import init_distributed
-
-    created = not (dist.is_available() and dist.is_initialized())
-    init_distributed(backend="gloo")
-    dist.barrier()
-    if created:
-        dist.destroy_process_group()
-
-
-def wait_for_all(run: Path, n_fields: int, poll_seconds: float) -> dict[int, tuple[Path, dict[str, Any]]]:
+    A single process has embedded every field itself, so missing commits (parts removed by someone else while it
+    ran) raise at once instead of being waited for forever.
+    """
     while len(commits := all_commits(run)) < n_fields:
+        if world_size == 1:
+            raise DinoscopeError(
+                f"{n_fields - len(commits)} of {n_fields} embedded fields disappeared from {run / 'parts'} while "
+                "this run was writing them",
+                path=run,
+                fix="make sure nothing else writes to or cleans this directory, then run the same command again",
+            )
         log.debug("waiting for other ranks: %d of %d fields committed", len(commits), n_fields)
         time.sleep(poll_seconds)
     return commits
@@ -161,10 +269,6 @@ def merge_parts(
     head_meta: dict[str, Any] | None,
 ) -> int:
     """Concatenate the parts in field order into ``embeddings.zarr`` + ``cells.parquet``, writing whole chunks."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import zarr
-
     n_total = sum(commits[f.index][1]["n"] for f in fields)
     rows = chunk_rows or max(64, _CHUNK_BYTES // max(1, dim * np.dtype(dtype).itemsize))
     with atomic_path(run / "embeddings.zarr", is_dir=True) as store, atomic_path(run / "cells.parquet") as table:
@@ -198,8 +302,6 @@ def merge_parts(
 
 
 def _cells_schema(head_meta: dict[str, Any] | None) -> Any:
-    import pyarrow as pa
-
     columns = [
         ("plate", pa.string()),
         ("well", pa.string()),

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from bio import plots as plotting
 from bio.evaluate_columns import control_mask, require_column
 from bio.evaluate_knn import batch_separation, knn_metrics
 from bio.evaluate_map import phenotypic_activity, phenotypic_consistency
@@ -61,9 +62,14 @@ def evaluate_profiles(
     batch_size: int = 20000,
     plots: bool = True,
 ) -> dict[str, Any]:
-    """Run every evaluation on a profiles Parquet and write ``metrics.json``, plots and ``report.html``."""
-    from bio import plots as plotting
+    """Run every evaluation on a profiles Parquet and write ``metrics.json``, plots and ``report.html``.
 
+    Example::
+
+        from bio import evaluate_profiles
+        metrics = evaluate_profiles("profiles.parquet", "eval/", annotation_column="moa", null_size=1000)
+        metrics["activity"]["mean_map"], metrics["consistency"]
+    """
     profiles, provenance = read_profiles(profiles_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from core.errors import DinoscopeError
 
 
 def require_column(profiles: pd.DataFrame, name: str) -> str:
+    """The ``Metadata_<name>`` column of ``profiles``; a :class:`DinoscopeError` listing the columns if absent."""
     column = meta_column(name)
     if column not in profiles.columns:
         raise DinoscopeError(
@@ -21,6 +22,10 @@ def require_column(profiles: pd.DataFrame, name: str) -> str:
 
 
 def control_mask(profiles: pd.DataFrame, control_column: str, control_value: str) -> np.ndarray:
+    """Boolean mask of the negative-control rows (``control_column == control_value``, compared as text).
+
+    A missing column or a table without any control is a :class:`DinoscopeError`: every evaluation needs controls.
+    """
     column = meta_column(control_column)
     if column not in profiles.columns:
         raise DinoscopeError(
@@ -39,4 +44,5 @@ def control_mask(profiles: pd.DataFrame, control_column: str, control_value: str
 
 
 def has_text(values: pd.Series) -> np.ndarray:
+    """Boolean mask of the entries that are neither missing nor blank (e.g. wells with an MoA annotation)."""
     return (values.notna() & (values.astype(str).str.strip() != "")).to_numpy()

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import f1_score, silhouette_score
 
 from bio.evaluate_columns import control_mask, has_text, require_column
 from bio.profiles import feature_columns, meta_column
@@ -86,8 +87,6 @@ def knn_classify(
     exclude_same: Sequence[np.ndarray] = (),
 ) -> dict[str, Any]:
     """Majority-vote kNN (ties go to the nearer class); returns accuracy and macro-F1 over queries."""
-    from sklearn.metrics import f1_score
-
     codes, _ = pd.factorize(pd.Series(labels), sort=True)
     q_rows, neighbours = nearest_neighbours(feats, k, queries=queries, candidates=candidates, exclude_same=exclude_same)
     truth, pred = [], []
@@ -119,8 +118,6 @@ def batch_separation(
     seed: int = 0,
 ) -> dict[str, Any]:
     """How well negative-control wells separate by plate: cosine silhouette and leave-one-out kNN accuracy."""
-    from sklearn.metrics import silhouette_score
-
     column = meta_column(batch_column)
     if column not in profiles.columns:
         return {"skipped": f"no batch column {column}"}

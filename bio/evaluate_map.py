@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from copairs.map import average_precision, mean_average_precision, multilabel
+from copairs.matching import UnpairedException, assign_reference_index
+from pycytominer import consensus
 
 from bio.evaluate_columns import control_mask, has_text, require_column
 from bio.profiles import feature_columns, meta_column, metadata_columns
@@ -51,9 +54,6 @@ def phenotypic_activity(
     pair count linear in the number of profiles. Returns per-treatment mAP, p and q values and the fraction of
     treatments retrieved at q < ``threshold``.
     """
-    from copairs.map import average_precision, mean_average_precision
-    from copairs.matching import UnpairedException, assign_reference_index
-
     tcol = require_column(profiles, treatment_column)
     is_control = control_mask(profiles, control_column, control_value)
     if not has_text(profiles[tcol]).all():
@@ -118,10 +118,6 @@ def phenotypic_consistency(
     Only ``active`` treatments are used when given (the copairs phenotypic-consistency recipe). Annotations with
     several labels separated by ``|`` use copairs' multilabel average precision.
     """
-    from copairs.map import average_precision, mean_average_precision, multilabel
-    from copairs.matching import UnpairedException
-    from pycytominer import consensus
-
     acol = meta_column(annotation_column)
     if acol not in profiles.columns:
         return {"skipped": f"no annotation column {acol}"}

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from bio.cells import X_COLUMN, Y_COLUMN, centroids_from_labels, centroids_from_table, detect_nuclei
 from bio.io import Image, iter_manifest_fields, plate_layout, read_image, read_manifest, well_name
+from bio.profiles import normalise_well_names
 from core.errors import DinoscopeError
 
 CENTROID_METHODS = ("detect", "table", "labels")
@@ -42,6 +44,7 @@ class FieldInfo:
 
     @property
     def key(self) -> str:
+        """``plate/well/site``: the field's unique name within a run."""
         return f"{self.plate}/{self.well}/{self.site}"
 
 
@@ -57,6 +60,7 @@ def list_fields(sources: Sequence[str | os.PathLike]) -> list[FieldInfo]:
         )
     fields: list[FieldInfo] = []
     for source in map(Path, sources):
+        before = len(fields)
         if source.suffix.lower() == ".csv":
             for site in read_manifest(source, check_files=False):
                 fields.append(FieldInfo(len(fields), site.plate, site.well, site.site, source, None))
@@ -75,6 +79,13 @@ def list_fields(sources: Sequence[str | os.PathLike]) -> list[FieldInfo]:
                             source / well.path / field,
                         )
                     )
+        if len(fields) == before:
+            raise DinoscopeError(
+                "the manifest lists no site (a header but no rows)",
+                path=source,
+                field="sources",
+                fix="list one site per row, or leave the manifest out",
+            )
     seen: dict[str, FieldInfo] = {}
     for field in fields:
         if field.key in seen:
@@ -156,6 +167,7 @@ class CentroidFinder:
             self._load_table(Path(nuclei_table))
 
     def describe(self) -> dict[str, Any]:
+        """The settings that determine the centroids (recorded in the run config, so a resume can check them)."""
         return {
             "method": self.method,
             "nuclei_table": str(self.table_path) if self.table_path else None,
@@ -165,10 +177,6 @@ class CentroidFinder:
 
     def _load_table(self, path: Path) -> None:
         """Index the table once by field; only the location, id and metadata columns are read."""
-        import pandas as pd
-
-        from bio.profiles import normalise_well_names
-
         wanted = {
             X_COLUMN.lower(),
             Y_COLUMN.lower(),
@@ -214,18 +222,21 @@ class CentroidFinder:
             for rows in self._table.values():
                 self._ids[rows] = np.arange(1, len(rows) + 1)
 
+    def table_key(self, field: FieldInfo) -> tuple[str, ...]:
+        """The field's key in the nuclei table: its values of the table's columns among plate, well, site."""
+        well = normalise_well_names(pd.Series([field.well])).iloc[0]
+        return tuple({"plate": field.plate, "well": well, "site": field.site}[k] for k in self._keys)
+
+    def table_keys(self) -> tuple[list[str], list[tuple[str, ...]]]:
+        """The nuclei table's key columns (among plate, well, site) and its distinct keys, in table order."""
+        return list(self._keys), list(self._table)
+
     def find(
         self, field: FieldInfo, image: Image, data: np.ndarray | None = None, names: Sequence[str] = ()
     ) -> tuple[np.ndarray, np.ndarray]:
         """Centroids ``[n, 2]`` and ids ``[n]``; ``data``/``names`` are the already read channels, to reuse."""
         if self.method == "table":
-            import pandas as pd
-
-            from bio.profiles import normalise_well_names
-
-            well = normalise_well_names(pd.Series([field.well])).iloc[0]
-            key = tuple({"plate": field.plate, "well": well, "site": field.site}[k] for k in self._keys)
-            rows = self._table.get(key, np.zeros(0, np.int64))
+            rows = self._table.get(self.table_key(field), np.zeros(0, np.int64))
             return self._centres[rows], self._ids[rows]
         if self.method == "detect":
             plane = (

@@ -22,8 +22,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import zarr
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import accuracy_score, f1_score
 from torch import Tensor, nn
 
+from bio.backbone import file_sha256
+from bio.profiles import normalise_well_names, open_run
+from bio.profiles_platemap import read_platemap
 from core.errors import DinoscopeError
 from core.io import atomic_path, write_json
 from core.models import LinearHead
@@ -45,6 +51,7 @@ class PhenotypeClassifier(nn.Module):
         self.head = LinearHead(in_dim, n_classes)
 
     def forward(self, embeddings: Tensor) -> Tensor:
+        """``[N, in_dim]`` embeddings -> ``[N, n_classes]`` logits (softmax them for probabilities)."""
         return self.head((embeddings - self.feature_mean) / self.feature_std)
 
 
@@ -88,12 +95,15 @@ def fit_head(
     Cells get the ``label`` of their well in ``platemap``; wells without one are skipped. At most
     ``max_cells_per_well`` cells per well are used (seeded sample), which bounds memory on large screens. Training
     is full AdamW on a class-balanced cross-entropy, so rare labels count as much as common ones for macro-F1.
+
+    Example::
+
+        from bio import fit_head
+        from bio.heads import save_head
+        classifier, meta, metrics = fit_head("runs/embed", "platemap.csv", label="moa")
+        print(metrics["macro_f1"], metrics["chance_macro_f1"])   # held-out wells
+        save_head(classifier, meta, metrics, "runs/moa_head")
     """
-    import zarr
-
-    from bio.profiles import normalise_well_names, open_run
-    from bio.profiles_platemap import read_platemap
-
     if not 0.0 < holdout_fraction < 1.0:
         raise DinoscopeError(f"holdout_fraction must lie in (0, 1), got {holdout_fraction}", field="holdout_fraction")
     run = open_run(run_dir)
@@ -240,8 +250,6 @@ def _train(
 def _metrics(
     probs: np.ndarray, truth: np.ndarray, wells: pd.DataFrame, classes: list[str], label: str
 ) -> dict[str, Any]:
-    from sklearn.metrics import accuracy_score, f1_score
-
     present = sorted(set(truth.tolist()))
     pred = probs.argmax(axis=1)
     per_class = f1_score(truth, pred, labels=present, average=None, zero_division=0)
@@ -273,8 +281,6 @@ def save_head(
     classifier: PhenotypeClassifier, meta: dict[str, Any], metrics: dict[str, Any], out_dir: str | os.PathLike
 ) -> Path:
     """Write ``head.safetensors``, ``head.json`` and ``metrics.json`` into ``out_dir`` (each atomically)."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "head.safetensors") as tmp:
@@ -290,10 +296,6 @@ def save_head(
 
 def load_head(path: str | os.PathLike) -> tuple[PhenotypeClassifier, dict[str, Any]]:
     """Read a head directory (or its ``head.safetensors``); the metadata gains ``sha256`` and ``path``."""
-    from safetensors.torch import load_file
-
-    from bio.backbone import file_sha256
-
     path = Path(path)
     weights = path / "head.safetensors" if path.is_dir() else path
     sidecar = weights.with_suffix(".json")

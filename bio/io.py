@@ -5,7 +5,9 @@ Every reader returns an :class:`Image` (:mod:`bio.io_base`): channel names in th
 :mod:`bio.io_tiff` (OME-TIFF and plain TIFF), :mod:`bio.io_zarr` (OME-Zarr images and HCS plates, NGFF 0.4 and 0.5)
 and :mod:`bio.io_manifest` (CellProfiler LoadData CSVs); this module dispatches to them by path.
 
-Channels are addressed by name, never by index, because toolchains disagree on channel order (bio.md section 7).
+Channels are addressed by name, never by index, because toolchains disagree on channel order
+(DeepProfiler and DINO4Cells use DNA, RNA, ER, AGP, Mito; the cpg0000 arrays used by theislab/IMPA are Mito, AGP, ER,
+RNA, DNA).
 """
 
 from __future__ import annotations
@@ -72,6 +74,13 @@ def read_image(
         channel_names: names to use when the file carries none (plain TIFF) or wrong ones, one per channel.
         z_projection: ``"first"`` takes z=0; ``"max"`` takes a maximum-intensity projection over z.
         timepoint: the t index for time series.
+
+    Example::
+
+        from bio import read_image
+        image = read_image("plate.ome.zarr/A/1/0", channels=["DNA", "Mito"])
+        image.channel_names            # ['DNA', 'Mito']
+        pixels = image.read()          # (2, Y, X) in the file's dtype
     """
     path = Path(path)
     if not path.exists():

@@ -3,7 +3,9 @@ sources, and channel-name resolution. The format modules (:mod:`bio.io_tiff`, :m
 :mod:`bio.io_manifest`) build on this module; the public entry points in :mod:`bio.io` dispatch to them, and nothing
 imports :mod:`bio.io` back, so the readers form no import cycle.
 
-Channels are addressed by name, never by index, because toolchains disagree on channel order (bio.md section 7).
+Channels are addressed by name, never by index, because toolchains disagree on channel order
+(DeepProfiler and DINO4Cells use DNA, RNA, ER, AGP, Mito; the cpg0000 arrays used by theislab/IMPA are Mito, AGP, ER,
+RNA, DNA).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class FileCloser:
         self._finalizer = weakref.finalize(self, _close_all, closables)
 
     def close(self) -> None:
+        """Close the files now (idempotent: the finalizer runs at most once)."""
         self._finalizer()
 
 
@@ -65,10 +68,13 @@ class ChannelSource:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(Y, X)`` size of the plane in pixels."""
         shape = dict(zip(self.axes, self.array.shape, strict=False))
         return shape["y"], shape["x"]
 
     def read(self, ys: slice | int = slice(None), xs: slice | int = slice(None)) -> np.ndarray:
+        """Read rows ``ys`` and columns ``xs`` of the plane (maximum over ``z`` when ``project_z``); only the
+        requested pixels are read from the array."""
         key: list[Any] = []
         kept: list[str] = []
         for axis in self.axes:
@@ -142,6 +148,7 @@ class ChannelStack:
         return data if dtype is None else data.astype(dtype, copy=False)
 
     def select(self, indices: Sequence[int]) -> ChannelStack:
+        """A lazy stack of the channels at ``indices``, in that order (nothing is read)."""
         return ChannelStack([self.sources[i] for i in indices])
 
 
@@ -164,10 +171,12 @@ class Image:
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """``(C, Y, X)`` in channels and pixels."""
         return self.data.shape
 
     @property
     def dtype(self) -> np.dtype:
+        """The pixel dtype every channel is read as."""
         return self.data.dtype
 
     def read(self) -> np.ndarray:

@@ -32,6 +32,7 @@ class ManifestField:
 
     @property
     def channel_names(self) -> list[str]:
+        """Channel names in the manifest's ``FileName_<channel>`` column order."""
         return list(self.channel_paths)
 
 

@@ -3,6 +3,10 @@
 Channel names come from the OME-XML ``Image/Pixels/Channel@Name`` of the series read; plain TIFFs carry no names
 (tifffile maintainer, cgohlke/tifffile#202), so callers may pass ``channel_names``. Any T/Z/C order is accepted:
 t and z are fixed (or z is max-projected) per channel.
+
+Before a file is read its structure is checked (:func:`check_ifd_chain`): every page directory and tag value lies
+inside the file, every strip or tile of the series read does, and an OME-TIFF holds every plane its OME-XML declares.
+A truncated multi-page file is thus an error naming the file, never an image made of the pages that survived.
 """
 
 from __future__ import annotations
@@ -56,8 +60,11 @@ def read_tiff(
 ) -> Image:
     """Open series ``series`` of a TIFF lazily as an :class:`~bio.io.Image` (all channels, file order)."""
     path = Path(path)
+    pages = check_ifd_chain(path)
     tif = _open_tiff(path)
     try:
+        if tif.is_ome and pages is not None:
+            _check_declared_planes(tif.ome_metadata, pages, path)
         if series >= len(tif.series):
             raise DinoscopeError(
                 f"the file has {len(tif.series)} image series, not {series + 1}",
@@ -162,6 +169,100 @@ def _open_tiff(path: Path) -> Any:
             path=path,
             fix="check that the file is a complete TIFF; re-copy or re-export it",
         ) from exc
+
+
+# TIFF field types -> bytes per value (TIFF 6.0 and BigTIFF); values longer than the inline slot live at an offset.
+_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
+_TRUNCATED_FIX = "the copy is incomplete or the writer was stopped; copy or export the file again"
+
+
+def check_ifd_chain(path: Path) -> int | None:
+    """Walk the chain of image file directories (one per page) and return how many pages it holds.
+
+    Raises a DinoscopeError naming the first pointer (next page, or a tag's value such as the OME-XML) that runs past
+    the end of the file: a truncated multi-page file otherwise opens as its first page alone, so a 5-channel
+    OME-TIFF would silently read as one channel called ``ch0``. Returns None when the header is not a TIFF header
+    (tifffile then says what the file is not). Only a few bytes per page are read.
+    """
+    size = os.path.getsize(path)
+    with path.open("rb") as handle:
+        head = handle.read(16)
+        order = {b"II": "<", b"MM": ">"}.get(head[:2])
+        if order is None or len(head) < 8:
+            return None
+        version = struct.unpack(order + "H", head[2:4])[0]
+        if version == 42:
+            count_fmt, offset_fmt, entry_bytes, inline = "H", "I", 12, 4
+            offset = struct.unpack(order + "I", head[4:8])[0]
+        elif version == 43 and len(head) >= 16:
+            count_fmt, offset_fmt, entry_bytes, inline = "Q", "Q", 20, 8
+            offset = struct.unpack(order + "Q", head[8:16])[0]
+        else:
+            return None
+        count_bytes, offset_bytes = struct.calcsize(count_fmt), struct.calcsize(offset_fmt)
+        pages, seen = 0, set()
+        while offset and offset not in seen:  # a loop in the chain is tifffile's to report
+            seen.add(offset)
+            where = "its first page" if pages == 0 else f"page {pages + 1}"
+            if offset + count_bytes > size:
+                _truncated(path, f"{where} starts at byte {offset}", size, pages)
+            handle.seek(offset)
+            (n_tags,) = struct.unpack(order + count_fmt, handle.read(count_bytes))
+            end = offset + count_bytes + n_tags * entry_bytes + offset_bytes
+            if end > size:
+                _truncated(path, f"the directory of {where} runs to byte {end}", size, pages)
+            entries = handle.read(n_tags * entry_bytes)
+            for k in range(n_tags):
+                entry = entries[k * entry_bytes : (k + 1) * entry_bytes]
+                tag, kind = struct.unpack(order + "HH", entry[:4])
+                (n_values,) = struct.unpack(order + offset_fmt, entry[4 : 4 + offset_bytes])
+                n_bytes = n_values * _TYPE_BYTES.get(kind, 0)
+                if n_bytes > inline:
+                    (at,) = struct.unpack(order + offset_fmt, entry[4 + offset_bytes :])
+                    if at + n_bytes > size:
+                        name = tifffile.TIFF.TAGS.get(tag, f"tag {tag}")
+                        _truncated(path, f"the {name} of {where} lies at bytes {at}-{at + n_bytes}", size, pages)
+            (offset,) = struct.unpack(order + offset_fmt, handle.read(offset_bytes))
+            pages += 1
+    return pages
+
+
+def _truncated(path: Path, what: str, size: int, pages: int) -> None:
+    prefix = "not a readable TIFF file: " if pages == 0 else ""
+    complete = f"; only its first {pages} page{'s' * (pages != 1)} are complete" if pages else ""
+    raise DinoscopeError(
+        f"{prefix}file is truncated: {what}, but the file ends at byte {size}{complete}",
+        path=path,
+        fix=_TRUNCATED_FIX,
+    )
+
+
+def _check_declared_planes(ome_xml: str | None, pages: int, path: Path) -> None:
+    """An OME-TIFF must hold every plane its OME-XML declares (``SizeZ x SizeT x`` channels per image).
+
+    Planes stored in other files of a multi-file fileset (``TiffData/UUID@FileName``) are not counted here.
+    """
+    try:
+        root = ET.fromstring(ome_xml or "")
+    except ET.ParseError:
+        return
+    if any(uuid.get("FileName") not in (None, path.name) for uuid in root.iter("{*}UUID")):
+        return
+    declared = 0
+    for pixels in root.iterfind("{*}Image/{*}Pixels"):
+        try:
+            sizes = [int(pixels.get(key, "1")) for key in ("SizeC", "SizeZ", "SizeT")]
+        except ValueError:
+            return
+        n_channels = len(pixels.findall("{*}Channel")) or sizes[0]  # one plane per Channel (RGB: 3 samples)
+        declared += n_channels * sizes[1] * sizes[2]
+    if declared > pages:
+        raise DinoscopeError(
+            f"file is truncated or incompletely written: its OME-XML declares {declared} planes but the file "
+            f"holds {pages}",
+            path=path,
+            fix=_TRUNCATED_FIX,
+        )
 
 
 def _check_complete(tif: Any, series: Any, path: Path) -> None:

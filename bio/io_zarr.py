@@ -23,6 +23,11 @@ from bio.io_tiff import length_in_micrometres
 from core.errors import DinoscopeError
 from core.io import atomic_path
 
+with warnings.catch_warnings():  # ome-zarr 0.18 builds a deprecated Scaler as a default argument at import
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.writer import write_multiscales_metadata, write_plate_metadata, write_well_metadata
+
 _CHANNEL_COLOURS = {"DNA": "0000FF", "ER": "00FF00", "RNA": "FFFF00", "AGP": "FF00FF", "Mito": "FF0000"}
 _MAX_CHUNK = 1024
 
@@ -50,6 +55,7 @@ class PlateLayout:
 
     @property
     def n_fields(self) -> int:
+        """Fields of view over all wells."""
         return sum(len(w.fields) for w in self.wells)
 
 
@@ -213,12 +219,6 @@ def write_plate(
     those name levels ``s0, s1, ...`` (ours stay ``0``, as in plates already written) and route every field through
     dask, where we write one channel at a time so lazy inputs are never loaded whole.
     """
-    # deferred: ome_zarr imports dask and scikit-image (~0.8 s) that reading plates never needs
-    with warnings.catch_warnings():  # ome-zarr 0.18 builds a deprecated Scaler as a default argument at import
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from ome_zarr.format import FormatV04, FormatV05
-        from ome_zarr.writer import write_multiscales_metadata, write_plate_metadata, write_well_metadata
-
     path = Path(path)
     if version not in ("0.4", "0.5"):
         raise DinoscopeError(f"unsupported NGFF version {version!r}", field="version", fix="use '0.4' or '0.5'")

@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from sklearn.decomposition import PCA
 
 from bio.profiles import feature_columns, meta_column
 from core.io import atomic_path
@@ -23,9 +26,7 @@ _MAX_LEGEND = 20
 _CONTROL_COLOUR = "#9e9e9e"
 
 
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure
-
+def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
@@ -33,8 +34,6 @@ def _scatter_by_label(
     coords: np.ndarray, labels: pd.Series, is_control: np.ndarray, title: str, axis: str, path: Path
 ) -> None:
     """Wells as points coloured by treatment; controls in grey underneath; legend only when readable."""
-    from matplotlib import colormaps
-
     fig = _figure(7.5, 5.5)
     ax = fig.add_subplot()
     ax.scatter(
@@ -67,8 +66,6 @@ def plot_embedding_2d(
     feats: np.ndarray, labels: pd.Series, is_control: np.ndarray, out_dir: Path, seed: int = 0
 ) -> dict[str, str]:
     """PCA scatter of wells (plus UMAP when the optional ``umap`` package is importable)."""
-    from sklearn.decomposition import PCA
-
     written = {}
     if len(feats) >= 2 and feats.shape[1] >= 2:
         pca = PCA(n_components=2, random_state=seed).fit(feats)
@@ -83,7 +80,7 @@ def plot_embedding_2d(
         )
         written["pca"] = "pca.png"
     if importlib.util.find_spec("umap") is not None and len(feats) > 10:
-        import umap
+        import umap  # deferred: optional (not a bio dependency), only for the UMAP figure
 
         coords = umap.UMAP(n_components=2, metric="cosine", random_state=seed).fit_transform(feats)
         _scatter_by_label(coords, labels, is_control, "UMAP of well profiles", "UMAP", out_dir / "umap.png")

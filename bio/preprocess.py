@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
+from skimage.transform import resize
 
 from core.errors import DinoscopeError
 from core.io import atomic_path
@@ -49,9 +51,6 @@ def estimate_illumination(
         statistic: per-pixel ``"median"`` (robust to bright debris) or ``"mean"`` (streams in constant memory).
         downsample: block-averaging factor applied before the statistic and smoothing, for speed.
     """
-    from scipy.ndimage import gaussian_filter
-    from skimage.transform import resize
-
     planes: list[np.ndarray] = []
     total: np.ndarray | None = None
     count = 0
@@ -172,13 +171,16 @@ class NormalisationSpec:
             )
 
     def apply(self, data: np.ndarray) -> np.ndarray:
+        """Normalise ``data`` (``C x Y x X`` or ``Y x X``, per channel) with these settings; see :func:`normalise`."""
         return normalise(data, self.method, low=self.low, high=self.high, eps=self.eps)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (recorded in run metadata; :meth:`from_dict` reads it back)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> NormalisationSpec:
+        """Rebuild from :meth:`to_dict`'s output; unknown keys are an error naming them."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

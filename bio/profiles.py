@@ -75,7 +75,14 @@ def normalise_well_names(wells: pd.Series) -> pd.Series:
 
 
 def open_run(run_dir: str | os.PathLike) -> EmbeddingRun:
-    """Open ``RUN/embeddings.zarr`` and ``RUN/cells.parquet`` and check that they describe the same cells."""
+    """Open ``RUN/embeddings.zarr`` and ``RUN/cells.parquet`` and check that they describe the same cells.
+
+    Example::
+
+        from bio import open_run
+        run = open_run("runs/embed")
+        run.n_cells, run.dim, run.embeddings[:1000]   # a zarr array: slices read only what they need
+    """
     root = Path(run_dir)
     if not root.is_dir():
         raise DinoscopeError(

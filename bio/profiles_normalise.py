@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from pycytominer import consensus, normalize
 
 from bio.profiles import feature_columns, meta_column, metadata_columns
 from core.errors import DinoscopeError
@@ -26,8 +27,6 @@ def normalise_profiles(
     standard deviation, ``spherize`` whitens (ZCA-cor) on the controls (pycytominer; Way et al., JOSS 2022).
     ``by=None`` fits one transform on all controls.
     """
-    from pycytominer import normalize
-
     if method not in NORMALISATIONS:
         raise DinoscopeError(
             f"unknown normalisation {method!r}", field="normalise", fix=f"use one of {', '.join(NORMALISATIONS)}"
@@ -77,8 +76,6 @@ def treatment_consensus(
     profiles: pd.DataFrame, *, treatment_column: str = "treatment", operation: str = "median"
 ) -> pd.DataFrame:
     """One consensus profile per treatment (``pycytominer.consensus``), keeping metadata constant per treatment."""
-    from pycytominer import consensus
-
     column = meta_column(treatment_column)
     if column not in profiles.columns:
         raise DinoscopeError(

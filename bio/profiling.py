@@ -33,6 +33,13 @@ def build_profiles(
 
     Returns the provenance stored in the Parquet file, which includes the plate-batch separation of the control
     wells before and after normalisation.
+
+    Example::
+
+        from bio import build_profiles, evaluate_profiles
+        build_profiles("runs/embed", "platemap.csv", "profiles.parquet", normalise="mad_robustize")
+        metrics = evaluate_profiles("profiles.parquet", "eval/")      # copairs mAP, kNN, report.html
+        metrics["activity"]["fraction_retrieved"]
     """
     platemap = read_platemap(platemap_path)  # read first: a bad plate map should fail before the long pass
     wells = annotate_wells(aggregate_wells(run_dir, operation=aggregate, drop_edge_cells=drop_edge_cells), platemap)

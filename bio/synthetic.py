@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 from bio.io import well_name, write_ome_zarr_plate
 from core.errors import DinoscopeError
@@ -48,6 +49,8 @@ class Phenotype:
 
 @dataclass(frozen=True)
 class Treatment:
+    """A synthetic treatment: its plate-map role and the :class:`Phenotype` its cells get."""
+
     role: Literal["negative_control", "active", "inert"]
     phenotype: Phenotype = field(default_factory=Phenotype)
 
@@ -92,6 +95,12 @@ def make_plate(
     Plates are ``<out_path>/plate<k>.ome.zarr`` with fields ``{row}/{column}/{field}``; in the CSVs wells are named
     ``A01`` (see :func:`bio.io.well_name`) and ``site`` is the field index. ``nuclei.csv`` holds the true nucleus
     centres as CellProfiler's ``Nuclei_Location_Center_X/Y``.
+
+    Example::
+
+        from bio import make_plate
+        screen = make_plate("data/screen", plates=2, n_rows=4, n_cols=6)
+        screen.plates, screen.platemap, screen.nuclei   # two .ome.zarr plates and two CSVs
     """
     n_wells = n_rows * n_cols
     n_treated = len(TREATMENTS) - 1
@@ -185,8 +194,6 @@ def _render_field(
     batch: _BatchEffect,
 ) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """One ``5 x size x size`` uint16 field and its nucleus centres ``(y, x)``."""
-    from scipy.ndimage import gaussian_filter
-
     maps = {name: np.zeros((size, size), np.float32) for name in ("nuc", "cyto", "er", "agp", "nucleoli")}
     centres = []
     for cy, cx in _place_cells(rng, size, n_cells, NUCLEUS_RADIUS * pheno.nucleus_scale + 2):

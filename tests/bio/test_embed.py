@@ -106,7 +106,7 @@ def test_a_crash_mid_plate_resumes_to_the_same_store(
 def test_ranks_take_interleaved_fields_and_rank_zero_merges_in_order(
     screen: object, weights: Path, reference_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_mod, "start_barrier", lambda: None)  # ranks run one after the other here
+    monkeypatch.setattr(store_mod.RankSync, "agree", lambda self, ok: ok)  # ranks run one after the other here
     run = tmp_path / "run"
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

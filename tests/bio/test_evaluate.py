@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tracemalloc
 from pathlib import Path
@@ -148,10 +147,8 @@ def test_batch_separation_drops_with_offset_and_skips_single_plate() -> None:
 
 
 @pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch) -> object:
-    """`core.cli.main`, minus core commands whose modules other engineers have not landed yet."""
-    present = {k: v for k, v in core.cli.CORE_COMMANDS.items() if importlib.util.find_spec(v) is not None}
-    monkeypatch.setattr(core.cli, "CORE_COMMANDS", present)
+def cli() -> object:
+    """`core.cli.main`: the whole ``dinoscope`` command line."""
     return core.cli.main
 
 

@@ -212,12 +212,8 @@ def test_treatment_consensus_has_one_row_per_treatment(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch) -> object:
-    """`core.cli.main`, minus core commands whose modules other engineers have not landed yet."""
-    import importlib.util
-
-    present = {k: v for k, v in core.cli.CORE_COMMANDS.items() if importlib.util.find_spec(v) is not None}
-    monkeypatch.setattr(core.cli, "CORE_COMMANDS", present)
+def cli() -> object:
+    """`core.cli.main`: the whole ``dinoscope`` command line."""
     return core.cli.main
 
 
