@@ -155,3 +155,13 @@ def test_schema_modules_import_only_errors_and_schemas() -> None:
 def test_no_source_folder_is_named_dist_or_build() -> None:
     folders = [p for package in PACKAGES for p in (ROOT / package).rglob("*") if p.is_dir()]
     assert [str(p) for p in folders if p.name in ("dist", "build")] == []
+
+
+def test_no_source_file_exceeds_400_lines() -> None:
+    long = [
+        f"{path.relative_to(ROOT)}: {n} lines"
+        for folder in (*PACKAGES, "bench")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if (n := len(path.read_text().splitlines())) > 400
+    ]
+    assert not long, long
