@@ -183,7 +183,7 @@ class CellsProfileCfg(ProfileSettings):
         is_input=True,
     )
     platemap: str = option("", help="CSV with plate, well, treatment, role (+ e.g. moa)", is_input=True)
-    out: str = option("", help="output profiles .parquet")
+    out: str = option("", help="output profiles .parquet", output="file")
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
         """The run, the plate map and the output file are required."""
@@ -201,7 +201,7 @@ class CellsEvaluateCfg(EvaluateSettings):
         metavar="PROFILES",
         is_input=True,
     )
-    out: str = option("", help="output directory")
+    out: str = option("", help="output directory", output="dir")
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
         """The profiles and the output directory are required."""
@@ -234,7 +234,7 @@ class CellsProfileRecipe(ProfileSettings, EvaluateSettings):
 class CellsSynthCfg:
     """``dinoscope cells synth OUT``: a deterministic synthetic cell-painting screen."""
 
-    out: str = option("", help="output directory", positional=True, metavar="OUT")
+    out: str = option("", help="output directory", positional=True, metavar="OUT", output="dir")
     seed: int = option(0, help="random seed")
     plates: int = option(2, help="number of plates", minimum=1)
     rows: int = option(4, help="well rows per plate", minimum=1, maximum=32)
@@ -257,7 +257,7 @@ class CellsFitHeadCfg:
     )
     platemap: str = option("", help="CSV with plate, well, treatment, role (+ e.g. moa)", is_input=True)
     label: str = option("treatment", help="plate-map column to predict")
-    out: str = option("", help="output directory for the head")
+    out: str = option("", help="output directory for the head", output="dir")
     holdout_fraction: float = option(0.25, help="share of each label's wells held out", minimum=0.0, maximum=0.9)
     max_cells_per_well: int = option(500, help="cells sampled per well", minimum=1)
     epochs: int = option(100, help="training epochs", minimum=1)

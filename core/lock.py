@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import DinoscopeError
+from core.io import remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,8 @@ class OutputLock:
                 )
             _HELD[key] = fd
         self._fd, self._key, self._owner_pid, self.info = fd, key, os.getpid(), info
+        if self.lock_file.name == DIR_LOCK_NAME or not self.target.is_dir():
+            remove_stale_temporaries(self.target)
         return info
 
     def _open(self) -> tuple[int, bool]:

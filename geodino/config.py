@@ -231,7 +231,7 @@ class FitOptions:
 class CanopySynthCfg:
     """``dinoscope canopy synth OUT``: deterministic synthetic forests (RGB GeoTIFF + matching CHM)."""
 
-    out: str = option("", help="output directory", positional=True, metavar="OUT")
+    out: str = option("", help="output directory", positional=True, metavar="OUT", output="dir")
     scenes: int = option(1, help="number of scenes (seeds seed, seed+1, ...)", minimum=1)
     seed: int = option(0, help="random seed of the first scene")
     size: int = option(512, help="scene side in pixels", minimum=32)
@@ -257,7 +257,7 @@ class CanopyEvaluateCfg:
         metavar="REF",
         is_input=True,
     )
-    out: str = option("", help="output directory")
+    out: str = option("", help="output directory", output="dir")
     resampling: str = option(
         "bilinear",
         help="how REF is resampled onto PRED's grid: bilinear (upsampling), average or max (downsampling)",
@@ -292,7 +292,11 @@ class CanopyZonalCfg:
         is_input=True,
     )
     output: str = option(
-        "", help="output file (.gpkg recommended; .parquet or .geojson also work)", positional=True, metavar="OUTPUT"
+        "",
+        help="output file (.gpkg recommended; .parquet or .geojson also work)",
+        positional=True,
+        metavar="OUTPUT",
+        output="file",
     )
     cover_threshold: float = option(5.0, help="canopy cover threshold in metres", minimum=0.0)
     band: int = option(1, help="raster band holding heights", minimum=1)

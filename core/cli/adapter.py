@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import logging
 import re
 import textwrap
 import types
@@ -29,10 +30,12 @@ from typing import Any
 
 import yaml
 
+from core.cli.outputs import OutputGuard, describe_up_to_date, has_outputs
 from core.config.fields import OPTION, Option, check_rules
 from core.config.loader import load_recipe, to_yaml
 from core.errors import DinoscopeError
 
+log = logging.getLogger("dinoscope")
 _OVERRIDE = re.compile(r"^([A-Za-z_]\w*)(\.\w+)*=")
 
 
@@ -206,6 +209,13 @@ def add_command(subparsers: argparse._SubParsersAction, command: Command) -> arg
         help="override any recipe key (repeatable); trailing KEY=VALUE items do the same",
     )
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
+    if command.schema is not None and has_outputs(command.schema):
+        parser.add_argument(
+            "--overwrite",
+            dest="overwrite_outputs",
+            action="store_true",
+            help="replace an existing output made with other settings or inputs, or by another tool",
+        )
     parser.set_defaults(func=lambda args: run_command(command, specs, args), overrides=[])
     return parser
 
@@ -284,4 +294,13 @@ def run_command(command: Command, specs: list[_Arg], args: argparse.Namespace) -
     if args.print_recipe:
         print(to_yaml(recipe), end="")
         return 0
-    return int(service(recipe, options, invocation) or 0)
+    guard = OutputGuard(
+        f"{command.name} ({command.schema.__name__})", recipe, getattr(args, "overwrite_outputs", False)
+    )
+    if guard.up_to_date():
+        log.info(describe_up_to_date(guard))
+        return 0
+    status = int(service(recipe, options, invocation) or 0)
+    if status == 0:
+        guard.record()
+    return status

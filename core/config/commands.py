@@ -36,7 +36,7 @@ class ExportCfg:
     """``dinoscope export RUN_DIR OUT``: a run's teacher backbone as safetensors plus a JSON sidecar."""
 
     run_dir: str = option("", help="training run directory", positional=True, metavar="RUN_DIR", is_input=True)
-    out: str = option("", help="output .safetensors path", positional=True, metavar="OUT")
+    out: str = option("", help="output .safetensors path", positional=True, metavar="OUT", output="file")
     step: int = option(-1, help="checkpoint iteration (-1: the latest)", minimum=-1)
 
 
@@ -49,7 +49,7 @@ class EvalCfg:
     train: dict = option({}, help="training-set parameters of the dataset kind, e.g. root=data/train")
     val: dict = option({}, help="held-out-set parameters of the dataset kind, e.g. root=data/val")
     size: int = option(224, help="input side in pixels (a multiple of the patch size)", minimum=14)
-    out: str = option("", help="also write the result JSON here")
+    out: str = option("", help="also write the result JSON here", output="file")
 
 
 @dataclass
@@ -93,7 +93,7 @@ class WeightsCfg:
 class WeightsConvertCfg(WeightsCfg):
     """``dinoscope weights convert PATH OUT``: rewrite weights in dinoscope's export format."""
 
-    out: str = option("", help="output .safetensors path", positional=True, metavar="OUT")
+    out: str = option("", help="output .safetensors path", positional=True, metavar="OUT", output="file")
 
 
 @dataclass

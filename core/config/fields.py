@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 from core.errors import DinoscopeError
 
 INPUT_PATH = "input_path"
+OUTPUT_PATH = "output_path"  # value: "file" or "dir"
 OPTION = "option"
 # Value: the name of the sibling field that holds the dataset kind whose factory receives the dict.
 DATASET_PARAMS_OF = "dataset_params_of"
@@ -113,11 +114,14 @@ def option(
     comma_list: bool = False,
     cli: bool = True,
     is_input: bool = False,
+    output: str | None = None,
 ) -> Any:
     """A dataclass field with its command-line form and rules (see :class:`Option`).
 
     A list or dict default is copied per instance. ``is_input=True`` also marks the field as an input path
-    (:func:`input_path`), so ``dinoscope launch`` checks it exists before anything starts.
+    (:func:`input_path`), so ``dinoscope launch`` checks it exists before anything starts. ``output="file"`` or
+    ``"dir"`` marks what the command writes, so an existing output is never replaced silently
+    (:mod:`core.cli.outputs`).
     """
     spec = Option(
         help=help,
@@ -136,6 +140,10 @@ def option(
     metadata: dict[str, Any] = {OPTION: spec}
     if is_input:
         metadata[INPUT_PATH] = True
+    if output is not None:
+        if output not in ("file", "dir"):
+            raise ValueError(f"output must be 'file' or 'dir', got {output!r}")
+        metadata[OUTPUT_PATH] = output
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -224,9 +224,25 @@ def test_fit_head_command_writes_head_and_reports_bad_labels(tmp_path: Path, cap
         core.cli.main(["cells", "fit-head", str(run), "--platemap", str(platemap), "--out", str(out), "--epochs", "5"])
         == 0
     )
-    assert {p.name for p in out.iterdir()} == {"head.safetensors", "head.json", "metrics.json"}
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {
+        "head.safetensors",
+        "head.json",
+        "metrics.json",
+    }
     assert (
-        core.cli.main(["cells", "fit-head", str(run), "--platemap", str(platemap), "--out", str(out), "--label", "moa"])
+        core.cli.main(
+            [
+                "cells",
+                "fit-head",
+                str(run),
+                "--platemap",
+                str(platemap),
+                "--out",
+                str(tmp_path / "h2"),
+                "--label",
+                "moa",
+            ]
+        )
         == 2
     )
     assert "plate map has no column 'moa'" in capsys.readouterr().err

@@ -227,7 +227,7 @@ def test_cli_profile_writes_well_and_treatment_parquet(tmp_path: Path, cli: obje
     separation = provenance["batch_separation"]
     assert separation["after_normalisation"]["silhouette"] < separation["before_normalisation"]["silhouette"]
     assert provenance["aggregate"] == "median" and provenance["n_cells"] == 720
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp file left behind
+    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]  # no temp file left behind
 
     cons = tmp_path / "cons.parquet"
     assert (

@@ -239,3 +239,20 @@ def test_no_lock_env_proceeds_with_warning(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="core.lock"), exclusive_lock(tmp_path / "run") as info:
         assert not info.locked and info.pid == os.getpid()
     assert any("without a lock" in r.getMessage() for r in caplog.records)
+
+
+def test_the_lock_holder_removes_temporaries_of_a_crashed_writer(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    stale = [run / ".metrics.json.tmp-abc", run / "checkpoints" / ".step_1.tmp-def"]
+    for path in stale:
+        path.write_text("partial")
+    (run / "metrics.json").write_text("{}")
+    single = tmp_path / "chm.tif"
+    stale_file = tmp_path / ".chm.tif.tmp-xyz.tif"
+    stale_file.write_text("partial")
+    other = tmp_path / ".other.tif.tmp-1.tif"
+    other.write_text("someone else's")
+    with exclusive_lock(run, is_dir=True), exclusive_lock(single, is_dir=False):
+        assert not any(p.exists() for p in [*stale, stale_file])
+        assert (run / "metrics.json").exists() and other.exists()
