@@ -6,13 +6,17 @@ The walk starts from the real parser, so a new sub-command without an entry in :
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from core.cli import build_parser, main
+from bio.cli import CELLS_COMMANDS
+from core.cli import build_parser, commands, main
+from core.cli.adapter import Command, command_args
+from geodino.cli import CANOPY_COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny" / "pretrain.yaml")
@@ -117,3 +121,39 @@ def test_launch_prints_the_recipe_and_the_resources_its_flags_set(capsys: pytest
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["launch"]["nproc_per_node"] == 2 and printed["launch"]["launcher"] == "torchrun"
     assert printed["launch"]["job_name"] == "x" and "optim" in printed
+
+
+UNBOUNDED = {"seed", "mean"}  # any integer seeds a generator; a channel mean may be any real number
+
+
+def _numeric(tp: Any) -> bool:
+    if typing.get_origin(tp) is list:
+        tp = (typing.get_args(tp) or (None,))[0]
+    return tp in (int, float)
+
+
+def test_every_numeric_option_declares_its_range() -> None:
+    missing = []
+    for group in _command_groups():
+        for command in group:
+            for arg in command_args(command):
+                spec = arg.spec
+                bounds = (spec.minimum, spec.maximum, spec.above, spec.below)
+                if (
+                    _numeric(arg.type)
+                    and all(b is None for b in bounds)
+                    and arg.key.rpartition(".")[2] not in UNBOUNDED
+                ):
+                    missing.append(f"{command.name}: {arg.key}")
+    assert not missing, missing
+
+
+def _command_groups() -> list[tuple[Command, ...]]:
+    return [
+        (commands.PRETRAIN, commands.EXPORT, commands.LAUNCH, commands.DEMO),
+        commands.EVAL,
+        commands.WEIGHTS,
+        getattr(commands, "CURATE", ()),
+        CANOPY_COMMANDS,
+        CELLS_COMMANDS,
+    ]

@@ -85,7 +85,7 @@ class WeightsCfg:
     )
     channel_names: list[str] = option([], help="channel names, comma-separated", comma_list=True)
     mean: list[float] = option([], help="per-channel means for inputs in [0, 1], comma-separated", comma_list=True)
-    std: list[float] = option([], help="per-channel stds, comma-separated", comma_list=True)
+    std: list[float] = option([], help="per-channel stds, comma-separated", comma_list=True, above=0.0)
     json: bool = option(False, help="machine-readable output (inspect)")
 
 
