@@ -1,7 +1,14 @@
-"""Progress bars and JSONL metric logs for long-running work."""
+"""Progress, console logging and metric logs for long-running work.
+
+Progress is a tqdm bar on a terminal. Where stderr is not a terminal (a SLURM log, a pipe, CI) a ``\r`` bar turns
+into noise, so :func:`progress` logs a plain line instead: at every ``set_postfix`` (training calls it each
+``log_every`` iterations with loss, lr and images/s) and otherwise every 30 s, each with the rate and an ETA.
+``DINOSCOPE_PROGRESS=bar|plain|off`` overrides the choice (``DINOSCOPE_NO_PROGRESS=1`` also turns it off).
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -13,19 +20,35 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
+from core.errors import DinoscopeError
+
 T = TypeVar("T")
 
 
+OUR_LOGGERS = ("dinoscope", "core", "geodino", "bio")
+_PLAIN_EVERY_S = 30.0
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    """Configure the ``dinoscope`` root handlers once: concise messages on stderr."""
+    """Configure the root handler once: concise messages on stderr.
+
+    At INFO, only dinoscope's own loggers speak at INFO; third-party libraries (copairs, DeepSpeed, pyogrio, ...)
+    are held to WARNING. ``-v`` (DEBUG) lets everything through.
+    """
     root = logging.getLogger()
-    if any(getattr(h, "_dinoscope", False) for h in root.handlers):
+    if not any(getattr(h, "_dinoscope", False) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._dinoscope = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    if level <= logging.DEBUG:
+        root.setLevel(level)
+        for name in OUR_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
         return
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    handler._dinoscope = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(max(level, logging.WARNING))
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(level)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -40,6 +63,16 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def progress_mode() -> str:
+    """``bar`` on a terminal, ``plain`` elsewhere, ``off`` on ranks > 0 or when asked (see the module docstring)."""
+    if os.environ.get("DINOSCOPE_NO_PROGRESS") or int(os.environ.get("RANK", "0")) > 0:
+        return "off"
+    asked = os.environ.get("DINOSCOPE_PROGRESS", "").strip().lower()
+    if asked in ("bar", "plain", "off"):
+        return asked
+    return "bar" if sys.stderr.isatty() else "plain"
+
+
 def progress(
     iterable: Iterable[T],
     *,
@@ -48,13 +81,53 @@ def progress(
     unit: str = "it",
     initial: int = 0,
     disable: bool | None = None,
-) -> Iterator[T]:
-    """A tqdm progress bar with rate and ETA, silenced when ``DINOSCOPE_NO_PROGRESS`` is set or on ranks > 0."""
-    if disable is None:
-        disable = bool(os.environ.get("DINOSCOPE_NO_PROGRESS")) or int(os.environ.get("RANK", "0")) > 0
-    yield from tqdm(
-        iterable, total=total, desc=desc, unit=unit, initial=initial, disable=disable, dynamic_ncols=True, smoothing=0.1
-    )
+) -> Iterable[T]:
+    """Iterate ``iterable`` showing progress: a tqdm bar, plain log lines, or nothing (:func:`progress_mode`).
+
+    The result supports ``set_postfix(**values)`` in every mode.
+    """
+    mode = "off" if disable else progress_mode()
+    if mode == "bar":
+        return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True, smoothing=0.1)
+    return PlainProgress(iterable, total=total, desc=desc, unit=unit, initial=initial, quiet=mode == "off")
+
+
+class PlainProgress:
+    """Progress as log lines: ``pretrain 120/1000 (12%) loss=5.12 lr=0.001 | 3.1 it/s, ETA 0:04:44``."""
+
+    def __init__(
+        self, iterable: Iterable[T], *, total: int | None, desc: str, unit: str, initial: int, quiet: bool
+    ) -> None:
+        self.iterable, self.total, self.desc, self.unit, self.quiet = iterable, total, desc or "progress", unit, quiet
+        self.n = self.start = initial
+        self.t0 = self.last_line = time.monotonic()
+        self.log = logging.getLogger("dinoscope.progress")
+
+    def __iter__(self) -> Iterator[T]:
+        for item in self.iterable:
+            if time.monotonic() - self.last_line >= _PLAIN_EVERY_S:
+                self._line("")
+            self.n += 1  # counted when handed out: a set_postfix inside the loop body reports it as done
+            yield item
+        if self.n > self.start and time.monotonic() - self.last_line > 0.5:
+            self._line("")
+
+    def set_postfix(self, **values: Any) -> None:
+        """Log a line now with ``values`` (``key=value`` each)."""
+        self._line(" ".join(f"{k}={v}" for k, v in values.items()))
+
+    def _line(self, extra: str) -> None:
+        self.last_line = now = time.monotonic()
+        if self.quiet:
+            return
+        done = self.n - self.start
+        rate = done / max(now - self.t0, 1e-9)
+        where = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n}"
+        eta = ""
+        if self.total and rate > 0:
+            eta = f", ETA {datetime.timedelta(seconds=round((self.total - self.n) / rate))}"
+        speed = f"{rate:.0f}" if rate >= 100 else f"{rate:.2f}" if rate >= 1 else f"{rate:.3g}"
+        self.log.info("%s %s %s| %s %s/s%s", self.desc, where, f"{extra} " if extra else "", speed, self.unit, eta)
 
 
 class JsonlLogger:
@@ -86,3 +159,30 @@ def _to_builtin(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     return str(obj)
+
+
+class TensorBoardLog:
+    """Scalars for TensorBoard in ``directory`` (``train.tensorboard: true``): every number of a metrics record,
+    at its iteration. Needs the optional extra ``dinoscope[tensorboard]``."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # deferred: optional extra [tensorboard]
+        except ImportError:
+            raise DinoscopeError(
+                "train.tensorboard is on but the tensorboard package is not installed",
+                field="train.tensorboard",
+                fix="pip install 'dinoscope[tensorboard]', or set train.tensorboard=false",
+            ) from None
+        self.writer = SummaryWriter(log_dir=str(directory))
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        """Write every numeric value of ``record`` as a scalar at ``step``."""
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "iteration":
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self.writer.close()

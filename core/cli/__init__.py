@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from core.cli import commands
 from core.cli.adapter import add_command, add_group
@@ -41,6 +41,13 @@ def _plugin_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     return registrars
 
 
+def _version() -> str:
+    try:
+        return version("dinoscope")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dinoscope",
@@ -54,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"debug logging and full tracebacks (also {DEBUG_ENV}=1)",
     )
+    parser.add_argument("--version", action="version", version=f"dinoscope {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     add_command(sub, commands.PRETRAIN)

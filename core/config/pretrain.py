@@ -132,6 +132,7 @@ class TrainCfg:
     pin_memory: bool | None = None  # None: pinned host batches exactly when training on CUDA
     persistent_workers: bool = True  # keep DataLoader workers alive between epochs (only with num_workers > 0)
     prefetch_factor: int = option(2, help="batches each worker prepares ahead (num_workers > 0)", minimum=1, cli=False)
+    tensorboard: bool = option(False, help="also write TensorBoard scalars to RUN/tensorboard", cli=False)
     log_grad_norms: bool = True  # log per-module gradient norms on logging steps (clipping computes them anyway)
 
 

@@ -29,7 +29,7 @@ from core.distributed.device import activate, place, place_module, resolve_devic
 from core.distributed.env import get_world_size, has_process_group, init_distributed
 from core.distributed.strategy import Strategy, build_strategy
 from core.errors import DinoscopeError
-from core.logging import JsonlLogger, progress
+from core.logging import JsonlLogger, TensorBoardLog, progress
 from core.ssl.build import build_augmentation, build_data, build_meta_arch, preflight
 from core.train.checkpoint import load_training_state, save_training_state
 from core.train.data import ChannelsAsSamples, build_ssl_loader
@@ -233,6 +233,7 @@ def _train(
     end = total if stop_after is None else min(total, start + stop_after)
     t_last, it_last = time.perf_counter(), start
     bar = progress(range(start, end), total=total, initial=start, desc="pretrain", unit="it")
+    board = TensorBoardLog(run_dir / "tensorboard") if t.tensorboard and env.is_main else None
     with StopRequest() as stop:
         for it in bar:
             s = schedules.at(it)
@@ -278,10 +279,14 @@ def _train(
                 }
                 if env.is_main:
                     metrics_log.log(**last)
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(
-                        loss=f"{reduced['total']:.3f}", img_s=f"{images_s:.1f}", mem=f"{_memory_mb(device):.0f}M"
-                    )
+                    if board is not None:
+                        board.log(it + 1, last)
+                bar.set_postfix(
+                    loss=f"{reduced['total']:.3f}",
+                    lr=f"{s['lr']:.2e}",
+                    img_s=f"{images_s:.1f}",
+                    mem=f"{_memory_mb(device):.0f}M",
+                )
             if evaluator is not None and recipe.eval.every and (it + 1) % recipe.eval.every == 0:
                 last.update(evaluator(meta_arch.teacher["backbone"], it + 1))
             saved = None
@@ -298,5 +303,9 @@ def _train(
                 if env.is_main:
                     write_loss_curve(metrics_log.path, run_dir / "loss_curve.png")
             if stop.requested:
+                if board is not None:
+                    board.close()
                 stop.finish(it + 1, saved)
+    if board is not None:
+        board.close()
     return last
