@@ -116,6 +116,17 @@ class PlainProgress:
         """Log a line now with ``values`` (``key=value`` each)."""
         self._line(" ".join(f"{k}={v}" for k, v in values.items()))
 
+    def update(self, n: int = 1) -> None:
+        """Count ``n`` more units done outside iteration (as tqdm's ``update``)."""
+        self.n += n
+        if time.monotonic() - self.last_line >= _PLAIN_EVERY_S:
+            self._line("")
+
+    def close(self) -> None:
+        """End early (as tqdm's ``close``): log where it stopped."""
+        if self.n > self.start:
+            self._line("stopped")
+
     def _line(self, extra: str) -> None:
         self.last_line = now = time.monotonic()
         if self.quiet:
