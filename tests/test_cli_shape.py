@@ -41,6 +41,11 @@ CASES: dict[str, tuple[list[str], str, str, Any]] = {
     "cells fit-head": (["run", "--platemap", "p.csv", "--out", "h"], "epochs=5", "epochs", 5),
     "cells profile": (["run", "--platemap", "p.csv", "--out", "p.parquet"], "level=treatment", "level", "treatment"),
     "cells evaluate": (["p.parquet", "--out", "e"], "knn_k=3", "knn_k", 3),
+    "curate embed": (["photos", "--weights", "w.pth"], "batch_size=8", "batch_size", 8),
+    "curate dedup": (["pool.npy", "--threshold", "0.9"], "method=ivf", "method", "ivf"),
+    "curate retrieve": (["pool.npy", "--queries", "q.npy"], "k=8", "k", 8),
+    "curate cluster": (["pool.npy", "--levels", "20,5"], "iters=3", "iters", 3),
+    "curate sample": (["pool.npy", "--clusters", "c", "--size", "10"], "seed=3", "seed", 3),
 }
 
 

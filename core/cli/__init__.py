@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(sub, commands.LAUNCH)
     add_group(sub, "weights", "inspect and convert backbone checkpoints", commands.WEIGHTS)
     add_command(sub, commands.DEMO)
+    add_group(sub, "curate", "deduplicate, retrieve and rebalance a collection before pretraining", commands.CURATE)
     for register in _plugin_registrars():
         register(sub)
     return parser

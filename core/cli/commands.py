@@ -15,6 +15,13 @@ from core.config.commands import (
     WeightsCfg,
     WeightsConvertCfg,
 )
+from core.config.curate import (
+    CurateClusterCfg,
+    CurateDedupCfg,
+    CurateEmbedCfg,
+    CurateRetrieveCfg,
+    CurateSampleCfg,
+)
 from core.config.pretrain import PretrainRecipe
 from core.launch.resources import LaunchResources
 
@@ -91,4 +98,52 @@ LAUNCH = Command(
   dinoscope launch RECIPE --launcher torchrun --nodes 2 --nproc 8 --node-rank 0 --master-addr node0
   dinoscope launch RECIPE --launcher torchrun --nodes 2 --nproc 8 --node-rank 1 --master-addr node0
   # or let c10d assign the ranks: --rdzv-backend c10d --rdzv-endpoint node0:29400 on every node""",
+)
+CURATE = (
+    Command(
+        "embed",
+        "embed a collection (image folders, GeoTIFF windows, cell crops) with a backbone, resumably",
+        "core.cli.curate:run_embed",
+        schema=CurateEmbedCfg,
+        description="Embed every item of one or more SOURCEs of a dataset kind with a frozen backbone into "
+        "RUN/embeddings.zarr and RUN/ids.parquet (id, source, item, path, window or cell). Resumable (chunks are "
+        "committed as they finish) and rank-parallel under torchrun.",
+        examples="examples:\n  dinoscope curate embed photos/ --weights backbone.safetensors --out runs/pool\n"
+        "  dinoscope curate embed scenes/*.tif --kind geotiff --params window_size=224 length=50000 "
+        "--weights w.safetensors --out runs/pool",
+    ),
+    Command(
+        "dedup",
+        "group near-duplicates (cosine >= T) and keep one per group; also drop near-copies of an eval set",
+        "core.cli.curate:run_dedup",
+        schema=CurateDedupCfg,
+        description="Connected components of the items whose cosine similarity is at least --threshold, found "
+        "blockwise (exact) or through an inverted file (ivf), never holding all pairs. Writes DIR/dedup.parquet "
+        "(id, group, keep; leak with --against), a summary and report.html.",
+        examples="example:\n  dinoscope curate dedup runs/pool --threshold 0.95 --against runs/eval --out runs/dedup",
+    ),
+    Command(
+        "retrieve",
+        "the k nearest pool items of every query of a seed set, as a manifest",
+        "core.cli.curate:run_retrieve",
+        schema=CurateRetrieveCfg,
+        examples="example:\n  dinoscope curate retrieve runs/pool --queries runs/seed --k 4 --out retrieved.parquet",
+    ),
+    Command(
+        "cluster",
+        "hierarchical k-means (each level clusters the centroids of the level below)",
+        "core.cli.curate:run_cluster",
+        schema=CurateClusterCfg,
+        examples="example:\n  dinoscope curate cluster runs/pool --subset runs/dedup/dedup.parquet "
+        "--levels 1000,100,10 --out runs/clusters",
+    ),
+    Command(
+        "sample",
+        "a sample of N items balanced across the top-level clusters, then within each cluster",
+        "core.cli.curate:run_sample",
+        schema=CurateSampleCfg,
+        examples="example:\n  dinoscope curate sample runs/pool --clusters runs/clusters --size 100000 "
+        "--out curated.parquet\n  dinoscope pretrain recipe.yaml data.kind=manifest "
+        "data.params.manifest=curated.parquet",
+    ),
 )

@@ -2,8 +2,8 @@
 
 ``INPUT`` is either a ``dinoscope curate embed`` run directory (``embeddings.zarr`` + ``ids.parquet``, see
 :mod:`core.curate.embed`) or a plain ``N x D`` float ``.npy`` array whose row indices are the ids. A ``.npy`` is
-memory-mapped; blocks are normalised as they are used (:func:`normalized`), so nothing but one float32 copy of the
-vectors is ever held.
+memory-mapped and a run's zarr array read block by block; blocks are normalised as they are read
+(:func:`load_vectors`), so one float32 copy of the vectors is all a stage holds.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ class Collection:
     """Embeddings and what is known about their items.
 
     Attributes:
-        vectors: ``N x D`` float array (a memory map for ``.npy``), row ``i`` the embedding of item ``ids[i]``.
+        vectors: ``N x D`` float array (a memory map for ``.npy``, a zarr array for a run); row ``i`` embeds item
+            ``ids[i]``.
         ids: ``N`` int64 item ids.
         columns: per-row metadata arrays among :data:`META_COLUMNS` (those that are known).
         sources: the dataset kinds of a ``curate embed`` run (``[{kind, params}]``), ``None`` for a ``.npy``.
@@ -54,16 +55,10 @@ class Collection:
     def take(self, rows: np.ndarray) -> Collection:
         """The rows ``rows`` (indices into this collection), vectors loaded into memory."""
         rows = np.asarray(rows, dtype=np.int64)
+        picked = self.vectors.oindex[rows] if hasattr(self.vectors, "oindex") else self.vectors[rows]  # zarr / numpy
+        vectors = np.asarray(picked, dtype=np.float32).reshape(len(rows), self.dim)
         return Collection(
-            np.ascontiguousarray(self.vectors[np.sort(rows)] if len(rows) else self.vectors[:0])[
-                np.argsort(np.argsort(rows))
-            ]
-            if len(rows)
-            else np.zeros((0, self.dim), np.float32),
-            self.ids[rows],
-            {k: v[rows] for k, v in self.columns.items()},
-            self.sources,
-            self.where,
+            vectors, self.ids[rows], {k: v[rows] for k, v in self.columns.items()}, self.sources, self.where
         )
 
     def manifest_columns(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -104,16 +99,22 @@ def _open_npy(path: Path, field_name: str) -> Collection:
     return Collection(vectors, np.arange(len(vectors), dtype=np.int64), where=str(path))
 
 
-def _open_run(path: Path) -> Collection:
+def require_zarr() -> Any:
+    """The ``zarr`` module, or a :class:`DinoscopeError` saying how to install it."""
     # deferred: zarr is an optional dependency (the curate extra), needed only for embedding runs
-    import zarr
+    try:
+        import zarr
+    except ImportError:
+        raise DinoscopeError("embedding runs need zarr", fix="pip install 'dinoscope[curate]'") from None
+    return zarr
 
-    array = zarr.open_group(path / RUN_EMBEDDINGS, mode="r")["embeddings"]
-    vectors = np.asarray(array[:], dtype=np.float32)
+
+def _open_run(path: Path) -> Collection:
+    vectors = require_zarr().open_group(path / RUN_EMBEDDINGS, mode="r")["embeddings"]  # read block by block when used
     table = read_manifest(path / RUN_IDS)
-    if len(table) != len(vectors):
+    if len(table) != vectors.shape[0]:
         raise DinoscopeError(
-            f"{RUN_IDS} has {len(table)} rows but {RUN_EMBEDDINGS} {len(vectors)}",
+            f"{RUN_IDS} has {len(table)} rows but {RUN_EMBEDDINGS} {vectors.shape[0]}",
             path=path,
             fix="embed the collection again (--no-resume)",
         )

@@ -24,6 +24,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from core.data.images import CONTRACT_DTYPES, IMAGE_EXTENSIONS, read_image, read_num_channels
+from core.data.manifest import ManifestDataset, read_manifest
+from core.data.synthetic_scenes import SyntheticScenesDataset
 from core.errors import DinoscopeError
 from core.logging import progress
 from core.weights.meta import default_channel_names
@@ -219,8 +221,21 @@ class SyntheticShapesDataset(Dataset):
         return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def build_manifest_dataset(manifest: str | os.PathLike, sources: Sequence[dict] | None = None) -> ManifestDataset:
+    """Factory of ``data.kind: manifest`` (:mod:`core.data.manifest`): the rows of a curated manifest, served from
+    the dataset kinds recorded in it (or ``sources``: ``[{kind, params}]``, e.g. for a manifest curated from .npy)."""
+    table = read_manifest(manifest)
+    specs = [dict(s) for s in sources] if sources else table.sources
+    datasets = [build_dataset(s["kind"], **dict(s.get("params") or {})) for s in specs] if specs else None
+    return ManifestDataset(table, datasets, where=manifest)
+
+
+build_manifest_dataset.input_params = ("manifest",)  # type: ignore[attr-defined]
+
 DATASET_KINDS: dict[str, Callable[..., Dataset]] = {
     "image_folder": ImageFolderDataset,
+    "manifest": build_manifest_dataset,
+    "synthetic_scenes": SyntheticScenesDataset,
     "synthetic_shapes": SyntheticShapesDataset,
 }
 
