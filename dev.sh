@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 VENV=.venv
-EXTRAS="geo,bio,dist,cluster,tensorboard,dev"
+EXTRAS="geo,bio,dist,cluster,tensorboard,curate,dev"
 
 setup() {
   local stamp="$VENV/.dinoscope-installed"

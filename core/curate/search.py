@@ -7,6 +7,11 @@ is copied to the device once when it fits in a third of the free memory, otherwi
 
 This is the exact (brute-force) search of DINOv2's curation pipeline (Oquab et al. 2023, section 3, which used
 Faiss on GPUs); the inverted-file variant for large collections is in :mod:`core.curate.dedup`.
+
+On the CPU, :func:`topk` and :func:`nearest` use Faiss's brute-force ``knn`` when ``faiss-cpu`` is installed (extra
+``[curate]``): measured side by side on 2 cores, 100k x 384 pool, it was 1.5x faster for the top 10 of 5,000
+queries (10.1 s vs 15.4 s) and 1.2x for assigning 100k points to 1,000 centroids (1.7 s vs 2.0 s), with identical
+neighbours. The torch path stays for GPUs and installs without Faiss.
 """
 
 from __future__ import annotations
@@ -17,6 +22,18 @@ import numpy as np
 import torch
 
 from core.curate.collection import blocks
+
+try:
+    import faiss  # optional extra [curate]: faster exact search on the CPU (figures in the module docstring)
+except ImportError:  # the torch path below is complete without it
+    faiss = None
+
+
+def _use_faiss(device: torch.device) -> bool:
+    if faiss is None or device.type != "cpu":
+        return False
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    return True
 
 
 class DeviceArray:
@@ -86,6 +103,8 @@ def topk(
     """The ``k`` most similar rows of ``X`` for every row of ``Q``: ``(sims [nq, k], rows [nq, k])``, best first."""
     device = device or torch.device("cpu")
     k = min(k, len(X))
+    if _use_faiss(device):
+        return _faiss_knn(Q, X, k, block, faiss.METRIC_INNER_PRODUCT)
     queries, database = DeviceArray(Q, device), DeviceArray(X, device)
     out_sims = np.empty((len(Q), k), np.float32)
     out_rows = np.empty((len(Q), k), np.int64)
@@ -109,6 +128,9 @@ def nearest(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest centroids (Euclidean) of every row of ``X``: ``(squared distances, indices)``, ``[n, k]``."""
     device = device or torch.device("cpu")
+    if _use_faiss(device):
+        dist, index = _faiss_knn(X, np.ascontiguousarray(centroids, np.float32), min(k, len(centroids)), block, None)
+        return np.maximum(dist, 0), index
     points, c = DeviceArray(X, device), torch.from_numpy(np.ascontiguousarray(centroids, np.float32)).to(device)
     c_sq = (c * c).sum(1)
     k = min(k, len(c))
@@ -121,3 +143,16 @@ def nearest(
         dist[start:stop] = (best + (x * x).sum(1, keepdim=True)).clamp_min(0).cpu().numpy()
         index[start:stop] = pick.cpu().numpy()
     return dist, index
+
+
+def _faiss_knn(Q: np.ndarray, X: np.ndarray, k: int, block: int, metric: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Faiss brute-force ``knn`` over query blocks (no index is built, so ``X`` is never copied)."""
+    database = np.ascontiguousarray(X, dtype=np.float32)
+    values = np.empty((len(Q), k), np.float32)
+    rows = np.empty((len(Q), k), np.int64)
+    kwargs = {} if metric is None else {"metric": metric}
+    for start, stop in blocks(len(Q), block):
+        values[start:stop], rows[start:stop] = faiss.knn(
+            np.ascontiguousarray(Q[start:stop], dtype=np.float32), database, k, **kwargs
+        )
+    return values, rows

@@ -171,3 +171,17 @@ def test_closest_strategy_takes_the_items_nearest_their_centroid() -> None:
     distances = np.array([4.0, 1.0, 3.0, 2.0, 0.5, 0.1, 0.9, 0.7])
     assert balanced_sample(labels, 4, strategy="closest", distances=distances).tolist() == [1, 3, 4, 5]
     assert len(balanced_sample(labels, 8, strategy="random", seed=1)) == 8
+
+
+def test_faiss_and_torch_search_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    if search.faiss is None:
+        pytest.skip("faiss-cpu is not installed (extra [curate]); the torch path is the only one")
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((700, 32), dtype=np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    with_faiss = (search.topk(X[:50], X, 5, block=64), search.nearest(X, X[:20], k=2, block=64))
+    monkeypatch.setattr(search, "faiss", None)
+    with_torch = (search.topk(X[:50], X, 5, block=64), search.nearest(X, X[:20], k=2, block=64))
+    for (a_vals, a_rows), (b_vals, b_rows) in zip(with_faiss, with_torch, strict=True):
+        np.testing.assert_array_equal(a_rows, b_rows)
+        np.testing.assert_allclose(a_vals, b_vals, atol=1e-4)
