@@ -8,8 +8,13 @@ subprocess the model alone is timed on the same tiles already in memory (a sampl
 which gives the floor the full pipeline (reads, normalisation, blending, writing, COG conversion) is compared to.
 ``peak_rss_before_cog_mb`` is the peak at the end of tiling and blending, before the COG conversion starts.
 
-Usage: ``python bench/canopy_predict.py [--sizes 2000 20000 2000x20000] [--model conv3x3] [--tile 256 ...]``
-(a size is ``N`` for N x N or ``WIDTHxHEIGHT``).
+The I/O floor is measured in the same subprocess too: GDAL windowed reads of every input pixel once, the same
+float32 partial GeoTIFF written strip by strip and converted to a COG by the pipeline's writer
+(``pipeline_vs_io_floor`` = pipeline throughput / floor throughput). ``--model null`` returns zeros at once, so the
+pipeline is timed without any model; several ``--num-workers`` values measure how it scales with reader threads.
+
+Usage: ``python bench/canopy_predict.py [--sizes 2000 20000 2000x20000] [--model conv3x3|conv3x3x2|null]
+[--num-workers 1 2 4] [--tile 256 ...]`` (a size is ``N`` for N x N or ``WIDTHxHEIGHT``).
 Prints one JSON object.
 """
 
@@ -83,12 +88,15 @@ def conv3x3_two_layers() -> Any:
     ).eval()
 
 
-MODELS = {"conv3x3": conv3x3, "conv3x3x2": conv3x3_two_layers}
+MODELS = {"conv3x3": conv3x3, "conv3x3x2": conv3x3_two_layers, "null": None}
 
 
 def model_fn_for(name: str) -> Any:
+    """The benchmark's model: a tiny convolution, or ``null`` (zeros at once) to time the pipeline alone."""
     import torch
 
+    if name == "null":
+        return lambda batch: {"height": torch.zeros(batch.shape[0], *batch.shape[-2:])}
     net = MODELS[name]()
 
     def model_fn(batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -131,7 +139,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             tile=args.tile,
             overlap=args.overlap,
             batch_size=args.batch_size,
-            num_workers=args.num_workers,
+            num_workers=args.num_workers[0],
             resume=False,
             progress=False,
         )
@@ -156,6 +164,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         per_tile = (time.perf_counter() - start) / tiles
     model_only_s = per_tile * grid.n_tiles
     megapixels = args.width * args.height / 1e6
+    floor_s = io_floor_seconds(Path(args.input), out.with_name("floor.tif"), args.tile)
     return {
         "width": args.width,
         "height": args.height,
@@ -167,6 +176,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "model_only_s_estimate": round(model_only_s, 2),
         "model_only_mpx_per_s": round(megapixels / model_only_s, 3),
         "pipeline_vs_model_only": round(model_only_s / pipeline_s, 3),
+        "io_floor_s": round(floor_s, 2),
+        "io_floor_mpx_per_s": round(megapixels / floor_s, 3),
+        "pipeline_vs_io_floor": round(floor_s / pipeline_s, 3),
         "rss_after_imports_mb": round(rss_after_imports, 1),
         "peak_rss_mb": round(peak_pipeline, 1),
         "peak_rss_before_cog_mb": round(peaks.get("before_cog", float("nan")), 1),
@@ -174,6 +186,38 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "output_bytes": out.stat().st_size,
     }
+
+
+def io_floor_seconds(input_path: Path, out: Path, strip: int) -> float:
+    """The I/O floor: GDAL windowed reads of every input pixel once (strips of ``strip`` rows), the same float32
+    partial GeoTIFF written strip by strip, and its conversion to a COG by the pipeline's own writer."""
+    import numpy as np
+    from rasterio.windows import Window
+
+    from geodino.cog import partial_profile, write_cog, write_rows
+    from geodino.raster import RasterSource
+
+    start = time.perf_counter()
+    partial = out.with_name(f".{out.name}.partial.tif")
+    with RasterSource(input_path) as src:
+        with rasterio_open(partial, "w", **partial_profile(src, "float32")):
+            pass
+        for row in range(0, src.height, strip):
+            h = min(strip, src.height - row)
+            data, valid = src.read(Window(0, row, src.width, h))
+            write_rows(partial, row, np.where(valid, data[0], np.nan).astype(np.float32))
+    write_cog(partial, out, out_dtype="float32", uint16_scale=100.0, tags={})
+    seconds = time.perf_counter() - start
+    partial.unlink(missing_ok=True)
+    out.unlink(missing_ok=True)
+    return seconds
+
+
+def rasterio_open(*args: Any, **kwargs: Any) -> Any:
+    """``rasterio.open`` (imported here so the parent process stays stdlib-only)."""
+    import rasterio
+
+    return rasterio.open(*args, **kwargs)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -205,7 +249,9 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument(
+        "--num-workers", type=int, nargs="+", default=[1], help="reader threads; several (1 2 4) measure the scaling"
+    )
     parser.add_argument("--floor-seconds", type=float, default=5.0, help="how long to time the model alone")
     parser.add_argument("--workdir", default=None, help="where inputs/outputs go (default: a temporary directory)")
     parser.add_argument("--mode", choices=["run", "generate", "worker"], default="run", help=argparse.SUPPRESS)
@@ -231,27 +277,15 @@ def main() -> None:
             start = time.perf_counter()
             subprocess.run([*common, "--mode", "generate"], check=True, cwd=REPO)
             generate_s = time.perf_counter() - start
-            cmd = [
-                *common,
-                "--mode",
-                "worker",
-                "--tile",
-                str(args.tile),
-                "--overlap",
-                str(args.overlap),
-                "--batch-size",
-                str(args.batch_size),
-                "--num-workers",
-                str(args.num_workers),
-                "--floor-seconds",
-                str(args.floor_seconds),
-                "--model",
-                args.model,
-            ]
-            done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            result["generate_input_s"] = round(generate_s, 2)
-            results.append(result)
+            for workers in args.num_workers:
+                settings = {"--tile": args.tile, "--overlap": args.overlap, "--batch-size": args.batch_size}
+                settings.update({"--num-workers": workers, "--floor-seconds": args.floor_seconds})
+                cmd = [*common, "--mode", "worker", "--model", args.model]
+                cmd += [str(part) for item in settings.items() for part in item]
+                done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                result.update(generate_input_s=round(generate_s, 2), num_workers=workers)
+                results.append(result)
             for f in Path(tmp).glob("*"):
                 f.unlink()
     report = {

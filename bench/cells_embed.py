@@ -8,8 +8,12 @@ which is the floor (best of three passes) the pipeline (zarr reads, centroids, c
 compared to.
 The backbone is a random-init bag-of-channels ViT of ``--arch`` (weights do not change the cost).
 
+The I/O floor (reading every field and cutting every crop, nothing else) is timed in the same subprocess:
+``pipeline_vs_io_floor`` = pipeline cells/s / floor cells/s. ``--model null`` makes the backbone return zeros at
+once, so the pipeline is timed without any model.
+
 Usage: ``python bench/cells_embed.py [--wells 4x6 8x12] [--fields 2] [--field-size 256] [--arch vit_test]
-[--patch 8] [--crop 32] [--centroids table]``. Prints one JSON object.
+[--patch 8] [--crop 32] [--centroids table] [--model vit|null]``. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -63,10 +67,38 @@ def make_weights(path: Path, arch: str, patch: int, crop: int) -> Path:
     return save_backbone(VisionTransformer(**kwargs), meta, path)
 
 
+def null_model() -> None:
+    """Make every backbone return zero embeddings at once, so the pipeline is timed without any model."""
+    import numpy as np
+
+    from bio.backbone import CellBackbone
+
+    def embed(self: Any, crops: Any, channel_names: Any) -> Any:
+        return np.zeros((len(crops), self.embedding_dim(len(self.match_channels(channel_names).indices))), np.float32)
+
+    CellBackbone.embed = embed
+
+
+def io_floor(plates: list[Path], nuclei: Path, crop: int) -> tuple[int, float]:
+    """The I/O floor: read every field and cut every cell's crop (the same centroids), nothing else."""
+    from bio.cells import crop_cells
+    from bio.fields import CentroidFinder, list_fields
+    from bio.io import read_image
+
+    finder = CentroidFinder("table", nuclei_table=nuclei)
+    n, start = 0, time.perf_counter()
+    for field in list_fields(plates):
+        with read_image(field.path) as image:
+            centres, _ = finder.find(field, image)
+            n += len(crop_cells(image.read(), centres, crop).crops)
+    return n, time.perf_counter() - start
+
+
 def run_one(
-    screen: Path, weights: Path, out: Path, crop: int, centroids: str, batch: int, floor_cells: int
+    screen: Path, weights: Path, out: Path, crop: int, centroids: str, batch: int, floor_cells: int, model: str
 ) -> dict[str, Any]:
-    """In a fresh process: the full pipeline, then the model alone on crops already in memory."""
+    """In a fresh process: the full pipeline, then the model alone on crops already in memory, then the I/O
+    floor."""
     import numpy as np
 
     from bio.backbone import CellBackbone
@@ -76,6 +108,8 @@ def run_one(
     from bio.io import read_image
 
     plates = sorted(screen.glob("plate*.ome.zarr"))
+    if model == "null":
+        null_model()
     backbone = CellBackbone.load(weights, batch_size=batch)
     baseline = _rss_mb()
     t0 = time.perf_counter()
@@ -108,7 +142,12 @@ def run_one(
         t0 = time.perf_counter()
         backbone.embed(in_memory, names)
         model_s = min(model_s, time.perf_counter() - t0)
+    floor_n, floor_s = io_floor(plates, screen / "nuclei.csv", crop)
+    pipeline_rate = summary["n_cells"] / pipeline_s
     return {
+        "model": model,
+        "io_floor_cells_per_s": round(floor_n / floor_s, 1),
+        "pipeline_vs_io_floor": round(pipeline_rate / (floor_n / floor_s), 3),
         "n_cells": summary["n_cells"],
         "n_fields": summary["n_fields"],
         "dim": summary["dim"],
@@ -133,12 +172,14 @@ def main() -> None:
     parser.add_argument("--centroids", choices=("table", "detect"), default="table")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--floor-cells", type=int, default=2048)
+    parser.add_argument("--model", choices=("vit", "null"), default="vit", help="null: zero embeddings at once")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: screen weights out
     args = parser.parse_args()
     os.environ.setdefault("DINOSCOPE_NO_PROGRESS", "1")
     if args.one:
         screen, weights, out = map(Path, args.one)
-        print(json.dumps(run_one(screen, weights, out, args.crop, args.centroids, args.batch_size, args.floor_cells)))
+        result = run_one(screen, weights, out, args.crop, args.centroids, args.batch_size, args.floor_cells, args.model)
+        print(json.dumps(result))
         return
     import torch
 
@@ -171,6 +212,8 @@ def main() -> None:
                 str(args.batch_size),
                 "--floor-cells",
                 str(args.floor_cells),
+                "--model",
+                args.model,
                 "--one",
                 str(screen),
                 str(weights),
