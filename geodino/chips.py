@@ -30,6 +30,7 @@ from core.errors import DinoscopeError
 from geodino.align import AlignedTarget
 from geodino.normalise import BandNormaliser
 from geodino.raster import RasterSource, check_band_count
+from geodino.values import InputRule
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class ChipSampler(Dataset):
         normaliser: scaling of raw image values; default: global 2-98 percentiles pooled over all images, which
             depends on the images only (not on the split), so train and val scale identically.
         resampling: how targets are resampled onto the image grid (see :data:`geodino.align.RESAMPLING`).
+        convert: input rule applied to every image read (:mod:`geodino.values`), before normalisation.
 
     Items are ``(image float32 C x S x S, target float32 S x S metres, valid bool S x S)``; invalid pixels hold
     0 in image and target. Negative lidar heights are clamped to 0, as in HRCH's evaluation
@@ -73,6 +75,7 @@ class ChipSampler(Dataset):
         bands: Sequence[int | str] | None = None,
         normaliser: BandNormaliser | None = None,
         resampling: str = "bilinear",
+        convert: InputRule | None = None,
     ) -> None:
         _check_arguments(pairs, chip_size, stride, split, block_size, val_fraction, max_nodata_fraction)
         self.chip_size = chip_size
@@ -82,7 +85,7 @@ class ChipSampler(Dataset):
         self.val_fraction = val_fraction
         self.seed = seed
         self.max_nodata_fraction = max_nodata_fraction
-        self.images = [RasterSource(image, bands=bands) for image, _ in pairs]
+        self.images = [RasterSource(image, bands=bands, convert=convert) for image, _ in pairs]
         for image in self.images[1:]:
             check_band_count(image, self.images[0].count, expected_by=f"the first image ({self.images[0].path})")
         for image in self.images:
@@ -202,6 +205,7 @@ def make_chip_dataset(
     bands: Sequence[int | str] | None = None,
     normaliser: BandNormaliser | None = None,
     resampling: str = "bilinear",
+    convert: InputRule | None = None,
 ) -> ChipSampler:
     """Build the chip dataset of one split; see :class:`ChipSampler` for the arguments.
 
@@ -220,6 +224,7 @@ def make_chip_dataset(
         bands=bands,
         normaliser=normaliser,
         resampling=resampling,
+        convert=convert,
     )
 
 

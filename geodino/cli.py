@@ -7,6 +7,7 @@ and run by :mod:`geodino.services`. :mod:`core.cli.adapter` builds the parsers, 
     dinoscope canopy predict --model runs/tiny/canopy_fit/model.safetensors scene.tif --out scene_chm.tif
     dinoscope canopy evaluate scene_chm.tif lidar_chm.tif --out eval/
     dinoscope canopy zonal scene_chm.tif plots.gpkg plots_stats.gpkg
+    dinoscope canopy inspect tile.tif --model model.safetensors
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from core.cli.adapter import Command, add_group
 from geodino.config import (
     CanopyEvaluateCfg,
     CanopyFitRecipe,
+    CanopyInspectCfg,
     CanopyPredictRecipe,
     CanopySynthCfg,
     CanopyZonalCfg,
@@ -52,10 +54,14 @@ CANOPY_COMMANDS: tuple[Command, ...] = (
         kinds=("canopy_predict",),
         description="Seamless tiled prediction; output CRS, transform and size are the input's, nodata stays "
         "nodata. One input with --out X.tif writes X.tif; otherwise --out is a directory with one COG per input "
-        "and mosaic.vrt.",
+        "and mosaic.vrt, touching inputs predicted as one mosaic (no seams at tile borders); --mosaic writes one "
+        "COG per mosaic instead. Every input is checked against the dtype and value range the model was trained "
+        "on: another dtype is refused unless --input-range or --input-scale converts it. Each COG gets a PNG "
+        "preview (input RGB beside the heights).",
         examples="examples:\n  dinoscope canopy predict --model model.safetensors scene.tif --out scene_chm.tif\n"
-        "  dinoscope canopy predict --model SSLhuge_satellite.pth tiles/*.tif --out chm/ --uncertainty "
-        "--dtype uint16",
+        "  dinoscope canopy predict --model SSLhuge_satellite.pth tiles/ --out chm/ --uncertainty --dtype uint16\n"
+        "  dinoscope canopy predict --model model.safetensors naip/*.tif --out chm.tif --mosaic\n"
+        "  dinoscope canopy predict --model model.safetensors s2_l2a.tif --out chm.tif --input-range 0,3000",
     ),
     Command(
         "evaluate",
@@ -68,11 +74,25 @@ CANOPY_COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "zonal",
-        "per-polygon canopy height statistics",
+        "per-plot canopy height statistics (polygons, points + buffer, CSV)",
         "geodino.services:zonal",
         schema=CanopyZonalCfg,
-        description="Per polygon: mean, p50, p95 height, canopy cover fraction above the threshold, pixel count "
-        "and nodata fraction (exactextract, coverage-weighted). Polygons in any CRS; attribute columns are kept.",
+        description="Per plot: mean, p50, p95, max and sd of height, canopy cover above the threshold, pixel count, "
+        "nodata fraction, area_m2 and valid_area_m2 (exactextract, coverage-weighted; scaled uint16 rasters give "
+        "metres). Plots are polygons in any CRS, plot centres with --buffer METRES (buffered in a local metric CRS), "
+        "or a CSV with x/y columns and --crs. Input columns are kept and never overwritten (--prefix).",
+        examples="examples:\n  dinoscope canopy zonal chm.tif plots.gpkg stats.gpkg\n"
+        "  dinoscope canopy zonal chm.tif centres.csv stats.csv --buffer 11.28 --crs EPSG:4326 --prefix chm_",
+    ),
+    Command(
+        "inspect",
+        "show a raster's bands, dtype, value range, mask, CRS and GSD (and how they meet a model)",
+        "geodino.services:inspect",
+        schema=CanopyInspectCfg,
+        description="Bands, dtype, value range, nodata and mask, CRS and pixel size of RASTER; with --model, the "
+        "model's input record and the checks canopy predict makes (bands, dtype and range, pixel size, CRS), "
+        "ending with whether predict would accept, convert or refuse it.",
+        examples="example:\n  dinoscope canopy inspect tile.tif --model runs/canopy_fit/model.safetensors",
     ),
 )
 

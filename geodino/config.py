@@ -11,6 +11,7 @@ runs it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,9 @@ class SyntheticCfg:
 
 @dataclass
 class FitDataCfg:
-    pairs: list[list[str]] = input_path(default_factory=list)  # [[image.tif, chm.tif], ...]; CHMs on any grid/CRS
+    pairs: list[list[str]] = input_path(default_factory=list)  # [[image, chm], ...]; globs and directories allowed
+    images: list[str] = input_path(default_factory=list)  # files, directories or globs, all covered by `chm`
+    chm: str = input_path()  # one CHM (file, VRT or glob of tiles, mosaicked) for every image of `images`
     bands: list[str] = field(default_factory=list)  # names or 1-based indices; empty = every band
     synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)
     chip_size: int = 64
@@ -40,6 +43,8 @@ class FitDataCfg:
     resampling: str = "bilinear"  # CHM -> image grid: bilinear | average | max | nearest ...
     normalise: str = "weights_meta"  # weights_meta (the backbone's mean/std) | percentiles (2-98 of the images)
     dtype_max: float = 255.0  # raw value mapped to 1.0 for weights_meta (255 for uint8)
+    input_range: str = ""  # "LOW,HIGH" or "auto": raw range mapped onto 0..dtype_max, stored with the model
+    input_scale: float = 0.0  # > 0: raw x input_scale instead (stored with the model)
 
 
 @dataclass
@@ -123,13 +128,21 @@ class CanopyFitRecipe:
             raise DinoscopeError("the dpt head predicts bins only", path=path, field="head.mode", fix="use mode: bins")
         if self.head.type == "dpt" and len(self.backbone.layers or range(self.backbone.n_layers)) != 4:
             raise DinoscopeError("the dpt head needs exactly 4 backbone layers", path=path, field="backbone.layers")
-        if not self.data.pairs and self.data.synthetic.scenes < 1:
+        if not self.data.pairs and not self.data.images and self.data.synthetic.scenes < 1:
             raise DinoscopeError(
-                "no training data: data.pairs is empty and data.synthetic.scenes is 0",
+                "no training data: data.pairs and data.images are empty and data.synthetic.scenes is 0",
                 path=path,
                 field="data.pairs",
-                fix="give [[image.tif, chm.tif], ...] pairs",
+                fix="give [[image.tif, chm.tif], ...] pairs, or data.images (files or globs) with one data.chm",
             )
+        if bool(self.data.images) != bool(self.data.chm):
+            raise DinoscopeError(
+                "data.images and data.chm go together" + (" (data.chm is empty)" if self.data.images else ""),
+                path=path,
+                field="data.chm" if self.data.images else "data.images",
+                fix="e.g. data.images='[tiles/*.tif]' data.chm=lidar/chm.vrt",
+            )
+        _check_rule_fields(path, "data.", self.data.input_range, self.data.input_scale)
         for i, pair in enumerate(self.data.pairs):
             if len(pair) != 2:
                 raise DinoscopeError(
@@ -184,7 +197,18 @@ class CanopyPredictRecipe:
     bands: list[str] = option([], help="bands to use, 1-based indices or names (default: all)")
     device: str = option("auto", help="auto, cpu, cuda or cuda:N")
     num_workers: int = option(1, help="reader threads", flags="--workers", minimum=1)
-    num_heads: int = option(0, help="attention heads, for HRCH widths not a multiple of 64 (0: derived)", minimum=0)
+    num_heads: int = option(0, help="attention heads of an HRCH checkpoint that is not a public one", minimum=0)
+    hrch_blocks: list[int] = option(
+        [],
+        help="decoder blocks of an HRCH checkpoint that is not a public one, e.g. 2,5,8,10",
+        comma_list=True,
+        minimum=0,
+    )
+    input_range: str = option(
+        "", help="LOW,HIGH raw values mapped onto the model's input range (clipped), or auto (2nd-98th percentiles)"
+    )
+    input_scale: float = option(0.0, help="multiply raw values by this to reach the model's input range", minimum=0)
+    mosaic: bool = option(False, help="one COG per mosaic of touching inputs instead of one per input")
     resume: bool = option(True, help="continue a previous interrupted run's partial output")
     overwrite: bool = option(False, help="replace existing outputs that were made with other settings or models")
 
@@ -211,6 +235,31 @@ class CanopyPredictRecipe:
             )
         if not self.inputs:
             raise DinoscopeError("inputs is empty", path=path, field="inputs", fix="list the rasters to predict")
+        _check_rule_fields(path, "", self.input_range, self.input_scale)
+
+
+def _check_rule_fields(path: str | os.PathLike | None, prefix: str, input_range: str, input_scale: float) -> None:
+    """``input_range`` is empty, ``auto`` or ``LOW,HIGH`` (LOW < HIGH), and not combined with ``input_scale``."""
+    text = input_range.strip().lower()
+    numbers = re.fullmatch(r"\s*([-+0-9.eE]+)\s*,\s*([-+0-9.eE]+)\s*", text)
+    try:
+        ok = text in ("", "auto") or (numbers is not None and float(numbers[1]) < float(numbers[2]))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise DinoscopeError(
+            f"{prefix}input_range is {input_range!r}",
+            path=path,
+            field=f"{prefix}input_range",
+            fix="give LOW,HIGH with LOW < HIGH (e.g. 0,10000) or auto",
+        )
+    if text and input_scale:
+        raise DinoscopeError(
+            f"{prefix}input_range and {prefix}input_scale are both set",
+            path=path,
+            field=f"{prefix}input_scale",
+            fix="choose one rule: a raw range mapped onto the model's, or a factor",
+        )
 
 
 def _choices(path: str | os.PathLike | None, checks: dict[str, tuple[str, tuple[str, ...]]]) -> None:
@@ -272,39 +321,61 @@ class CanopyEvaluateCfg:
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
         """Both rasters and the output directory must be named."""
-        for key in ("pred", "ref", "out"):
-            if not getattr(self, key):
-                raise DinoscopeError(
-                    f"{key} is not set", path=path, field=key, fix="dinoscope canopy evaluate PRED REF --out DIR"
-                )
+        _required(self, path, ("pred", "ref", "out"), "dinoscope canopy evaluate PRED REF --out DIR")
 
 
 @dataclass
 class CanopyZonalCfg:
-    """``dinoscope canopy zonal RASTER POLYGONS OUTPUT``: per-polygon canopy statistics."""
+    """``dinoscope canopy zonal RASTER PLOTS OUTPUT``: per-plot canopy statistics (polygons, or points + buffer)."""
 
     raster: str = option("", help="canopy height raster", positional=True, metavar="RASTER", is_input=True)
     polygons: str = option(
         "",
-        help="polygons: GeoPackage, GeoParquet, shapefile or GeoJSON",
+        help="plots: polygons or points (GeoPackage, GeoParquet, shapefile, GeoJSON) or a CSV with x/y columns",
         positional=True,
-        metavar="POLYGONS",
+        metavar="PLOTS",
         is_input=True,
     )
     output: str = option(
         "",
-        help="output file (.gpkg recommended; .parquet or .geojson also work)",
+        help="output file (.gpkg recommended; .parquet, .geojson or .csv also work)",
         positional=True,
         metavar="OUTPUT",
         output="file",
     )
     cover_threshold: float = option(5.0, help="canopy cover threshold in metres", minimum=0.0)
     band: int = option(1, help="raster band holding heights", minimum=1)
+    buffer: float = option(0.0, help="plot radius in metres around point plots (in a local metric CRS)", minimum=0)
+    crs: str = option("", help="CRS of a CSV's x/y columns (or of a vector file without one), e.g. EPSG:4326")
+    x_column: str = option("", help="CSV column of x / longitude (default: x, lon, longitude, easting...)")
+    y_column: str = option("", help="CSV column of y / latitude (default: y, lat, latitude, northing...)")
+    prefix: str = option("", help="prefix of the statistics columns, e.g. chm_ (they never replace input columns)")
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
-        """The raster, the polygons and the output must be named."""
-        for key in ("raster", "polygons", "output"):
-            if not getattr(self, key):
-                raise DinoscopeError(
-                    f"{key} is not set", path=path, field=key, fix="dinoscope canopy zonal RASTER POLYGONS OUTPUT"
-                )
+        """The raster, the plots and the output must be named."""
+        _required(self, path, ("raster", "polygons", "output"), "dinoscope canopy zonal RASTER PLOTS OUTPUT")
+
+
+@dataclass
+class CanopyInspectCfg:
+    """``dinoscope canopy inspect RASTER [--model M]``: what a raster holds, and how it meets a model's inputs."""
+
+    raster: str = option("", help="raster to inspect", positional=True, metavar="RASTER", is_input=True)
+    model: str = option("", help="canopy model (.safetensors from canopy fit, or an HRCH .pth) to compare with")
+    bands: list[str] = option([], help="bands to use, 1-based indices or names (default: all but alpha)")
+    input_range: str = option("", help="as in canopy predict: LOW,HIGH or auto")
+    input_scale: float = option(0.0, help="as in canopy predict: multiply raw values", minimum=0)
+    num_heads: int = option(0, help="as in canopy predict, for an HRCH checkpoint that is not a public one", minimum=0)
+    hrch_blocks: list[int] = option([], help="as in canopy predict", comma_list=True, minimum=0)
+    json: bool = option(False, help="print JSON instead of text")
+
+    def validate(self, path: str | os.PathLike | None = None) -> None:
+        """The raster must be named; a rule needs a model to compare with."""
+        _required(self, path, ("raster",), "dinoscope canopy inspect RASTER [--model MODEL]")
+        _check_rule_fields(path, "", self.input_range, self.input_scale)
+
+
+def _required(cfg: Any, path: str | os.PathLike | None, keys: tuple[str, ...], usage: str) -> None:
+    for key in keys:
+        if not getattr(cfg, key):
+            raise DinoscopeError(f"{key} is not set", path=path, field=key, fix=usage)

@@ -36,8 +36,10 @@ from core.weights.load import load_backbone
 from core.weights.meta import WeightMeta
 from geodino.config import CanopyFitRecipe
 from geodino.evaluate import HIST_BIN_M, HIST_MAX_M
-from geodino.fit_checks import check_fit_pairs, check_previous_fit
+from geodino.fit_checks import check_fit_pairs, check_previous_fit, fit_input_rule
 from geodino.fit_data import Batch, FeatureCache, LiveChips, chip_splits, file_id, training_pairs
+from geodino.hrch_checkpoints import public_checkpoint
+from geodino.inputs import training_record
 from geodino.metrics import RegressionAccumulator
 from geodino.model import CanopyModel, backbone_head_model, random_backbone, save_canopy_model
 from geodino.outputs import check_output_path
@@ -92,7 +94,11 @@ def _fit(
 ) -> dict[str, Any]:
     backbone, meta, backbone_id = loaded
     pairs = training_pairs(recipe, run_dir)
-    chips = chip_splits(recipe, pairs, bands, meta)
+    rule = fit_input_rule(recipe, [image for image, _ in pairs], bands)
+    chips = chip_splits(recipe, pairs, bands, meta, convert=rule)
+    record = training_record(
+        chips["train"].images, normalise=recipe.data.normalise, dtype_max=recipe.data.dtype_max, rule=rule
+    )
     if chips["train"].images[0].count != meta.in_chans:
         raise DinoscopeError(
             f"the backbone takes {meta.in_chans} channels but {chips['train'].images[0].count} "
@@ -101,7 +107,7 @@ def _fit(
             field="data.bands",
             fix="select matching bands, or adapt the backbone with backbone.overrides.in_chans=N",
         )
-    layers = _layers(recipe, int(meta.model_kwargs["depth"]))
+    layers = _layers(recipe, meta)
     model = backbone_head_model(
         backbone,
         meta,
@@ -117,6 +123,7 @@ def _fit(
             "trained_on": [[str(a), str(b)] for a, b in pairs],
             "backbone": backbone_id,
             "chip_size": recipe.data.chip_size,
+            "input": record.to_dict(),
         },
     ).to(device)
     frozen = recipe.backbone.frozen
@@ -128,6 +135,7 @@ def _fit(
             "feature_norm": recipe.backbone.feature_norm,
             "pairs": [[file_id(a), file_id(b)] for a, b in pairs],
             "resampling": recipe.data.resampling,
+            "input_rule": rule.to_dict() if rule is not None else None,
         }
         sources = {
             s: FeatureCache(
@@ -187,7 +195,14 @@ def _fit(
 
 
 # -- model ----------------------------------------------------------------------------------------------------------
-def _layers(recipe: CanopyFitRecipe, depth: int) -> list[int]:
+def _layers(recipe: CanopyFitRecipe, meta: WeightMeta) -> list[int]:
+    """The recipe's blocks; by default the last ``n_layers``, or for a public HRCH backbone the 4 blocks its own
+    decoder reads (:data:`geodino.hrch_checkpoints.PUBLIC_HRCH`)."""
+    depth = int(meta.model_kwargs["depth"])
+    hrch = public_checkpoint(meta.embed_dim, depth) if meta.source_format == "hrch" else None
+    if hrch is not None and not recipe.backbone.layers and recipe.backbone.n_layers == len(hrch.out_indices):
+        log.info("HRCH %s backbone: using its decoder's blocks %s", hrch.size, list(hrch.out_indices))
+        return list(hrch.out_indices)
     layers = list(recipe.backbone.layers) or list(range(depth - recipe.backbone.n_layers, depth))
     if min(layers) < 0 or max(layers) >= depth or layers != sorted(set(layers)):
         raise DinoscopeError(

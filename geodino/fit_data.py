@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
+from core.errors import DinoscopeError
 from core.io import write_json
 from core.logging import progress
 from core.weights.meta import WeightMeta
@@ -22,15 +23,51 @@ from geodino.chips import ChipSampler, make_chip_dataset
 from geodino.config import CanopyFitRecipe
 from geodino.model import CanopyModel
 from geodino.normalise import BandNormaliser
+from geodino.pretrain_data import expand_raster_paths
 from geodino.synthetic import make_forest
+from geodino.values import InputRule
+from geodino.vrt import write_vrt
 
 log = logging.getLogger(__name__)
 Batch = dict[str, Any]
 
 
+def listed_pairs(recipe: CanopyFitRecipe) -> list[tuple[Path, list[Path]]]:
+    """``(image, CHM files)`` for every image the recipe lists: ``data.pairs`` (either side may be a glob or a
+    directory) and ``data.images`` with the one ``data.chm``. Several CHM files form one mosaic."""
+    specs = [(image, chm, "data.pairs") for image, chm in recipe.data.pairs]
+    specs += [(image, recipe.data.chm, "data.images") for image in recipe.data.images]
+    listed = []
+    for image_spec, chm_spec, field in specs:
+        chms = _expand(chm_spec, "data.chm" if field == "data.images" else field)
+        listed += [(image, chms) for image in _expand(image_spec, field)]
+    return listed
+
+
+def _expand(spec: str, field: str) -> list[Path]:
+    try:
+        return expand_raster_paths(spec)
+    except DinoscopeError as err:
+        raise DinoscopeError(err.message, path=spec, field=field, fix=err.fix) from None
+
+
+def chm_mosaic(chms: list[Path], run_dir: Path) -> Path:
+    """One CHM file as it is; several as a VRT mosaic in ``RUN/chm`` (named after its members' paths, sizes and
+    times, so the feature cache sees a changed member as a new target)."""
+    if len(chms) == 1:
+        return chms[0]
+    ident = json.dumps([[str(p.resolve()), *file_id(p)[1:]] for p in chms])
+    vrt = run_dir / "chm" / f"chm_{hashlib.sha256(ident.encode()).hexdigest()[:12]}.vrt"
+    if not vrt.exists():
+        vrt.parent.mkdir(parents=True, exist_ok=True)
+        write_vrt(chms, vrt)
+    return vrt
+
+
 def training_pairs(recipe: CanopyFitRecipe, run_dir: Path) -> list[tuple[Path, Path]]:
-    """The recipe's (image, CHM) pairs plus any synthetic forests it asks for (written once, then reused)."""
-    pairs = [(Path(image), Path(chm)) for image, chm in recipe.data.pairs]
+    """The recipe's (image, CHM) pairs (globs expanded, CHM tiles mosaicked) plus any synthetic forests it asks for
+    (written once, then reused)."""
+    pairs = [(image, chm_mosaic(chms, run_dir)) for image, chms in listed_pairs(recipe)]
     syn = recipe.data.synthetic
     out = run_dir / "synthetic" / f"{syn.size}px_{syn.res:g}m"
     for seed in range(syn.seed, syn.seed + syn.scenes):
@@ -48,12 +85,17 @@ def file_id(path: Path) -> list[Any]:
 
 
 def chip_splits(
-    recipe: CanopyFitRecipe, pairs: list[tuple[Path, Path]], bands: list[int | str] | None, meta: WeightMeta
+    recipe: CanopyFitRecipe,
+    pairs: list[tuple[Path, Path]],
+    bands: list[int | str] | None,
+    meta: WeightMeta,
+    convert: InputRule | None = None,
 ) -> dict[str, ChipSampler]:
     """Train and validation chip samplers over ``pairs`` with spatial-block splits (:func:`make_chip_dataset`).
 
     The normaliser is the backbone's ``meta`` mean/std (``normalise: weights_meta``), or scene-level percentiles
-    computed by the train split and shared with validation, so both see identical scaling.
+    computed by the train split and shared with validation, so both see identical scaling. ``convert`` (the fit's
+    input rule, :mod:`geodino.values`) is applied to every image read.
     """
     d = recipe.data
     normaliser = None  # percentiles: computed by the train split from the images, then shared with val
@@ -67,6 +109,7 @@ def chip_splits(
         "max_nodata_fraction": d.max_nodata_fraction,
         "bands": bands,
         "resampling": d.resampling,
+        "convert": convert,
     }
     train = make_chip_dataset(pairs, d.chip_size, split="train", normaliser=normaliser, **common)
     val = make_chip_dataset(pairs, d.chip_size, split="val", normaliser=train.normaliser, **common)

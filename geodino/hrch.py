@@ -26,15 +26,23 @@ from torch import Tensor, nn
 
 from core.errors import DinoscopeError
 from core.models.vit import VisionTransformer
-from core.weights.infer import infer_model_kwargs
 from core.weights.load import read_checkpoint, strict_load
 from geodino.heads import Features, bin_moments, height_bins, resize_maps
+from geodino.hrch_checkpoints import infer_hrch_config
+
+__all__ = [
+    "DPTCanopyHead",
+    "DPTHead",
+    "HRCHModel",
+    "build_hrch",
+    "infer_hrch_config",
+    "is_hrch_state_dict",
+    "load_hrch",
+]
 
 log = logging.getLogger(__name__)
 
 HRCH_PATCH = 16
-# (embed_dim, depth) -> the blocks HRCH feeds to its decoder (inference.py, SSLAE: huge / large).
-KNOWN_OUT_INDICES: dict[tuple[int, int], tuple[int, ...]] = {(1280, 32): (9, 16, 22, 29), (1024, 24): (4, 11, 17, 23)}
 _QUANTISED_SUFFIXES = ("._packed_params._packed_params", "._packed_params.dtype", ".zero_point", ".scale")
 
 
@@ -281,55 +289,6 @@ class HRCHModel(nn.Module):
         return {"height": mean * self.output_scale, "std": std * self.output_scale, "logits": logits}
 
 
-def infer_hrch_config(
-    shapes: Mapping[str, Sequence[int]], *, num_heads: int | None = None, out_indices: Sequence[int] | None = None
-) -> dict[str, Any]:
-    """Architecture of a full HRCH state dict from its tensor shapes (``key -> shape``, official key names).
-
-    Returns ``{"backbone": VisionTransformer kwargs, "head": DPTHead kwargs, "out_indices": [...]}``. Widths
-    come from the shapes; ``num_heads`` defaults to width / 64 (true for huge and large); ``out_indices`` from
-    :data:`KNOWN_OUT_INDICES`, else four evenly spaced blocks ending on the last one (with a warning).
-    """
-    meta = {
-        k[len("backbone.") :]: torch.empty(0).new_empty(tuple(s), device="meta")
-        for k, s in shapes.items()
-        if k.startswith("backbone.")
-    }
-    try:
-        backbone = infer_model_kwargs(meta, "hrch", {"num_heads": num_heads} if num_heads else {})
-        head = {
-            "embed_dim": backbone["embed_dim"],
-            "post_process_channels": [
-                int(shapes[f"decode_head.reassemble_blocks.projects.{i}.conv.weight"][0]) for i in range(4)
-            ],
-            "channels": int(shapes["decode_head.convs.0.conv.weight"][0]),
-            "n_bins": int(shapes["decode_head.conv_depth.head.4.weight"][0]),
-            "hidden": int(shapes["decode_head.conv_depth.head.2.weight"][0]),
-        }
-    except KeyError as err:
-        raise DinoscopeError(
-            f"the HRCH checkpoint has no {err.args[0]!r} tensor",
-            field=str(err.args[0]),
-            fix="pass a full HighResCanopyHeight checkpoint (backbone + decode_head)",
-        ) from None
-    depth, width = backbone["depth"], backbone["embed_dim"]
-    if out_indices is None:
-        out_indices = KNOWN_OUT_INDICES.get((width, depth))
-        if out_indices is None:
-            out_indices = [depth * (k + 1) // 4 - 1 for k in range(4)]
-            log.warning(
-                "unknown HRCH size (width %d, depth %d): feeding blocks %s to the decoder; pass out_indices "
-                "if the checkpoint was trained with others",
-                width,
-                depth,
-                out_indices,
-            )
-    out_indices = [int(i) for i in out_indices]
-    if len(out_indices) != 4 or min(out_indices) < 0 or max(out_indices) >= depth:
-        raise DinoscopeError(f"out_indices {out_indices} must be 4 block indices in [0, {depth})", field="out_indices")
-    return {"backbone": backbone, "head": head, "out_indices": out_indices}
-
-
 def build_hrch(config: Mapping[str, Any]) -> HRCHModel:
     """An :class:`HRCHModel` from :func:`infer_hrch_config`'s output (random weights); keeps ``config``."""
     model = HRCHModel(
@@ -351,7 +310,8 @@ def load_hrch(
 
     Sizes are inferred from the shapes (huge, large or any reduced layout); ``num_heads`` and ``out_indices``
     come from the arguments, else from an embedded ``config["backbone"]`` (as in the reference fixture), else
-    from :func:`infer_hrch_config`'s defaults. Any missing, unexpected or mis-shaped key is an error naming them.
+    from the table of public checkpoints (:data:`geodino.hrch_checkpoints.PUBLIC_HRCH`); another layout without
+    them is refused rather than guessed. Any missing, unexpected or mis-shaped key is an error naming them.
     """
     where = None if isinstance(source, dict) else source
     sd, _, container = read_checkpoint(source)

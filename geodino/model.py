@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from core.weights.meta import WeightMeta, default_channel_names, default_normali
 from geodino.heads import Features, LinearCanopyHead
 from geodino.hrch import HRCH_PATCH, DPTCanopyHead, HRCHModel, build_hrch, is_hrch_state_dict, load_hrch
 from geodino.normalise import BandNormaliser
+from geodino.values import InputRecord
 
 MODEL_FORMAT = "dinoscope_canopy"
 MODEL_FORMAT_VERSION = 1
@@ -174,7 +175,8 @@ def hrch_canopy_model(hrch: HRCHModel, metadata: dict[str, Any] | None = None) -
     names = default_channel_names(3)
     normaliser = BandNormaliser.from_weights_meta(HRCH_MEAN, HRCH_STD, 255.0, band_names=names)
     spec = {"kind": "hrch", "config": hrch.hrch_config}
-    info = {"source": "HighResCanopyHeight", "input": "uint8 RGB, ~0.5-0.6 m GSD"} | dict(metadata or {})
+    record = InputRecord(dtype="uint8", range=(0.0, 255.0))  # "the input data is uint8 RGB" (HRCH issue #10)
+    info = {"source": "HighResCanopyHeight", "input": record.to_dict(), "gsd_m": 0.6} | dict(metadata or {})
     return CanopyModel(hrch, normaliser=normaliser, band_names=names, spec=spec, metadata=info)
 
 
@@ -246,11 +248,16 @@ def save_canopy_model(
 
 
 def load_canopy_model(
-    path: str | os.PathLike, *, device: str | torch.device = "cpu", num_heads: int | None = None
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    num_heads: int | None = None,
+    out_indices: Sequence[int] | None = None,
 ) -> CanopyModel:
     """Load a model saved by :func:`save_canopy_model`, or a full HRCH checkpoint (``.pth``/``.pt``), in eval mode.
 
-    ``num_heads`` is only needed for HRCH checkpoints whose width is not a multiple of 64.
+    ``num_heads`` and ``out_indices`` (the blocks feeding the decoder) are only needed for HRCH checkpoints that
+    are not one of the public ones (:data:`geodino.hrch_checkpoints.PUBLIC_HRCH`) and embed no config.
 
     Example::
 
@@ -281,7 +288,8 @@ def load_canopy_model(
                 field="model",
                 fix="fit a head on this backbone with `dinoscope canopy fit`",
             )
-        model = hrch_canopy_model(load_hrch(path, num_heads=num_heads), {"checkpoint": str(path)})
+        hrch = load_hrch(path, num_heads=num_heads, out_indices=out_indices)
+        model = hrch_canopy_model(hrch, {"checkpoint": str(path)})
         return model.to(device).eval()
     sidecar, tensors = _read_model_file(path)
     spec = sidecar["net"]

@@ -18,11 +18,10 @@ batch-size-dependent kernels give bit-identical output.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,9 @@ import rasterio
 import torch
 
 from core.errors import DinoscopeError
-from core.lock import OutputLock
 from core.logging import progress as progress_bar
-from geodino.cog import ResumableOutputs, check_out_dtype, write_vrt
-from geodino.outputs import RECORD_TAG, check_output_path, output_state, refuse_different
+from geodino.cog import ResumableOutputs, check_out_dtype
+from geodino.outputs import RECORD_TAG
 from geodino.raster import RasterSource
 from geodino.tiling import StripAccumulator, TileBatchReader, TileGrid
 
@@ -45,7 +43,7 @@ ModelFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 def predict_raster(
     model_fn: ModelFn,
-    source: RasterSource,
+    source: RasterSource | Any,
     normaliser: Callable[..., np.ndarray],
     out_path: str | os.PathLike,
     *,
@@ -66,7 +64,9 @@ def predict_raster(
     Args:
         model_fn: ``batch float32 [B, C, tile, tile] -> {"height": [B, tile, tile] metres, "std": optional}``;
             called under ``torch.inference_mode``; it moves the batch to its device itself.
-        source: the input raster (its selected bands are the model's channels).
+        source: the input raster (its selected bands are the model's channels): a
+            :class:`geodino.raster.RasterSource`, or a :class:`geodino.mosaic.RegionSource` (one input of a mosaic,
+            whose border tiles read the neighbours' pixels) or :class:`geodino.mosaic.MosaicSource`.
         normaliser: ``(data C x H x W, valid H x W) -> float32``, e.g. a :class:`geodino.normalise.BandNormaliser`
             holding scene-level constants.
         out_path: the COG to write; CRS, transform and size are the input's; input nodata stays nodata.
@@ -99,7 +99,7 @@ def predict_raster(
         raise DinoscopeError(
             f"batch_size and num_workers must be at least 1, got {batch_size} and {num_workers}", field="batch_size"
         )
-    grid = TileGrid(source.height, source.width, tile, overlap, margin)
+    grid = TileGrid(source.height, source.width, tile, overlap, margin, origin=source.origin, extent=source.extent)
     paths = [out_path] + ([Path(uncertainty_path)] if uncertainty_path is not None else [])
     config = _run_config(source, grid, batch_size, out_dtype, uint16_scale, paths) | {"record": record}
     outputs = ResumableOutputs(paths, source, out_dtype=out_dtype, uint16_scale=uint16_scale, config=config)
@@ -137,80 +137,6 @@ def predict_raster(
     return out_path
 
 
-def predict_many(
-    model_fn: ModelFn,
-    inputs: Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
-    *,
-    normaliser: Callable[..., np.ndarray],
-    bands: Sequence[int | str] | None = None,
-    uncertainty: bool = False,
-    rank: int | None = None,
-    world_size: int | None = None,
-    mosaic: bool = True,
-    records: Sequence[dict[str, Any]] | None = None,
-    overwrite: bool = False,
-    **predict_kwargs: Any,
-) -> list[Path]:
-    """Predict every input raster into ``out_dir/<stem>.tif`` and mosaic all outputs in ``out_dir/mosaic.vrt``.
-
-    With ``RANK``/``WORLD_SIZE`` in the environment (or given) each rank predicts ``inputs[rank::world_size]``.
-    One process locks ``out_dir`` for the whole run (:class:`core.lock.OutputLock`: a second run on the same
-    directory fails at once, naming the first); several ranks lock each output they write instead.
-
-    Existing outputs: with ``records`` (one :func:`geodino.outputs.prediction_record` per input) an output made the
-    same way is skipped with a message, and one made differently is refused before anything is predicted unless
-    ``overwrite``; without ``records`` every existing output is skipped. The VRT is written by rank 0 after a
-    barrier when a ``torch.distributed`` process group is up; otherwise by whichever rank finds every output
-    present. With ``uncertainty`` each input also gets ``<stem>_std.tif``, mosaicked in ``mosaic_std.vrt``. Other
-    keywords go to :func:`predict_raster`.
-
-    Returns:
-        the height outputs predicted (or found) by this rank.
-    """
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    out_dir = check_output_path(out_dir, is_dir=True)
-    heights = _output_names([Path(p) for p in inputs], out_dir)
-    stds = [p.with_name(f"{p.stem}_std.tif") for p in heights] if uncertainty else []
-    mine = list(range(rank, len(heights), world_size))
-    lock = OutputLock(out_dir, what="prediction directory", is_dir=True) if world_size == 1 else None
-    with lock or contextlib.nullcontext():
-        todo, conflicts = [], []
-        for i in mine:
-            wanted = [heights[i]] + ([stds[i]] if uncertainty else [])
-            state, differences = ("complete" if all(p.exists() for p in wanted) else "missing"), []
-            if records is not None:
-                state, differences = output_state(wanted, records[i])
-            if state == "complete":
-                log.info("%s is already complete (same model, settings and input): skipped", heights[i])
-            elif state == "different" and not overwrite:
-                conflicts.append((heights[i], differences))
-            else:
-                todo.append(i)
-        if conflicts:
-            refuse_different(conflicts)
-        for i in todo:
-            std = stds[i] if stds else None
-            with (
-                OutputLock(heights[i], what="prediction", is_dir=False) if lock is None else contextlib.nullcontext(),
-                RasterSource(inputs[i], bands=bands) as source,
-            ):
-                record = records[i] if records is not None else None
-                predict_raster(
-                    model_fn, source, normaliser, heights[i], uncertainty_path=std, record=record, **predict_kwargs
-                )
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed:
-            torch.distributed.barrier()
-        should_write = rank == 0 if distributed else all(p.exists() for p in heights + stds)
-        if mosaic and should_write:
-            write_vrt(heights, out_dir / "mosaic.vrt")
-            if stds:
-                write_vrt(stds, out_dir / "mosaic_std.vrt")
-    return [heights[i] for i in mine]
-
-
 # -- internals -------------------------------------------------------------------------------------------------
 def _run_model(model_fn: ModelFn, batch: torch.Tensor, tile: int, *, n_values: int) -> np.ndarray:
     """``n_values x B x tile x tile`` float32 predictions: height, then std when two values are asked for."""
@@ -239,7 +165,7 @@ def _run_model(model_fn: ModelFn, batch: torch.Tensor, tile: int, *, n_values: i
 
 
 def _run_config(
-    source: RasterSource, grid: TileGrid, batch_size: int, out_dtype: str, uint16_scale: float, outputs: list[Path]
+    source: Any, grid: TileGrid, batch_size: int, out_dtype: str, uint16_scale: float, outputs: list[Path]
 ) -> dict[str, Any]:
     """What must match between an interrupted run and its resumption."""
     return {
@@ -254,10 +180,14 @@ def _run_config(
         "out_dtype": out_dtype,
         "uint16_scale": float(uint16_scale),
         "outputs": [str(p.resolve()) for p in outputs],
+        "origin": list(source.origin),
+        "extent": list(source.extent),
+        "context": source.context(),
+        "convert": source.convert.to_dict() if source.convert is not None else None,
     }
 
 
-def _gdal_cache_bytes(source: RasterSource, tile: int) -> int:
+def _gdal_cache_bytes(source: Any, tile: int) -> int:
     """Enough GDAL block cache to keep the input blocks under two tile rows across the full width, plus 16 MiB.
 
     Consecutive tile rows overlap, so those blocks are read again by the next row; anything more is never reused
@@ -266,16 +196,3 @@ def _gdal_cache_bytes(source: RasterSource, tile: int) -> int:
     block_rows = int(source.profile.get("blockysize") or 1)
     row_bytes = source.width * source.count * np.dtype(source.dtype).itemsize
     return 2 * max(tile, block_rows) * row_bytes + (16 << 20)
-
-
-def _output_names(inputs: list[Path], out_dir: Path) -> list[Path]:
-    stems = [p.stem for p in inputs]
-    duplicates = sorted({s for s in stems if stems.count(s) > 1})
-    if duplicates:
-        raise DinoscopeError(
-            f"several inputs share the file name(s) {duplicates}, so their outputs would clash",
-            path=out_dir,
-            field="inputs",
-            fix="rename the inputs or predict them into separate directories",
-        )
-    return [out_dir / f"{stem}.tif" for stem in stems]

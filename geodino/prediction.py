@@ -5,9 +5,10 @@
     predict_files("SSLhuge_satellite.pth", ["tiles/"], "chm/", uncertainty=True)              # COGs + mosaic.vrt
 
 One input and an ``out`` ending in ``.tif`` writes that COG; otherwise ``out`` is a directory that receives one COG
-per input and ``mosaic.vrt``. Every input is checked (band count, pixel size, not all nodata) before any prediction
-starts; the output is locked while it is written, and existing outputs are skipped or refused by their record
-(:mod:`geodino.outputs`).
+per input and ``mosaic.vrt`` (touching inputs predicted as one mosaic, so they join without seams), or with
+``mosaic`` one COG per mosaic. Every input is checked (band count, pixel size, dtype and value range against the
+model's record, not all nodata) before any prediction starts; the output is locked while it is written, and
+existing outputs are skipped or refused by their record (:mod:`geodino.outputs`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from core.distributed.device import resolve_device
 from core.errors import DinoscopeError
 from core.lock import OutputLock
 from core.memory import check_fits_in_memory
+from geodino.inputs import SAMPLE_PIXELS, choose_rule, model_record, percentile_range
 from geodino.model import load_canopy_model
+from geodino.mosaic_predict import predict_many
 from geodino.outputs import (
     MODEL_CHUNK,
     check_output_path,
@@ -35,12 +38,14 @@ from geodino.outputs import (
     prediction_record,
     refuse_different,
 )
-from geodino.predict import predict_many, predict_raster
+from geodino.plots import raster_preview
+from geodino.predict import predict_raster
 from geodino.pretrain_data import expand_raster_paths
 from geodino.raster import RasterSource, check_band_count, grid_windows
+from geodino.values import InputRule, user_rule
 
 log = logging.getLogger(__name__)
-_GSD_TOLERANCE = 2.0  # warn when the input pixel size differs from the training one by more than this factor
+GSD_TOLERANCE = 2.0  # warn when the input pixel size differs from the training one by more than this factor
 
 
 def predict_files(
@@ -58,15 +63,27 @@ def predict_files(
     device: str = "auto",
     num_workers: int = 1,
     num_heads: int | None = None,
+    hrch_blocks: Sequence[int] | None = None,
+    input_range: str = "",
+    input_scale: float = 0.0,
+    mosaic: bool = False,
+    preview: bool = False,
     resume: bool = True,
     overwrite: bool = False,
     progress: bool = True,
 ) -> list[Path]:
     """Predict canopy height for ``inputs`` with the model at ``model_path``; returns the height COGs written.
 
-    ``inputs`` may hold directories and glob patterns. Every input is checked first (band count, pixel size, at
-    least one valid pixel somewhere) so a bad file fails before any prediction starts and before any output is
-    touched. Heights are metres; nodata input pixels stay nodata.
+    ``inputs`` may hold directories and glob patterns. Every input is checked first (band count, pixel size, dtype
+    and value range against the model's input record, at least one valid pixel somewhere) so a bad file fails
+    before any prediction starts and before any output is touched. Heights are metres; nodata stays nodata.
+
+    Several inputs are predicted as mosaics (:mod:`geodino.mosaic_predict`): touching tiles blend with their
+    neighbours' pixels; ``out`` is a directory with one COG per input and ``mosaic.vrt``, or with ``mosaic`` one COG
+    per mosaic (``out`` may then be a ``.tif``). ``input_range`` (``"LOW,HIGH"`` or ``"auto"``) or ``input_scale``
+    converts inputs of another dtype or range (:mod:`geodino.values`); without them such inputs are refused.
+    ``hrch_blocks`` names the decoder's blocks of an HRCH checkpoint that is not one of the public ones.
+    ``preview`` writes ``<output>.png`` with the input RGB beside the heights.
 
     The output (the COG, or the directory) is locked for the whole run, so a second run on it fails at once naming
     the first. Each COG records how it was made (:mod:`geodino.outputs`): an existing output made the same way is
@@ -76,16 +93,27 @@ def predict_files(
 
         from geodino import predict_files
         [cog] = predict_files("model.safetensors", ["scene.tif"], "scene_chm.tif", tile=512, device="cuda")
+        cogs = predict_files("model.safetensors", ["tiles/"], "chm/", input_range="0,10000")   # uint16 reflectance
     """
     if not inputs:
         raise DinoscopeError("no input rasters given", field="inputs", fix="list one or more GeoTIFF/VRT files")
     inputs = [Path(p) for p in expand_raster_paths(list(inputs))]
     out = Path(out)
-    single = len(inputs) == 1 and out.suffix.lower() in (".tif", ".tiff")
-    check_output_path(out, is_dir=not single)
-    model = load_canopy_model(model_path, device=resolve_device(device, field="device"), num_heads=num_heads)
+    one_file = out.suffix.lower() in (".tif", ".tiff")
+    single = len(inputs) == 1 and one_file and not mosaic
+    if one_file and len(inputs) > 1 and not mosaic:
+        raise DinoscopeError(
+            f"{len(inputs)} inputs need a directory as --out (one COG each), not a .tif",
+            path=out,
+            field="out",
+            fix="give a directory, or add --mosaic to write one COG over all inputs",
+        )
+    check_output_path(out, is_dir=not one_file)
+    model = load_canopy_model(
+        model_path, device=resolve_device(device, field="device"), num_heads=num_heads, out_indices=hrch_blocks
+    )
     _check_tile_memory(model, tile, batch_size)
-    selected = [_check_input(p, model, bands, model_path) for p in inputs]
+    selected = [select_bands(p, model, bands, model_path) for p in inputs]
     if uncertainty and not model.has_std:
         raise DinoscopeError(
             "this model predicts no uncertainty (a regression head)",
@@ -101,6 +129,7 @@ def predict_files(
             fix="give --bands explicitly, or predict files with different band layouts separately",
         )
     _check_not_empty(inputs, selected)
+    rule = _input_rule(model, inputs, selected[0], input_range, input_scale, Path(model_path).name)
     settings = {
         "tile": tile,
         "overlap": overlap,
@@ -109,9 +138,10 @@ def predict_files(
         "uint16_scale": float(uint16_scale) if out_dtype == "uint16" else None,
         "uncertainty": uncertainty,
         "num_heads": num_heads or None,
+        "hrch_blocks": list(hrch_blocks) if hrch_blocks else None,
+        "input_rule": rule.to_dict() if rule is not None else None,
     }
     model_id = content_id(model_path, MODEL_CHUNK)
-    records = [prediction_record(model_id, p, settings | {"bands": b}) for p, b in zip(inputs, selected, strict=True)]
     common: dict[str, Any] = {
         "tile": tile,
         "overlap": overlap,
@@ -123,24 +153,55 @@ def predict_files(
         "progress": progress,
     }
     if single:
-        return [_predict_one(model, inputs[0], selected[0], out, uncertainty, records[0], overwrite, common)]
+        record = prediction_record(model_id, inputs[0], settings | {"bands": selected[0]})
+        with RasterSource(inputs[0], bands=selected[0], convert=rule) as source:
+            written = _predict_one(model, source, out, uncertainty, record, overwrite, common)
+            if preview:
+                raster_preview(written, rgb=source)
+        return [written]
     return predict_many(
         model.predict_batch,
         inputs,
         out,
         normaliser=model.normaliser,
         bands=selected[0],
+        convert=rule,
         uncertainty=uncertainty,
-        records=records,
+        one_cog=mosaic,
+        record_base={"model": model_id, **settings, "bands": selected[0], "mosaic": mosaic},
         overwrite=overwrite,
+        preview=preview,
         **common,
     )
 
 
+def _input_rule(
+    model: Any, inputs: list[Path], bands: list[int], input_range: str, input_scale: float, model_name: str
+) -> InputRule | None:
+    """The one rule every input is converted by (:func:`geodino.inputs.choose_rule`), checked on each input."""
+    record = model_record(model.metadata)
+    target = record.range if record is not None else (0.0, 255.0)
+
+    def auto() -> tuple[list, list]:
+        sources = [RasterSource(p, bands=bands) for p in inputs]
+        try:
+            return percentile_range(sources)
+        finally:
+            for source in sources:
+                source.close()
+
+    user = user_rule(input_range, input_scale, target, auto)
+    per_input = max(10_000, SAMPLE_PIXELS // len(inputs))  # a folder of thousands of tiles stays a quick check
+    rule = None
+    for path in inputs:
+        with RasterSource(path, bands=bands) as source:
+            rule = choose_rule(record, source, user, model_name=model_name, max_pixels=per_input)
+    return rule
+
+
 def _predict_one(
     model: Any,
-    path: Path,
-    bands: list[int],
+    source: RasterSource,
     out: Path,
     uncertainty: bool,
     record: dict[str, Any],
@@ -156,10 +217,9 @@ def _predict_one(
             return out
         if state == "different" and not overwrite:
             refuse_different([(out, differences)])
-        with RasterSource(path, bands=bands) as source:
-            return predict_raster(
-                model.predict_batch, source, model.normaliser, out, uncertainty_path=std_path, record=record, **common
-            )
+        return predict_raster(
+            model.predict_batch, source, model.normaliser, out, uncertainty_path=std_path, record=record, **common
+        )
 
 
 def _check_not_empty(inputs: list[Path], selected: list[list[int]]) -> None:
@@ -212,8 +272,9 @@ def _check_tile_memory(model: Any, tile: int, batch_size: int) -> None:
     )
 
 
-def _check_input(path: Path, model: Any, bands: Sequence[int | str] | None, model_path: str | os.PathLike) -> list[int]:
-    """The 1-based band indices to feed the model from ``path``; a clear error when they cannot match."""
+def select_bands(path: Path, model: Any, bands: Sequence[int | str] | None, model_path: str | os.PathLike) -> list[int]:
+    """The 1-based band indices to feed the model from ``path`` (the model's bands by name when the file has more);
+    a clear error when they cannot match. Warns about a geographic CRS or a pixel size far from the training one."""
     expected = model.in_chans
     wanted = f"the model {Path(model_path).name} (bands {', '.join(model.band_names)})"
     with RasterSource(path, bands=list(bands) if bands else None) as source:
@@ -235,7 +296,7 @@ def _check_gsd(source: Any, model: Any) -> None:
         log.warning(
             "%s is in a geographic CRS (degrees); canopy models expect square pixels in metres (UTM)", source.path
         )
-    elif trained and not 1 / _GSD_TOLERANCE <= source.res[0] / trained <= _GSD_TOLERANCE:
+    elif trained and not 1 / GSD_TOLERANCE <= source.res[0] / trained <= GSD_TOLERANCE:
         log.warning(
             "%s has %.3g m pixels but the model was trained at %.3g m; heights may be biased",
             source.path,

@@ -2,8 +2,17 @@
 
 :class:`RasterSource` is the single entry point through which geodino reads imagery. It never loads a whole raster:
 every read names a window (or, for statistics, a bounded decimated read that GDAL serves from overviews when the
-file has them). Each read returns raw values as float32 plus a validity mask that combines the nodata value, the
-dataset's own mask (internal mask, alpha band), NaN and, for boundless reads, the area outside the raster.
+file has them). Each read returns raw values as float32 plus a validity mask, as GDAL means it (rasterio's
+``dataset_mask()``):
+
+* a per-dataset mask (internal ``.msk`` or mask band) or an alpha band, when the file has one;
+* otherwise the union of the band masks: a pixel is nodata only where *every* selected band equals its nodata
+  value (a saturated red channel at 255 is a colour, not a hole);
+* NaN in any selected band is never fed to a model, so it is invalid too; and for boundless reads, the area
+  outside the raster.
+
+An alpha band is a mask, not imagery: it is left out when every band is selected. An optional
+:class:`geodino.values.InputRule` converts the values as they are read (``--input-range`` / ``--input-scale``).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from core.errors import DinoscopeError
+from geodino.values import InputRule
 
 # Colour interpretations that make a meaningful band name; others (gray, undefined...) fall back to "band<i>".
 _NAMED_INTERPS = {c for c in ColorInterp} - {ColorInterp.undefined, ColorInterp.gray, ColorInterp.palette}
@@ -36,13 +46,16 @@ class RasterSource:
     Args:
         path: a GeoTIFF, COG, VRT or any other GDAL raster.
         bands: 1-based band indices or band names (descriptions, or colour interpretations such as ``red``),
-            in the order wanted; ``None`` selects every band.
+            in the order wanted; ``None`` selects every band but an alpha band.
+        convert: an input rule applied to every read (values are then in the model's range).
 
     Attributes:
         path, crs, transform, width, height, dtype, nodata, res: as in the file (``res`` is ``(x, y)`` > 0).
         count: number of *selected* bands.
         indexes: the selected 1-based band indices.
         band_names: one name per selected band.
+        mask_kind: how validity is decided (``per-dataset mask``, ``alpha band 4``, ``nodata value 255 ...``).
+        convert: the :class:`geodino.values.InputRule` applied to values as they are read, or None.
 
     Example::
 
@@ -53,8 +66,11 @@ class RasterSource:
             data, valid = src.read(Window(0, 0, 512, 512))   # float32 (3, 512, 512) and bool (512, 512)
     """
 
-    def __init__(self, path: str | os.PathLike, bands: Sequence[int | str] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, bands: Sequence[int | str] | None = None, convert: InputRule | None = None
+    ) -> None:
         self.path = Path(path)
+        self.convert = convert
         self._requested_bands = None if bands is None else list(bands)
         self._ds = open_dataset(self.path)
         ds = self._ds
@@ -75,15 +91,27 @@ class RasterSource:
         self.res = (abs(ds.res[0]), abs(ds.res[1]))
         self.bounds = ds.bounds
         flags = [ds.mask_flag_enums[i - 1] for i in self.indexes]
-        # Bands whose mask is neither "all valid" nor derived from the nodata value carry a real mask (internal
-        # .msk, alpha band, per-band mask) that must be read explicitly.
-        self._mask_indexes = [
-            i
-            for i, f in zip(self.indexes, flags, strict=False)
-            if MaskFlags.all_valid not in f and MaskFlags.nodata not in f
-        ]
-        if any(MaskFlags.per_dataset in f for f in flags) and self._mask_indexes:
-            self._mask_indexes = self._mask_indexes[:1]
+        alpha = [i for i, c in enumerate(ds.colorinterp, 1) if c == ColorInterp.alpha]
+        # One band whose mask is the dataset's mask (per-dataset mask or alpha), else per-band rules (see module).
+        self._mask_band: int | None = None
+        self._alpha_band = alpha[0] if alpha else None  # valid where alpha > 0 (GDAL's alpha mask)
+        if alpha:
+            self.mask_kind = f"alpha band {alpha[0]}"
+        elif any(MaskFlags.per_dataset in f for f in flags):
+            self._mask_band, self.mask_kind = self.indexes[0], "per-dataset mask"
+        self._band_nodata = [ds.nodatavals[i - 1] for i in self.indexes]
+        self._band_masks = {
+            k for k, f in enumerate(flags) if MaskFlags.all_valid not in f and MaskFlags.nodata not in f
+        }
+        if self._mask_band is None and self._alpha_band is None:
+            values = sorted({v for v in self._band_nodata if v is not None}, key=str)
+            self.mask_kind = (
+                "per-band masks"
+                if self._band_masks
+                else f"nodata value {', '.join(f'{v:g}' for v in values)} (in every band)"
+                if values
+                else "none (every pixel valid)"
+            )
 
     # -- reading -------------------------------------------------------------------------------------------
     def read(self, window: Window, boundless: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -130,11 +158,7 @@ class RasterSource:
             kwargs.update(out_shape=(len(self.indexes), *out_shape), resampling=Resampling.nearest)
         try:
             raw = self._ds.read(self.indexes, **kwargs)
-            valid = self._valid(raw)
-            if self._mask_indexes:
-                if out_shape is not None:
-                    kwargs["out_shape"] = (len(self._mask_indexes), *out_shape)
-                valid &= (self._ds.read_masks(self._mask_indexes, **kwargs) > 0).all(axis=0)
+            valid = self._valid(raw, kwargs)
         except RasterioError as err:
             cause = f": {err.__cause__}" if err.__cause__ else ""
             raise DinoscopeError(
@@ -144,14 +168,35 @@ class RasterSource:
                 field="pixels",
                 fix=_CORRUPT_FIX,
             ) from None
-        return raw.astype(np.float32, copy=False), valid
+        data = raw.astype(np.float32, copy=False)
+        return (self.convert.apply(data) if self.convert is not None else data), valid
 
-    def _valid(self, raw: np.ndarray) -> np.ndarray:
-        valid = np.ones(raw.shape[1:], bool)
+    def _valid(self, raw: np.ndarray, kwargs: dict[str, Any]) -> np.ndarray:
+        """The dataset mask of the selected bands (module docstring), and no NaN in any of them."""
+        shape = raw.shape[1:]
+
+        def mask_of(index: int) -> np.ndarray:
+            extra = {"out_shape": shape} if "out_shape" in kwargs else {}
+            return self._ds.read_masks(index, **{**kwargs, **extra}) > 0
+
+        if self._alpha_band is not None:
+            extra = {"out_shape": shape} if "out_shape" in kwargs else {}
+            valid = self._ds.read(self._alpha_band, **{**kwargs, **extra}) > 0
+        elif self._mask_band is not None:
+            valid = mask_of(self._mask_band)
+        else:
+            valid = np.zeros(shape, bool)
+            for k, index in enumerate(self.indexes):
+                nodata = self._band_nodata[k]
+                if k in self._band_masks:
+                    valid |= mask_of(index)
+                elif nodata is None or np.isnan(nodata):
+                    valid[:] = True
+                    break
+                else:
+                    valid |= raw[k] != np.asarray(nodata).astype(raw.dtype)
         if np.issubdtype(raw.dtype, np.floating):
             valid &= np.isfinite(raw).all(axis=0)
-        if self.nodata is not None and not np.isnan(self.nodata):
-            valid &= ~(raw == np.asarray(self.nodata).astype(raw.dtype)).any(axis=0)
         return valid
 
     # -- geometry ------------------------------------------------------------------------------------------
@@ -192,12 +237,30 @@ class RasterSource:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def reopen(self) -> RasterSource:
+        """A second, independent handle on the same bands (GDAL handles are not shared between threads)."""
+        return RasterSource(self.path, bands=self.indexes, convert=self.convert)
+
+    @property
+    def origin(self) -> tuple[int, int]:
+        """Row and column of this raster in the grid its tiles are laid on: ``(0, 0)``, its own grid."""
+        return 0, 0
+
+    @property
+    def extent(self) -> tuple[int, int]:
+        """Height and width of the grid its tiles are laid on: its own size."""
+        return self.height, self.width
+
+    def context(self) -> list[dict[str, Any]] | None:
+        """Other rasters whose pixels a prediction of this one reads: none."""
+        return None
+
     def __getstate__(self) -> dict[str, Any]:
         # GDAL handles cannot cross process boundaries (DataLoader workers); reopen on unpickling instead.
-        return {"path": self.path, "bands": self._requested_bands}
+        return {"path": self.path, "bands": self._requested_bands, "convert": self.convert}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["bands"])  # type: ignore[misc]
+        self.__init__(state["path"], state["bands"], state.get("convert"))  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return (
@@ -258,7 +321,8 @@ def _resolve_bands(
     path: Path, ds: rasterio.io.DatasetReader, names: list[str], bands: list[int | str] | None
 ) -> list[int]:
     if bands is None:
-        return list(range(1, ds.count + 1))
+        imagery = [i for i, c in enumerate(ds.colorinterp, 1) if c != ColorInterp.alpha]
+        return imagery or list(range(1, ds.count + 1))
     if not bands:
         raise DinoscopeError("no bands selected", path=path, field="bands", fix=f"choose from {names}")
     available = f"the file has {ds.count} bands: " + ", ".join(f"{i}={n}" for i, n in enumerate(names, 1))

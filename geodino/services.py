@@ -14,6 +14,7 @@ from typing import Any
 from geodino.config import (
     CanopyEvaluateCfg,
     CanopyFitRecipe,
+    CanopyInspectCfg,
     CanopyPredictRecipe,
     CanopySynthCfg,
     CanopyZonalCfg,
@@ -21,7 +22,7 @@ from geodino.config import (
 )
 from geodino.evaluate import evaluate_rasters
 from geodino.fit import fit_canopy
-from geodino.plots import raster_preview
+from geodino.inspection import format_report, inspect_raster, report_json
 from geodino.prediction import predict_files
 from geodino.synthetic import make_forest
 from geodino.zonal import zonal_to_file
@@ -51,9 +52,11 @@ def fit(recipe: CanopyFitRecipe, options: FitOptions | None = None, invocation: 
     return 0
 
 
-def predict(recipe: CanopyPredictRecipe, options: None = None, invocation: Any = None) -> list[Path]:
-    """Predict every input of the recipe into COGs; returns the height rasters written (each also gets a PNG
-    preview with a colour bar when run from the command line)."""
+def predict(
+    recipe: CanopyPredictRecipe, options: None = None, invocation: Any = None, preview: bool = False
+) -> list[Path]:
+    """Predict every input of the recipe into COGs; returns the height rasters written (with ``preview``, each also
+    gets a PNG: the input RGB beside the heights, with colour and scale bars)."""
     bands = [int(b) if str(b).isdigit() else b for b in recipe.bands] or None
     return predict_files(
         recipe.model,
@@ -69,17 +72,21 @@ def predict(recipe: CanopyPredictRecipe, options: None = None, invocation: Any =
         device=recipe.device,
         num_workers=recipe.num_workers,
         num_heads=recipe.num_heads or None,
+        hrch_blocks=list(recipe.hrch_blocks) or None,
+        input_range=recipe.input_range,
+        input_scale=recipe.input_scale,
+        mosaic=recipe.mosaic,
+        preview=preview,
         resume=recipe.resume,
         overwrite=recipe.overwrite,
     )
 
 
 def predict_and_preview(recipe: CanopyPredictRecipe, options: None = None, invocation: Any = None) -> int:
-    """:func:`predict`, then print each COG and its PNG preview."""
-    for path in predict(recipe):
+    """:func:`predict` with previews, then print each COG and its PNG preview."""
+    for path in predict(recipe, preview=True):
         print(path)
-        if path.suffix.lower() in (".tif", ".tiff"):
-            print(raster_preview(path))
+        print(path.with_suffix(".png"))
     return 0
 
 
@@ -103,6 +110,33 @@ def evaluate(cfg: CanopyEvaluateCfg, options: None = None, invocation: Any = Non
 
 
 def zonal(cfg: CanopyZonalCfg, options: None = None, invocation: Any = None) -> int:
-    """Per-polygon canopy statistics of ``cfg.raster`` into ``cfg.output``."""
-    print(zonal_to_file(cfg.raster, cfg.polygons, cfg.output, cover_threshold=cfg.cover_threshold, band=cfg.band))
+    """Per-plot canopy statistics of ``cfg.raster`` into ``cfg.output``."""
+    written = zonal_to_file(
+        cfg.raster,
+        cfg.polygons,
+        cfg.output,
+        cover_threshold=cfg.cover_threshold,
+        band=cfg.band,
+        buffer=cfg.buffer,
+        crs=cfg.crs,
+        x_column=cfg.x_column,
+        y_column=cfg.y_column,
+        prefix=cfg.prefix,
+    )
+    print(written)
+    return 0
+
+
+def inspect(cfg: CanopyInspectCfg, options: None = None, invocation: Any = None) -> int:
+    """Print what ``cfg.raster`` holds and, with ``cfg.model``, how ``canopy predict`` would treat it."""
+    report = inspect_raster(
+        cfg.raster,
+        model_path=cfg.model or None,
+        bands=[int(b) if str(b).isdigit() else b for b in cfg.bands] or None,
+        input_range=cfg.input_range,
+        input_scale=cfg.input_scale,
+        num_heads=cfg.num_heads or None,
+        hrch_blocks=list(cfg.hrch_blocks) or None,
+    )
+    print(report_json(report) if cfg.json else format_report(report))
     return 0

@@ -70,8 +70,13 @@ def ramp_1d(
 class TileGrid:
     """The tiles covering a ``height`` x ``width`` raster, processed one tile row (strip) at a time.
 
+    A raster that is one part of a larger mosaic (``origin`` its row and column there, ``extent`` the mosaic's
+    height and width) gets the mosaic's tiles that touch it, in its own pixel coordinates: a tile may start above or
+    left of it (negative origin) and reach past its end, reading the neighbours' pixels. Every part of a mosaic then
+    sees exactly the tiles and weights of the whole mosaic, so parts predicted separately join without seams.
+
     Attributes:
-        rows, cols: tile origins along y and x (see :func:`grid_starts`).
+        rows, cols: tile origins along y and x, in this raster's pixels (see :func:`grid_starts`).
     """
 
     height: int
@@ -79,6 +84,8 @@ class TileGrid:
     tile: int
     overlap: int
     margin: int = 0
+    origin: tuple[int, int] = (0, 0)
+    extent: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.tile < 1:
@@ -102,14 +109,19 @@ class TileGrid:
         return self.tile - self.overlap
 
     @property
+    def full(self) -> tuple[int, int]:
+        """Height and width of the grid the tiles are laid on (the mosaic's, or this raster's own)."""
+        return self.extent or (self.height, self.width)
+
+    @property
     def rows(self) -> list[int]:
-        """Tile origins along y, in pixels (:func:`grid_starts`)."""
-        return grid_starts(self.height, self.tile, self.stride)
+        """Tile origins along y touching this raster, in its pixels (:func:`grid_starts`)."""
+        return _local_starts(self.full[0], self.origin[0], self.height, self.tile, self.stride)
 
     @property
     def cols(self) -> list[int]:
-        """Tile origins along x, in pixels (:func:`grid_starts`)."""
-        return grid_starts(self.width, self.tile, self.stride)
+        """Tile origins along x touching this raster, in its pixels (:func:`grid_starts`)."""
+        return _local_starts(self.full[1], self.origin[1], self.width, self.tile, self.stride)
 
     @property
     def n_tiles(self) -> int:
@@ -117,16 +129,24 @@ class TileGrid:
         return len(self.rows) * len(self.cols)
 
     def finished_rows(self, row_index: int) -> tuple[int, int]:
-        """Raster rows ``[start, stop)`` that no tile after tile row ``row_index`` touches."""
+        """Raster rows ``[start, stop)`` that no tile after tile row ``row_index`` touches (may be empty)."""
         rows = self.rows
-        stop = rows[row_index + 1] if row_index + 1 < len(rows) else self.height
-        return rows[row_index], stop
+        stop = min(max(rows[row_index + 1], 0), self.height) if row_index + 1 < len(rows) else self.height
+        return max(rows[row_index], 0), stop
 
     def weights(self, y: int, x: int) -> np.ndarray:
-        """The ``tile`` x ``tile`` float32 weight of the tile with origin ``(y, x)``."""
+        """The ``tile`` x ``tile`` float32 weight of the tile with origin ``(y, x)`` (tapered towards every side that
+        faces another tile of the full grid)."""
+        gy, gx = y + self.origin[0], x + self.origin[1]
+        height, width = self.full
         return _tile_weights(
-            self.tile, self.overlap, self.margin, y > 0, y + self.tile < self.height, x > 0, x + self.tile < self.width
+            self.tile, self.overlap, self.margin, gy > 0, gy + self.tile < height, gx > 0, gx + self.tile < width
         )
+
+
+def _local_starts(full: int, offset: int, length: int, tile: int, stride: int) -> list[int]:
+    """Origins of the full grid's tiles that overlap ``[offset, offset + length)``, relative to ``offset``."""
+    return [s - offset for s in grid_starts(full, tile, stride) if s < offset + length and s + tile > offset]
 
 
 @lru_cache(maxsize=16)
@@ -157,14 +177,19 @@ class StripAccumulator:
         self._live = 0  # leading buffer rows holding sums carried over from the previous tile row
 
     def add(self, y: int, x: int, values: np.ndarray, valid: np.ndarray) -> None:
-        """Add one tile's ``n_values x tile x tile`` prediction and its ``tile x tile`` validity."""
-        h = min(self.grid.tile, self.grid.height - y)
-        w = min(self.grid.tile, self.grid.width - x)
-        r0 = y - self.base
-        weights = self.grid.weights(y, x)[:h, :w]
-        self.sums[:, r0 : r0 + h, x : x + w] += values[:, :h, :w] * weights
-        self.weight[r0 : r0 + h, x : x + w] += weights
-        self.valid[r0 : r0 + h, x : x + w] = valid[:h, :w]
+        """Add one tile's ``n_values x tile x tile`` prediction and its ``tile x tile`` validity (the part inside
+        the raster)."""
+        g = self.grid
+        y0, y1 = max(y, self.base), min(y + g.tile, g.height)
+        x0, x1 = max(x, 0), min(x + g.tile, g.width)
+        if y1 <= y0 or x1 <= x0:
+            return
+        ty, tx = slice(y0 - y, y1 - y), slice(x0 - x, x1 - x)
+        by = slice(y0 - self.base, y1 - self.base)
+        weights = g.weights(y, x)[ty, tx]
+        self.sums[:, by, x0:x1] += values[:, ty, tx] * weights
+        self.weight[by, x0:x1] += weights
+        self.valid[by, x0:x1] = valid[ty, tx]
 
     def pop_rows(self, stop: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
         """Blended values ``n_values x rows x width`` (NaN where invalid) for raster rows ``[base, stop)``.
@@ -234,7 +259,7 @@ class TileBatchReader:
         self.batch_size = batch_size
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
-        handles = [source] + [RasterSource(source.path, bands=source.indexes) for _ in range(num_workers - 1)]
+        handles = [source] + [source.reopen() for _ in range(num_workers - 1)]
         self._handles = handles
         self._free: queue.Queue[RasterSource] = queue.Queue()
         for handle in handles:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import rasterio
 import torch
 
 from bio.synthetic import make_plate
@@ -21,6 +22,7 @@ from core.weights import WeightMeta, save_backbone
 from geodino.model import backbone_head_model, random_backbone, save_canopy_model
 from geodino.normalise import BandNormaliser
 from geodino.synthetic import make_forest
+from geodino.values import InputRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny"
@@ -32,6 +34,9 @@ EMBED = ["cells", "embed", "{plate}", "--weights", "{weights}", "--out", "{tmp}/
 FIT_HEAD = ["cells", "fit-head", "{dir}", "--platemap", "{platemap}", "--out", "{tmp}/head"]
 PROFILE = ["cells", "profile", "{dir}", "--platemap", "{platemap}", "--out", "{tmp}/p.parquet"]
 EVAL_CELLS = ["cells", "evaluate", "{garbage}", "--out", "{tmp}/e"]
+ZONAL_POINTS = ["canopy", "zonal", "{chm}", "{points}", "{tmp}/z.gpkg"]
+ZONAL_CSV = ["canopy", "zonal", "{chm}", "{plots_csv}", "{tmp}/z.csv"]
+FIT = ["canopy", "fit", "{tiny}/canopy_fit.yaml", "--output-dir", "{tmp}/run"]
 
 CASES: list[tuple[str, list[str], int, list[str]]] = [
     # -- pretrain
@@ -117,6 +122,13 @@ CASES: list[tuple[str, list[str], int, list[str]]] = [
     ("predict-band-index", [*PREDICT, "--bands", "9"], 2, ["9"]),
     ("predict-wrong-band-count", [*PREDICT[:2], "{chm}", *PREDICT[3:]], 2, ["bands"]),
     ("predict-unwritable", [*PREDICT[:-1], UNWRITABLE + "/c.tif"], 2, [UNWRITABLE]),
+    ("predict-range-reversed", [*PREDICT, "--input-range", "10,5"], 2, ["input_range", "LOW < HIGH"]),
+    ("predict-range-words", [*PREDICT, "--input-range", "bright"], 2, ["input_range"]),
+    ("predict-range-and-scale", [*PREDICT, "--input-range", "0,1", "--input-scale", "2"], 2, ["input_scale"]),
+    ("predict-scale-negative", [*PREDICT, "--input-scale", "-1"], 2, ["input_scale", "range"]),
+    ("predict-hrch-blocks", [*PREDICT, "--hrch-blocks=-1,2"], 2, ["hrch_blocks", "range"]),
+    ("predict-uint16-input", [*PREDICT[:2], "{rgb16}", *PREDICT[3:]], 2, ["uint16", "uint8", "--input-range"]),
+    ("predict-two-inputs-one-tif", [*PREDICT[:3], "{rgb}", *PREDICT[3:]], 2, ["directory", "--mosaic"]),
     # -- canopy evaluate
     ("evaluate-block-zero", ["canopy", "evaluate", "{chm}", "{chm}", "--out", "{tmp}/e", "--block", "0"], 2, ["block"]),
     ("evaluate-trim", ["canopy", "evaluate", "{chm}", "{chm}", "--out", "{tmp}/e", "--trim", "-3"], 2, ["trim"]),
@@ -131,6 +143,26 @@ CASES: list[tuple[str, list[str], int, list[str]]] = [
     ("zonal-band-missing", ["canopy", "zonal", "{chm}", "{polygons}", "{tmp}/z.gpkg", "--band", "4"], 2, ["band"]),
     ("zonal-cover", ["canopy", "zonal", "{chm}", "{polygons}", "{tmp}/z.gpkg", "--cover-threshold", "-1"], 2, []),
     ("zonal-garbage-polygons", ["canopy", "zonal", "{chm}", "{garbage}", "{tmp}/z.gpkg"], 2, ["garbage"]),
+    ("zonal-buffer-negative", [*ZONAL_POINTS, "--buffer", "-1"], 2, ["buffer", "range"]),
+    ("zonal-points-no-buffer", ZONAL_POINTS, 2, ["points", "--buffer"]),
+    ("zonal-buffer-polygons", [*ZONAL_POINTS[:3], "{polygons}", "{tmp}/z.gpkg", "--buffer", "5"], 2, ["polygons"]),
+    ("zonal-csv-no-crs", [*ZONAL_CSV, "--buffer", "5"], 2, ["no CRS", "--crs"]),
+    ("zonal-csv-bad-crs", [*ZONAL_CSV, "--buffer", "5", "--crs", "EPSG:9999999"], 2, ["EPSG:9999999"]),
+    ("zonal-csv-no-column", [*ZONAL_CSV, "--buffer", "5", "--crs", "EPSG:4326", "--x-column", "e"], 2, ["'e'"]),
+    ("zonal-column-clash", [*ZONAL_CSV, "--buffer", "5", "--crs", "EPSG:4326"], 2, ["['mean']", "--prefix"]),
+    ("zonal-csv-output-format", [*ZONAL_CSV[:4], "{tmp}/z.xlsx"], 2, [".xlsx", ".csv"]),
+    # -- canopy inspect
+    ("inspect-raster-missing", ["canopy", "inspect", "{tmp}/r.tif"], 2, ["r.tif", "file not found"]),
+    ("inspect-raster-garbage", ["canopy", "inspect", "{garbage}"], 2, ["garbage.tif"]),
+    ("inspect-model-garbage", ["canopy", "inspect", "{rgb}", "--model", "{garbage}"], 2, ["garbage.tif"]),
+    ("inspect-range", ["canopy", "inspect", "{rgb}", "--model", "{model}", "--input-range", "1"], 2, ["input_range"]),
+    ("inspect-band", ["canopy", "inspect", "{rgb}", "--bands", "nir"], 2, ["nir"]),
+    # -- canopy fit on tiles
+    ("fit-images-no-chm", [*FIT, "data.images=[{rgb}]"], 2, ["data.chm"]),
+    ("fit-images-glob-empty", [*FIT, "data.images=[{tmp}/none/*.tif]", "data.chm={chm}"], 2, ["no raster files"]),
+    ("fit-chm-missing", [*FIT, "data.images=[{rgb}]", "data.chm={tmp}/c.tif"], 2, ["c.tif"]),
+    ("fit-range-reversed", [*FIT, "data.input_range=9,1"], 2, ["data.input_range"]),
+    ("fit-uint16-dtype-max", [*FIT, "data.pairs=[[{rgb16},{chm}]]"], 2, ["data.dtype_max", "uint16"]),
     # -- cells synth
     ("cells-synth-plates", ["cells", "synth", "{tmp}/s", "--plates", "0"], 2, ["plates", "range"]),
     ("cells-synth-rows", ["cells", "synth", "{tmp}/s", "--rows", "100"], 2, ["rows", "range"]),
@@ -187,9 +219,13 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         feature_norm=False,
         normaliser=BandNormaliser([100.0] * 3, [50.0] * 3),
         band_names=["red", "green", "blue"],
-        metadata={"gsd_m": 0.5},
+        metadata={"gsd_m": 0.5, "input": InputRecord("uint8", (0.0, 255.0)).to_dict()},
     )
     model = save_canopy_model(canopy, root / "canopy.safetensors")
+    with rasterio.open(rgb) as src:
+        profile = dict(src.profile, dtype="uint16", nodata=None)
+        with rasterio.open(root / "rgb16.tif", "w", **profile) as dst:
+            dst.write(src.read().astype("uint16") * 257)
     (root / "garbage.tif").write_text("not an image\n")
     (root / "adir").mkdir()
     (root / "kind.yaml").write_text("kind: pretrian\noptim: {epochs: 1}\n")
@@ -199,6 +235,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     square = [[[-81.0, 0.0], [-80.99, 0.0], [-80.99, 0.01], [-81.0, 0.01], [-81.0, 0.0]]]
     feature = {"type": "Feature", "properties": {"plot": "a"}, "geometry": {"type": "Polygon", "coordinates": square}}
     (root / "polygons.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    point = {"type": "Feature", "properties": {"plot": "a"}, "geometry": {"type": "Point", "coordinates": [-81, 0]}}
+    (root / "points.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [point]}))
+    (root / "plots.csv").write_text("plot,lon,lat,mean\na,-80.99,0.001,3\n")
     return {
         "rgb": str(rgb),
         "chm": str(chm),
@@ -211,6 +250,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "platemap": str(root / "platemap.csv"),
         "plate": str(screen.plates[0]),
         "polygons": str(root / "polygons.geojson"),
+        "points": str(root / "points.geojson"),
+        "plots_csv": str(root / "plots.csv"),
+        "rgb16": str(root / "rgb16.tif"),
         "tiny": str(TINY),
     }
 
@@ -226,7 +268,7 @@ def test_the_catalogue_covers_every_command() -> None:
     for command in ("pretrain", "export", "eval knn", "eval linear", "weights inspect", "weights convert", "launch"):
         assert any(c.startswith(command) for c in covered), command
     for group, subs in {
-        "canopy": "synth fit predict evaluate zonal",
+        "canopy": "synth fit predict evaluate zonal inspect",
         "cells": "synth embed fit-head profile evaluate",
     }.items():
         for sub in subs.split():

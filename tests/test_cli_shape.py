@@ -36,6 +36,7 @@ CASES: dict[str, tuple[list[str], str, str, Any]] = {
     "canopy predict": (["a.tif", "--model", "m.safetensors", "--out", "o.tif"], "tile=128", "tile", 128),
     "canopy evaluate": (["p.tif", "r.tif", "--out", "e"], "block=20", "block", 20),
     "canopy zonal": (["r.tif", "p.gpkg", "o.gpkg"], "band=2", "band", 2),
+    "canopy inspect": (["r.tif", "--model", "m.safetensors"], "input_range=auto", "input_range", "auto"),
     "cells synth": (["out"], "plates=3", "plates", 3),
     "cells embed": (["p.zarr", "--weights", "w.pth"], "model.batch_size=8", "model.batch_size", 8),
     "cells fit-head": (["run", "--platemap", "p.csv", "--out", "h"], "epochs=5", "epochs", 5),

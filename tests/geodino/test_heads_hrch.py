@@ -11,9 +11,14 @@ import rasterio
 import torch
 import torch.nn.functional as F
 
+from core.cli import main
 from core.errors import DinoscopeError
+from core.weights.meta import WeightMeta
+from geodino.config import CanopyFitRecipe
+from geodino.fit import _layers
 from geodino.heads import LinearCanopyHead, bin_moments, height_bins
 from geodino.hrch import DPTCanopyHead, build_hrch, infer_hrch_config, load_hrch
+from geodino.hrch_checkpoints import PUBLIC_HRCH
 from geodino.model import load_canopy_model, save_canopy_model
 from geodino.prediction import predict_files
 
@@ -119,15 +124,16 @@ def test_infers_real_checkpoint_layouts(size: str) -> None:
 def test_strict_loading_names_the_problem(tmp_path: Path) -> None:
     sd = dict(FX["state_dict"])
     missing = {k: v for k, v in sd.items() if k != "decode_head.project.conv.bias"}
+    blocks = {"num_heads": 4, "out_indices": [1, 3, 5, 7]}  # a reduced layout: not one of the public checkpoints
     with pytest.raises(DinoscopeError, match="decode_head.project.conv.bias"):
-        load_hrch(missing, num_heads=4)
+        load_hrch(missing, **blocks)
     with pytest.raises(DinoscopeError, match="chm_module_.extra"):
-        load_hrch({**sd, "chm_module_.extra": torch.zeros(1)}, num_heads=4)
-    wrapped = load_hrch({f"chm_module_.{k}": v for k, v in sd.items()}, num_heads=4)  # geoai's wrapper prefix
+        load_hrch({**sd, "chm_module_.extra": torch.zeros(1)}, **blocks)
+    wrapped = load_hrch({f"chm_module_.{k}": v for k, v in sd.items()}, **blocks)  # geoai's wrapper prefix
     assert torch.equal(wrapped.decode_head.project.conv.bias, sd["decode_head.project.conv.bias"])
     quantised = {**sd, "backbone.blocks.0.attn.qkv.zero_point": torch.zeros(1)}
     with pytest.raises(DinoscopeError, match="quantised"):
-        load_hrch(quantised, num_heads=4)
+        load_hrch(quantised, **blocks)
     bare = tmp_path / "backbone_only.pth"
     torch.save({k: v for k, v in sd.items() if k.startswith("backbone.")}, bare)
     with pytest.raises(DinoscopeError, match="canopy fit") as err:
@@ -135,7 +141,7 @@ def test_strict_loading_names_the_problem(tmp_path: Path) -> None:
     assert str(bare) in str(err.value)
     mis = {**sd, "decode_head.convs.0.conv.weight": torch.zeros(32, 13, 3, 3)}
     with pytest.raises(DinoscopeError, match="mis-shaped"):
-        load_hrch(mis, num_heads=4)
+        load_hrch(mis, **blocks)
 
 
 def test_hrch_checkpoint_is_a_canopy_model_that_crops_and_round_trips(tmp_path: Path) -> None:
@@ -164,16 +170,20 @@ def test_random_hrch_checkpoint_predicts_real_orthophoto_on_its_grid(tmp_path: P
     ckpt = tmp_path / "hrch_random.pth"
     torch.save({"state_dict": _random_fixture_layout()}, ckpt)  # exactly the official layout, fresh weights
     out = tmp_path / "osbs_chm.tif"
-    written = predict_files(ckpt, [OSBS], out, uncertainty=True, num_heads=4, device="cpu", progress=False)
+    with pytest.raises(DinoscopeError, match="not one of the public ones") as err:  # blocks are never guessed
+        predict_files(ckpt, [OSBS], out, num_heads=4, device="cpu", progress=False)
+    assert "--hrch-blocks" in err.value.fix and not out.exists()
+    written = predict_files(
+        ckpt, [OSBS], out, uncertainty=True, num_heads=4, hrch_blocks=[1, 3, 5, 7], device="cpu", progress=False
+    )
     assert written == [out]
     with rasterio.open(OSBS) as src, rasterio.open(out) as pred, rasterio.open(tmp_path / "osbs_chm_std.tif") as sd:
         assert (pred.crs, pred.transform, pred.width, pred.height) == (src.crs, src.transform, src.width, src.height)
         assert (sd.crs, sd.transform, sd.shape) == (src.crs, src.transform, src.shape)
-        rgb = src.read()
         heights, std = pred.read(1), sd.read(1)
         assert pred.dtypes[0] == "float32" and np.isnan(pred.nodata)
-    input_nodata = (rgb == src.nodata).any(axis=0)
-    assert input_nodata.sum() > 1000  # the file has saturated (nodata) pixels
+        input_nodata = src.dataset_mask() == 0
+    assert input_nodata.sum() == 461  # pixels where all three bands are 255 (1,665 more have one or two at 255)
     np.testing.assert_array_equal(np.isnan(heights), input_nodata)
     assert np.isfinite(heights[~input_nodata]).all() and (heights[~input_nodata] > 0).all()
     assert (std[~input_nodata] > 0).all()
@@ -216,3 +226,40 @@ def test_light_dpt_head_reaches_the_pixel_grid() -> None:
     out = head(features, (24, 40))  # patch 8: 3 x 5 patches
     assert out["height"].shape == (1, 24, 40) and out["std"].shape == (1, 24, 40)
     assert torch.isfinite(out["height"]).all() and float(out["std"].min()) > 0
+
+
+def test_public_checkpoints_carry_their_heads_and_decoder_blocks_and_others_are_never_guessed(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    for size, blocks in (("huge", [9, 16, 22, 29]), ("large", [4, 11, 17, 23])):
+        config = infer_hrch_config(FX[f"key_shapes_full_{size}"])  # no num_heads, no out_indices given
+        assert config["public"] == size and config["out_indices"] == blocks
+    assert [(c.size, c.num_heads) for c in PUBLIC_HRCH] == [("huge", 20), ("large", 16)]
+    # A 12-block layout (not public): evenly spaced blocks would be [2, 5, 8, 11]; it must be told its own.
+    shapes = {k: v for k, v in FX["key_shapes_full_large"].items() if not k.startswith("backbone.blocks.")}
+    shapes |= {
+        k: v
+        for k, v in FX["key_shapes_full_large"].items()
+        if k.startswith(tuple(f"backbone.blocks.{i}." for i in range(12)))
+    }
+    with pytest.raises(DinoscopeError, match="not one of the public ones") as err:
+        infer_hrch_config(shapes)
+    assert "--hrch-blocks 2,5,8,11" in err.value.fix
+    assert infer_hrch_config(shapes, out_indices=[2, 5, 8, 10])["out_indices"] == [2, 5, 8, 10]
+
+    meta = WeightMeta(
+        "custom",
+        {"embed_dim": 1280, "depth": 32, "patch_size": 16},
+        ["r", "g", "b"],
+        [0.4] * 3,
+        [0.2] * 3,
+        source_format="hrch",
+    )
+    assert _layers(CanopyFitRecipe(), meta) == [9, 16, 22, 29]  # a fit on the HRCH backbone reads the same blocks
+
+    path = tmp_path / "hrch_small.pt"
+    torch.save(FX, path)
+    assert main(["canopy", "inspect", str(OSBS), "--model", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "public: no, heads 4, decoder blocks [1, 3, 5, 7]" in text and "inputs    uint8, values 0..255" in text
+    assert "would accept" in text and "pixel size: 0.1 m, but the model was trained at 0.6 m" in text
