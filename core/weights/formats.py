@@ -54,8 +54,18 @@ def _has_prefix(sd: StateDict, prefix: str) -> bool:
     return any(k.startswith(prefix) for k in sd)
 
 
+# Keys only DINOv3 backbones carry (facebookresearch/dinov3: RoPE periods, storage/register tokens).
+_DINOV3_MARKERS = ("rope_embed.periods", "storage_tokens")
+
+
 def detect_format(sd: StateDict) -> str:
     """Name the checkpoint family from its keys (after wrapper prefixes are stripped)."""
+    if any(k.endswith(_DINOV3_MARKERS) for k in sd):
+        raise DinoscopeError(
+            "this is a DINOv3 checkpoint (rotary position embeddings, storage tokens), which dinoscope cannot load yet",
+            field="state_dict",
+            fix="use a DINOv2 checkpoint (hub or training), Cell-DINO, HighResCanopyHeight or a dinoscope export",
+        )
     if _has_prefix(sd, "teacher.") or _has_prefix(sd, "student."):
         return "dinov2_train"
     if _has_prefix(sd, "decode_head."):

@@ -187,3 +187,16 @@ def test_cli_inspect_every_format_and_convert(tmp_path: Path, capsys: pytest.Cap
     err = capsys.readouterr().err
     assert "notes.txt" in err and "fix:" in err
     assert main(["weights", "inspect", str(tmp_path / "missing.pth")]) == 2
+
+
+def test_a_dinov3_checkpoint_is_named_and_refused(tmp_path) -> None:
+    sd = {
+        "cls_token": torch.zeros(1, 1, 8),
+        "storage_tokens": torch.zeros(1, 4, 8),
+        "rope_embed.periods": torch.ones(2),
+        "patch_embed.proj.weight": torch.zeros(8, 3, 16, 16),
+    }
+    path = tmp_path / "dinov3_vitl16_pretrain_sat493m.pth"
+    torch.save(sd, path)
+    with pytest.raises(DinoscopeError, match="DINOv3 checkpoint"):
+        load_backbone(path)
