@@ -14,16 +14,19 @@ Modules:
 
 * :mod:`bio.io` - OME-TIFF, OME-Zarr images and HCS plates (NGFF 0.4/0.5) and CellProfiler LoadData manifests as
   lazy, channel-named :class:`bio.io_base.Image` objects; OME-TIFF and OME-Zarr plate writers.
+* :mod:`bio.fields`, :mod:`bio.fields_files` - the fields of a run (plates, manifests, OME-TIFF files, folders and
+  image lists; plate/well/site from file names) and their nuclei.
 * :mod:`bio.preprocess` - per-plate illumination correction and per-channel normalisation.
 * :mod:`bio.cells` - nucleus centroids (CellProfiler tables, label images, built-in detection) and single-cell crops.
 * :mod:`bio.synthetic` - seeded synthetic Cell Painting plates with known treatment effects, for tests and demos.
 * :mod:`bio.backbone` - channel-matched backbones (fixed channels by name, or bag of channels for any subset).
-* :mod:`bio.embed`, :mod:`bio.embed_fields`, :mod:`bio.embed_store` - resumable, rank-parallel per-cell embedding
-  to zarr + parquet.
+* :mod:`bio.embed`, :mod:`bio.embed_fields`, :mod:`bio.embed_store`, :mod:`bio.embed_anndata` - resumable,
+  rank-parallel per-cell embedding to zarr + parquet (and AnnData).
+* :mod:`bio.qc` - per-cell quality control: focus, saturation, debris and edge flags.
 * :mod:`bio.profiles`, :mod:`bio.profiles_aggregate`, :mod:`bio.profiles_normalise`, :mod:`bio.profiling` -
   streaming well profiles and normalisation against controls (pycytominer).
-* :mod:`bio.evaluate`, :mod:`bio.evaluate_map`, :mod:`bio.evaluate_knn`, :mod:`bio.plots` - copairs mAP, kNN,
-  batch separation; plots and an HTML report.
+* :mod:`bio.evaluate`, :mod:`bio.evaluate_map`, :mod:`bio.evaluate_knn`, :mod:`bio.plots` - copairs mAP and the
+  hit list, kNN, batch separation; plots and an HTML report.
 * :mod:`bio.heads` - phenotype classifiers on embeddings.
 * :mod:`bio.pretrain_data` - single-cell crops as a ``data.kind: cells`` pretraining dataset.
 * :mod:`bio.config`, :mod:`bio.services`, :mod:`bio.cli` - recipes, their services, ``dinoscope cells``.

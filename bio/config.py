@@ -15,6 +15,8 @@ from core.config.fields import option
 from core.errors import DinoscopeError
 
 NORMALISATIONS = ("mad_robustize", "standardize", "spherize", "none")
+# TIFF file names -> plate, well, site: BR00117010_A01_s1, plate1-B12-2, plate1_C03_field4 (bio.fields_files)
+DEFAULT_NAME_PATTERN = r"(?P<plate>.+?)[_-](?P<well>[A-Za-z]{1,2}\d{1,3})(?:[_-](?:s|site|f|field)?(?P<site>\d+))?"
 
 
 @dataclass
@@ -22,7 +24,12 @@ class EmbedDataCfg:
     """Where the cells come from."""
 
     sources: list[str] = option(
-        [], help="OME-Zarr plates (.zarr) and/or LoadData CSVs", positional=True, metavar="SOURCE", is_input=True
+        [],
+        help="OME-Zarr plates (.zarr), LoadData CSVs, multi-channel (OME-)TIFF files, folders of them, or image-list "
+        "CSVs (file, plate, well, site)",
+        positional=True,
+        metavar="SOURCE",
+        is_input=True,
     )
     channels: list[str] = option(
         [], help="channels to embed, comma-separated, in order (default: all)", comma_list=True
@@ -35,6 +42,16 @@ class EmbedDataCfg:
     detect_channel: str = option("DNA", help="nuclear stain for --centroids detect")
     illumination: str = option(
         "", help=".npz flat-fields per channel to divide by (bio.preprocess.save_illumination)", is_input=True
+    )
+    channel_map: list[str] = option(
+        [],
+        help="rename source channels, comma-separated OLD=NEW (LoadData FileName_OrigDNA is DNA without it)",
+        comma_list=True,
+    )
+    name_pattern: str = option(
+        DEFAULT_NAME_PATTERN,
+        help="regular expression with groups plate, well (or row, column) and site, matched against TIFF file "
+        "names without their .ome.tif/.tif suffix",
     )
 
 
@@ -70,6 +87,21 @@ class EmbedCropsCfg:
 
 
 @dataclass
+class EmbedQcCfg:
+    """When a cell is flagged by quality control (bio.qc); flags are stored, `cells profile --qc` drops them."""
+
+    min_focus_ratio: float = option(
+        0.5, help="flag 'blur' below this fraction of the plate's median focus score", above=0.0, below=1.0
+    )
+    max_saturated: float = option(
+        0.01, help="flag 'saturated' above this share of crop pixels at the saturation level", minimum=0.0, maximum=1.0
+    )
+    debris_fold: float = option(
+        4.0, help="flag 'debris' when the nucleus area is this many times off the plate's median", above=1.0
+    )
+
+
+@dataclass
 class EmbedOutputCfg:
     """The embedding run directory."""
 
@@ -83,6 +115,9 @@ class EmbedOutputCfg:
     chunk_rows: int = option(0, help="rows per zarr chunk (0: about 8 MiB)", minimum=0)
     head: str = option(
         "", help="phenotype head from `dinoscope cells fit-head`: adds per-cell predictions", is_input=True
+    )
+    format: str = option(
+        "zarr", help="anndata also writes RUN/cells.h5ad (obs: cells, X: embeddings)", choices=("zarr", "anndata")
     )
     resume: bool = option(True, help="continue a previous run in --out (--no-resume discards it and starts over)")
     overwrite: bool = option(False, help="replace a finished run in --out that was made with other settings")
@@ -102,6 +137,7 @@ class CellsEmbedRecipe:
     data: EmbedDataCfg = field(default_factory=EmbedDataCfg)
     model: EmbedModelCfg = field(default_factory=EmbedModelCfg)
     crops: EmbedCropsCfg = field(default_factory=EmbedCropsCfg)
+    qc: EmbedQcCfg = field(default_factory=EmbedQcCfg)
     output: EmbedOutputCfg = field(default_factory=EmbedOutputCfg)
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
@@ -126,15 +162,19 @@ class CellsEmbedRecipe:
         }.get(self.data.centroids)
         if needs and not needs[1]:
             raise DinoscopeError(f"data.centroids {self.data.centroids!r} needs {needs[0]}", path=path, field=needs[0])
+        try:
+            channel_map_of(self.data.channel_map)
+        except DinoscopeError as err:
+            raise DinoscopeError(err.message, path=path, field=err.field, fix=err.fix) from None
 
 
 @dataclass
 class ControlCfg:
-    """Plate-map columns that name treatments and negative controls."""
+    """Plate-map columns that name treatments and negative controls (JUMP's ``Metadata_`` names work as they are)."""
 
-    control_column: str = option("role", help="plate-map column marking controls")
-    control_value: str = option("negative_control", help="value of negative-control wells")
-    treatment_column: str = option("treatment", help="plate-map column naming treatments")
+    control_column: str = option("role", help="plate-map column marking controls, e.g. Metadata_control_type")
+    control_value: str = option("negative_control", help="value of negative-control wells, e.g. negcon")
+    treatment_column: str = option("treatment", help="plate-map column naming treatments, e.g. Metadata_pert_iname")
 
 
 @dataclass
@@ -150,12 +190,24 @@ class ProfileSettings(ControlCfg):
         "well", help="write well profiles or treatment consensus profiles", choices=("well", "treatment")
     )
     drop_edge_cells: bool = option(False, help="skip cells flagged 'edge'")
+    qc: bool = option(False, help="drop cells with any QC flag (blur, saturated, debris, edge) before aggregating")
+    allow_missing_wells: bool = option(
+        False, help="drop wells missing from the plate map (and map wells without cells) instead of failing"
+    )
+    feature_prefix: str = option(
+        "emb_", help="feature column prefix; Cells_DINO_ lets pycytominer's features='infer' find them"
+    )
 
 
 @dataclass
-class EvaluateSettings(ControlCfg):
-    """How profiles are scored (copairs mAP, not-same-batch kNN, plate separation)."""
+class EvaluateSettings:
+    """How profiles are scored (copairs mAP, not-same-batch kNN, plate separation); the column settings default to
+    those `cells profile` stored in the profiles."""
 
+    control_column: str = option("", help="column marking controls (default: as given to `cells profile`, else role)")
+    control_value: str = option("", help="value of control wells (default: as given to `cells profile`)")
+    treatment_column: str = option("", help="column naming treatments (default: as given to `cells profile`)")
+    min_replicates: int = option(3, help="treatments with fewer replicate wells are flagged, never hits", minimum=2)
     batch_column: str = option("plate", help="column whose values define batches for not-same-batch kNN")
     annotation_column: str = option("moa", help="annotation for consistency mAP (if present)")
     null_size: int = option(10000, help="permutations for mAP p-values", minimum=10)
@@ -242,6 +294,8 @@ class CellsSynthCfg:
     fields: int = option(2, help="fields of view per well", minimum=1)
     size: int = option(128, help="field side in pixels", minimum=32)
     ngff: str = option("0.5", help="OME-NGFF version", choices=("0.4", "0.5"))
+    blurred_fields: int = option(0, help="out-of-focus fields planted per plate (QC tests)", minimum=0)
+    saturated_wells: int = option(0, help="over-exposed wells planted per plate (QC tests)", minimum=0)
 
 
 @dataclass
@@ -256,7 +310,7 @@ class CellsFitHeadCfg:
         is_input=True,
     )
     platemap: str = option("", help="CSV with plate, well, treatment, role (+ e.g. moa)", is_input=True)
-    label: str = option("treatment", help="plate-map column to predict")
+    label: str = option("treatment", help="plate-map column to predict, e.g. moa or Metadata_pert_iname")
     out: str = option("", help="output directory for the head", output="dir")
     holdout_fraction: float = option(0.25, help="share of each label's wells held out", minimum=0.0, maximum=0.9)
     max_cells_per_well: int = option(500, help="cells sampled per well", minimum=1)
@@ -264,8 +318,26 @@ class CellsFitHeadCfg:
     lr: float = option(1e-3, help="AdamW learning rate", minimum=0.0)
     weight_decay: float = option(1e-4, help="AdamW weight decay", minimum=0.0)
     drop_edge_cells: bool = option(False, help="skip cells flagged 'edge'")
+    allow_missing_wells: bool = option(
+        False, help="skip wells of the run missing from the plate map instead of failing"
+    )
     seed: int = option(0, help="random seed of the well split and sampling")
 
     def validate(self, path: str | os.PathLike | None = None) -> None:
         """The run, the plate map and the output directory are required."""
         _require(self, ("run", "platemap", "out"), path, "dinoscope cells fit-head RUN --platemap CSV --out DIR")
+
+
+def channel_map_of(items: list[str] | tuple[str, ...] | None) -> dict[str, str]:
+    """``["OrigDNA=DNA", ...]`` -> ``{"OrigDNA": "DNA", ...}``; a malformed item is a DinoscopeError."""
+    mapping: dict[str, str] = {}
+    for item in items or ():
+        old, sep, new = str(item).partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise DinoscopeError(
+                f"channel map item {item!r} is not OLD=NEW",
+                field="data.channel_map",
+                fix="write it as --channel-map OrigDNA=DNA,OrigER=ER",
+            )
+        mapping[old.strip()] = new.strip()
+    return mapping

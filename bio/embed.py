@@ -2,12 +2,15 @@
 
     dinoscope cells embed plate1.ome.zarr plate2.ome.zarr --weights backbone.safetensors --out RUN
     dinoscope cells embed load_data.csv --centroids table --nuclei-table nuclei.csv --weights w.pth --out RUN
+    dinoscope cells embed images/ --channels DNA,ER,RNA,AGP,Mito --weights w.pth --out RUN --format anndata
     torchrun --nproc_per_node=8 -m core.cli cells embed plates/*.ome.zarr --weights w.safetensors --out RUN
 
 Output, the layout :mod:`bio.profiles` reads: ``RUN/embeddings.zarr`` (zarr v3 group; array ``embeddings``
 ``[n_cells, D]`` chunked by rows; channel names, normalisation, weights metadata in the group attributes) and
-``RUN/cells.parquet`` (``plate, well, site, cell_id, x, y, edge``, row i = embedding row i; with ``--head`` also
-``predicted_<label>`` and ``prob_<class>``).
+``RUN/cells.parquet`` (``plate, well, site, cell_id, x, y, edge``, the QC measurements and flags of :mod:`bio.qc`,
+row i = embedding row i; with ``--head`` also ``predicted_<label>`` and ``prob_<class>``). With ``--format anndata``
+also ``RUN/cells.h5ad`` (:mod:`bio.embed_anndata`). Sources are OME-Zarr plates, LoadData manifests and
+multi-channel (OME-)TIFF files, folders and image lists (:mod:`bio.fields_files`).
 
 Work is done field by field (DeepProfiler-style crops around nucleus centroids). Rank ``r`` of ``W`` takes fields
 ``r, r+W, ...`` and writes each field's rows to its own part ``RUN/parts/rank-<r>/``; a field is committed by one
@@ -19,7 +22,8 @@ next one being read ahead) and one batch of crops.
 
 Before any of this, :mod:`bio.embed_checks` checks every input (metadata only, nothing written); the run directory
 is locked for the whole run, and a previous run there is resumed, found complete, or refused when its settings differ
-(replaced with ``overwrite``): see :mod:`bio.embed_store`. A run that embeds no cell at all fails, saying why.
+(replaced with ``overwrite``): see :mod:`bio.embed_store`. A run that embeds no cell at all fails, saying why, and
+leaves no state behind that would block or be resumed by the corrected command.
 
 The per-field pipeline lives in :mod:`bio.embed_fields`, the part writer and merge in :mod:`bio.embed_store`.
 """
@@ -32,18 +36,29 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from bio.backbone import CellBackbone
+from bio.embed_anndata import ANNDATA_FILE, require_anndata, write_anndata
 from bio.embed_checks import check_inputs, nothing_embedded
 from bio.embed_fields import embed_field, read_ahead
-from bio.embed_store import PartWriter, all_commits, merge_parts, run_lock, start_run, wait_for_all
+from bio.embed_store import (
+    PartWriter,
+    all_commits,
+    discard_attempt,
+    merge_parts,
+    run_lock,
+    start_run,
+    wait_for_all,
+)
 from bio.fields import CentroidFinder, FieldInfo, field_channel_names, list_fields, open_fields
+from bio.fields_files import DEFAULT_NAME_PATTERN
 from bio.heads import check_compatible, load_head
 from bio.io import channel_indices
 from bio.preprocess import load_illumination
+from bio.qc import QcThresholds, measure_field
 from core.distributed.device import resolve_device
 from core.distributed.env import DistEnv
 from core.errors import DinoscopeError
@@ -54,6 +69,7 @@ log = logging.getLogger(__name__)
 
 EDGE_POLICIES = ("pad", "skip")
 DTYPES = ("float32", "float16")
+FORMATS = ("zarr", "anndata")
 
 
 def embed_plate(
@@ -84,11 +100,16 @@ def embed_plate(
     overwrite: bool = False,
     prefetch: bool = True,
     poll_seconds: float = 1.0,
+    channel_map: Mapping[str, str] | None = None,
+    name_pattern: str = DEFAULT_NAME_PATTERN,
+    qc: QcThresholds | None = None,
+    output_format: str = "zarr",
 ) -> dict[str, Any]:
     """Embed every cell of OME-Zarr plates and/or LoadData manifests into ``out_dir`` (see the module docstring).
 
     Args:
-        sources: plate roots (``.zarr``) and LoadData CSVs; fields are numbered in this order.
+        sources: plate roots (``.zarr``), LoadData CSVs, (OME-)TIFF files, folders of them and image-list CSVs;
+            fields are numbered in this order.
         weights: backbone file for :meth:`bio.backbone.CellBackbone.load`.
         channels: data channels to embed, in this order (default: every channel except ``label_channel``).
         weights_channels: names of a fixed-channel model's inputs when its file carries none.
@@ -105,6 +126,11 @@ def embed_plate(
         overwrite: replace a run in ``out_dir`` made with other settings (otherwise refused).
         prefetch: read and segment the next field while the current one is embedded.
         poll_seconds: how often rank 0 checks whether the other ranks are done.
+        channel_map: renames the sources' channels (``{"OrigDNA": "DNA"}``); manifests also follow the ``Orig``
+            rule of :mod:`bio.io_manifest`.
+        name_pattern: how TIFF file names give plate, well and site (:mod:`bio.fields_files`).
+        qc: thresholds of the per-cell QC flags (:class:`bio.qc.QcThresholds`; default thresholds when None).
+        output_format: ``zarr`` (always written), or ``anndata`` to also write ``RUN/cells.h5ad``.
 
     Returns:
         the run summary (also written to ``RUN/embed_summary.json``).
@@ -121,11 +147,18 @@ def embed_plate(
     """
     env = DistEnv.from_environ()
     run = Path(out_dir)
-    for key, value, valid in (("edge", edge, EDGE_POLICIES), ("dtype", dtype, DTYPES)):
+    for key, value, valid in (
+        ("edge", edge, EDGE_POLICIES),
+        ("dtype", dtype, DTYPES),
+        ("format", output_format, FORMATS),
+    ):
         if value not in valid:
             raise DinoscopeError(f"unknown {key} {value!r}", field=key, fix=f"use one of {', '.join(valid)}")
     if crop_size < 1:
         raise DinoscopeError(f"crop size must be positive, got {crop_size}", field="crop_size")
+    if output_format == "anndata":
+        require_anndata()
+    qc = qc or QcThresholds()
     # Held for the whole run. A single process on an existing directory locks first, so that a second run there
     # fails at once; otherwise the inputs are checked first (a failed check leaves no new directory behind) and
     # start_run locks, with every rank agreeing (bio.embed_store).
@@ -133,7 +166,7 @@ def embed_plate(
     if env.world_size == 1 and run.exists():
         lock.acquire()
     try:
-        fields = list_fields(sources)
+        fields = list_fields(sources, channel_map=channel_map, name_pattern=name_pattern)
         finder = CentroidFinder(
             centroids, nuclei_table=nuclei_table, label_channel=label_channel, detect_channel=detect_channel
         )
@@ -170,9 +203,13 @@ def embed_plate(
             "weights": backbone.weights_sha256 or str(weights),
             "head": head_meta["sha256"] if head_meta else None,
             "n_fields": len(fields),
+            "channel_map": dict(sorted((channel_map or {}).items())),
+            "name_pattern": name_pattern,
+            "qc": qc.describe(),
         }
         if start_run(run, settings, env, lock, resume=resume, overwrite=overwrite):
-            return _already_complete(run, env)
+            return _already_complete(run, env, output_format)
+        nuclear = names.index(finder.detect_channel) if finder.detect_channel in names else None
         part = PartWriter(run / "parts" / f"rank-{env.rank:04d}")
         done = set(all_commits(run))
         if done and env.is_main:
@@ -183,10 +220,16 @@ def embed_plate(
 
         def embed_fields() -> Iterator[None]:
             """One tick per embedded cell, so the shared progress bar shows cells/s."""
-            loaded = read_ahead(open_fields(fields, set(mine)), finder, names, flats, prefetch)
-            for field, image_data, cents, ids in loaded:
+
+            def measure(data: Any, cents: Any) -> dict[str, Any]:
+                return measure_field(data, cents, crop_size, edge, nuclear, backbone.batch_size)
+
+            loaded = read_ahead(open_fields(fields, set(mine)), finder, names, flats, prefetch, measure)
+            for field, image_data, cents, ids, measured in loaded:
                 t0 = time.perf_counter()
-                result = embed_field(backbone, image_data, cents, ids, names, crop_size, edge, classifier, dtype)
+                result = embed_field(
+                    backbone, image_data, cents, ids, names, crop_size, edge, classifier, dtype, nuclear, measured
+                )
                 part.append(field, result, time.perf_counter() - t0, found=len(cents))
                 seconds = time.perf_counter() - t0
                 logger.log(
@@ -205,7 +248,9 @@ def embed_plate(
             return {"rank": env.rank, "fields": len(mine), "rows": part.rows}
         commits = wait_for_all(run, len(fields), poll_seconds, env.world_size)
         if not sum(record["n"] for _, record in commits.values()):
-            raise nothing_embedded(run, [record for _, record in commits.values()], finder, crop_size, edge)
+            error = nothing_embedded(run, [record for _, record in commits.values()], finder, crop_size, edge)
+            discard_attempt(run)
+            raise error
         attrs = {
             **description,
             "crops": settings["crops"],
@@ -215,10 +260,13 @@ def embed_plate(
             "dtype": dtype,
             "head": {k: head_meta[k] for k in ("label", "classes", "sha256", "path")} if head_meta else None,
             "format": "dinoscope.cells.embed/1",
+            "qc": settings["qc"],
         }
         dim = description["features"]["dim"]
-        n_cells = merge_parts(run, fields, commits, dim, dtype, chunk_rows, attrs, head_meta)
+        n_cells = merge_parts(run, fields, commits, dim, dtype, chunk_rows, attrs, head_meta, names, qc)
         shutil.rmtree(run / "parts", ignore_errors=True)
+        if output_format == "anndata":
+            write_anndata(run)
         summary = {
             "run": str(run),
             "n_cells": n_cells,
@@ -236,10 +284,13 @@ def embed_plate(
         lock.release()
 
 
-def _already_complete(run: Path, env: DistEnv) -> dict[str, Any]:
+def _already_complete(run: Path, env: DistEnv, output_format: str) -> dict[str, Any]:
     if not env.is_main:
         return {"rank": env.rank}
     summary = json.loads((run / "embed_summary.json").read_text())
+    if output_format == "anndata" and not (run / ANNDATA_FILE).exists():
+        log.info("%s: writing the AnnData store of the finished run", run)
+        write_anndata(run)
     log.info(
         "%s: already complete with these settings (%s cells), nothing to do (--no-resume embeds it again)",
         run,

@@ -3,8 +3,9 @@ that embedded no cell.
 
 :func:`check_inputs` reads metadata only (no pixels) and writes nothing, so a bad input fails in seconds with the
 output directory untouched, instead of after hours of embedding: every image file of every LoadData row exists,
-every NGFF field the plates list opens, the channels the run reads exist in every field, and a nuclei table names
-the sources' plates. NGFF fields are opened by a few threads, since each is a handful of small metadata reads.
+every NGFF field the plates list and every TIFF file opens, the channels the run reads exist in every field (after
+the channel map), and a nuclei table names the sources' plates. Fields are opened by a few threads, since each is
+a handful of small metadata reads.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bio.fields import CentroidFinder, FieldInfo
-from bio.io import channel_indices, read_image, read_manifest
+from bio.fields import CentroidFinder, FieldInfo, open_field_image
+from bio.io import channel_indices, read_manifest
 from core.errors import DinoscopeError
 
 _THREADS = 8
@@ -38,7 +39,7 @@ def check_inputs(fields: Sequence[FieldInfo], finder: CentroidFinder, names: Seq
         by_source.setdefault(field.source, []).append(field)
     for source, its_fields in by_source.items():
         if its_fields[0].path is None:
-            _check_manifest(source, needed, finder)
+            _check_manifest(source, needed, finder, dict(its_fields[0].channel_map))
         else:
             with ThreadPoolExecutor(max_workers=_THREADS) as pool:
                 problems = [p for p in pool.map(lambda f: _field_problem(f, needed, finder), its_fields) if p]
@@ -52,13 +53,13 @@ def check_inputs(fields: Sequence[FieldInfo], finder: CentroidFinder, names: Seq
         _check_table_covers(by_source, finder)
 
 
-def _check_manifest(source: Path, needed: Sequence[str], finder: CentroidFinder) -> None:
+def _check_manifest(source: Path, needed: Sequence[str], finder: CentroidFinder, channel_map: dict[str, str]) -> None:
     """The manifest lists every channel the run reads, and every image file of every row exists."""
-    rows = read_manifest(source, check_files=False)
+    rows = read_manifest(source, check_files=False, channel_map=channel_map)
     labels = finder.method == "labels" and finder.label_channel not in needed
     wanted = [*needed, finder.label_channel] if labels else needed
     channel_indices(rows[0].channel_names, wanted, source)
-    listed = [(row.line, name, path) for row in rows for name, path in row.channel_paths.items()]
+    listed = [(row.line, row.channel_columns[name], path) for row in rows for name, path in row.channel_paths.items()]
     with ThreadPoolExecutor(max_workers=_THREADS) as pool:  # network file systems answer slowly, but in parallel
         found = list(pool.map(lambda item: item[2].is_file(), listed))
     missing = [item for item, exists in zip(listed, found, strict=True) if not exists]
@@ -76,7 +77,7 @@ def _check_manifest(source: Path, needed: Sequence[str], finder: CentroidFinder)
 def _field_problem(field: FieldInfo, needed: Sequence[str], finder: CentroidFinder) -> DinoscopeError | None:
     """Why an NGFF field cannot be embedded (it does not open, or lacks a channel or label image), or None."""
     try:
-        with read_image(field.path) as image:
+        with open_field_image(field) as image:
             channel_indices(image.channel_names, needed, field.path)
             label = str(finder.label_channel)
             if (

@@ -3,7 +3,8 @@
 Rank ``r`` writes each field's rows to its own part ``RUN/parts/rank-<r>/``; a field is committed by one line in
 the part's ``committed.jsonl`` written only after its rows, so a field interrupted by a crash is simply redone on
 resume and no cell is stored twice. When every field is committed, rank 0 merges the parts in field order into
-``RUN/embeddings.zarr`` + ``RUN/cells.parquet`` (atomic renames).
+``RUN/embeddings.zarr`` + ``RUN/cells.parquet`` (atomic renames), setting each cell's QC flags against its plate's
+medians on the way (:mod:`bio.qc`).
 
 Start of a run (:func:`start_run`): each process locks the run directory, so a second run on the same directory
 fails at once naming the first, instead of interleaving parts with it (or waiting forever for fields the first run
@@ -33,6 +34,7 @@ import zarr
 
 from bio.embed_fields import FieldResult
 from bio.fields import FieldInfo
+from bio.qc import QcThresholds, flag_cells, plate_medians, qc_schema, qc_values
 from core.distributed.env import init_distributed
 from core.errors import DinoscopeError
 from core.io import atomic_path, write_json
@@ -42,7 +44,14 @@ log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 8 * 2**20
 # What a run writes besides the parts; a run started over removes them (never anything else in the directory).
-RUN_FILES = ("embeddings.zarr", "cells.parquet", "embed_summary.json", "embed_config.json", "embed_log.jsonl")
+RUN_FILES = (
+    "embeddings.zarr",
+    "cells.parquet",
+    "cells.h5ad",
+    "embed_summary.json",
+    "embed_config.json",
+    "embed_log.jsonl",
+)
 
 
 class PartWriter:
@@ -185,7 +194,8 @@ def plan_run(run: Path, settings: dict[str, Any], *, resume: bool, overwrite: bo
     """``"complete"``, ``"resume"`` or ``"start"`` (over) for a run in ``run`` with ``settings``; reads only.
 
     A run made with other settings is replaced only with ``overwrite`` (or ``resume=False``, which always starts
-    over); otherwise it is refused, so a finished run is never destroyed by a changed flag.
+    over); otherwise it is refused, so a finished run is never destroyed by a changed flag. An earlier attempt that
+    embedded no cell at all is not protected: a corrected command simply starts over.
     """
     config = run / "embed_config.json"
     if not config.exists():
@@ -197,6 +207,9 @@ def plan_run(run: Path, settings: dict[str, Any], *, resume: bool, overwrite: bo
         previous = json.loads(config.read_text())
     except ValueError:
         previous = {"embed_config.json": "unreadable"}
+    if previous != settings and nothing_kept(run):
+        log.info("%s: the earlier attempt there embedded no cell; starting over with the new settings", run)
+        return "start"
     if previous != settings:
         changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         details = "; ".join(
@@ -220,6 +233,20 @@ def plan_run(run: Path, settings: dict[str, Any], *, resume: bool, overwrite: bo
         log.warning("%s says it is complete but its store is missing: embedding it again", run)
         return "start"
     return "resume"
+
+
+def nothing_kept(run: Path) -> bool:
+    """Whether ``run`` holds no embedded cell: no final store, and no committed field with a cell."""
+    if (run / "embeddings.zarr").exists() or (run / "cells.parquet").exists():
+        return False
+    return not any(int(record.get("n", 0)) for _, record in all_commits(run).values())
+
+
+def discard_attempt(run: Path) -> None:
+    """Remove the state of an attempt that embedded nothing (its parts and settings), so that nothing of it blocks
+    or is resumed by the next command; its log stays, to show what was tried."""
+    shutil.rmtree(run / "parts", ignore_errors=True)
+    (run / "embed_config.json").unlink(missing_ok=True)
 
 
 def _start_over(run: Path, settings: dict[str, Any], env: Any) -> None:
@@ -267,15 +294,19 @@ def merge_parts(
     chunk_rows: int,
     attrs: dict[str, Any],
     head_meta: dict[str, Any] | None,
+    channel_names: list[str],
+    qc: QcThresholds,
 ) -> int:
-    """Concatenate the parts in field order into ``embeddings.zarr`` + ``cells.parquet``, writing whole chunks."""
+    """Concatenate the parts in field order into ``embeddings.zarr`` + ``cells.parquet``, writing whole chunks; the QC
+    flags of each cell are set against its plate's medians (read first, QC measurements only)."""
     n_total = sum(commits[f.index][1]["n"] for f in fields)
+    medians = plate_medians((f.plate, _measurements(*commits[f.index])) for f in fields)
     rows = chunk_rows or max(64, _CHUNK_BYTES // max(1, dim * np.dtype(dtype).itemsize))
     with atomic_path(run / "embeddings.zarr", is_dir=True) as store, atomic_path(run / "cells.parquet") as table:
         group = zarr.open_group(store, mode="w", zarr_format=3)
         group.attrs.update(json.loads(json.dumps({**attrs, "n_cells": n_total, "n_fields": len(fields)}, default=str)))
         array = group.create_array("embeddings", shape=(n_total, dim), chunks=(rows, dim), dtype=dtype)
-        writer = pq.ParquetWriter(table, _cells_schema(head_meta))
+        writer = pq.ParquetWriter(table, _cells_schema(head_meta, channel_names))
         pending: list[dict[str, np.ndarray]] = []
         written = buffered = 0
         for field in [*fields, None]:
@@ -285,6 +316,7 @@ def merge_parts(
                     rows_of = {name: stored[name] for name in stored.files}
                 for key in ("plate", "well", "site"):
                     rows_of[key] = np.full(record["n"], getattr(field, key), dtype=object)
+                rows_of.update(flag_cells(rows_of, medians[field.plate], qc))
                 pending.append(rows_of)
                 buffered += record["n"]
             take = buffered if field is None else (buffered // rows) * rows
@@ -293,7 +325,10 @@ def merge_parts(
             joined = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
             array[written : written + take] = joined["embeddings"][:take]
             writer.write_table(
-                pa.table(_cell_columns({k: v[:take] for k, v in joined.items()}, head_meta), schema=writer.schema)
+                pa.table(
+                    _cell_columns({k: v[:take] for k, v in joined.items()}, head_meta, channel_names),
+                    schema=writer.schema,
+                )
             )
             pending = [{k: v[take:] for k, v in joined.items()}] if buffered > take else []
             written, buffered = written + take, buffered - take
@@ -301,7 +336,12 @@ def merge_parts(
     return n_total
 
 
-def _cells_schema(head_meta: dict[str, Any] | None) -> Any:
+def _measurements(part: Path, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    with np.load(part / record["rows"]) as stored:
+        return {name: stored[name] for name in ("focus", "nucleus_area")}
+
+
+def _cells_schema(head_meta: dict[str, Any] | None, channel_names: list[str]) -> Any:
     columns = [
         ("plate", pa.string()),
         ("well", pa.string()),
@@ -310,6 +350,7 @@ def _cells_schema(head_meta: dict[str, Any] | None) -> Any:
         ("x", pa.float64()),
         ("y", pa.float64()),
         ("edge", pa.bool_()),
+        *qc_schema(channel_names),
     ]
     if head_meta:
         columns.append((f"predicted_{head_meta['label']}", pa.string()))
@@ -317,8 +358,11 @@ def _cells_schema(head_meta: dict[str, Any] | None) -> Any:
     return pa.schema(columns)
 
 
-def _cell_columns(rows: dict[str, np.ndarray], head_meta: dict[str, Any] | None) -> dict[str, Any]:
+def _cell_columns(
+    rows: dict[str, np.ndarray], head_meta: dict[str, Any] | None, channel_names: list[str]
+) -> dict[str, Any]:
     out: dict[str, Any] = {key: rows[key] for key in ("plate", "well", "site", "cell_id", "x", "y", "edge")}
+    out.update(qc_values(rows, channel_names))
     if head_meta:
         classes = np.asarray(head_meta["classes"], dtype=object)
         probs = rows["probabilities"]

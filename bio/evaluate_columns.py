@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -46,3 +48,24 @@ def control_mask(profiles: pd.DataFrame, control_column: str, control_value: str
 def has_text(values: pd.Series) -> np.ndarray:
     """Boolean mask of the entries that are neither missing nor blank (e.g. wells with an MoA annotation)."""
     return (values.notna() & (values.astype(str).str.strip() != "")).to_numpy()
+
+
+DEFAULT_COLUMNS = {"treatment_column": "treatment", "control_column": "role", "control_value": "negative_control"}
+
+
+def column_settings(provenance: dict[str, Any], **given: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """The treatment and control settings of an evaluation, and where each came from.
+
+    A setting given (non-empty) wins; otherwise the one `cells profile` stored in the profiles' provenance; otherwise
+    the default (``treatment``, ``role``, ``negative_control``). Returns ``(settings, {setting: "given" | "profiles"
+    | "default"})``.
+    """
+    settings, origin = {}, {}
+    for key, default in DEFAULT_COLUMNS.items():
+        if given.get(key):
+            settings[key], origin[key] = str(given[key]), "given"
+        elif provenance.get(key):
+            settings[key], origin[key] = str(provenance[key]), "profiles"
+        else:
+            settings[key], origin[key] = default, "default"
+    return settings, origin

@@ -7,7 +7,9 @@ macro-F1, and plate-batch separation.
 * Macro-F1 of a 1-NN classifier is the CHAMMI protocol (Chen et al., NeurIPS 2023 Datasets & Benchmarks).
 * Plate-batch separation is measured on negative-control wells, where biology is constant by design: the cosine
   silhouette of plate labels (Rousseeuw, J Comput Appl Math 1987) and the leave-one-out kNN accuracy of
-  predicting the plate. Both drop towards chance when normalisation removes plate effects.
+  predicting the plate. Both drop towards chance when normalisation removes plate effects. They are computed only
+  where they mean something: at least two batches, and k below the number of neighbours a control well can have
+  (the other control wells); otherwise the result says ``not_applicable`` and why.
 """
 
 from __future__ import annotations
@@ -117,27 +119,32 @@ def batch_separation(
     k: int = 5,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """How well negative-control wells separate by plate: cosine silhouette and leave-one-out kNN accuracy."""
+    """How well negative-control wells separate by plate: cosine silhouette and leave-one-out kNN accuracy.
+
+    Returns ``{"not_applicable": reason}`` (with the counts) when fewer than two batches hold controls, when no batch
+    repeats a control well, or when ``k`` is not below the number of possible neighbours (control wells - 1).
+    """
     column = meta_column(batch_column)
     if column not in profiles.columns:
-        return {"skipped": f"no batch column {column}"}
+        return {"not_applicable": f"no batch column {column}"}
     is_control = control_mask(profiles, control_column, control_value)
     batches = profiles.loc[is_control, column].astype(str).to_numpy()
     n_batches = len(np.unique(batches))
+    counts = {"n_control_wells": int(len(batches)), "n_batches": n_batches, "k": k}
     if n_batches < 2 or n_batches >= len(batches):
-        return {"skipped": f"need >= 2 batches with repeated control wells, got {n_batches} batch(es)"}
+        why = f"needs >= 2 batches with repeated control wells; the controls come from {n_batches} batch(es)"
+        return {**counts, "not_applicable": why}
+    if k >= len(batches) - 1:
+        why = (
+            f"kNN with k={k} needs more than {k} neighbours, but each of the {len(batches)} control wells has "
+            f"{len(batches) - 1}: its accuracy would mostly reflect batch sizes"
+        )
+        return {**counts, "not_applicable": why}
     x = _unit_rows(profiles.loc[is_control, feature_columns(profiles)].to_numpy())
     silhouette = silhouette_score(x, batches, metric="cosine", sample_size=min(len(x), 5000), random_state=seed)
     knn = knn_classify(x, batches, k=k)
     chance = float(pd.Series(batches).value_counts(normalize=True).max())
-    return {
-        "n_control_wells": int(len(x)),
-        "n_batches": n_batches,
-        "silhouette": float(silhouette),
-        "knn_accuracy": knn["accuracy"],
-        "chance_accuracy": chance,
-        "k": k,
-    }
+    return {**counts, "silhouette": float(silhouette), "knn_accuracy": knn["accuracy"], "chance_accuracy": chance}
 
 
 def knn_metrics(

@@ -2,7 +2,11 @@
 
 Both use copairs mAP with permutation p-values and Benjamini-Hochberg q-values (Kalinin et al., "A versatile
 information retrieval framework for evaluating profile strength and similarity", Nat Commun 2025; repo
-cytomining/copairs).
+cytomining/copairs). Per-label rows keep copairs' column names (``mean_average_precision``, ``p_value``,
+``corrected_p_value``, ``below_corrected_p``) and are sorted by ``corrected_p_value``.
+
+A hit needs replicates: a treatment with fewer than ``min_replicates`` replicate wells (3 by default) is flagged and
+never called a hit (``hit`` is False), whatever its q-value, since the mAP of two wells rests on a single pair.
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ _REFERENCE = "Metadata_copairs_reference"
 
 def _map_summary(maps: pd.DataFrame, label: str, threshold: float) -> dict[str, Any]:
     table = maps.drop(columns=["indices"], errors="ignore").rename(columns={label: "label"})
+    if "hit" not in table.columns:
+        table["hit"] = table["below_corrected_p"].astype(bool)
+    table = table.sort_values(["corrected_p_value", "label"], kind="stable").reset_index(drop=True)
     return {
         "n": int(len(table)),
         "mean_map": float(table["mean_average_precision"].mean()),
-        "fraction_retrieved": float(table["below_corrected_p"].mean()),
+        "fraction_retrieved": float(table["hit"].mean()),
         "threshold": threshold,
         "per_label": table.to_dict(orient="records"),
     }
@@ -47,12 +54,14 @@ def phenotypic_activity(
     seed: int = 0,
     batch_size: int = 20000,
     cache_dir: str | os.PathLike | None = None,
+    min_replicates: int = 3,
 ) -> dict[str, Any]:
     """copairs mAP of each treatment's replicate wells retrieved against negative-control wells.
 
     Negatives are restricted to controls of the same plate (``match_controls_by``), which is also what keeps the
-    pair count linear in the number of profiles. Returns per-treatment mAP, p and q values and the fraction of
-    treatments retrieved at q < ``threshold``.
+    pair count linear in the number of profiles. Returns per-treatment mAP, p and q values, ``n_replicates``,
+    ``hit`` (q < ``threshold`` with at least ``min_replicates`` replicates) and ``flag`` (why a treatment cannot be
+    a hit), and the fraction of treatments that are hits.
     """
     tcol = require_column(profiles, treatment_column)
     is_control = control_mask(profiles, control_column, control_value)
@@ -93,7 +102,12 @@ def phenotypic_activity(
         ap, [tcol], null_size=null_size, threshold=threshold, seed=seed, progress_bar=False, cache_dir=cache_dir
     )
     maps["n_replicates"] = maps[tcol].map(meta.loc[~is_control, tcol].value_counts()).astype(int)
+    few = maps["n_replicates"] < min_replicates
+    maps["hit"] = maps["below_corrected_p"].astype(bool) & ~few
+    maps["flag"] = np.where(few, f"fewer than {min_replicates} replicates: not called a hit", "")
     summary = _map_summary(maps, tcol, threshold)
+    summary["min_replicates"] = min_replicates
+    summary["n_too_few_replicates"] = int(few.sum())
     summary["negatives_matched_by"] = neg_sameby[0] if neg_sameby else None
     summary["n_without_replicates"] = int(meta.loc[~is_control, tcol].nunique() - len(with_pairs))
     return summary
@@ -156,6 +170,8 @@ def phenotypic_consistency(
     maps = mean_average_precision(
         ap, [acol], null_size=null_size, threshold=threshold, seed=seed, progress_bar=False, cache_dir=cache_dir
     )
+    members = meta.explode(acol) if is_multi else meta
+    maps["n_treatments"] = maps[acol].map(members[acol].value_counts()).fillna(0).astype(int)
     summary = _map_summary(maps, acol, threshold)
     summary.update(annotation=acol, n_treatments=int(len(cons)), active_only=active is not None)
     return summary

@@ -1,8 +1,9 @@
 """Fields of view of cell-painting screens and their nuclei, shared by ``dinoscope cells embed`` (:mod:`bio.embed`)
 and pretraining (:mod:`bio.pretrain_data`):
 
-* :func:`list_fields` numbers every field of OME-Zarr plates and LoadData manifests from metadata alone;
-  :func:`open_fields` opens the requested ones, one at a time.
+* :func:`list_fields` numbers every field of OME-Zarr plates, LoadData manifests and multi-channel (OME-)TIFF files
+  (single files, folders, image lists: :mod:`bio.fields_files`) from metadata and file names alone;
+  :func:`open_fields` opens the requested ones, one at a time, with channels renamed by the run's channel map.
 * :class:`CentroidFinder` gives each field's nucleus centroids and cell ids from a CellProfiler table, an instance
   label image, or built-in detection (:mod:`bio.cells`).
 """
@@ -10,7 +11,7 @@ and pretraining (:mod:`bio.pretrain_data`):
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,14 @@ import numpy as np
 import pandas as pd
 
 from bio.cells import X_COLUMN, Y_COLUMN, centroids_from_labels, centroids_from_table, detect_nuclei
+from bio.fields_files import (
+    DEFAULT_NAME_PATTERN,
+    image_list_fields,
+    is_image_list,
+    is_tiff,
+    is_tiff_folder,
+    tiff_fields,
+)
 from bio.io import Image, iter_manifest_fields, plate_layout, read_image, read_manifest, well_name
 from bio.profiles import normalise_well_names
 from core.errors import DinoscopeError
@@ -32,7 +41,8 @@ _ID_COLUMNS = ("ObjectNumber", "Nuclei_Number_Object_Number")
 class FieldInfo:
     """One field of view: its number in the run, plate coordinates, and where it is stored.
 
-    ``path`` is the field's zarr group for plates; ``None`` for a manifest row (opened through the manifest).
+    ``path`` is the field's zarr group for plates and its file for TIFF sources; ``None`` for a manifest row (opened
+    through the manifest). ``channel_map`` renames the source's channels (``(("OrigDNA", "DNA"), ...)``).
     """
 
     index: int
@@ -41,6 +51,7 @@ class FieldInfo:
     site: str
     source: Path
     path: Path | None
+    channel_map: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> str:
@@ -48,8 +59,20 @@ class FieldInfo:
         return f"{self.plate}/{self.well}/{self.site}"
 
 
-def list_fields(sources: Sequence[str | os.PathLike]) -> list[FieldInfo]:
-    """Every field of the given plates (``.zarr`` roots) and LoadData CSVs, numbered in source order."""
+def list_fields(
+    sources: Sequence[str | os.PathLike],
+    *,
+    channel_map: Mapping[str, str] | None = None,
+    name_pattern: str = DEFAULT_NAME_PATTERN,
+) -> list[FieldInfo]:
+    """Every field of the given sources, numbered in source order.
+
+    Args:
+        sources: OME-Zarr plate roots, LoadData CSVs, image-list CSVs, (OME-)TIFF files and folders of them.
+        channel_map: ``{name in the source: name to use}`` (a manifest's names are its ``FileName_`` suffixes).
+        name_pattern: how TIFF file names give plate, well and site (:mod:`bio.fields_files`).
+    """
+    renames = tuple(sorted((channel_map or {}).items()))
     if isinstance(sources, (str, os.PathLike)) or not sources:
         sources = [sources] if isinstance(sources, (str, os.PathLike)) else []
     if not sources:
@@ -61,9 +84,19 @@ def list_fields(sources: Sequence[str | os.PathLike]) -> list[FieldInfo]:
     fields: list[FieldInfo] = []
     for source in map(Path, sources):
         before = len(fields)
-        if source.suffix.lower() == ".csv":
-            for site in read_manifest(source, check_files=False):
-                fields.append(FieldInfo(len(fields), site.plate, site.well, site.site, source, None))
+        files = None
+        if source.suffix.lower() == ".csv" and is_image_list(source):
+            files = image_list_fields(source)
+        elif is_tiff(source) or is_tiff_folder(source):
+            if not source.exists():
+                raise DinoscopeError("input not found", path=source, field="sources", fix="check the path")
+            files = tiff_fields(source, name_pattern)
+        if files is not None:
+            for plate, well, site, file in files:
+                fields.append(FieldInfo(len(fields), plate, well, site, source, file, renames))
+        elif source.suffix.lower() == ".csv":
+            for site in read_manifest(source, check_files=False, channel_map=channel_map):
+                fields.append(FieldInfo(len(fields), site.plate, site.well, site.site, source, None, renames))
         else:
             layout = plate_layout(source)
             plate = layout.name or source.name.removesuffix(".zarr").removesuffix(".ome")
@@ -77,6 +110,7 @@ def list_fields(sources: Sequence[str | os.PathLike]) -> list[FieldInfo]:
                             field,
                             source,
                             source / well.path / field,
+                            renames,
                         )
                     )
         if len(fields) == before:
@@ -100,11 +134,21 @@ def list_fields(sources: Sequence[str | os.PathLike]) -> list[FieldInfo]:
 
 
 def field_channel_names(field: FieldInfo) -> list[str]:
-    """The channel names of a field, read from its metadata."""
+    """The channel names of a field (after its channel map), read from its metadata."""
     if field.path is None:
-        return read_manifest(field.source, check_files=False)[0].channel_names
-    with read_image(field.path) as image:
+        return read_manifest(field.source, check_files=False, channel_map=dict(field.channel_map))[0].channel_names
+    with open_field_image(field) as image:
         return list(image.channel_names)
+
+
+def open_field_image(field: FieldInfo) -> Image:
+    """Open a plate field or TIFF file lazily, its channels renamed by the field's channel map."""
+    image = read_image(field.path)
+    try:
+        return image.renamed(dict(field.channel_map))
+    except DinoscopeError:
+        image.close()
+        raise
 
 
 def open_fields(fields: Sequence[FieldInfo], wanted: set[int]) -> Iterator[tuple[FieldInfo, Image]]:
@@ -113,9 +157,11 @@ def open_fields(fields: Sequence[FieldInfo], wanted: set[int]) -> Iterator[tuple
     for field in fields:
         if field.path is not None:
             if field.index in wanted:
-                yield field, read_image(field.path)
+                yield field, open_field_image(field)
             continue
-        rows = manifest_rows.setdefault(field.source, iter_manifest_fields(field.source))
+        rows = manifest_rows.setdefault(
+            field.source, iter_manifest_fields(field.source, channel_map=dict(field.channel_map))
+        )
         _, _, _, image = next(rows)  # manifest rows come in field order: step through to reach this one
         if field.index in wanted:
             yield field, image

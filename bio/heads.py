@@ -28,8 +28,8 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import Tensor, nn
 
 from bio.backbone import file_sha256
-from bio.profiles import normalise_well_names, open_run
-from bio.profiles_platemap import read_platemap
+from bio.profiles import meta_column, normalise_well_names, open_run
+from bio.profiles_platemap import PLATE, WELL, read_platemap
 from core.errors import DinoscopeError
 from core.io import atomic_path, write_json
 from core.models import LinearHead
@@ -89,10 +89,13 @@ def fit_head(
     batch_size: int = 1024,
     drop_edge_cells: bool = False,
     seed: int = 0,
+    allow_missing_wells: bool = False,
 ) -> tuple[PhenotypeClassifier, dict[str, Any], dict[str, Any]]:
     """Train a phenotype head on an embedding run; returns ``(classifier, head metadata, held-out metrics)``.
 
-    Cells get the ``label`` of their well in ``platemap``; wells without one are skipped. At most
+    Cells get the ``label`` of their well in ``platemap`` (a column such as ``moa`` or JUMP's
+    ``Metadata_pert_iname``, with or without the ``Metadata_`` prefix); wells with an empty label are skipped, and
+    wells the plate map does not list are an error unless ``allow_missing_wells``. At most
     ``max_cells_per_well`` cells per well are used (seeded sample), which bounds memory on large screens. Training
     is full AdamW on a class-balanced cross-entropy, so rare labels count as much as common ones for macro-F1.
 
@@ -108,18 +111,13 @@ def fit_head(
         raise DinoscopeError(f"holdout_fraction must lie in (0, 1), got {holdout_fraction}", field="holdout_fraction")
     run = open_run(run_dir)
     attrs = zarr.open_group(run.root / "embeddings.zarr", mode="r").attrs.asdict()
-    plate_map = read_platemap(platemap)
-    if label not in plate_map.columns:
-        raise DinoscopeError(
-            f"plate map has no column {label!r}; it has {list(plate_map.columns)}",
-            path=platemap,
-            field=label,
-            fix="pass --label naming a plate-map column (treatment, moa...)",
-        )
+    plate_map = read_platemap(platemap, required=(label,)).rename(columns={PLATE: "plate", WELL: "well"})
+    column = meta_column(label)
     cells = pd.read_parquet(run.cells_path, columns=["plate", "well", "edge"])
     cells["well"] = normalise_well_names(cells["well"])
     keys = [k for k in ("plate", "well") if k in plate_map.columns]
-    labelled = plate_map.loc[plate_map[label].fillna("").str.strip() != "", keys + [label]]
+    _check_wells_mapped(cells, plate_map, keys, platemap, allow_missing_wells)
+    labelled = plate_map.loc[plate_map[column].fillna("").str.strip() != "", keys + [column]]
     cells = cells.reset_index(names="row").merge(labelled, on=keys, how="inner")
     if drop_edge_cells:
         cells = cells.loc[~cells["edge"].astype(bool)]
@@ -130,15 +128,15 @@ def fit_head(
             field=label,
             fix="check plate names and wells in the plate map",
         )
-    wells = cells.groupby(["plate", "well"], sort=True)[label].first().reset_index()
-    classes = sorted(wells[label].unique())
+    wells = cells.groupby(["plate", "well"], sort=True)[column].first().reset_index()
+    classes = sorted(wells[column].unique())
     if len(classes) < 2:
         raise DinoscopeError(
             f"the label {label!r} has a single value {classes}",
             field=label,
             fix="choose a label with at least two classes",
         )
-    wells["held_out"] = split_wells(wells[label], holdout_fraction, seed)
+    wells["held_out"] = split_wells(wells[column], holdout_fraction, seed)
     cells = cells.merge(wells[["plate", "well", "held_out"]], on=["plate", "well"])
     rng = np.random.default_rng(seed)
     chosen = np.sort(
@@ -151,7 +149,7 @@ def fit_head(
     )
     cells = cells.set_index("row").loc[chosen]
     x = torch.from_numpy(_read_rows(run.embeddings, chosen))
-    y = torch.from_numpy(cells[label].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64, copy=True))
+    y = torch.from_numpy(cells[column].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64, copy=True))
     test = torch.from_numpy(cells["held_out"].to_numpy(bool, copy=True))
     classifier = _train(
         x[~test],
@@ -201,6 +199,27 @@ def fit_head(
         len(classes),
     )
     return classifier, meta, metrics
+
+
+def _check_wells_mapped(
+    cells: pd.DataFrame, plate_map: pd.DataFrame, keys: list[str], path: Any, allow_missing_wells: bool
+) -> None:
+    """Wells of the run the plate map does not list: an error naming them, unless ``allow_missing_wells``."""
+    run_wells = cells[["plate", "well"]].drop_duplicates()
+    listed = run_wells.merge(plate_map[keys].drop_duplicates(), on=keys, how="left", indicator=True)
+    absent = listed.loc[listed["_merge"] == "left_only", ["plate", "well"]]
+    if absent.empty:
+        return
+    names = [f"{p}/{w}" for p, w in absent.itertuples(index=False)]
+    message = f"{len(names)} well(s) of the run are not in the plate map: {', '.join(names[:5])}"
+    if not allow_missing_wells:
+        raise DinoscopeError(
+            message + (f" and {len(names) - 5} more" if len(names) > 5 else ""),
+            path=path,
+            field="plate/well",
+            fix="complete the plate map (or check its plate names), or pass --allow-missing-wells to skip them",
+        )
+    log.warning("%s: skipped (--allow-missing-wells)", message)
 
 
 def _read_rows(array: Any, rows: np.ndarray) -> np.ndarray:

@@ -113,17 +113,24 @@ def plate_layout(plate_path: str | os.PathLike) -> PlateLayout:
     return read_plate_layout(plate_path)
 
 
-def read_manifest(csv_path: str | os.PathLike, *, check_files: bool = True) -> list[ManifestField]:
-    """Parse a CellProfiler LoadData CSV into one ManifestField (plate, well, site, channel paths) per row."""
-    return _read_manifest(csv_path, check_files=check_files)
+def read_manifest(
+    csv_path: str | os.PathLike, *, check_files: bool = True, channel_map: Mapping[str, str] | None = None
+) -> list[ManifestField]:
+    """Parse a CellProfiler LoadData CSV into one ManifestField (plate, well, site, channel paths) per row.
+
+    ``FileName_OrigDNA`` names channel ``DNA`` (JUMP's ``Orig`` prefix is dropped; ``FileName_Illum*`` columns are
+    illumination functions, not channels); ``channel_map`` renames channels explicitly (:mod:`bio.io_manifest`).
+    """
+    return _read_manifest(csv_path, check_files=check_files, channel_map=channel_map)
 
 
 def iter_manifest_fields(
     csv_path: str | os.PathLike,
     channels: Sequence[str] | None = None,
+    channel_map: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[str, str, str, Image]]:
     """Yield ``(plate, well, site, image)`` for every row of a LoadData CSV, opened one at a time."""
-    return _iter_manifest(csv_path, channels)
+    return _iter_manifest(csv_path, channels, channel_map)
 
 
 def write_ome_tiff(

@@ -194,6 +194,15 @@ class Image:
         indices = channel_indices(self.channel_names, channels, self.path)
         return replace(self, channel_names=[self.channel_names[i] for i in indices], data=self.data.select(indices))
 
+    def renamed(self, mapping: Mapping[str, str]) -> Image:
+        """The same field with channels renamed by ``mapping`` (names it does not list are kept)."""
+        if not mapping or not set(mapping) & set(self.channel_names):
+            return self
+        names = [mapping.get(name, name) for name in self.channel_names]
+        names = resolve_channel_names(names, None, self.path or "")
+        sources = [replace(src, name=name) for src, name in zip(self.data.sources, names, strict=True)]
+        return replace(self, channel_names=names, data=ChannelStack(sources))
+
     def close(self) -> None:
         """Release open file handles now instead of when the image is garbage collected."""
         for closer in {id(s.keepalive): s.keepalive for s in self.data.sources if s.keepalive}.values():

@@ -89,9 +89,10 @@ def plot_embedding_2d(
 
 
 def plot_map_bars(table: pd.DataFrame, threshold: float, title: str, path: Path) -> None:
-    """mAP per label (bars coloured by q < threshold) above -log10(q) with the significance line."""
+    """mAP per label (bars coloured when a hit: q < threshold with enough replicates) above -log10(q) with the
+    significance line."""
     table = table.sort_values("mean_average_precision", ascending=False)
-    significant = table["below_corrected_p"].to_numpy(bool)
+    significant = table["hit" if "hit" in table.columns else "below_corrected_p"].to_numpy(bool)
     colours = np.where(significant, "#1f77b4", "#c7c7c7")
     x = np.arange(len(table))
     fig = _figure(max(5.0, 0.35 * len(table) + 2), 6)
@@ -165,10 +166,25 @@ def _summary_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"metric": f"kNN {task} accuracy (k={result['k']})", "value": result.get("accuracy")})
         rows.append({"metric": f"kNN {task} macro-F1 (k={result['k']})", "value": result.get("macro_f1")})
     for stage, result in metrics.get("batch_separation", {}).items():
+        if "not_applicable" in result:
+            rows.append(
+                {"metric": f"plate separation ({stage})", "value": f"not applicable: {result['not_applicable']}"}
+            )
         for name in ("silhouette", "knn_accuracy", "chance_accuracy"):
             if name in result:
                 rows.append({"metric": f"plate separation ({stage}): {name}", "value": result[name]})
     return rows
+
+
+def _qc_section(provenance: dict[str, Any]) -> str:
+    """Cells and QC-flagged cells per well (from the profiles' provenance), and whether --qc dropped them."""
+    qc = provenance.get("qc") or {}
+    rows = qc.get("per_well") or []
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    applied = "dropped before aggregating (--qc)" if qc.get("applied") else "kept (profile without --qc)"
+    return f"<h2>quality control per well</h2><p>flagged cells were {applied}</p>" + _table(rows, columns)
 
 
 def write_report(metrics: dict[str, Any], path: Path) -> None:
@@ -193,16 +209,20 @@ def write_report(metrics: dict[str, Any], path: Path) -> None:
                 for c in (
                     "label",
                     "n_replicates",
+                    "n_treatments",
                     "mean_average_precision",
                     "p_value",
                     "corrected_p_value",
                     "below_corrected_p",
+                    "hit",
+                    "flag",
                 )
                 if c in rows[0]
             ]
             parts.append(f"<h2>{key} per label</h2>" + _table(rows, columns))
     provenance = metrics.get("provenance")
     if provenance:
+        parts.append(_qc_section(provenance))
         parts.append(f"<h2>provenance</h2><pre>{html.escape(json.dumps(provenance, indent=2))}</pre>")
     parts.append("</body></html>")
     with atomic_path(path) as tmp:

@@ -2,9 +2,13 @@
 
 An embedding run directory ``RUN/`` holds ``embeddings.zarr`` (a zarr v3 group whose array ``embeddings`` is
 ``[n_cells, D]``, chunked by rows) and ``cells.parquet`` (one row per cell: ``plate, well, site, cell_id, x, y,
-edge``; row i describes embedding row i). Profiles follow the pycytominer convention: metadata columns are
-``Metadata_<name>`` (``<name>`` as spelled in the run or plate map, e.g. ``Metadata_plate``, ``Metadata_role``)
-and features are ``emb_0 .. emb_{D-1}``.
+edge`` plus the quality-control columns of :mod:`bio.qc`; row i describes embedding row i). Profiles follow the
+JUMP / pycytominer convention: metadata columns are ``Metadata_<name>``, with the plate coordinates spelled as in
+JUMP and CellProfiler (``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Site``) and every other plate-map column
+prefixed as it is spelled there (``role`` -> ``Metadata_role``; ``Metadata_pert_iname`` stays as it is). Features
+are ``emb_0 .. emb_{D-1}`` in memory; a profile file may store them under another prefix (``--feature-prefix
+Cells_DINO_`` lets pycytominer's ``features="infer"``, which looks for the ``Cells_``/``Nuclei_``/``Cytoplasm_``
+compartments, find them), recorded in its provenance and mapped back on reading.
 
 The pipeline is the JUMP / pycytominer one (Way et al., pycytominer, JOSS 2022; Chandrasekaran et al., JUMP
 Cell Painting, Nat Methods 2024): aggregate cells per well (median or mean), annotate with the plate map,
@@ -35,6 +39,8 @@ from core.io import atomic_path
 META_PREFIX = "Metadata_"
 FEATURE_PREFIX = "emb_"
 PROVENANCE_KEY = b"dinoscope"
+# Plate coordinates in JUMP / CellProfiler spelling, whatever the case or prefix they are given with.
+JUMP_KEYS = {"plate": "Metadata_Plate", "well": "Metadata_Well", "site": "Metadata_Site"}
 
 
 @dataclass(frozen=True)
@@ -49,8 +55,23 @@ class EmbeddingRun:
 
 
 def meta_column(name: str) -> str:
-    """``role`` -> ``Metadata_role``; names that already carry the prefix are returned unchanged."""
+    """``role`` -> ``Metadata_role``; names that already carry the prefix are returned unchanged, and the plate
+    coordinates get JUMP's spelling (``plate``, ``Metadata_plate`` -> ``Metadata_Plate``; likewise well and site)."""
+    bare = name[len(META_PREFIX) :] if name.lower().startswith(META_PREFIX.lower()) else name
+    if bare.lower() in JUMP_KEYS:
+        return JUMP_KEYS[bare.lower()]
     return name if name.startswith(META_PREFIX) else META_PREFIX + name
+
+
+def check_feature_prefix(prefix: str) -> str:
+    """A feature prefix a profile file can use: non-empty, not a metadata prefix, no digits at its end."""
+    if not prefix or prefix.lower().startswith(META_PREFIX.lower()) or prefix[-1].isdigit():
+        raise DinoscopeError(
+            f"feature prefix {prefix!r} cannot be used",
+            field="feature_prefix",
+            fix="use a non-empty prefix that neither starts with Metadata_ nor ends with a digit, e.g. Cells_DINO_",
+        )
+    return prefix
 
 
 def feature_columns(profiles: pd.DataFrame) -> list[str]:
@@ -131,9 +152,30 @@ def open_run(run_dir: str | os.PathLike) -> EmbeddingRun:
 
 
 def write_profiles(
-    profiles: pd.DataFrame, path: str | os.PathLike, *, provenance: dict[str, Any] | None = None
+    profiles: pd.DataFrame,
+    path: str | os.PathLike,
+    *,
+    provenance: dict[str, Any] | None = None,
+    feature_prefix: str = FEATURE_PREFIX,
 ) -> None:
-    """Write profiles to Parquet atomically; ``provenance`` travels in the file's schema metadata."""
+    """Write profiles to Parquet atomically; ``provenance`` travels in the file's schema metadata.
+
+    Features are stored as ``<feature_prefix><j>`` (recorded in the provenance, so :func:`read_profiles` maps them
+    back to ``emb_<j>``).
+    """
+    if feature_prefix != FEATURE_PREFIX:
+        check_feature_prefix(feature_prefix)
+        renamed = {c: feature_prefix + c[len(FEATURE_PREFIX) :] for c in feature_columns(profiles)}
+        clash = sorted(set(renamed.values()) & set(profiles.columns))
+        if clash:
+            raise DinoscopeError(
+                f"feature prefix {feature_prefix!r} gives column names the profiles already use ({clash[0]})",
+                field="feature_prefix",
+                fix="choose another --feature-prefix",
+            )
+        profiles = profiles.rename(columns=renamed)
+    if provenance is not None or feature_prefix != FEATURE_PREFIX:
+        provenance = {**(provenance or {}), "feature_prefix": feature_prefix}
     table = pa.Table.from_pandas(profiles, preserve_index=False)
     if provenance is not None:
         meta = dict(table.schema.metadata or {})
@@ -153,12 +195,20 @@ def read_profiles(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]
             f"cannot read profiles ({err})", path=path, fix="pass a Parquet file written by `dinoscope cells profile`"
         ) from err
     raw = (table.schema.metadata or {}).get(PROVENANCE_KEY)
+    provenance = json.loads(raw) if raw else {}
     profiles = table.to_pandas()
+    prefix = provenance.get("feature_prefix") or FEATURE_PREFIX
+    if prefix != FEATURE_PREFIX:  # stored under another prefix: back to emb_<j>
+        stored = [c for c in profiles.columns if c.startswith(prefix) and c[len(prefix) :].isdigit()]
+        profiles = profiles.rename(columns={c: FEATURE_PREFIX + c[len(prefix) :] for c in stored})
+    # files written before the JUMP spelling (Metadata_plate, Metadata_well) read as today's
+    legacy = {c: meta_column(c) for c in profiles.columns if c.startswith(META_PREFIX) and meta_column(c) != c}
+    profiles = profiles.rename(columns={c: n for c, n in legacy.items() if n not in profiles.columns})
     if not feature_columns(profiles):
         raise DinoscopeError(
-            "no feature columns emb_0..emb_N",
+            f"no feature columns {prefix}0..{prefix}N",
             path=path,
-            field="emb_*",
+            field=f"{prefix}*",
             fix="pass a Parquet file written by `dinoscope cells profile`",
         )
-    return profiles, (json.loads(raw) if raw else {})
+    return profiles, provenance

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from bio.profiles import FEATURE_PREFIX, EmbeddingRun, normalise_well_names, open_run
+from bio.profiles import FEATURE_PREFIX, EmbeddingRun, meta_column, normalise_well_names, open_run
+from bio.qc import FLAG_COLUMNS, has_qc
 from core.errors import DinoscopeError
 from core.logging import progress
 
@@ -30,6 +31,7 @@ def aggregate_wells(
     *,
     operation: str = "median",
     drop_edge_cells: bool = False,
+    qc: bool = False,
     memory_budget_bytes: int = 2**30,
 ) -> pd.DataFrame:
     """Aggregate per-cell embeddings into one profile per (plate, well), streaming over zarr chunks.
@@ -38,17 +40,27 @@ def aggregate_wells(
         run_dir: embedding run directory (``embeddings.zarr`` + ``cells.parquet``).
         operation: ``median`` (exact, per feature) or ``mean``.
         drop_edge_cells: skip cells flagged ``edge`` (crop touches the field border).
+        qc: skip cells with any QC flag (``edge``, ``qc_blur``, ``qc_saturated``, ``qc_debris``; :mod:`bio.qc`).
         memory_budget_bytes: upper bound on buffered cell embeddings for the median.
 
     Returns:
-        DataFrame with ``Metadata_plate``, ``Metadata_well``, ``Metadata_n_cells`` and ``emb_0..emb_{D-1}``.
+        DataFrame with ``Metadata_Plate``, ``Metadata_Well``, ``Metadata_n_cells`` (cells aggregated) and
+        ``emb_0..emb_{D-1}``.
     """
     if operation not in AGGREGATIONS:
         raise DinoscopeError(
             f"unknown aggregation {operation!r}", field="aggregate", fix=f"use one of {', '.join(AGGREGATIONS)}"
         )
     run = open_run(run_dir)
-    columns = ["plate", "well"] + (["edge"] if drop_edge_cells else [])
+    if qc and not has_qc(run.cells_path):
+        raise DinoscopeError(
+            "the run's cells carry no QC flags (it was embedded before per-cell QC existed)",
+            path=run.cells_path,
+            field="qc",
+            fix="embed the plates again with this version, or leave out --qc",
+        )
+    flags = list(FLAG_COLUMNS) if qc else (["edge"] if drop_edge_cells else [])
+    columns = ["plate", "well", *flags]
     missing = [c for c in columns if c not in pq.ParquetFile(run.cells_path).schema_arrow.names]
     if missing:
         raise DinoscopeError(
@@ -58,11 +70,12 @@ def aggregate_wells(
             fix="the per-cell table needs plate, well, site, cell_id, x, y, edge",
         )
     rows = _batch_rows(run)
-    wells = _scan_wells(run, columns, rows, drop_edge_cells)
+    drop = bool(flags)
+    wells = _scan_wells(run, columns, rows, drop)
     counts = wells["count"].to_numpy()
     result = np.zeros((len(wells), run.dim), np.float64)
     if operation == "mean":
-        for codes, emb in _embedding_batches(run, wells, columns, rows, drop_edge_cells, "aggregate (mean)"):
+        for codes, emb in _embedding_batches(run, wells, columns, rows, drop, "aggregate (mean)"):
             order = np.argsort(codes, kind="stable")
             uniq, starts = np.unique(codes[order], return_index=True)
             if len(uniq):
@@ -79,13 +92,13 @@ def aggregate_wells(
                 result,
                 columns,
                 rows,
-                drop_edge_cells,
+                drop,
                 f"aggregate (median, pass {k + 1}/{len(passes)})",
             )
     out = pd.DataFrame(
         {
-            "Metadata_plate": wells.index.get_level_values(0),
-            "Metadata_well": wells.index.get_level_values(1),
+            meta_column("plate"): wells.index.get_level_values(0),
+            meta_column("well"): wells.index.get_level_values(1),
             "Metadata_n_cells": counts,
         }
     )
@@ -117,18 +130,27 @@ def _batch_rows(run: EmbeddingRun) -> int:
     return chunk * max(1, _BATCH_BYTES // (chunk * per_row))
 
 
-def _keys(frame: pd.DataFrame) -> pd.MultiIndex:
+def well_keys(frame: pd.DataFrame) -> pd.MultiIndex:
+    """The (plate, well) index of a batch of the per-cell table, wells written ``A01`` whatever their padding."""
     codes, uniques = pd.factorize(frame["well"].astype(str))  # parse each distinct well name once
     wells = normalise_well_names(pd.Series(uniques, dtype=str)).to_numpy()[codes]
     return pd.MultiIndex.from_arrays([frame["plate"].astype(str), wells], names=["plate", "well"])
 
 
-def _scan_wells(run: EmbeddingRun, columns: list[str], rows: int, drop_edge: bool) -> pd.DataFrame:
+def _kept(frame: pd.DataFrame, drop: bool) -> np.ndarray:
+    """Cells of a batch that are aggregated: all, or (``drop``) those without any of the batch's flag columns."""
+    flags = [c for c in frame.columns if c not in ("plate", "well")]
+    if not drop or not flags:
+        return np.ones(len(frame), bool)
+    return ~frame[flags].astype(bool).to_numpy().any(axis=1)
+
+
+def _scan_wells(run: EmbeddingRun, columns: list[str], rows: int, drop: bool) -> pd.DataFrame:
     """Metadata-only pass: cells per well and the first/last row each well occupies."""
     table: pd.DataFrame | None = None
     for start, frame in _cell_batches(run, columns, rows):
-        keep = ~frame["edge"].astype(bool).to_numpy() if drop_edge else np.ones(len(frame), bool)
-        row = pd.Series(np.arange(start, start + len(frame)), index=_keys(frame))[keep]
+        keep = _kept(frame, drop)
+        row = pd.Series(np.arange(start, start + len(frame)), index=well_keys(frame))[keep]
         part = row.groupby(level=[0, 1]).agg(["size", "min", "max"])
         part.columns = ["count", "first", "last"]
         table = (
@@ -138,9 +160,9 @@ def _scan_wells(run: EmbeddingRun, columns: list[str], rows: int, drop_edge: boo
         )
     if table is None or table.empty:
         raise DinoscopeError(
-            "no cells to aggregate" + (" after dropping edge cells" if drop_edge else ""),
+            "no cells to aggregate" + (" after dropping flagged cells" if drop else ""),
             path=run.cells_path,
-            fix="check the run, or do not drop edge cells",
+            fix="check the run, or do not drop flagged cells",
         )
     return table.sort_index()
 
@@ -169,12 +191,12 @@ def _plan_median_passes(wells: pd.DataFrame, budget_cells: int) -> list[np.ndarr
 
 
 def _embedding_batches(
-    run: EmbeddingRun, wells: pd.DataFrame, columns: list[str], rows: int, drop_edge: bool, desc: str
+    run: EmbeddingRun, wells: pd.DataFrame, columns: list[str], rows: int, drop: bool, desc: str
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(well_codes, embeddings)`` per batch; codes index ``wells`` rows, dropped cells are removed."""
     n_batches = -(-run.n_cells // rows)
     for start, frame in progress(_cell_batches(run, columns, rows), total=n_batches, desc=desc, unit="batch"):
-        codes = wells.index.get_indexer(_keys(frame))
+        codes = wells.index.get_indexer(well_keys(frame))
         emb = np.asarray(run.embeddings[start : start + len(frame)], dtype=np.float32)
         if not np.isfinite(emb).all():
             bad = start + int(np.flatnonzero(~np.isfinite(emb).all(axis=1))[0])
@@ -184,9 +206,7 @@ def _embedding_batches(
                 field="embeddings",
                 fix="re-run the embedding command (check input images)",
             )
-        keep = codes >= 0
-        if drop_edge:
-            keep &= ~frame["edge"].astype(bool).to_numpy()
+        keep = (codes >= 0) & _kept(frame, drop)
         yield codes[keep], emb[keep]
 
 
@@ -197,7 +217,7 @@ def _median_pass(
     result: np.ndarray,
     columns: list[str],
     rows: int,
-    drop_edge: bool,
+    drop: bool,
     desc: str,
 ) -> None:
     """Buffer the cells of ``group``'s wells; a well's median is taken as soon as its last cell has been read."""
@@ -206,7 +226,7 @@ def _median_pass(
     need = wells["count"].to_numpy().copy()
     buffers: dict[int, list[np.ndarray]] = {}
     remaining = len(group)
-    for codes, emb in _embedding_batches(run, wells, columns, rows, drop_edge, desc):
+    for codes, emb in _embedding_batches(run, wells, columns, rows, drop, desc):
         sel = in_group[codes]
         codes, emb = codes[sel], emb[sel]
         order = np.argsort(codes, kind="stable")

@@ -83,7 +83,7 @@ def treatment_consensus(
             field=treatment_column,
             fix="the plate map needs a treatment column",
         )
-    per_well = {"Metadata_plate", "Metadata_well", "Metadata_n_cells", column}
+    per_well = {meta_column("plate"), meta_column("well"), "Metadata_n_cells", column}
     filled = profiles.copy()
     constant = []
     for c in metadata_columns(profiles):

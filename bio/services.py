@@ -18,19 +18,16 @@ from bio.config import (
     CellsProfileCfg,
     CellsProfileRecipe,
     CellsSynthCfg,
-    ControlCfg,
+    channel_map_of,
 )
 from bio.embed import embed_plate
 from bio.evaluate import evaluate_profiles
 from bio.heads import fit_head, save_head
 from bio.profiling import build_profiles
+from bio.qc import QcThresholds
 from bio.synthetic import make_plate
 
 log = logging.getLogger(__name__)
-
-
-def _controls(cfg: ControlCfg) -> dict[str, str]:
-    return {"control_column": cfg.control_column, "control_value": cfg.control_value}
 
 
 def synth(cfg: CellsSynthCfg, options: None = None, invocation: Any = None) -> int:
@@ -44,6 +41,8 @@ def synth(cfg: CellsSynthCfg, options: None = None, invocation: Any = None) -> i
         seed=cfg.seed,
         plates=cfg.plates,
         version=cfg.ngff,
+        blurred_fields=cfg.blurred_fields,
+        saturated_wells=cfg.saturated_wells,
     )
     for path in [*screen.plates, screen.platemap, screen.nuclei]:
         print(path)
@@ -58,7 +57,7 @@ def embed(recipe: CellsEmbedRecipe, options: None = None, invocation: Any = None
 def embed_into(recipe: CellsEmbedRecipe, run_dir: Path) -> int:
     """Embed every cell of the recipe's plates into ``run_dir``; under torchrun each rank takes its share of the
     fields (``dinoscope launch`` runs this in every rank)."""
-    d, m, c, o = recipe.data, recipe.model, recipe.crops, recipe.output
+    d, m, c, o, q = recipe.data, recipe.model, recipe.crops, recipe.output, recipe.qc
     embed_plate(
         d.sources,
         run_dir,
@@ -84,6 +83,10 @@ def embed_into(recipe: CellsEmbedRecipe, run_dir: Path) -> int:
         precision=m.precision,
         resume=o.resume,
         overwrite=o.overwrite,
+        channel_map=channel_map_of(d.channel_map),
+        name_pattern=d.name_pattern,
+        qc=QcThresholds(min_focus_ratio=q.min_focus_ratio, max_saturated=q.max_saturated, debris_fold=q.debris_fold),
+        output_format=o.format,
     )
     return 0
 
@@ -101,6 +104,7 @@ def train_head(cfg: CellsFitHeadCfg, options: None = None, invocation: Any = Non
         weight_decay=cfg.weight_decay,
         drop_edge_cells=cfg.drop_edge_cells,
         seed=cfg.seed,
+        allow_missing_wells=cfg.allow_missing_wells,
     )
     path = save_head(classifier, meta, metrics, cfg.out)
     log.info(
@@ -130,8 +134,12 @@ def profile_into(cfg: CellsProfileCfg | CellsProfileRecipe, out: Path) -> int:
         normalise_by=cfg.normalise_by,
         level=cfg.level,
         treatment_column=cfg.treatment_column,
+        control_column=cfg.control_column,
+        control_value=cfg.control_value,
         drop_edge_cells=cfg.drop_edge_cells,
-        **_controls(cfg),
+        qc=cfg.qc,
+        allow_missing_wells=cfg.allow_missing_wells,
+        feature_prefix=cfg.feature_prefix,
     )
     log.info(
         "wrote %d %s profiles (%d cells, D=%d) to %s",
@@ -149,6 +157,12 @@ def profile_into(cfg: CellsProfileCfg | CellsProfileRecipe, out: Path) -> int:
                 result["silhouette"],
                 result["knn_accuracy"],
                 result["chance_accuracy"],
+            )
+        else:
+            log.info(
+                "plate separation of controls %s: not applicable (%s)",
+                stage.replace("_", " "),
+                result["not_applicable"],
             )
     return 0
 
@@ -171,20 +185,35 @@ def evaluate_into(cfg: CellsEvaluateCfg | CellsProfileRecipe, profiles: Path, ou
         knn_k=cfg.knn_k,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
-        **_controls(cfg),
+        control_column=cfg.control_column,
+        control_value=cfg.control_value,
+        min_replicates=cfg.min_replicates,
     )
+    settings = metrics["settings"]
+    stored = [k for k, origin in settings["from"].items() if origin == "profiles"]
+    if stored:
+        log.info(
+            "treatments in %s, controls where %s == %r (%s as `cells profile` stored them)",
+            settings["treatment_column"],
+            settings["control_column"],
+            settings["control_value"],
+            ", ".join(stored),
+        )
     activity = metrics["activity"]
     if "skipped" in activity:
         log.info("activity mAP skipped: %s", activity["skipped"])
     else:
         log.info(
-            "activity: mean mAP %.3f, %.0f%% of %d treatments retrieved at q < %g",
+            "activity: mean mAP %.3f; %d of %d treatments are hits (q < %g, >= %d replicates); %d flagged with fewer "
+            "replicates",
             activity["mean_map"],
-            100 * activity["fraction_retrieved"],
+            sum(bool(r["hit"]) for r in activity["per_label"]),
             activity["n"],
             activity["threshold"],
+            activity["min_replicates"],
+            activity["n_too_few_replicates"],
         )
-    log.info("wrote %s and %s", out / "metrics.json", out / "report.html")
+    log.info("wrote %s", ", ".join(str(out / name) for name in [*metrics["tables"].values(), "metrics.json"]))
     return 0
 
 

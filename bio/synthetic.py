@@ -11,6 +11,11 @@ normalisation and illumination correction have something to correct.
 
 Every field is drawn from its own random stream keyed by ``(seed, plate, well, field)``, so output is reproducible
 and independent of the order in which fields are generated.
+
+For testing quality control, defects can be planted: ``blurred_fields`` fields per plate are out of focus (the optical
+image is blurred before camera noise is added), and every field of ``saturated_wells`` wells per plate is exposed
+``SATURATION_EXPOSURE`` times too long, so bright structures clip at the 16-bit full scale. Which ones were planted
+is returned (:attr:`SyntheticScreen.planted`) and written to ``planted.json``.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ from scipy.ndimage import gaussian_filter
 
 from bio.io import well_name, write_ome_zarr_plate
 from core.errors import DinoscopeError
-from core.io import atomic_path
+from core.io import atomic_path, write_json
 
 CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
 NUCLEUS_RADIUS = 6.0  # pixels, DMSO
 CELL_RADIUS = 13.0
 _COUNTS_SCALE, _COUNTS_BACKGROUND = 4000.0, 100.0  # arbitrary units -> 16-bit camera counts
+BLUR_SIGMA = 2.5  # pixels: the defocus of a planted blurred field
+SATURATION_EXPOSURE = 40.0  # exposure factor of a planted saturated well: nuclei and membranes clip
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class SyntheticScreen:
     platemap: Path
     nuclei: Path
     channel_names: tuple[str, ...] = CHANNELS
+    planted: dict[str, list[str]] = field(default_factory=dict)  # blurred_fields (plate/well/site), saturated_wells
 
 
 def make_plate(
@@ -89,12 +97,15 @@ def make_plate(
     plates: int = 2,
     version: Literal["0.4", "0.5"] = "0.5",
     cells_per_field: int | None = None,
+    blurred_fields: int = 0,
+    saturated_wells: int = 0,
 ) -> SyntheticScreen:
     """Write ``plates`` synthetic plates under ``out_path`` plus ``platemap.csv`` and ``nuclei.csv``.
 
     Plates are ``<out_path>/plate<k>.ome.zarr`` with fields ``{row}/{column}/{field}``; in the CSVs wells are named
     ``A01`` (see :func:`bio.io.well_name`) and ``site`` is the field index. ``nuclei.csv`` holds the true nucleus
-    centres as CellProfiler's ``Nuclei_Location_Center_X/Y``.
+    centres as CellProfiler's ``Nuclei_Location_Center_X/Y``. ``blurred_fields`` and ``saturated_wells`` plant that
+    many defective fields and wells per plate (see the module docstring); ``planted.json`` lists them.
 
     Example::
 
@@ -116,24 +127,51 @@ def make_plate(
             field="size",
             fix=f"use size >= {int(4 * CELL_RADIUS)} and at least one field and plate",
         )
+    if saturated_wells > n_wells or blurred_fields > (n_wells - saturated_wells) * fields:
+        raise DinoscopeError(
+            f"cannot plant {saturated_wells} saturated wells and {blurred_fields} blurred fields in {n_wells} wells "
+            f"of {fields} fields",
+            field="blurred_fields",
+            fix="plant fewer defects than the plate has wells and fields",
+        )
     root = Path(out_path)
     root.mkdir(parents=True, exist_ok=True)
     n_cells = cells_per_field or max(1, round(0.35 * size * size / (math.pi * CELL_RADIUS**2)))
     platemap_rows, nuclei_rows, plate_paths = [], [], []
+    planted: dict[str, list[str]] = {"blurred_fields": [], "saturated_wells": []}
     for plate_index in range(plates):
         plate = f"plate{plate_index + 1}"
         layout = _plate_layout(n_rows, n_cols, np.random.default_rng([seed, plate_index, 1]))
         for (row, column), treatment in layout.items():
             platemap_rows.append([plate, well_name(row, column), treatment, TREATMENTS[treatment].role])
         batch = _BatchEffect.draw(np.random.default_rng([seed, plate_index, 2]), size)
+        blurred, saturated = _plant(
+            np.random.default_rng([seed, plate_index, 4]), n_wells, fields, blurred_fields, saturated_wells
+        )
+        wells = [well_name(row, column) for row, column in layout]
+        planted["saturated_wells"] += [f"{plate}/{wells[w]}" for w in sorted(saturated)]
+        planted["blurred_fields"] += [f"{plate}/{wells[w]}/{site}" for w, site in sorted(blurred)]
 
         def fields_of_plate(
-            plate: str = plate, plate_index: int = plate_index, layout: dict = layout, batch: _BatchEffect = batch
+            plate: str = plate,
+            plate_index: int = plate_index,
+            layout: dict = layout,
+            batch: _BatchEffect = batch,
+            blurred: set = blurred,
+            saturated: set = saturated,
         ) -> Iterator[tuple[tuple[str, str, str], np.ndarray]]:
             for well_index, ((row, column), treatment) in enumerate(layout.items()):
                 for site in range(fields):
                     rng = np.random.default_rng([seed, plate_index, 3, well_index, site])
-                    image, centres = _render_field(rng, size, n_cells, TREATMENTS[treatment].phenotype, batch)
+                    image, centres = _render_field(
+                        rng,
+                        size,
+                        n_cells,
+                        TREATMENTS[treatment].phenotype,
+                        batch,
+                        blur=BLUR_SIGMA if (well_index, site) in blurred else 0.0,
+                        exposure=SATURATION_EXPOSURE if well_index in saturated else 1.0,
+                    )
                     nuclei_rows.extend(
                         [plate, well_name(row, column), site, i + 1, x, y] for i, (y, x) in enumerate(centres)
                     )
@@ -148,7 +186,18 @@ def make_plate(
         ["plate", "well", "site", "ObjectNumber", "Nuclei_Location_Center_X", "Nuclei_Location_Center_Y"],
         nuclei_rows,
     )
-    return SyntheticScreen(root=root, plates=plate_paths, platemap=platemap, nuclei=nuclei)
+    write_json(root / "planted.json", planted)
+    return SyntheticScreen(root=root, plates=plate_paths, platemap=platemap, nuclei=nuclei, planted=planted)
+
+
+def _plant(
+    rng: np.random.Generator, n_wells: int, fields: int, n_blurred: int, n_saturated: int
+) -> tuple[set[tuple[int, int]], set[int]]:
+    """Which wells are saturated and which (well, field) pairs of the other wells are blurred."""
+    saturated = {int(w) for w in rng.permutation(n_wells)[:n_saturated]}
+    candidates = [(w, s) for w in range(n_wells) if w not in saturated for s in range(fields)]
+    blurred = {candidates[int(i)] for i in rng.permutation(len(candidates))[:n_blurred]}
+    return blurred, saturated
 
 
 def _plate_layout(n_rows: int, n_cols: int, rng: np.random.Generator) -> dict[tuple[str, str], str]:
@@ -192,8 +241,12 @@ def _render_field(
     n_cells: int,
     pheno: Phenotype,
     batch: _BatchEffect,
+    *,
+    blur: float = 0.0,
+    exposure: float = 1.0,
 ) -> tuple[np.ndarray, list[tuple[float, float]]]:
-    """One ``5 x size x size`` uint16 field and its nucleus centres ``(y, x)``."""
+    """One ``5 x size x size`` uint16 field and its nucleus centres ``(y, x)``; ``blur`` defocuses the optical image
+    (Gaussian sigma in pixels) and ``exposure`` multiplies the light collected."""
     maps = {name: np.zeros((size, size), np.float32) for name in ("nuc", "cyto", "er", "agp", "nucleoli")}
     centres = []
     for cy, cx in _place_cells(rng, size, n_cells, NUCLEUS_RADIUS * pheno.nucleus_scale + 2):
@@ -222,7 +275,9 @@ def _render_field(
         ]
     )
     # the illumination falls on the cells and on the autofluorescent background alike; the camera offset is added later
-    signal = batch.illumination * (batch.gain[:, None, None] * clean + batch.offset[:, None, None])
+    signal = exposure * batch.illumination * (batch.gain[:, None, None] * clean + batch.offset[:, None, None])
+    if blur > 0:
+        signal = gaussian_filter(signal, sigma=(0, blur, blur))
     # read noise plus shot noise that grows with the square root of the signal
     noise_scale = 0.01 + 0.02 * np.sqrt(np.maximum(signal, 0))
     noisy = signal + noise_scale * rng.standard_normal(signal.shape, dtype=np.float32)

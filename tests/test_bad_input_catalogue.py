@@ -169,6 +169,7 @@ CASES: list[tuple[str, list[str], int, list[str]]] = [
     ("cells-synth-ngff", ["cells", "synth", "{tmp}/s", "--ngff", "0.3"], 2, ["invalid choice"]),
     ("cells-synth-size", ["cells", "synth", "{tmp}/s", "--size", "8"], 2, ["size"]),
     ("cells-synth-small-plate", ["cells", "synth", "{tmp}/s", "--rows", "1", "--cols", "2"], 2, ["wells"]),
+    ("cells-synth-too-many-defects", ["cells", "synth", "{tmp}/s", "--saturated-wells", "99"], 2, ["cannot plant"]),
     # -- cells embed
     ("embed-no-sources", ["cells", "embed", "--weights", "{weights}", "--out", "{tmp}/emb"], 2, ["plates"]),
     ("embed-no-weights", ["cells", "embed", "{plate}", "--out", "{tmp}/emb"], 2, ["weights"]),
@@ -180,6 +181,11 @@ CASES: list[tuple[str, list[str], int, list[str]]] = [
     ("embed-unknown-channel", [*EMBED, "--channels", "DNA,Actin9"], 2, ["Actin9"]),
     ("embed-precision", [*EMBED, "--precision", "fp8"], 2, ["invalid choice"]),
     ("embed-cuda", [*EMBED, "--device", "cuda"], 2, ["CUDA"]),
+    ("embed-channel-map", [*EMBED, "--channel-map", "OrigDNA"], 2, ["'OrigDNA' is not OLD=NEW"]),
+    ("embed-empty-folder", ["cells", "embed", "{dir}", "--weights", "{weights}", "--out", "{tmp}/e"], 2, ["no .tif"]),
+    ("embed-name-pattern", [*EMBED[:2], "{dir}", *EMBED[3:], "--name-pattern", "(?P<plate"], 2, ["regular expression"]),
+    ("embed-format", [*EMBED, "--format", "h5ad"], 2, ["invalid choice"]),
+    ("embed-focus-ratio", [*EMBED, "--min-focus-ratio", "1.5"], 2, ["qc.min_focus_ratio", "range"]),
     # -- cells fit-head, profile, evaluate
     ("fit-head-holdout", [*FIT_HEAD, "--holdout-fraction", "1.5"], 2, ["holdout_fraction"]),
     ("fit-head-epochs", [*FIT_HEAD, "--epochs", "0"], 2, ["epochs"]),
@@ -189,9 +195,12 @@ CASES: list[tuple[str, list[str], int, list[str]]] = [
     ("profile-aggregate", [*PROFILE, "--aggregate", "max"], 2, ["invalid choice"]),
     ("profile-no-out", ["cells", "profile", "{dir}", "--platemap", "{platemap}"], 2, ["out"]),
     ("profile-not-a-run", PROFILE, 2, ["embeddings"]),
+    ("profile-feature-prefix", [*PROFILE, "--feature-prefix", "Metadata_f"], 2, ["feature prefix 'Metadata_f'"]),
+    ("profile-jump-column", [*PROFILE, "--treatment-column", "Metadata_pert_iname"], 2, ["Metadata_pert_iname"]),
     ("evaluate-cells-knn", [*EVAL_CELLS, "--knn-k", "0"], 2, ["knn_k"]),
     ("evaluate-cells-threshold", [*EVAL_CELLS, "--threshold", "2"], 2, ["threshold"]),
     ("evaluate-cells-null", [*EVAL_CELLS, "--null-size", "0"], 2, ["null_size"]),
+    ("evaluate-cells-replicates", [*EVAL_CELLS, "--min-replicates", "1"], 2, ["min_replicates", "range"]),
     ("evaluate-cells-garbage", EVAL_CELLS, 2, ["garbage.tif"]),
     # -- demo
     ("demo-out-is-file", ["demo", "--out", "{garbage}"], 2, ["garbage.tif"]),

@@ -245,4 +245,4 @@ def test_fit_head_command_writes_head_and_reports_bad_labels(tmp_path: Path, cap
         )
         == 2
     )
-    assert "plate map has no column 'moa'" in capsys.readouterr().err
+    assert "plate map lacks column(s) ['moa']" in capsys.readouterr().err

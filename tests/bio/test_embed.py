@@ -48,7 +48,9 @@ def test_run_has_the_layout_profiles_reads(screen: object, weights: Path, refere
     nuclei = pd.read_csv(screen.nuclei)
     assert run.n_cells == len(nuclei) and run.dim == 5 * 64
     emb, cells = _load(reference_run)
-    assert list(cells.columns) == ["plate", "well", "site", "cell_id", "x", "y", "edge"]
+    qc = ["nucleus_area", "saturated_fraction", *(f"focus_{c}" for c in CHANNELS), "qc_blur", "qc_saturated"]
+    assert list(cells.columns) == ["plate", "well", "site", "cell_id", "x", "y", "edge", *qc, "qc_debris"]
+    assert cells["nucleus_area"].between(30, 400).all() and (cells["saturated_fraction"] == 0).all()
     pd.testing.assert_frame_equal(
         cells[["well", "site", "cell_id"]],
         nuclei.astype({"site": str}).rename(columns={"ObjectNumber": "cell_id"})[["well", "site", "cell_id"]],

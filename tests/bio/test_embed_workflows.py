@@ -94,6 +94,8 @@ def test_embed_command_with_a_phenotype_head(
     [
         ("tiny/cells_embed.yaml", "CellsEmbedRecipe"),
         ("bio/cells_embed_vits8.yaml", "CellsEmbedRecipe"),
+        ("bio/cells_embed_jump.yaml", "CellsEmbedRecipe"),
+        ("bio/cells_profile_jump.yaml", "CellsProfileRecipe"),
         ("tiny/cells_profile.yaml", "CellsProfileRecipe"),
         ("tiny/cells_pretrain.yaml", "PretrainRecipe"),
         ("bio/pretrain_channel_adaptive_vits.yaml", "PretrainRecipe"),

@@ -46,8 +46,8 @@ def make_profiles(
         for i, (treatment, role) in enumerate(layout):
             rows.append(
                 {
-                    "Metadata_plate": f"P{p}",
-                    "Metadata_well": f"W{i:02d}",
+                    "Metadata_Plate": f"P{p}",
+                    "Metadata_Well": f"W{i:02d}",
                     "Metadata_treatment": treatment,
                     "Metadata_role": role,
                     "Metadata_moa": moa.get(treatment, ""),
@@ -72,7 +72,7 @@ def test_active_treatments_score_clearly_higher_activity_map_than_inert() -> Non
     assert all(rows[t]["below_corrected_p"] for t in ("active_1", "active_2", "active_3"))
     assert not any(rows[t]["below_corrected_p"] for t in ("inert_1", "inert_2"))
     assert result["fraction_retrieved"] == pytest.approx(0.6)
-    assert rows["active_1"]["n_replicates"] == 8 and result["negatives_matched_by"] == "Metadata_plate"
+    assert rows["active_1"]["n_replicates"] == 8 and result["negatives_matched_by"] == "Metadata_Plate"
 
 
 def test_consistency_retrieves_treatments_sharing_an_annotation() -> None:
@@ -138,12 +138,18 @@ def test_chunked_knn_memory_stays_far_below_a_dense_matrix(monkeypatch: pytest.M
     assert peak < n * n * 4 / 8  # the dense float32 similarity matrix alone would be 64 MB
 
 
-def test_batch_separation_drops_with_offset_and_skips_single_plate() -> None:
+def test_batch_separation_drops_with_offset_and_is_not_applicable_without_enough_controls() -> None:
     shifted = batch_separation(make_profiles(plate_offset=3.0))
     clean = batch_separation(make_profiles(plate_offset=0.0))
     assert shifted["silhouette"] > 0.5 > clean["silhouette"] and shifted["knn_accuracy"] == 1.0
     assert clean["knn_accuracy"] < 0.6 and clean["chance_accuracy"] == pytest.approx(0.25)
-    assert "skipped" in batch_separation(make_profiles(n_plates=1))
+    single = batch_separation(make_profiles(n_plates=1))
+    assert "1 batch(es)" in single["not_applicable"] and "knn_accuracy" not in single
+    # the case: k = 5 on 4 control wells of 2 plates reported 0.0 against a chance of 0.5
+    few = batch_separation(make_profiles(n_plates=2, n_controls=2, plate_offset=3.0), k=5)
+    assert few["n_control_wells"] == 4 and "knn_accuracy" not in few and "silhouette" not in few
+    assert "k=5 needs more than 5 neighbours, but each of the 4 control wells has 3" in few["not_applicable"]
+    assert batch_separation(make_profiles(n_plates=2, n_controls=2, plate_offset=3.0), k=2)["knn_accuracy"] == 1.0
 
 
 @pytest.fixture
@@ -221,7 +227,7 @@ def test_treatment_level_profiles_skip_replicate_metrics_but_score_consistency(t
     write_profiles(treatment_consensus(make_profiles(noise=0.3)), path)
     metrics = evaluate_profiles(path, tmp_path / "eval", null_size=NULL_SIZE, plots=False)
     assert "skipped" in metrics["activity"] and "skipped" in metrics["knn"]["treatment_nsb"]
-    assert "skipped" in metrics["batch_separation"]["profiles"]
+    assert "no batch column Metadata_Plate" in metrics["batch_separation"]["profiles"]["not_applicable"]
     assert metrics["consistency"]["active_only"] is False and metrics["consistency"]["n_treatments"] == 5
     assert _by_label(metrics["consistency"])["m1"]["mean_average_precision"] == pytest.approx(1.0)
     assert (tmp_path / "eval" / "metrics.json").exists() and not (tmp_path / "eval" / "report.html").exists()

@@ -222,12 +222,15 @@ def test_manifest_roundtrip_with_relative_and_absolute_paths(tmp_path: Path) -> 
     manifest = _write_manifest(tmp_path, rows)
     parsed = io.read_manifest(manifest)
     assert [(f.plate, f.well, f.site, f.line) for f in parsed] == [("BR01", "A01", "1", 2), ("BR01", "A01", "2", 3)]
-    assert parsed[0].channel_names == ["OrigDNA", "OrigER", "OrigMito"]
-    out = list(io.iter_manifest_fields(manifest, ["OrigMito", "OrigDNA"]))
+    assert parsed[0].channel_names == ["DNA", "ER", "Mito"]  # JUMP's Orig prefix of raw images is dropped
+    assert parsed[0].channel_columns == {"DNA": "OrigDNA", "ER": "OrigER", "Mito": "OrigMito"}
+    out = list(io.iter_manifest_fields(manifest, ["Mito", "DNA"]))
     assert [(p, w, s) for p, w, s, _ in out] == [("BR01", "A01", "1"), ("BR01", "A01", "2")]
     for _, _, site, image in out:
-        assert image.channel_names == ["OrigMito", "OrigDNA"]
+        assert image.channel_names == ["Mito", "DNA"]
         np.testing.assert_array_equal(image.read(), fields[site][[2, 0]])
+    mapped = io.read_manifest(manifest, channel_map={"OrigDNA": "Hoechst"})  # an explicit map wins over the rule
+    assert mapped[0].channel_names == ["Hoechst", "ER", "Mito"]
 
 
 def test_manifest_missing_file_names_the_line_and_file(tmp_path: Path) -> None:

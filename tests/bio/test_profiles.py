@@ -143,23 +143,35 @@ def test_well_names_match_whatever_the_zero_padding() -> None:
     ]
 
 
-def test_platemap_join_keeps_metadata_prefix_and_drops_unmapped_wells(tmp_path: Path) -> None:
+def test_platemap_join_uses_jump_spelling_and_refuses_unmapped_wells_unless_allowed(tmp_path: Path) -> None:
     run, platemap_path = make_run(tmp_path)
     platemap = read_platemap(platemap_path)
-    platemap = platemap[platemap["well"] != "A01"]
-    platemap["well"] = platemap["well"].str.replace("0", "", n=1)  # "A02" -> "A2"
-    profiles = annotate_wells(aggregate_wells(run), platemap)
+    platemap = platemap[platemap["Metadata_Well"] != "A01"]
+    platemap["Metadata_Well"] = platemap["Metadata_Well"].str.replace("0", "", n=1)  # "A02" -> "A2"
+    wells = aggregate_wells(run)
+    with pytest.raises(DinoscopeError, match=r"3 well\(s\) of the run are not in the plate map") as err:
+        annotate_wells(wells, platemap)
+    assert "P1/A10, P2/A10, P3/A10" in err.value.message and "--allow-missing-wells" in err.value.fix  # A10 became A1
+    profiles, missing = annotate_wells(wells, platemap, allow_missing_wells=True)
     assert len(profiles) == 36 - 3
-    assert {"Metadata_plate", "Metadata_well", "Metadata_treatment", "Metadata_role", "Metadata_moa"} <= set(
+    assert missing == {"not_in_platemap": ["P1/A10", "P2/A10", "P3/A10"], "without_cells": []}
+    assert {"Metadata_Plate", "Metadata_Well", "Metadata_treatment", "Metadata_role", "Metadata_moa"} <= set(
         profiles.columns
     )
     assert profiles.columns[-1] == "emb_15"
+    full = read_platemap(platemap_path)
+    extra = pd.concat([full, full.iloc[:1].assign(Metadata_Well="H12")])  # a mapped well without cells
+    with pytest.raises(
+        DinoscopeError, match=r"\] 1 plate-map well\(s\) have no cell in the run \(without cells: P1/H12\)"
+    ):
+        annotate_wells(wells, extra)
 
 
 @pytest.mark.parametrize(
     "content, field",
     [
         ("plate,well,treatment\nP1,A01,DMSO\n", "role"),
+        ("plate,Metadata_Plate,well,treatment,role\nP1,P1,A01,DMSO,x\n", "Metadata_Plate"),
         ("plate,well,treatment,role\nP1,A01,DMSO,negative_control\nP1,A1,x,active\n", "well"),
     ],
 )
@@ -173,20 +185,20 @@ def test_bad_platemap_raises_with_field(tmp_path: Path, content: str, field: str
 
 def test_normalisation_removes_injected_plate_offset(tmp_path: Path) -> None:
     run, platemap = make_run(tmp_path, plate_offset=4.0)
-    raw = annotate_wells(aggregate_wells(run), read_platemap(platemap))
+    raw = annotate_wells(aggregate_wells(run), read_platemap(platemap))[0]
     before = batch_separation(raw)
     normalised = normalise_profiles(raw, method="mad_robustize")
     after = batch_separation(normalised)
     assert before["silhouette"] > 0.5 and before["knn_accuracy"] == 1.0
     assert after["silhouette"] < 0.1 and after["knn_accuracy"] < 0.7
     controls = normalised[normalised["Metadata_role"] == "negative_control"]
-    medians = controls.groupby("Metadata_plate")[feature_columns(controls)].median().to_numpy()
+    medians = controls.groupby("Metadata_Plate")[feature_columns(controls)].median().to_numpy()
     np.testing.assert_allclose(medians, 0, atol=1e-5)
 
 
 def test_spherize_whitens_the_controls(tmp_path: Path) -> None:
     run, platemap = make_run(tmp_path, n_controls=12, dim=6)
-    raw = annotate_wells(aggregate_wells(run), read_platemap(platemap))
+    raw = annotate_wells(aggregate_wells(run), read_platemap(platemap))[0]
     out = normalise_profiles(raw, method="spherize", by=None)
     ctrl = out.loc[out["Metadata_role"] == "negative_control", feature_columns(out)].to_numpy(np.float64)
     np.testing.assert_allclose(np.cov(ctrl, rowvar=False), np.eye(6), atol=1e-3)
@@ -194,17 +206,17 @@ def test_spherize_whitens_the_controls(tmp_path: Path) -> None:
 
 def test_plate_with_too_few_controls_is_a_user_error(tmp_path: Path) -> None:
     run, platemap = make_run(tmp_path, n_controls=1)
-    raw = annotate_wells(aggregate_wells(run), read_platemap(platemap))
+    raw = annotate_wells(aggregate_wells(run), read_platemap(platemap))[0]
     with pytest.raises(DinoscopeError, match="plate 'P1' has 1 control"):
         normalise_profiles(raw)
 
 
 def test_treatment_consensus_has_one_row_per_treatment(tmp_path: Path) -> None:
     run, platemap = make_run(tmp_path)
-    wells = normalise_profiles(annotate_wells(aggregate_wells(run), read_platemap(platemap)))
+    wells = normalise_profiles(annotate_wells(aggregate_wells(run), read_platemap(platemap))[0])
     cons = treatment_consensus(wells)
     assert sorted(cons["Metadata_treatment"]) == sorted(["DMSO", *TREATMENTS])
-    assert "Metadata_plate" not in cons.columns and "Metadata_moa" in cons.columns
+    assert "Metadata_Plate" not in cons.columns and "Metadata_moa" in cons.columns
     row = cons.set_index("Metadata_treatment").loc["active_a"]
     assert row["Metadata_n_wells"] == 6 and row["Metadata_n_cells"] == 120
     expected = wells[wells["Metadata_treatment"] == "active_a"][feature_columns(wells)].median()
