@@ -45,3 +45,37 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_models():
+    """A function ``folder -> {"weights", "canopy"}`` writing a tiny 3-channel ViT export (channels DNA, RNA, ER)
+    and a random canopy model (RGB uint8 input record) into ``folder``; quick enough for per-test inputs."""
+    from core.models import VisionTransformer
+    from core.weights import WeightMeta, save_backbone
+    from geodino.model import backbone_head_model, random_backbone, save_canopy_model
+    from geodino.normalise import BandNormaliser
+    from geodino.values import InputRecord
+
+    def make(folder: Path) -> dict[str, Path]:
+        torch.manual_seed(0)
+        kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, in_chans=3)
+        meta = WeightMeta(
+            arch="vit_test", model_kwargs=kwargs, channel_names=["DNA", "RNA", "ER"], mean=[0.5] * 3, std=[0.2] * 3
+        )
+        weights = save_backbone(VisionTransformer(**kwargs), meta, folder / "vit.safetensors")
+        backbone, vit_meta = random_backbone("vit_test", 8, 32)
+        canopy = backbone_head_model(
+            backbone,
+            vit_meta,
+            "linear",
+            {"embed_dim": 64, "n_layers": 2, "n_bins": 32, "max_height": 40.0, "bin_rule": "softmax"},
+            layers=[0, 1],
+            feature_norm=False,
+            normaliser=BandNormaliser([100.0] * 3, [50.0] * 3),
+            band_names=["red", "green", "blue"],
+            metadata={"gsd_m": 0.5, "input": InputRecord("uint8", (0.0, 255.0)).to_dict()},
+        )
+        return {"weights": weights, "canopy": save_canopy_model(canopy, folder / "canopy.safetensors")}
+
+    return make

@@ -10,19 +10,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import rasterio
-import torch
 
 from bio.synthetic import make_plate
 from core.cli import main
-from core.models import VisionTransformer
-from core.weights import WeightMeta, save_backbone
-from geodino.model import backbone_head_model, random_backbone, save_canopy_model
-from geodino.normalise import BandNormaliser
 from geodino.synthetic import make_forest
-from geodino.values import InputRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny"
@@ -208,29 +203,12 @@ CASES: list[tuple[str, list[str], int, list[str]]] = [
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def inputs(tmp_path_factory: pytest.TempPathFactory, make_tiny_models: Any) -> dict[str, str]:
     """Valid inputs next to bad ones; built once for the whole catalogue."""
     root = tmp_path_factory.mktemp("catalogue-inputs")
     rgb, chm = make_forest(root / "forest", size=64, seed=0)
-    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, in_chans=3)
-    torch.manual_seed(0)
-    meta = WeightMeta(
-        arch="vit_test", model_kwargs=kwargs, channel_names=["DNA", "RNA", "ER"], mean=[0.5] * 3, std=[0.2] * 3
-    )
-    weights = save_backbone(VisionTransformer(**kwargs), meta, root / "vit.safetensors")
-    backbone, vit_meta = random_backbone("vit_test", 8, 32)
-    canopy = backbone_head_model(
-        backbone,
-        vit_meta,
-        "linear",
-        {"embed_dim": 64, "n_layers": 2, "n_bins": 32, "max_height": 40.0, "bin_rule": "softmax"},
-        layers=[0, 1],
-        feature_norm=False,
-        normaliser=BandNormaliser([100.0] * 3, [50.0] * 3),
-        band_names=["red", "green", "blue"],
-        metadata={"gsd_m": 0.5, "input": InputRecord("uint8", (0.0, 255.0)).to_dict()},
-    )
-    model = save_canopy_model(canopy, root / "canopy.safetensors")
+    models = make_tiny_models(root)
+    weights, model = models["weights"], models["canopy"]
     with rasterio.open(rgb) as src:
         profile = dict(src.profile, dtype="uint16", nodata=None)
         with rasterio.open(root / "rgb16.tif", "w", **profile) as dst:

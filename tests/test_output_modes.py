@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import geopandas as gpd
 import pytest
 import rasterio
-import torch
 from shapely.geometry import box
 
 from core.cli import main
-from core.models import VisionTransformer
-from core.weights import WeightMeta, save_backbone
-from geodino.model import backbone_head_model, random_backbone, save_canopy_model
-from geodino.normalise import BandNormaliser
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT_PRETRAIN = [
@@ -39,27 +34,6 @@ def umask_022() -> Iterator[None]:
     os.umask(previous)
 
 
-def _inputs(root: Path) -> dict[str, Path]:
-    torch.manual_seed(0)
-    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, in_chans=3)
-    meta = WeightMeta(
-        arch="vit_test", model_kwargs=kwargs, channel_names=["DNA", "RNA", "ER"], mean=[0.5] * 3, std=[0.2] * 3
-    )
-    weights = save_backbone(VisionTransformer(**kwargs), meta, root / "in" / "vit.safetensors")
-    backbone, vit_meta = random_backbone("vit_test", 8, 32)
-    canopy = backbone_head_model(
-        backbone,
-        vit_meta,
-        "linear",
-        {"embed_dim": 64, "n_layers": 2, "n_bins": 32, "max_height": 40.0, "bin_rule": "softmax"},
-        layers=[0, 1],
-        feature_norm=False,
-        normaliser=BandNormaliser([100.0] * 3, [50.0] * 3),
-        band_names=["red", "green", "blue"],
-    )
-    return {"weights": weights, "canopy": save_canopy_model(canopy, root / "in" / "canopy.safetensors")}
-
-
 def _polygons(chm: Path, out: Path) -> Path:
     with rasterio.open(chm) as src:
         left, bottom, right, top = src.bounds
@@ -69,8 +43,11 @@ def _polygons(chm: Path, out: Path) -> Path:
     return out
 
 
-def test_every_command_writes_0644_files_in_0755_directories(tmp_path: Path, umask_022: None) -> None:
-    given = _inputs(tmp_path)
+def test_every_command_writes_0644_files_in_0755_directories(
+    tmp_path: Path, umask_022: None, make_tiny_models: Callable[[Path], dict[str, Path]]
+) -> None:
+    (tmp_path / "in").mkdir()
+    given = make_tiny_models(tmp_path / "in")
     out = tmp_path / "out"
     forest, screen = out / "forest", out / "screen"
     assert main(["canopy", "synth", str(forest), "--size", "64"]) == 0
