@@ -22,6 +22,23 @@ setup() {
   touch "$stamp"
 }
 
+# Headless Chromium for the browser test of the demo report (tests/test_report_page.py, tests/test_demo.py). Installed
+# with apt when absent and permitted; otherwise those tests are skipped with the reason.
+browser() {
+  command -v chromedriver >/dev/null 2>&1 && return
+  command -v apt-get >/dev/null 2>&1 || return 0
+  local as_root=""
+  if [ "$(id -u)" != 0 ]; then
+    sudo -n true 2>/dev/null || return 0
+    as_root="sudo -n"
+  fi
+  echo "==> installing chromium and chromium-driver (headless browser test of the demo report)" >&2
+  if ! { $as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq \
+      chromium chromium-driver; } >/dev/null 2>&1; then
+    echo "==> chromium could not be installed: the browser tests will be skipped" >&2
+  fi
+}
+
 export NO_ALBUMENTATIONS_UPDATE=1 DS_ACCELERATOR=cpu
 
 case "${1:-}" in
@@ -33,6 +50,7 @@ case "${1:-}" in
     ;;
   test)
     setup
+    browser
     shift
     # Lint first (seconds): ruff's rule sets and formatting as configured in pyproject.toml; the import contract
     # (no cycles, core free of domains, layered core sub-packages) is tests/test_architecture.py.

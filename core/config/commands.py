@@ -102,6 +102,13 @@ class DemoCfg:
 
     out: str = option("demo_out", help="output directory")
     quick: bool = option(False, help="fewer iterations (smoke test)")
+    threads: int = option(
+        1,
+        help="torch CPU threads for the steps (0: torch's default); the demo's models are so small that one thread "
+        "is about as fast as two, and a busy machine slows several threads down many times over",
+        minimum=0,
+        maximum=1024,
+    )
     steps: str = option("", help="step list (default: the packaged demo_steps.yaml)", cli=False)
 
 

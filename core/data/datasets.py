@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from core.data.images import CONTRACT_DTYPES, IMAGE_EXTENSIONS, read_image, read_num_channels
 from core.data.manifest import ManifestDataset, read_manifest
+from core.data.synthetic_scenes import SyntheticScenesDataset
 from core.errors import DinoscopeError
 from core.logging import progress
 from core.weights.meta import default_channel_names
@@ -234,6 +235,7 @@ build_manifest_dataset.input_params = ("manifest",)  # type: ignore[attr-defined
 DATASET_KINDS: dict[str, Callable[..., Dataset]] = {
     "image_folder": ImageFolderDataset,
     "manifest": build_manifest_dataset,
+    "synthetic_scenes": SyntheticScenesDataset,
     "synthetic_shapes": SyntheticShapesDataset,
 }
 

@@ -144,7 +144,7 @@ def test_synthetic_shapes_are_deterministic_balanced_and_textured() -> None:
 
 
 def test_build_dataset_core_kinds_and_errors() -> None:
-    assert set(DATASET_KINDS) == {"image_folder", "manifest", "synthetic_shapes"}
+    assert set(DATASET_KINDS) == {"image_folder", "manifest", "synthetic_scenes", "synthetic_shapes"}
     dataset = build_dataset("synthetic_shapes", n=4, size=16, channels=2)
     assert isinstance(dataset, SyntheticShapesDataset) and dataset[0].shape == (16, 16, 2)
     with pytest.raises(DinoscopeError, match="unknown dataset kind") as info:
