@@ -13,7 +13,9 @@ The I/O floor (reading every field and cutting every crop, nothing else) is time
 once, so the pipeline is timed without any model.
 
 Usage: ``python bench/cells_embed.py [--wells 4x6 8x12] [--fields 2] [--field-size 256] [--arch vit_test]
-[--patch 8] [--crop 32] [--centroids table] [--model vit|null]``. Prints one JSON object.
+[--patch 8] [--crop 32] [--centroids table] [--model vit|null] [--workers 1 2 4]``. Prints one JSON object;
+``--workers`` adds the pipeline's cells/s with that many reader threads (:func:`bio.embed.embed_plate`'s
+``read_workers``; 1 by default).
 """
 
 from __future__ import annotations
@@ -95,7 +97,15 @@ def io_floor(plates: list[Path], nuclei: Path, crop: int) -> tuple[int, float]:
 
 
 def run_one(
-    screen: Path, weights: Path, out: Path, crop: int, centroids: str, batch: int, floor_cells: int, model: str
+    screen: Path,
+    weights: Path,
+    out: Path,
+    crop: int,
+    centroids: str,
+    batch: int,
+    floor_cells: int,
+    model: str,
+    workers: list[int],
 ) -> dict[str, Any]:
     """In a fresh process: the full pipeline, then the model alone on crops already in memory, then the I/O
     floor."""
@@ -113,18 +123,16 @@ def run_one(
     backbone = CellBackbone.load(weights, batch_size=batch)
     baseline = _rss_mb()
     t0 = time.perf_counter()
-    summary = embed_plate(
-        plates,
-        out,
-        weights=weights,
-        crop_size=crop,
-        centroids=centroids,
-        nuclei_table=screen / "nuclei.csv",
-        batch_size=batch,
-        resume=False,
-    )
+    settings = dict(weights=weights, crop_size=crop, centroids=centroids, nuclei_table=screen / "nuclei.csv")
+    settings.update(batch_size=batch, resume=False)
+    summary = embed_plate(plates, out, **settings)
     pipeline_s = time.perf_counter() - t0
     peak = _rss_mb()
+    by_workers = {}
+    for n in workers:  # how the pipeline scales with its reader threads (after the peak RSS was taken)
+        t0 = time.perf_counter()
+        embed_plate(plates, out.with_name(f"{out.name}_w{n}"), **settings, read_workers=n)
+        by_workers[str(n)] = round(summary["n_cells"] / (time.perf_counter() - t0), 1)
 
     finder = CentroidFinder("table", nuclei_table=screen / "nuclei.csv")
     crops, names = [], None
@@ -155,6 +163,7 @@ def run_one(
         "pipeline_cells_per_s": round(summary["n_cells"] / pipeline_s, 1),
         "model_only_cells_per_s": round(len(in_memory) / model_s, 1),
         "pipeline_vs_model_only": round(summary["n_cells"] / pipeline_s / (len(in_memory) / model_s), 3),
+        "pipeline_cells_per_s_by_read_workers": by_workers,
         "rss_after_model_load_mb": round(baseline, 1),
         "peak_rss_mb": round(peak, 1),
         "peak_rss_growth_mb": round(peak - baseline, 1),
@@ -173,12 +182,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--floor-cells", type=int, default=2048)
     parser.add_argument("--model", choices=("vit", "null"), default="vit", help="null: zero embeddings at once")
+    parser.add_argument("--workers", type=int, nargs="*", default=[], help="also time 1, 2, 4... reader threads")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: screen weights out
     args = parser.parse_args()
     os.environ.setdefault("DINOSCOPE_NO_PROGRESS", "1")
     if args.one:
         screen, weights, out = map(Path, args.one)
-        result = run_one(screen, weights, out, args.crop, args.centroids, args.batch_size, args.floor_cells, args.model)
+        result = run_one(
+            screen, weights, out, args.crop, args.centroids, args.batch_size, args.floor_cells, args.model, args.workers
+        )
         print(json.dumps(result))
         return
     import torch
@@ -214,6 +226,8 @@ def main() -> None:
                 str(args.floor_cells),
                 "--model",
                 args.model,
+                "--workers",
+                *map(str, args.workers),
                 "--one",
                 str(screen),
                 str(weights),

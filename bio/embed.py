@@ -17,8 +17,8 @@ Work is done field by field (DeepProfiler-style crops around nucleus centroids).
 line in the part's ``committed.jsonl`` written only after its rows, so a field interrupted by a crash is simply
 redone on resume and no cell is stored twice. Every batch holds crops of one field only, so a field's embeddings do not
 depend on its neighbours and a resumed run equals an uninterrupted one. When every field is committed, rank 0
-merges the parts in field order into the final store (atomic renames) and removes them. Memory: one field (plus the
-next one being read ahead) and one batch of crops.
+merges the parts in field order into the final store (atomic renames) and removes them. Memory: a few fields (the
+one being embedded, up to ``read_workers`` read ahead, two waiting for the writer thread) and one batch of crops.
 
 Before any of this, :mod:`bio.embed_checks` checks every input (metadata only, nothing written); the run directory
 is locked for the whole run, and a previous run there is resumed, found complete, or refused when its settings differ
@@ -30,6 +30,7 @@ The per-field pipeline lives in :mod:`bio.embed_fields`, the part writer and mer
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -43,7 +44,7 @@ from typing import Any
 from bio.backbone import CellBackbone
 from bio.embed_anndata import ANNDATA_FILE, require_anndata, write_anndata
 from bio.embed_checks import check_inputs, nothing_embedded
-from bio.embed_fields import embed_field, read_ahead
+from bio.embed_fields import BackgroundWriter, FieldResult, embed_field, read_ahead
 from bio.embed_store import (
     PartWriter,
     all_commits,
@@ -53,7 +54,14 @@ from bio.embed_store import (
     start_run,
     wait_for_all,
 )
-from bio.fields import CentroidFinder, FieldInfo, field_channel_names, list_fields, open_fields
+from bio.fields import (
+    CentroidFinder,
+    FieldInfo,
+    field_channel_names,
+    list_fields,
+    open_field_image,
+    open_fields,
+)
 from bio.fields_files import DEFAULT_NAME_PATTERN
 from bio.heads import check_compatible, load_head
 from bio.io import channel_indices
@@ -99,6 +107,7 @@ def embed_plate(
     resume: bool = True,
     overwrite: bool = False,
     prefetch: bool = True,
+    read_workers: int = 1,
     poll_seconds: float = 1.0,
     channel_map: Mapping[str, str] | None = None,
     name_pattern: str = DEFAULT_NAME_PATTERN,
@@ -124,7 +133,8 @@ def embed_plate(
         illumination: ``.npz`` flat-fields per channel (:func:`bio.preprocess.save_illumination`).
         resume: continue a previous run in ``out_dir`` (settings must match); ``False`` starts over.
         overwrite: replace a run in ``out_dir`` made with other settings (otherwise refused).
-        prefetch: read and segment the next field while the current one is embedded.
+        prefetch, read_workers: read, segment and measure the next fields in ``read_workers`` threads while the
+            current one is embedded (embedded fields are always stored by a writer thread).
         poll_seconds: how often rank 0 checks whether the other ranks are done.
         channel_map: renames the sources' channels (``{"OrigDNA": "DNA"}``); manifests also follow the ``Orig``
             rule of :mod:`bio.io_manifest`.
@@ -218,29 +228,40 @@ def embed_plate(
         logger = JsonlLogger(run / "embed_log.jsonl")
         started = time.perf_counter()
 
+        def store(item: tuple[FieldInfo, FieldResult, float, int]) -> None:
+            """In the writer thread: the field's rows and commit line, then its log line."""
+            field, result, seconds, found = item
+            t0 = time.perf_counter()
+            part.append(field, result, seconds, found=found)
+            seconds += time.perf_counter() - t0
+            n = len(result.cell_id)
+            logger.log(
+                rank=env.rank, field=field.index, key=field.key, n_cells=n, seconds=seconds, cells_per_s=n / seconds
+            )
+
         def embed_fields() -> Iterator[None]:
             """One tick per embedded cell, so the shared progress bar shows cells/s."""
 
             def measure(data: Any, cents: Any) -> dict[str, Any]:
                 return measure_field(data, cents, crop_size, edge, nuclear, backbone.batch_size)
 
-            loaded = read_ahead(open_fields(fields, set(mine)), finder, names, flats, prefetch, measure)
-            for field, image_data, cents, ids, measured in loaded:
-                t0 = time.perf_counter()
-                result = embed_field(
-                    backbone, image_data, cents, ids, names, crop_size, edge, classifier, dtype, nuclear, measured
-                )
-                part.append(field, result, time.perf_counter() - t0, found=len(cents))
-                seconds = time.perf_counter() - t0
-                logger.log(
-                    rank=env.rank,
-                    field=field.index,
-                    key=field.key,
-                    n_cells=len(result.cell_id),
-                    seconds=seconds,
-                    cells_per_s=len(result.cell_id) / max(seconds, 1e-9),
-                )
-                yield from itertools.repeat(None, len(result.cell_id))
+            opened = _openers(fields, set(mine))
+            loaded = read_ahead(opened, finder, names, flats, prefetch, measure, read_workers)
+            writer = BackgroundWriter(store, depth=2 if prefetch else 1)
+            try:
+                for field, image_data, cents, ids, measured in loaded:
+                    t0 = time.perf_counter()
+                    result = embed_field(
+                        backbone, image_data, cents, ids, names, crop_size, edge, classifier, dtype, nuclear, measured
+                    )
+                    writer.put((field, result, max(time.perf_counter() - t0, 1e-9), len(cents)))
+                    yield from itertools.repeat(None, len(result.cell_id))
+            except BaseException:
+                writer.abandon()
+                raise
+            finally:
+                loaded.close()  # here, in this thread, not by the garbage collector in some other one
+            writer.close()
 
         for _ in progress(embed_fields(), desc=f"embed (rank {env.rank}/{env.world_size})", unit="cell"):
             pass
@@ -306,3 +327,14 @@ def _embedding_channels(
     if channels:
         return [available[i] for i in channel_indices(available, list(channels), fields[0].source)]
     return [name for name in available if name != label_channel]
+
+
+def _openers(fields: list[FieldInfo], wanted: set[int]) -> Iterator[tuple[FieldInfo, Any]]:
+    """The wanted fields in order, each with a function opening its image (so that a reader thread opens it), or,
+    for LoadData rows, which are opened stepping through their manifest, with the image itself."""
+    if all(field.path is not None for field in fields):
+        for field in fields:
+            if field.index in wanted:
+                yield field, functools.partial(open_field_image, field)
+        return
+    yield from open_fields(fields, wanted)

@@ -1,6 +1,8 @@
-"""The per-field cell pipeline of ``dinoscope cells embed`` (:mod:`bio.embed`): read a field's pixels, find its
-nuclei and measure each cell's crop for quality control (focus, saturation, nucleus area; :mod:`bio.qc`), one field
-ahead in a worker thread, then crop boxes around the centroids and embed them batch by batch.
+"""The per-field cell pipeline of ``dinoscope cells embed`` (:mod:`bio.embed`): open and read a field's pixels,
+find its nuclei and measure each cell's crop for quality control (focus, saturation, nucleus area; :mod:`bio.qc`) a
+few fields ahead in worker threads (:func:`read_ahead`), then crop boxes around the centroids and embed them batch by
+batch (:func:`embed_field`), while a writer thread stores the fields already embedded (:class:`BackgroundWriter`).
+The model thus never waits for reading, cropping or writing, as long as they keep up with it.
 
 Every batch holds crops of one field only, so a field's embeddings do not depend on its neighbours and a resumed
 run equals an uninterrupted one.
@@ -8,8 +10,12 @@ run equals an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,12 +54,17 @@ def read_ahead(
     flats: dict[str, np.ndarray] | None,
     prefetch: bool,
     measure: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None,
+    workers: int = 2,
 ) -> Iterator[tuple[FieldInfo, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray] | None]]:
-    """Read pixels, find centroids and (with ``measure(data, centroids)``) measure the cells' QC of each field, one
-    field ahead in a worker thread when ``prefetch``; yields ``(field, pixels, centroids, ids, measurements)``."""
+    """Read pixels, find centroids and (with ``measure(data, centroids)``) measure the cells' QC of each field, in
+    ``workers`` threads up to ``workers`` fields ahead when ``prefetch``; yields ``(field, pixels, centroids, ids,
+    measurements)`` in field order. ``opened`` gives each field with its image, or with a function opening it (then
+    opened in the worker too)."""
 
     def load(item: tuple[FieldInfo, Any]) -> tuple[FieldInfo, np.ndarray, np.ndarray, np.ndarray, Any]:
         field, image = item
+        if callable(image):
+            image = image()
         with image:
             data = np.asarray(image.select(names).read())
             if flats is not None:
@@ -66,15 +77,72 @@ def read_ahead(
     if not prefetch:
         yield from map(load, opened)
         return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
+    workers = max(1, workers)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dinoscope-read")
+    pending: deque[Future] = deque()
+    try:
         for item in opened:
-            future = pool.submit(load, item)
-            if pending is not None:
-                yield pending.result()
-            pending = future
-        if pending is not None:
-            yield pending.result()
+            pending.append(pool.submit(load, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        # Stopped early (an error, SIGTERM) the fields not started are dropped and those being read are not waited
+        # for: whichever thread closes this generator (the garbage collector may run in any) must never block on a
+        # read that needs that thread.
+        pool.shutdown(wait=not pending, cancel_futures=True)
+
+
+_STOP = object()
+
+
+class BackgroundWriter:
+    """Calls ``write(item)`` for each item :meth:`put`, in order, in a daemon thread, with at most ``depth`` items
+    waiting, so that storing one field overlaps embedding the next.
+
+    The first error of ``write`` is raised in the caller by its next :meth:`put` or by :meth:`close`, and nothing
+    after it is written. :meth:`abandon` (the caller stopped: an error, SIGTERM) returns at once: the item being
+    written finishes or is cut short with the process, which the part store's atomic rows files and commit lines
+    make safe (a field is only ever committed after its rows), and nothing queued is written.
+    """
+
+    def __init__(self, write: Callable[[Any], None], depth: int = 2) -> None:
+        self._write = write
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="dinoscope-embed-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not _STOP:
+            if self._error is None and not self._stopped:
+                try:
+                    self._write(item)
+                except BaseException as err:  # noqa: BLE001 - handed to the caller, which raises it
+                    self._error = err
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, item: Any) -> None:
+        """Queue ``item`` (waits while ``depth`` items wait); raises the writer's error, if any."""
+        self._raise()
+        self._queue.put(item)
+
+    def close(self) -> None:
+        """Wait until everything queued is written; raises the writer's error, if any."""
+        self._queue.put(_STOP)
+        self._thread.join()
+        self._raise()
+
+    def abandon(self) -> None:
+        """Stop without waiting: nothing queued is written any more."""
+        self._stopped = True
+        with contextlib.suppress(queue.Full):  # when full, the thread drops the queued items after this write
+            self._queue.put_nowait(_STOP)
 
 
 def embed_field(
