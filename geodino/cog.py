@@ -1,23 +1,21 @@
-"""Canopy-height rasters on disk: value encoding, a resumable partial GeoTIFF, COG conversion and VRT mosaics.
+"""Canopy-height rasters on disk: value encoding, resumable partial outputs and their conversion to COGs.
 
 Encodings: ``float32`` metres with nodata NaN (the HRCH notebook's output), or ``uint16``
 holding ``round(metres * uint16_scale)`` with nodata 65535 and the GDAL band scale ``1 / uint16_scale`` so GDAL
 aware readers (QGIS, rasterio ``scales``, exactextract) see metres. 0 is a real height, so it is never nodata.
 
-GDAL's COG layout cannot be written incrementally, so prediction first fills a tiled GeoTIFF row range by row
-range (the file is closed after every range, so a crash never leaves unflushed rows behind a progress record),
-then :func:`write_cog` converts it with GDAL's COG driver. :class:`ResumableOutputs` ties this together with a progress
-sidecar so an interrupted run can continue.
+GDAL's COG layout cannot be written incrementally, so prediction first stores each finished row range in the
+partial output (:mod:`geodino.partial`: one small GeoTIFF per range, each on disk before the progress record
+names it), then :func:`write_cog` converts them with GDAL's COG driver, compressing on several cores.
+:class:`ResumableOutputs` ties this together with a progress sidecar so an interrupted run can continue.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,19 +23,50 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.shutil
-from rasterio.errors import RasterioError
-from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_validate
 
 from core.errors import DinoscopeError
 from core.io import atomic_path, write_json
+from geodino.partial import (
+    UINT16_NODATA,
+    create_partial,
+    disk_errors,
+    output_nodata,
+    partial_profile,
+    partial_vrt,
+    ranges_per_window,
+    remove_partial,
+    rows_stored,
+    write_rows,
+)
 
 log = logging.getLogger(__name__)
 
-SIDECAR_VERSION = 1
-UINT16_NODATA = 65535
+# 2: row ranges in files of their own, and the carry holds only the weighted sums (the weights come from the grid)
+SIDECAR_VERSION = 2
 OUT_DTYPES = ("float32", "uint16")
 COG_CACHE_BYTES = 16 << 20
+# GDAL compresses the COG's blocks on this many threads: the cores this process may use, at most 4 (beyond that
+# each thread mostly adds memory, and several ranks on one node would oversubscribe it).
+COG_THREADS = str(min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+__all__ = [  # what this module defines, and the partial-output helpers it re-exports (geodino.partial)
+    "COG_CACHE_BYTES",
+    "COG_THREADS",
+    "OUT_DTYPES",
+    "SIDECAR_VERSION",
+    "UINT16_NODATA",
+    "ResumableOutputs",
+    "check_out_dtype",
+    "create_partial",
+    "disk_errors",
+    "encode_heights",
+    "height_tags",
+    "output_nodata",
+    "partial_profile",
+    "validate_cog",
+    "write_cog",
+    "write_rows",
+]
 
 
 def check_out_dtype(out_dtype: str, uint16_scale: float) -> None:
@@ -52,22 +81,24 @@ def check_out_dtype(out_dtype: str, uint16_scale: float) -> None:
         )
 
 
-def output_nodata(out_dtype: str) -> float:
-    """NaN for float32 metres, 65535 for scaled uint16."""
-    return float("nan") if out_dtype == "float32" else float(UINT16_NODATA)
+def encode_heights(
+    values: np.ndarray, valid: np.ndarray, out_dtype: str, uint16_scale: float, *, in_place: bool = False
+) -> np.ndarray:
+    """Metres (float) -> the stored dtype; invalid pixels become the output nodata value.
 
-
-def encode_heights(values: np.ndarray, valid: np.ndarray, out_dtype: str, uint16_scale: float) -> np.ndarray:
-    """Metres (float) -> the stored dtype; invalid pixels become the output nodata value."""
+    With ``in_place`` float32 ``values`` are masked and returned themselves instead of copied (the prediction's own
+    freshly blended rows, which nothing else reads).
+    """
     if out_dtype == "float32":
-        out = values.astype(np.float32, copy=True)
-        out[~valid] = np.nan
+        out = values.astype(np.float32, copy=not in_place)
+        np.copyto(out, np.float32(np.nan), where=~valid)
         return out
-    scaled = np.nan_to_num(values * np.float32(uint16_scale), nan=0.0)
+    scaled = values * np.float32(uint16_scale)
+    np.nan_to_num(scaled, copy=False, nan=0.0)
     np.rint(scaled, out=scaled)
     np.clip(scaled, 0, UINT16_NODATA - 1, out=scaled)
     out = scaled.astype(np.uint16)
-    out[~valid] = UINT16_NODATA
+    np.copyto(out, np.uint16(UINT16_NODATA), where=~valid)
     return out
 
 
@@ -85,56 +116,6 @@ def height_tags(out_dtype: str, uint16_scale: float, quantity: str = "canopy hei
     return tags
 
 
-def partial_profile(like: Any, out_dtype: str) -> dict[str, Any]:
-    """A compressed GeoTIFF profile on ``like``'s grid with flat 512 x 16 blocks.
-
-    Row ranges start on multiples of the tile stride, so with a stride divisible by 16 every block is written
-    exactly once; the COG conversion then reads 512 x 512 windows without decompressing whole rows repeatedly.
-    """
-    return {
-        "driver": "GTiff",
-        "width": like.width,
-        "height": like.height,
-        "count": 1,
-        "dtype": out_dtype,
-        "crs": like.crs,
-        "transform": like.transform,
-        "nodata": output_nodata(out_dtype),
-        "tiled": True,
-        "blockxsize": 512,
-        "blockysize": 16,
-        "compress": "zstd",
-        "zstd_level": 1,
-        "BIGTIFF": "IF_SAFER",
-    }
-
-
-def write_rows(path: Path, row: int, data: np.ndarray) -> None:
-    """Write ``data`` (rows x width) at ``row`` and close the file, so the rows are on disk when this returns."""
-    if data.shape[0] == 0:
-        return
-    with disk_errors(path), rasterio.open(path, "r+") as dst:
-        dst.write(data, 1, window=Window(0, row, data.shape[1], data.shape[0]))
-
-
-@contextlib.contextmanager
-def disk_errors(path: Path) -> Iterator[None]:
-    """A full disk or quota as an ``OSError`` (ENOSPC / EDQUOT) naming ``path``, which the command line explains in
-    one message: GDAL reports it as a generic write error, and a Python file write without the file's name."""
-    try:
-        yield
-    except RasterioError as err:
-        text = str(err).lower()
-        for code, words in ((errno.ENOSPC, "no space left"), (errno.EDQUOT, "quota exceeded")):
-            if words in text:
-                raise OSError(code, os.strerror(code), str(path)) from None
-        raise
-    except OSError as err:
-        if err.filename is None and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(err.errno, err.strerror, str(path)) from None
-        raise
-
-
 def write_cog(
     partial: Path,
     out_path: Path,
@@ -145,34 +126,31 @@ def write_cog(
     description: str = "canopy_height",
     blocksize: int = 512,
 ) -> Path:
-    """Convert the finished partial GeoTIFF into a COG at ``out_path`` (atomically), with average overviews.
+    """Convert the finished partial output at ``partial`` (:mod:`geodino.partial`) into a COG at ``out_path``
+    (atomically), with average overviews.
 
     The band carries what GIS tools read: unit type ``m``, scale and offset (``1 / uint16_scale`` and 0 for uint16,
     1 and 0 for float32), a description and nodata. GDAL's own COG driver does the conversion, because it copies
-    the band unit type (rio-cogeo's ``cog_translate`` drops it, so QGIS showed no unit).
+    the band unit type (rio-cogeo's ``cog_translate`` drops it, so QGIS showed no unit); it compresses blocks on
+    :data:`COG_THREADS` threads: the conversion is the one step that runs after the model has finished.
     """
     scale = 1.0 / uint16_scale if out_dtype == "uint16" else 1.0
-    with rasterio.open(partial, "r+") as src:
-        src.update_tags(**tags)
-        src.set_band_description(1, description)
-        src.units = ("m",)
-        src.scales = (scale,)
-        src.offsets = (0.0,)
+    source = partial_vrt(partial, tags=tags, description=description, scale=scale)
     options = {
         "compress": "DEFLATE",
         "predictor": "YES",  # 3 (floating point) for float32, 2 for uint16
         "blocksize": blocksize,
         "overview_resampling": "AVERAGE",
         "BIGTIFF": "IF_SAFER",
+        "num_threads": COG_THREADS,
     }
-    # A small block cache keeps the conversion's memory flat in raster size.
-    with (
-        disk_errors(out_path),
-        atomic_path(out_path) as tmp,
-        rasterio.Env(GDAL_CACHEMAX=COG_CACHE_BYTES, GDAL_TIFF_OVR_BLOCKSIZE=str(blocksize)),
-    ):
+    # A small block cache, and no more open range files than a block row of the COG reads, keep the conversion's
+    # memory flat in raster size (GDAL's VRT would otherwise keep up to 100 range files open).
+    env = {"GDAL_CACHEMAX": COG_CACHE_BYTES, "GDAL_TIFF_OVR_BLOCKSIZE": str(blocksize)}
+    env["GDAL_MAX_DATASET_POOL_SIZE"] = str(ranges_per_window(partial, blocksize) + 2)
+    with disk_errors(out_path), atomic_path(out_path) as tmp, rasterio.Env(**env):
         tmp.unlink(missing_ok=True)
-        rasterio.shutil.copy(partial, tmp, driver="COG", **options)
+        rasterio.shutil.copy(source, tmp, driver="COG", **options)
     return out_path
 
 
@@ -182,12 +160,13 @@ def validate_cog(path: str | os.PathLike) -> tuple[bool, list[str], list[str]]:
 
 
 class ResumableOutputs:
-    """The partial GeoTIFFs of one prediction run, its JSON progress sidecar, and their conversion to COGs.
+    """The partial outputs of one prediction run, its JSON progress sidecar, and their conversion to COGs.
 
-    Next to ``outputs[0]`` live ``.<name>.partial.tif`` (one per output), ``.<name>.partial.json`` (run config,
-    next tile row, name of the carry file) and ``.<name>.partial.json.carry-<row>.npz`` (blending sums that
-    overlap the next strip). A commit writes rows, then the new carry, then the sidecar pointing at it, then drops
-    the old carry, so the sidecar always describes rows that are on disk. Commits run on a background thread
+    Next to ``outputs[0]`` live ``.<name>.partial.tif`` and its row ranges (one partial output per output,
+    :mod:`geodino.partial`), ``.<name>.partial.json`` (run config, next tile row, rows stored, name of the carry
+    file) and ``.<name>.partial.json.carry-<row>.npz`` (blending sums that overlap the next strip). A commit writes
+    rows, then the new carry, then the sidecar pointing at it, then drops the old carry, so the sidecar always
+    describes rows that are on disk. Commits run on a background thread
     (at most one in flight) so encoding and compression overlap the model.
 
     Args:
@@ -216,8 +195,7 @@ class ResumableOutputs:
             return state
         self.remove_partials()
         for partial in self.partials:
-            with disk_errors(partial), rasterio.open(partial, "w", **partial_profile(self.like, self.out_dtype)):
-                pass
+            create_partial(partial, self.like, self.out_dtype)
         return 0, None
 
     def commit(
@@ -259,23 +237,24 @@ class ResumableOutputs:
             self._pool.shutdown(wait=True)
 
     def remove_partials(self) -> None:
-        """Delete the partial GeoTIFFs, the progress sidecar and every carry file (a fresh start or the end)."""
+        """Delete the partial outputs, the progress sidecar and every carry file (a fresh start or the end)."""
+        for partial in self.partials:
+            remove_partial(partial)
         carries = self.sidecar.parent.glob(self.sidecar.name + ".carry-*.npz")
-        for path in [*self.partials, self.sidecar, *carries]:
+        for path in [self.sidecar, *carries]:
             path.unlink(missing_ok=True)
 
     def _commit(
         self, row_index: int, first_row: int, values: np.ndarray, valid: np.ndarray, carry: dict[str, np.ndarray]
     ) -> None:
         for k, partial in enumerate(self.partials):
-            write_rows(partial, first_row, encode_heights(values[k], valid, self.out_dtype, self.uint16_scale))
+            encoded = encode_heights(values[k], valid, self.out_dtype, self.uint16_scale, in_place=True)
+            write_rows(partial, first_row, encoded)
         carry_path = self._carry_path(row_index + 1)
         with disk_errors(carry_path), open(carry_path, "wb") as f:
             np.savez(f, **carry)
-        write_json(
-            self.sidecar,
-            {"version": SIDECAR_VERSION, "config": self.config, "next_row": row_index + 1, "carry": carry_path.name},
-        )
+        state = {"version": SIDECAR_VERSION, "config": self.config, "next_row": row_index + 1}
+        write_json(self.sidecar, state | {"rows": first_row + values.shape[1], "carry": carry_path.name})
         self._carry_path(row_index).unlink(missing_ok=True)
 
     def _carry_path(self, next_row: int) -> Path:
@@ -288,6 +267,9 @@ class ResumableOutputs:
             state = json.loads(self.sidecar.read_text())
             if state.get("version") != SIDECAR_VERSION or state.get("config") != self.config:
                 log.warning("%s belongs to a different run; starting over", self.sidecar)
+                return None
+            if any(rows_stored(p) < state["rows"] for p in self.partials):
+                log.warning("%s names rows that are no longer on disk; starting over", self.sidecar)
                 return None
             with np.load(self.sidecar.with_name(state["carry"])) as carry:
                 arrays = {k: carry[k] for k in carry.files}

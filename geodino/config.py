@@ -196,7 +196,7 @@ class CanopyPredictRecipe:
     uint16_scale: float = option(100.0, help="uint16 units per metre (100: centimetres)", minimum=0.001)
     bands: list[str] = option([], help="bands to use, 1-based indices or names (default: all)")
     device: str = option("auto", help="auto, cpu, cuda or cuda:N")
-    num_workers: int = option(1, help="reader threads", flags="--workers", minimum=1)
+    num_workers: int = option(1, help="threads normalising tiles (one more reads)", flags="--workers", minimum=1)
     num_heads: int = option(0, help="attention heads of an HRCH checkpoint that is not a public one", minimum=0)
     hrch_blocks: list[int] = option(
         [],

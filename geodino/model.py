@@ -134,11 +134,15 @@ class CanopyModel(nn.Module):
         return {k: out[k][:, :h, :w] for k in ("height", "std") if k in out}
 
     def predict_batch(self, batch: Tensor) -> dict[str, Tensor]:
-        """``model_fn`` for :func:`geodino.predict.predict_raster`: float32 CPU maps, heights clamped at 0 m."""
+        """``model_fn`` for :func:`geodino.predict.predict_raster`: float32 CPU maps, heights clamped at 0 m.
+
+        A batch in pinned memory is copied to a CUDA device asynchronously (``non_blocking``): the copy is queued on
+        the stream ahead of the forward pass, and the host thread only waits when it fetches the result."""
         param = next(self.net.parameters())
         self.eval()
         with torch.inference_mode():
-            out = self(batch.to(param.device, param.dtype))
+            batch = batch.to(param.device, non_blocking=batch.is_pinned() and param.device.type == "cuda")
+            out = self(batch.to(param.dtype))
         result = {"height": out["height"].float().clamp_min(0.0).cpu()}
         if "std" in out:
             result["std"] = out["std"].float().cpu()

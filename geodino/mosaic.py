@@ -174,13 +174,19 @@ class MosaicSource:
             order.append(prefer)
         for k in order:
             m = self.group.members[k]
-            part, part_valid = self.member_source(k).read(Window(col - m.col, row - m.row, width, height))
-            data[:, part_valid] = part[:, part_valid]
-            valid |= part_valid
+            inner = intersect_window(col - m.col, row - m.row, width, height, m.width, m.height)
+            if inner is None:
+                continue
+            # Only the member's part of the window is read: a wide window (a batch of tiles) may touch many members.
+            icol, irow, iwidth, iheight = inner
+            part, part_valid = self.member_source(k).read(Window(icol, irow, iwidth, iheight), boundless=False)
+            rows = slice(irow + m.row - row, irow + m.row - row + iheight)
+            cols = slice(icol + m.col - col, icol + m.col - col + iwidth)
+            np.copyto(data[:, rows, cols], part, where=part_valid[None])
             if k == prefer:  # inside its own rectangle, the preferred member's mask is the mask
-                rows = slice(max(m.row - row, 0), max(min(m.row + m.height - row, height), 0))
-                cols = slice(max(m.col - col, 0), max(min(m.col + m.width - col, width), 0))
-                valid[rows, cols] = part_valid[rows, cols]
+                valid[rows, cols] = part_valid
+            else:
+                valid[rows, cols] |= part_valid
         return data, valid
 
     def read_decimated(self, max_pixels: int = 1_000_000) -> tuple[np.ndarray, np.ndarray]:

@@ -64,18 +64,26 @@ class BandNormaliser:
         """Number of bands the constants are for."""
         return int(self.offset.size)
 
-    def __call__(self, data: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-        """Normalise ``C x H x W`` raw values; pixels where ``valid`` is False become 0 (the post-norm mean)."""
+    def __call__(
+        self, data: np.ndarray, valid: np.ndarray | None = None, *, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Normalise ``C x H x W`` raw values; pixels where ``valid`` is False become 0 (the post-norm mean).
+
+        ``out`` (float32, ``data``'s shape; may be ``data`` itself) receives the result instead of a new array.
+        """
         if data.ndim != 3 or data.shape[0] != self.count:
             raise DinoscopeError(
                 f"normaliser is for {self.count} bands but the data has shape {data.shape} (expected C x H x W)",
                 field="bands",
                 fix="select the same bands the normalisation constants were computed for",
             )
-        out = (data.astype(np.float32, copy=False) - self.offset[:, None, None]) / self.scale[:, None, None]
-        if valid is not None:
-            out = np.where(valid[None], out, np.float32(0))
-        return out.astype(np.float32, copy=False)
+        # One new array, then in place: the same float32 arithmetic as ``(data - offset) / scale`` in a third of the
+        # memory traffic (this runs on every pixel a prediction reads).
+        out = np.subtract(data, self.offset[:, None, None], out=out, dtype=np.float32)
+        np.divide(out, self.scale[:, None, None], out=out)
+        if valid is not None and not valid.all():  # most windows are all valid: skip the masked pass
+            np.copyto(out, np.float32(0), where=~valid[None])
+        return out
 
     # -- constructors --------------------------------------------------------------------------------------
     @classmethod

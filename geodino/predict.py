@@ -1,19 +1,25 @@
 """Seamless tiled canopy-height prediction of a whole raster into a Cloud-Optimised GeoTIFF.
 
-Pipeline (memory bounded by one strip of tiles, never by the raster's area):
+Pipeline (memory bounded by one strip of tiles, never by the raster's area), in four stages that overlap:
 
-1. reader threads cut the raster into overlapping tiles (:class:`geodino.tiling.TileGrid`), read them windowed
-   and boundless, normalise them with scene-level constants and queue whole batches (bounded queue), so I/O
-   overlaps the model (:class:`geodino.tiling.TileBatchReader`);
-2. the model predicts each batch; tiles are blended into a strip accumulator with smooth Hann weights;
-3. once a tile row is done, the raster rows no later tile touches are divided out and written, on a background
-   thread, to a partial GeoTIFF next to the output; a small JSON sidecar records the progress (plus the overlap sums
-   still pending), so an interrupted run resumes without redoing finished strips and produces the identical file
-   (:class:`geodino.cog.ResumableOutputs`);
-4. the partial file becomes a COG (:func:`geodino.cog.write_cog`) renamed onto the final name.
+1. a reading thread reads the window under each batch of overlapping tiles (:class:`geodino.tiling.TileGrid`),
+   windowed and boundless, and ``num_workers`` threads normalise it with scene-level constants straight into the
+   batch's tiles, a few batches ahead of the model (:class:`geodino.tile_batches.TileBatchReader`), in pinned
+   memory when the model runs on CUDA;
+2. the calling thread runs the model and does nothing else, so a GPU is never kept waiting by the CPU work;
+3. a blending thread adds each batch's predictions, weighted by smooth Hann ramps, to a strip accumulator; once a
+   tile row is done, the raster rows no later tile touches are divided by the (separable) weight sums
+   (:class:`geodino.tiling.StripAccumulator`);
+4. a writing thread stores those rows in the partial output next to the output (one small GeoTIFF per row range,
+   :mod:`geodino.partial`); a JSON sidecar records the progress (plus the overlap sums still pending), so an
+   interrupted run resumes without redoing finished strips and produces the identical file
+   (:class:`geodino.cog.ResumableOutputs`). At the end the partial output becomes a COG
+   (:func:`geodino.cog.write_cog`, compressed on several cores) renamed onto the final name: the COG layout puts the
+   overviews before the full-resolution tiles, so it cannot be written before the last strip is known.
 
 Batches never span tile rows: a resumed run then sees exactly the batches of an uninterrupted one, so even
-batch-size-dependent kernels give bit-identical output.
+batch-size-dependent kernels give bit-identical output. Every pixel's arithmetic is fixed by the grid, so the
+output does not depend on the number of threads or on timing.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +42,8 @@ from core.logging import progress as progress_bar
 from geodino.cog import ResumableOutputs, check_out_dtype
 from geodino.outputs import RECORD_TAG
 from geodino.raster import RasterSource
-from geodino.tiling import StripAccumulator, TileBatchReader, TileGrid
+from geodino.tile_batches import TileBatch, TileBatchReader
+from geodino.tiling import StripAccumulator, TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +67,14 @@ def predict_raster(
     num_workers: int = 1,
     progress: bool = True,
     record: dict[str, Any] | None = None,
+    pin_memory: bool = False,
 ) -> Path:
     """Predict canopy height over ``source`` and write it as a COG at ``out_path``.
 
     Args:
         model_fn: ``batch float32 [B, C, tile, tile] -> {"height": [B, tile, tile] metres, "std": optional}``;
-            called under ``torch.inference_mode``; it moves the batch to its device itself.
+            called under ``torch.inference_mode``; it moves the batch to its device itself, and must not keep the
+            batch after it returns (its memory is refilled with a later batch, unless the output shares it).
         source: the input raster (its selected bands are the model's channels): a
             :class:`geodino.raster.RasterSource`, or a :class:`geodino.mosaic.RegionSource` (one input of a mosaic,
             whose border tiles read the neighbours' pixels) or :class:`geodino.mosaic.MosaicSource`.
@@ -77,10 +88,12 @@ def predict_raster(
         uncertainty_path: where to write the per-pixel ``std`` as a second COG (same encoding); overlapping tiles'
             std values are averaged with the same blending weights as the heights.
         resume: continue from a previous interrupted run's partial file and sidecar when they match this run.
-        num_workers: reader threads, each with its own file handle.
+        num_workers: threads that normalise the windows read and cut them into tiles (one more thread reads).
         progress: show a progress bar over tile rows.
         record: how this prediction is made (:func:`geodino.outputs.prediction_record`): stored in the COG's tags
             and part of what a resumed run must match, so a partial file of another model is never continued.
+        pin_memory: hand the model batches in pinned memory, so a CUDA model can copy them with
+            ``non_blocking=True`` (:meth:`geodino.model.CanopyModel.predict_batch` does); needs CUDA.
 
     Returns:
         ``out_path``.
@@ -110,7 +123,10 @@ def predict_raster(
             start_row, carry = outputs.start(resume)
             if carry is not None:
                 accumulator.restore(carry)
-            reader = TileBatchReader(source, normaliser, grid, start_row, batch_size, num_workers)
+            reader = TileBatchReader(
+                source, normaliser, grid, start_row, batch_size, num_workers, pin_memory=pin_memory
+            )
+            blender = BlendStage(accumulator, outputs)
             try:
                 rows = progress_bar(
                     range(start_row, len(grid.rows)),
@@ -121,20 +137,87 @@ def predict_raster(
                     disable=None if progress else True,
                 )
                 for row_index in rows:
-                    y = grid.rows[row_index]
-                    for cols, batch, valid in reader.row(row_index):
-                        predicted = _run_model(model_fn, batch, tile, n_values=len(paths))
-                        for k, x in enumerate(cols):
-                            accumulator.add(y, x, predicted[:, k], valid[k])
-                    first, stop = grid.finished_rows(row_index)
-                    values, valid_rows = accumulator.pop_rows(stop)
-                    outputs.commit(row_index, first, values, valid_rows, accumulator.carry())
+                    for batch in reader.row(row_index):
+                        predicted = _run_model(model_fn, batch.tiles, tile, n_values=len(paths))
+                        reader.recycle(batch, predicted)
+                        blender.add(batch, predicted)
+                    blender.end_row(row_index)
+                blender.join()
             finally:
+                blender.close()
                 reader.close()
             outputs.finish(source.path.name, {RECORD_TAG: json.dumps(record, sort_keys=True)} if record else None)
         finally:
             outputs.close()
     return out_path
+
+
+class BlendStage:
+    """A thread that blends predicted batches into the strip accumulator and commits every finished tile row.
+
+    The model's thread hands it work through a small bounded queue, in order. An error in the thread (a full
+    disk...) is re-raised in the model's thread at its next call. :meth:`close` lets the thread finish what is
+    queued, so every tile row the model completed before an interruption is saved for the resumed run.
+    """
+
+    _STOP = object()
+
+    def __init__(self, accumulator: StripAccumulator, outputs: ResumableOutputs, depth: int = 2) -> None:
+        self.accumulator = accumulator
+        self.outputs = outputs
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tile-blender")
+        self._thread.start()
+
+    def add(self, batch: TileBatch, predicted: np.ndarray) -> None:
+        """Queue ``predicted`` (``n_values x B x tile x tile``) for the tiles of ``batch``."""
+        self._put((batch.y, batch.cols, predicted, batch.valid))
+
+    def end_row(self, row_index: int) -> None:
+        """Queue the commit of the raster rows tile row ``row_index`` finished."""
+        self._put(row_index)
+
+    def join(self) -> None:
+        """Wait until everything queued is blended and committed; re-raise the thread's error."""
+        self._put(self._STOP)
+        self._thread.join()
+        self._raise()
+
+    def close(self) -> None:
+        """Let the thread finish what is queued (unless it failed), then stop it."""
+        if self._thread.is_alive():
+            self._put(self._STOP, check=False)
+            self._thread.join()
+
+    def _put(self, item: Any, check: bool = True) -> None:
+        while self._thread.is_alive():
+            if check:
+                self._raise()
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        if check:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        acc, grid = self.accumulator, self.accumulator.grid
+        try:
+            while (item := self._queue.get()) is not self._STOP:
+                if isinstance(item, int):
+                    first, stop = grid.finished_rows(item)
+                    values, valid = acc.pop_rows(stop)
+                    self.outputs.commit(item, first, values, valid, acc.carry())
+                else:
+                    acc.add_batch(*item)
+        except BaseException as err:  # handed to the model's thread, which re-raises it
+            self._error = err
 
 
 # -- internals -------------------------------------------------------------------------------------------------
@@ -161,7 +244,7 @@ def _run_model(model_fn: ModelFn, batch: torch.Tensor, tile: int, *, n_values: i
                 fix="the model must return one value per input pixel (upsample its output)",
             )
         values.append(value)
-    return np.stack(values)
+    return values[0][None] if n_values == 1 else np.stack(values)
 
 
 def _run_config(

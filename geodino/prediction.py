@@ -109,9 +109,8 @@ def predict_files(
             fix="give a directory, or add --mosaic to write one COG over all inputs",
         )
     check_output_path(out, is_dir=not one_file)
-    model = load_canopy_model(
-        model_path, device=resolve_device(device, field="device"), num_heads=num_heads, out_indices=hrch_blocks
-    )
+    torch_device = resolve_device(device, field="device")
+    model = load_canopy_model(model_path, device=torch_device, num_heads=num_heads, out_indices=hrch_blocks)
     _check_tile_memory(model, tile, batch_size)
     selected = [select_bands(p, model, bands, model_path) for p in inputs]
     if uncertainty and not model.has_std:
@@ -151,6 +150,7 @@ def predict_files(
         "resume": resume,
         "num_workers": num_workers,
         "progress": progress,
+        "pin_memory": torch_device.type == "cuda",  # batches copied to the GPU without blocking the host
     }
     if single:
         record = prediction_record(model_id, inputs[0], settings | {"bands": selected[0]})

@@ -122,21 +122,32 @@ class RasterSource:
             ``boundless`` the output always has the window's (rounded) size and pixels outside the raster are
             invalid; without it the window is clipped to the raster.
         """
+        return self._read(window, boundless, raw=False)
+
+    def read_raw(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`read` (boundless) in the file's own dtype, without the input rule (``convert``): for callers that
+        convert and normalise in one pass (:class:`geodino.tile_batches.TileBatchReader`)."""
+        return self._read(window, True, raw=True)
+
+    def _read(self, window: Window, boundless: bool, raw: bool) -> tuple[np.ndarray, np.ndarray]:
         col, row, width, height = pixel_window(window)
         inner = intersect_window(col, row, width, height, self.width, self.height)
+        dtype = self.dtype if raw else np.float32
         if not boundless:
             if inner is None:
-                return np.zeros((self.count, 0, 0), np.float32), np.zeros((0, 0), bool)
+                return np.zeros((self.count, 0, 0), dtype), np.zeros((0, 0), bool)
             col, row, width, height = inner
-        data = np.zeros((self.count, height, width), np.float32)
+        if inner == (col, row, width, height):  # all inside: no padding to add
+            return self._read_inside(Window(col, row, width, height), raw=raw)
+        data = np.zeros((self.count, height, width), dtype)
         valid = np.zeros((height, width), bool)
         if inner is None:
             return data, valid
         icol, irow, iwidth, iheight = inner
-        raw, inner_valid = self._read_inside(Window(icol, irow, iwidth, iheight))
+        values, inner_valid = self._read_inside(Window(icol, irow, iwidth, iheight), raw=raw)
         rows = slice(irow - row, irow - row + iheight)
         cols = slice(icol - col, icol - col + iwidth)
-        data[:, rows, cols] = raw
+        data[:, rows, cols] = values
         valid[rows, cols] = inner_valid
         return data, valid
 
@@ -152,13 +163,15 @@ class RasterSource:
         window = Window(0, 0, self.width, self.height)
         return self._read_inside(window, out_shape=(out_h, out_w))
 
-    def _read_inside(self, window: Window, out_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _read_inside(
+        self, window: Window, out_shape: tuple[int, int] | None = None, raw: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         kwargs: dict[str, Any] = {"window": window}
         if out_shape is not None:
             kwargs.update(out_shape=(len(self.indexes), *out_shape), resampling=Resampling.nearest)
         try:
-            raw = self._ds.read(self.indexes, **kwargs)
-            valid = self._valid(raw, kwargs)
+            values = self._ds.read(self.indexes, **kwargs)
+            valid = self._valid(values, kwargs)
         except RasterioError as err:
             cause = f": {err.__cause__}" if err.__cause__ else ""
             raise DinoscopeError(
@@ -168,7 +181,9 @@ class RasterSource:
                 field="pixels",
                 fix=_CORRUPT_FIX,
             ) from None
-        data = raw.astype(np.float32, copy=False)
+        if raw:
+            return values, valid
+        data = values.astype(np.float32, copy=False)
         return (self.convert.apply(data) if self.convert is not None else data), valid
 
     def _valid(self, raw: np.ndarray, kwargs: dict[str, Any]) -> np.ndarray:
