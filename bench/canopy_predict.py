@@ -16,7 +16,8 @@ values measure how it scales with the threads that normalise tiles. A warm-up on
 timings one-off costs (GDAL drivers, PROJ, the model's first call). ``--model vits14`` is a random-init ViT-S/14
 under a linear head (:func:`vits14`); ``pipeline_vs_model_only`` is then the share of the model's own speed the
 whole pipeline keeps. The load average before and after is reported: on a shared machine, compare runs made under
-similar load, or take the best of ``--repeat`` runs.
+similar load, or take the best of ``--repeat`` runs (``best_of_runs``: the shortest pipeline, floor and model
+times over the runs, and their ratios; the best ratio of single runs would reward a floor that noise slowed).
 
 Usage: ``python bench/canopy_predict.py [--sizes 2000 20000 2000x20000] [--model conv3x3|conv3x3x2|vits14|null]
 [--num-workers 1 2 4] [--tile 256 ...]`` (a size is ``N`` for N x N or ``WIDTHxHEIGHT``). Prints one JSON object.
@@ -205,13 +206,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "height": args.height,
         "megapixels": megapixels,
         "tiles": grid.n_tiles,
-        "pipeline_s": round(pipeline_s, 2),
+        "pipeline_s": round(pipeline_s, 3),
         "pipeline_cpu_s": round(pipeline_cpu_s, 2),
         "pipeline_mpx_per_s": round(megapixels / pipeline_s, 3),
-        "model_only_s_estimate": round(model_only_s, 2),
+        "model_only_s_estimate": round(model_only_s, 3),
         "model_only_mpx_per_s": round(megapixels / model_only_s, 3),
         "pipeline_vs_model_only": round(model_only_s / pipeline_s, 3),
-        "io_floor_s": round(floor_s, 2),
+        "io_floor_s": round(floor_s, 3),
         "io_floor_cpu_s": round(floor_cpu_s, 2),
         "io_floor_mpx_per_s": round(megapixels / floor_s, 3),
         "pipeline_vs_io_floor": round(floor_s / pipeline_s, 3),
@@ -359,12 +360,15 @@ def main() -> None:
         "parent_peak_rss_mb": round(_peak_rss_mb(), 1),
         "results": results,
     }
-    if args.repeat > 1:  # on a shared machine: the best of the runs of each size and worker count
+    if args.repeat > 1:  # on a shared machine: each quantity's best (shortest) time over the runs, then the ratios
         best: dict[str, dict[str, float]] = {}
         for r in results:
-            key = f"{r['width']}x{r['height']}/{r['num_workers']}"
-            for name in ("pipeline_vs_io_floor", "pipeline_vs_model_only"):
-                best.setdefault(key, {})[name] = max(best.get(key, {}).get(name, 0.0), r[name])
+            times = best.setdefault(f"{r['width']}x{r['height']}/{r['num_workers']}", {})
+            for name in ("pipeline_s", "io_floor_s", "model_only_s_estimate"):
+                times[name] = min(times.get(name, float("inf")), r[name])
+        for times in best.values():
+            times["pipeline_vs_io_floor"] = round(times["io_floor_s"] / times["pipeline_s"], 3)
+            times["pipeline_vs_model_only"] = round(times["model_only_s_estimate"] / times["pipeline_s"], 3)
         report["best_of_runs"] = best
     if len(results) > 1:
         report["peak_rss_ratio_vs_first"] = [round(r["peak_rss_mb"] / results[0]["peak_rss_mb"], 3) for r in results]

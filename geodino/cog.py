@@ -6,7 +6,8 @@ aware readers (QGIS, rasterio ``scales``, exactextract) see metres. 0 is a real 
 
 GDAL's COG layout cannot be written incrementally, so prediction first stores each finished row range in the
 partial output (:mod:`geodino.partial`: one small GeoTIFF per range, each on disk before the progress record
-names it), then :func:`write_cog` converts them with GDAL's COG driver, compressing on several cores.
+names it) with their overview rows (:mod:`geodino.overviews`), then :func:`write_cog` converts them with GDAL's
+COG driver, compressing on several cores and copying the overviews instead of computing them.
 :class:`ResumableOutputs` ties this together with a progress sidecar so an interrupted run can continue.
 """
 
@@ -27,6 +28,17 @@ from rio_cogeo.cogeo import cog_validate
 
 from core.errors import DinoscopeError
 from core.io import atomic_path, write_json
+from geodino.overviews import (
+    COG_BLOCKSIZE,
+    OverviewPyramid,
+    overview_elements,
+    overview_rows_stored,
+    precomputed_levels,
+    remove_overview_rows,
+    stored_values,
+    to_stored,
+    write_overview_rows,
+)
 from geodino.partial import (
     UINT16_NODATA,
     create_partial,
@@ -43,7 +55,8 @@ from geodino.partial import (
 log = logging.getLogger(__name__)
 
 # 2: row ranges in files of their own, and the carry holds only the weighted sums (the weights come from the grid)
-SIDECAR_VERSION = 2
+# 3: overview rows stored beside the ranges, their pending rows in the carry
+SIDECAR_VERSION = 3
 OUT_DTYPES = ("float32", "uint16")
 COG_CACHE_BYTES = 16 << 20
 # GDAL compresses the COG's blocks on this many threads: the cores this process may use, at most 4 (beyond that
@@ -124,7 +137,7 @@ def write_cog(
     uint16_scale: float,
     tags: dict[str, str],
     description: str = "canopy_height",
-    blocksize: int = 512,
+    blocksize: int = COG_BLOCKSIZE,
 ) -> Path:
     """Convert the finished partial output at ``partial`` (:mod:`geodino.partial`) into a COG at ``out_path``
     (atomically), with average overviews.
@@ -132,10 +145,13 @@ def write_cog(
     The band carries what GIS tools read: unit type ``m``, scale and offset (``1 / uint16_scale`` and 0 for uint16,
     1 and 0 for float32), a description and nodata. GDAL's own COG driver does the conversion, because it copies
     the band unit type (rio-cogeo's ``cog_translate`` drops it, so QGIS showed no unit); it compresses blocks on
-    :data:`COG_THREADS` threads: the conversion is the one step that runs after the model has finished.
+    :data:`COG_THREADS` threads: the conversion is the one step that runs after the model has finished. Overview
+    rows the prediction stored beside the ranges (:mod:`geodino.overviews`) are copied, not computed again.
     """
     scale = 1.0 / uint16_scale if out_dtype == "uint16" else 1.0
-    source = partial_vrt(partial, tags=tags, description=description, scale=scale)
+    with rasterio.open(partial) as grid:
+        overviews = overview_elements(partial, grid.width, grid.height, out_dtype, blocksize=blocksize)
+    source = partial_vrt(partial, tags=tags, description=description, scale=scale, overviews=overviews)
     options = {
         "compress": "DEFLATE",
         "predictor": "YES",  # 3 (floating point) for float32, 2 for uint16
@@ -185,6 +201,8 @@ class ResumableOutputs:
         self.out_dtype = out_dtype
         self.uint16_scale = uint16_scale
         self.config = config
+        levels = precomputed_levels(like.width, like.height)
+        self.pyramids = [OverviewPyramid(like.width, like.height, levels) for _ in self.outputs]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="strip-writer")
         self._pending: Future[None] | None = None
 
@@ -192,7 +210,10 @@ class ResumableOutputs:
         """``(first tile row to predict, carry to restore or None)``; creates fresh partial files when not resuming."""
         state = self._load_state() if resume else None
         if state is not None:
-            return state
+            next_row, rows, carry = state
+            for k, pyramid in enumerate(self.pyramids):
+                pyramid.restore(carry, rows, prefix=f"output{k}_")
+            return next_row, {name: carry[name] for name in ("sums", "base")}
         self.remove_partials()
         for partial in self.partials:
             create_partial(partial, self.like, self.out_dtype)
@@ -240,6 +261,7 @@ class ResumableOutputs:
         """Delete the partial outputs, the progress sidecar and every carry file (a fresh start or the end)."""
         for partial in self.partials:
             remove_partial(partial)
+            remove_overview_rows(partial)
         carries = self.sidecar.parent.glob(self.sidecar.name + ".carry-*.npz")
         for path in [self.sidecar, *carries]:
             path.unlink(missing_ok=True)
@@ -247,20 +269,26 @@ class ResumableOutputs:
     def _commit(
         self, row_index: int, first_row: int, values: np.ndarray, valid: np.ndarray, carry: dict[str, np.ndarray]
     ) -> None:
+        stop_row = first_row + values.shape[1]
         for k, partial in enumerate(self.partials):
             encoded = encode_heights(values[k], valid, self.out_dtype, self.uint16_scale, in_place=True)
             write_rows(partial, first_row, encoded)
+            levels = self.pyramids[k].add(stored_values(encoded, self.out_dtype))
+            stored = [to_stored(rows, self.out_dtype) for rows in levels]
+            write_overview_rows(partial, first_row, stop_row, stored, self.out_dtype)
+            carry = carry | self.pyramids[k].state(prefix=f"output{k}_")
         carry_path = self._carry_path(row_index + 1)
         with disk_errors(carry_path), open(carry_path, "wb") as f:
             np.savez(f, **carry)
         state = {"version": SIDECAR_VERSION, "config": self.config, "next_row": row_index + 1}
-        write_json(self.sidecar, state | {"rows": first_row + values.shape[1], "carry": carry_path.name})
+        write_json(self.sidecar, state | {"rows": stop_row, "carry": carry_path.name})
         self._carry_path(row_index).unlink(missing_ok=True)
 
     def _carry_path(self, next_row: int) -> Path:
         return self.sidecar.with_name(f"{self.sidecar.name}.carry-{next_row}.npz")
 
-    def _load_state(self) -> tuple[int, dict[str, np.ndarray]] | None:
+    def _load_state(self) -> tuple[int, int, dict[str, np.ndarray]] | None:
+        """``(next tile row, rows stored, carry arrays)`` of a run this one may continue, or None."""
         if not self.sidecar.exists() or not all(p.exists() for p in self.partials):
             return None
         try:
@@ -268,13 +296,17 @@ class ResumableOutputs:
             if state.get("version") != SIDECAR_VERSION or state.get("config") != self.config:
                 log.warning("%s belongs to a different run; starting over", self.sidecar)
                 return None
-            if any(rows_stored(p) < state["rows"] for p in self.partials):
+            levels = self.pyramids[0].levels
+            if any(
+                rows_stored(p) < state["rows"] or levels and overview_rows_stored(p) < state["rows"]
+                for p in self.partials
+            ):
                 log.warning("%s names rows that are no longer on disk; starting over", self.sidecar)
                 return None
             with np.load(self.sidecar.with_name(state["carry"])) as carry:
                 arrays = {k: carry[k] for k in carry.files}
             log.info("%s: resuming at tile row %d", self.outputs[0], state["next_row"])
-            return int(state["next_row"]), arrays
+            return int(state["next_row"]), int(state["rows"]), arrays
         except (OSError, ValueError, KeyError) as err:
             log.warning("cannot resume from %s (%s); starting over", self.sidecar, err)
             return None

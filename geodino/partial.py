@@ -7,8 +7,9 @@ partial output at ``path`` (``.<name>.partial.tif`` next to the output) is:
 * ``path`` itself: a GeoTIFF holding only the grid (CRS, transform, size, dtype, nodata) and no pixels;
 * one GeoTIFF per committed row range, ``.<name>.partial-rows<first>-<stop>.tif``, written once to a temporary name
   and renamed, so a crash never leaves a half-written range under its name;
-* at the end, :func:`partial_vrt`: a VRT over the ranges with the band's description, unit, scale and tags, which
-  the COG driver copies.
+* beside each range, its overview rows (:mod:`geodino.overviews`);
+* at the end, :func:`partial_vrt`: a VRT over the ranges with the band's description, unit, scale and tags, and
+  the overview rows declared as its overviews, which the COG driver copies.
 
 Why separate files rather than one GeoTIFF updated range by range: libtiff keeps the ZSTD level only for the
 handle that created the file, so a GeoTIFF reopened for update compresses at ZSTD's default level 9; measured on
@@ -135,9 +136,10 @@ def remove_partial(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def partial_vrt(path: Path, *, tags: dict[str, str], description: str, scale: float) -> str:
+def partial_vrt(path: Path, *, tags: dict[str, str], description: str, scale: float, overviews: str = "") -> str:
     """The VRT (XML text) of the finished partial output at ``path``: its ranges on its grid, with the band's
-    description, unit ``m``, ``scale`` and offset 0, nodata, and dataset ``tags``."""
+    description, unit ``m``, ``scale`` and offset 0, nodata, and dataset ``tags``; ``overviews`` (VRT
+    ``<Overview>`` elements, :func:`geodino.overviews.overview_elements`) declares precomputed overviews."""
     with rasterio.open(path) as ds:
         width, height, crs, transform, dtype = ds.width, ds.height, ds.crs, ds.transform, ds.dtypes[0]
         nodata = ds.nodata
@@ -164,7 +166,7 @@ def partial_vrt(path: Path, *, tags: dict[str, str], description: str, scale: fl
         f"<Metadata>{metadata}</Metadata>"
         f'<VRTRasterBand dataType="{_GDAL_TYPES[dtype]}" band="1">'
         f"<Description>{escape(description)}</Description><NoDataValue>{nodata_text}</NoDataValue>"
-        f"<UnitType>m</UnitType><Offset>0</Offset><Scale>{scale!r}</Scale>{sources}"
+        f"<UnitType>m</UnitType><Offset>0</Offset><Scale>{scale!r}</Scale>{sources}{overviews}"
         "</VRTRasterBand></VRTDataset>"
     )
 

@@ -165,7 +165,7 @@ def test_a_resume_whose_rows_are_no_longer_on_disk_starts_over(
         with pytest.raises(RuntimeError, match="simulated"):
             predict_raster(failing, src, NORM, tmp_path / "out.tif", **kwargs)
         stored = ranges(tmp_path / ".out.tif.partial.tif")
-        assert len(stored) >= 2
+        assert stored and stored[-1][1] > 0  # the finished tile rows were committed when the failure stopped the run
         stored[0][2].unlink()
         with caplog.at_level("WARNING"):
             predict_raster(Identity(), src, NORM, tmp_path / "out.tif", **kwargs)

@@ -23,7 +23,7 @@ import torch
 from rasterio.errors import RasterioIOError
 
 from core.cli import main
-from geodino import cog
+from geodino import cog, predict
 from geodino.model import backbone_head_model, random_backbone, save_canopy_model
 from geodino.normalise import BandNormaliser
 from geodino.synthetic import make_forest
@@ -200,6 +200,7 @@ def test_a_full_disk_is_one_clear_message_and_the_same_command_then_completes(
         write_rows(path, row, data)
 
     monkeypatch.setattr(cog, "write_rows", full_disk)
+    monkeypatch.setattr(predict, "COMMIT_BYTES", 1)  # every tile row is stored on its own, as on a large raster
     assert main(argv(setup, out)) == 2
     err = capsys.readouterr().err
     assert "no space left" in err and str(tmp_path) in err and "chm.tif" in err and "fix:" in err
