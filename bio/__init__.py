@@ -20,8 +20,9 @@ Modules:
 * :mod:`bio.cells` - nucleus centroids (CellProfiler tables, label images, built-in detection) and single-cell crops.
 * :mod:`bio.synthetic` - seeded synthetic Cell Painting plates with known treatment effects, for tests and demos.
 * :mod:`bio.backbone` - channel-matched backbones (fixed channels by name, or bag of channels for any subset).
-* :mod:`bio.embed`, :mod:`bio.embed_fields`, :mod:`bio.embed_store`, :mod:`bio.embed_anndata` - resumable,
-  rank-parallel per-cell embedding to zarr + parquet (and AnnData).
+* :mod:`bio.embed`, :mod:`bio.embed_reader`, :mod:`bio.embed_fields`, :mod:`bio.embed_store`,
+  :mod:`bio.embed_merge`, :mod:`bio.embed_anndata` - resumable, rank-parallel per-cell embedding to zarr + parquet
+  (and AnnData), read by forked reader processes.
 * :mod:`bio.qc` - per-cell quality control: focus, saturation, debris and edge flags.
 * :mod:`bio.profiles`, :mod:`bio.profiles_aggregate`, :mod:`bio.profiles_normalise`, :mod:`bio.profiling` -
   streaming well profiles and normalisation against controls (pycytominer).

@@ -13,24 +13,26 @@ also ``RUN/cells.h5ad`` (:mod:`bio.embed_anndata`). Sources are OME-Zarr plates,
 multi-channel (OME-)TIFF files, folders and image lists (:mod:`bio.fields_files`).
 
 Work is done field by field (DeepProfiler-style crops around nucleus centroids). Rank ``r`` of ``W`` takes fields
-``r, r+W, ...`` and writes each field's rows to its own part ``RUN/parts/rank-<r>/``; a field is committed by one
-line in the part's ``committed.jsonl`` written only after its rows, so a field interrupted by a crash is simply
-redone on resume and no cell is stored twice. Every batch holds crops of one field only, so a field's embeddings do not
-depend on its neighbours and a resumed run equals an uninterrupted one. When every field is committed, rank 0
-merges the parts in field order into the final store (atomic renames) and removes them. Memory: a few fields (the
-one being embedded, up to ``read_workers`` read ahead, two waiting for the writer thread) and one batch of crops.
+``r, r+W, ...``. Reader processes (:mod:`bio.embed_reader`, forked, ``read_workers`` of them) read each field, find
+its nuclei, cut all its crops in one gather and measure them for QC, while this process only batches the crops
+through the model (:mod:`bio.embed_fields`) and a writer thread stores each field's rows in the rank's own part
+``RUN/parts/rank-<r>/``; a field is committed by one line in the part's ``committed.jsonl`` written only after its
+rows, so a field interrupted by a crash is simply redone on resume and no cell is stored twice. Every batch holds
+crops of one field only, so a field's embeddings do not depend on its neighbours and a resumed run equals an
+uninterrupted one. When every field is committed, rank 0 merges the parts in field order into the final store
+(atomic renames; :mod:`bio.embed_merge`) and removes them. Memory: the crops read ahead (a few fields, at most about
+32 MiB beyond those; :class:`bio.embed_reader.Reading`), two fields waiting for the writer thread, one batch of
+crops, and a focus score and nucleus area per embedded cell for the merge's QC medians.
 
 Before any of this, :mod:`bio.embed_checks` checks every input (metadata only, nothing written); the run directory
 is locked for the whole run, and a previous run there is resumed, found complete, or refused when its settings differ
 (replaced with ``overwrite``): see :mod:`bio.embed_store`. A run that embeds no cell at all fails, saying why, and
-leaves no state behind that would block or be resumed by the corrected command.
-
-The per-field pipeline lives in :mod:`bio.embed_fields`, the part writer and merge in :mod:`bio.embed_store`.
+leaves no state behind that would block or be resumed by the corrected command. The readers start before the checks
+and the model load (they write nothing), so those overlap the first fields instead of adding to the run's time.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import logging
@@ -44,29 +46,16 @@ from typing import Any
 from bio.backbone import CellBackbone
 from bio.embed_anndata import ANNDATA_FILE, require_anndata, write_anndata
 from bio.embed_checks import check_inputs, nothing_embedded
-from bio.embed_fields import BackgroundWriter, FieldResult, embed_field, read_ahead
-from bio.embed_store import (
-    PartWriter,
-    all_commits,
-    discard_attempt,
-    merge_parts,
-    run_lock,
-    start_run,
-    wait_for_all,
-)
-from bio.fields import (
-    CentroidFinder,
-    FieldInfo,
-    field_channel_names,
-    list_fields,
-    open_field_image,
-    open_fields,
-)
+from bio.embed_fields import BackgroundWriter, FieldResult, embed_field
+from bio.embed_merge import merge_parts
+from bio.embed_reader import Reading, ReadPlan, auto_workers, start_reading
+from bio.embed_store import PartWriter, all_commits, discard_attempt, run_lock, start_run, wait_for_all
+from bio.fields import CentroidFinder, FieldInfo, field_channel_names, list_fields
 from bio.fields_files import DEFAULT_NAME_PATTERN
 from bio.heads import check_compatible, load_head
 from bio.io import channel_indices
 from bio.preprocess import load_illumination
-from bio.qc import QcThresholds, measure_field
+from bio.qc import QcThresholds
 from core.distributed.device import resolve_device
 from core.distributed.env import DistEnv
 from core.errors import DinoscopeError
@@ -107,7 +96,7 @@ def embed_plate(
     resume: bool = True,
     overwrite: bool = False,
     prefetch: bool = True,
-    read_workers: int = 1,
+    read_workers: int = 0,
     poll_seconds: float = 1.0,
     channel_map: Mapping[str, str] | None = None,
     name_pattern: str = DEFAULT_NAME_PATTERN,
@@ -133,8 +122,10 @@ def embed_plate(
         illumination: ``.npz`` flat-fields per channel (:func:`bio.preprocess.save_illumination`).
         resume: continue a previous run in ``out_dir`` (settings must match); ``False`` starts over.
         overwrite: replace a run in ``out_dir`` made with other settings (otherwise refused).
-        prefetch, read_workers: read, segment and measure the next fields in ``read_workers`` threads while the
-            current one is embedded (embedded fields are always stored by a writer thread).
+        prefetch, read_workers: read, find nuclei, crop and measure the next fields in ``read_workers`` forked
+            processes (threads for LoadData manifests; 0: one per CPU of the rank, at most 4) while the current one is
+            embedded; without ``prefetch`` all in this thread, one field at a time (embedded fields are always stored
+            by a writer thread).
         poll_seconds: how often rank 0 checks whether the other ranks are done.
         channel_map: renames the sources' channels (``{"OrigDNA": "DNA"}``); manifests also follow the ``Orig``
             rule of :mod:`bio.io_manifest`.
@@ -166,6 +157,8 @@ def embed_plate(
             raise DinoscopeError(f"unknown {key} {value!r}", field=key, fix=f"use one of {', '.join(valid)}")
     if crop_size < 1:
         raise DinoscopeError(f"crop size must be positive, got {crop_size}", field="crop_size")
+    if batch_size < 1:
+        raise DinoscopeError(f"batch_size must be positive, got {batch_size}", field="batch_size")
     if output_format == "anndata":
         require_anndata()
     qc = qc or QcThresholds()
@@ -175,12 +168,34 @@ def embed_plate(
     lock = run_lock(run, env.rank)
     if env.world_size == 1 and run.exists():
         lock.acquire()
+    reading: Reading | None = None
     try:
         fields = list_fields(sources, channel_map=channel_map, name_pattern=name_pattern)
         finder = CentroidFinder(
             centroids, nuclei_table=nuclei_table, label_channel=label_channel, detect_channel=detect_channel
         )
         names = _embedding_channels(fields, channels, label_channel)
+        flats = load_illumination(illumination) if illumination else None
+        plan = ReadPlan(
+            finder,
+            names,
+            crop_size,
+            edge,
+            names.index(finder.detect_channel) if finder.detect_channel in names else None,
+            batch_size,
+            flats,
+        )
+        ours = [f.index for f in fields if f.index % env.world_size == env.rank]
+        workers = read_workers or auto_workers(env.local_world_size)
+
+        def read(wanted: list[int]) -> Reading:
+            return start_reading(plan, fields, wanted, prefetch=prefetch, workers=workers)
+
+        # The readers start now, before the inputs are checked and the model is loaded (they write nothing, and are
+        # forked before the model reaches any device), so those overlap the first fields. Which fields are still to
+        # do is a guess until start_run has settled the directory; a wrong guess is read again below.
+        guess = _not_committed(run, ours) if resume else ours
+        reading = read(guess)
         check_inputs(fields, finder, names)
         device = str(resolve_device(device, local_rank=env.local_rank, field="model.device"))
         backbone = CellBackbone.load(
@@ -199,7 +214,6 @@ def embed_plate(
         if head:
             classifier, head_meta = load_head(head)
             check_compatible(head_meta, description, head)
-        flats = load_illumination(illumination) if illumination else None
         settings = {
             "sources": [str(Path(s).resolve()) for s in sources],
             "channels": names,
@@ -219,12 +233,14 @@ def embed_plate(
         }
         if start_run(run, settings, env, lock, resume=resume, overwrite=overwrite):
             return _already_complete(run, env, output_format)
-        nuclear = names.index(finder.detect_channel) if finder.detect_channel in names else None
         part = PartWriter(run / "parts" / f"rank-{env.rank:04d}")
         done = set(all_commits(run))
         if done and env.is_main:
             log.info("resuming %s: %d of %d fields were embedded before", run, len(done), len(fields))
-        mine = [f.index for f in fields if f.index % env.world_size == env.rank and f.index not in done]
+        mine = [index for index in ours if index not in done]
+        if mine != guess:
+            reading.close()
+            reading = read(mine)
         logger = JsonlLogger(run / "embed_log.jsonl")
         started = time.perf_counter()
 
@@ -239,31 +255,23 @@ def embed_plate(
                 rank=env.rank, field=field.index, key=field.key, n_cells=n, seconds=seconds, cells_per_s=n / seconds
             )
 
-        def embed_fields() -> Iterator[None]:
+        def embed_fields(prepared_fields: Reading) -> Iterator[None]:
             """One tick per embedded cell, so the shared progress bar shows cells/s."""
-
-            def measure(data: Any, cents: Any) -> dict[str, Any]:
-                return measure_field(data, cents, crop_size, edge, nuclear, backbone.batch_size)
-
-            opened = _openers(fields, set(mine))
-            loaded = read_ahead(opened, finder, names, flats, prefetch, measure, read_workers)
             writer = BackgroundWriter(store, depth=2 if prefetch else 1)
             try:
-                for field, image_data, cents, ids, measured in loaded:
+                for prepared in prepared_fields:
                     t0 = time.perf_counter()
-                    result = embed_field(
-                        backbone, image_data, cents, ids, names, crop_size, edge, classifier, dtype, nuclear, measured
-                    )
-                    writer.put((field, result, max(time.perf_counter() - t0, 1e-9), len(cents)))
+                    result = embed_field(backbone, prepared, names, classifier, dtype)
+                    writer.put((prepared.field, result, max(time.perf_counter() - t0, 1e-9), prepared.found))
                     yield from itertools.repeat(None, len(result.cell_id))
             except BaseException:
                 writer.abandon()
                 raise
             finally:
-                loaded.close()  # here, in this thread, not by the garbage collector in some other one
+                prepared_fields.close()  # here, in this thread, not by the garbage collector in some other one
             writer.close()
 
-        for _ in progress(embed_fields(), desc=f"embed (rank {env.rank}/{env.world_size})", unit="cell"):
+        for _ in progress(embed_fields(reading), desc=f"embed (rank {env.rank}/{env.world_size})", unit="cell"):
             pass
         if not env.is_main:
             return {"rank": env.rank, "fields": len(mine), "rows": part.rows}
@@ -284,7 +292,7 @@ def embed_plate(
             "qc": settings["qc"],
         }
         dim = description["features"]["dim"]
-        n_cells = merge_parts(run, fields, commits, dim, dtype, chunk_rows, attrs, head_meta, names, qc)
+        n_cells = merge_parts(run, fields, commits, dim, dtype, chunk_rows, attrs, head_meta, names, qc, part.measured)
         shutil.rmtree(run / "parts", ignore_errors=True)
         if output_format == "anndata":
             write_anndata(run)
@@ -302,6 +310,8 @@ def embed_plate(
         log.info("embedded %d cells from %d fields into %s (D=%d)", n_cells, len(fields), run, dim)
         return summary
     finally:
+        if reading is not None:
+            reading.close()
         lock.release()
 
 
@@ -329,12 +339,10 @@ def _embedding_channels(
     return [name for name in available if name != label_channel]
 
 
-def _openers(fields: list[FieldInfo], wanted: set[int]) -> Iterator[tuple[FieldInfo, Any]]:
-    """The wanted fields in order, each with a function opening its image (so that a reader thread opens it), or,
-    for LoadData rows, which are opened stepping through their manifest, with the image itself."""
-    if all(field.path is not None for field in fields):
-        for field in fields:
-            if field.index in wanted:
-                yield field, functools.partial(open_field_image, field)
-        return
-    yield from open_fields(fields, wanted)
+def _not_committed(run: Path, ours: list[int]) -> list[int]:
+    """Our fields that a run in ``run`` has not committed yet, as the directory is now (read only): every one for a
+    new run, none for a finished one."""
+    if (run / "embed_summary.json").exists():
+        return []
+    done = all_commits(run) if (run / "parts").exists() else {}
+    return [index for index in ours if index not in done]

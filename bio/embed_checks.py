@@ -4,8 +4,9 @@ that embedded no cell.
 :func:`check_inputs` reads metadata only (no pixels) and writes nothing, so a bad input fails in seconds with the
 output directory untouched, instead of after hours of embedding: every image file of every LoadData row exists,
 every NGFF field the plates list and every TIFF file opens, the channels the run reads exist in every field (after
-the channel map), and a nuclei table names the sources' plates. Fields are opened by a few threads, since each is
-a handful of small metadata reads.
+the channel map), and a nuclei table names the sources' plates. Fields are opened by two threads: each is a handful of
+small metadata reads, whose latency a network file system makes worth overlapping, while more threads only contend for
+the GIL (and with the readers, which :mod:`bio.embed` starts before the checks).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from bio.fields import CentroidFinder, FieldInfo, open_field_image
 from bio.io import channel_indices, read_manifest
 from core.errors import DinoscopeError
 
-_THREADS = 8
+_FIELD_THREADS = 2  # opening a field is mostly Python (zarr): more threads only take turns with the GIL
+_FILE_THREADS = 8  # a stat releases the GIL: on a network file system, many at once pay off
 _SHOWN = 5
 
 
@@ -41,7 +43,7 @@ def check_inputs(fields: Sequence[FieldInfo], finder: CentroidFinder, names: Seq
         if its_fields[0].path is None:
             _check_manifest(source, needed, finder, dict(its_fields[0].channel_map))
         else:
-            with ThreadPoolExecutor(max_workers=_THREADS) as pool:
+            with ThreadPoolExecutor(max_workers=_FIELD_THREADS) as pool:
                 problems = [p for p in pool.map(lambda f: _field_problem(f, needed, finder), its_fields) if p]
             if problems:
                 first = problems[0]
@@ -60,7 +62,7 @@ def _check_manifest(source: Path, needed: Sequence[str], finder: CentroidFinder,
     wanted = [*needed, finder.label_channel] if labels else needed
     channel_indices(rows[0].channel_names, wanted, source)
     listed = [(row.line, row.channel_columns[name], path) for row in rows for name, path in row.channel_paths.items()]
-    with ThreadPoolExecutor(max_workers=_THREADS) as pool:  # network file systems answer slowly, but in parallel
+    with ThreadPoolExecutor(max_workers=_FILE_THREADS) as pool:  # network file systems answer slowly, but in parallel
         found = list(pool.map(lambda item: item[2].is_file(), listed))
     missing = [item for item, exists in zip(listed, found, strict=True) if not exists]
     if missing:

@@ -10,6 +10,7 @@ and pretraining (:mod:`bio.pretrain_data`):
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from bio.fields_files import (
     tiff_fields,
 )
 from bio.io import Image, iter_manifest_fields, plate_layout, read_image, read_manifest, well_name
-from bio.profiles import normalise_well_names
+from bio.profiles import normalise_well_name
 from core.errors import DinoscopeError
 
 CENTROID_METHODS = ("detect", "table", "labels")
@@ -259,7 +260,8 @@ class CentroidFinder:
         id_column = next((c for c in _ID_COLUMNS if c in frame.columns), None)
         self._ids = frame[id_column].to_numpy(np.int64) if id_column else np.zeros(len(frame), np.int64)
         keys = pd.DataFrame({k: frame[columns[k]].astype(str).to_numpy() for k in self._keys})
-        keys["well"] = normalise_well_names(keys["well"])
+        names, inverse = np.unique(keys["well"].to_numpy(str), return_inverse=True)  # a few hundred distinct wells
+        keys["well"] = np.array([_normalised_well(name) for name in names], dtype=object)[inverse.ravel()]
         self._table = {
             (k if isinstance(k, tuple) else (k,)): rows
             for k, rows in keys.groupby(self._keys, sort=False).indices.items()
@@ -270,7 +272,7 @@ class CentroidFinder:
 
     def table_key(self, field: FieldInfo) -> tuple[str, ...]:
         """The field's key in the nuclei table: its values of the table's columns among plate, well, site."""
-        well = normalise_well_names(pd.Series([field.well])).iloc[0]
+        well = _normalised_well(field.well)
         return tuple({"plate": field.plate, "well": well, "site": field.site}[k] for k in self._keys)
 
     def table_keys(self) -> tuple[list[str], list[tuple[str, ...]]]:
@@ -309,3 +311,9 @@ class CentroidFinder:
             )
         with read_image(ngff) as labels:
             return np.asarray(labels.data[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalised_well(well: str) -> str:
+    """:func:`bio.profiles.normalise_well_name`, remembered: every field of a run asks for its well's table key."""
+    return normalise_well_name(well)

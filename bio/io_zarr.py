@@ -330,8 +330,11 @@ def _multiscale_metadata(
 def _open_group(path: Path) -> Any:
     if not path.exists():
         raise DinoscopeError("zarr group not found", path=path, fix="check the path")
+    # A zarr v3 group says so in its zarr.json; naming the format spares zarr probing for the v2 files as well (about
+    # 40 % of opening a group, paid for every field of a plate).
+    zarr_format = 3 if (path / "zarr.json").is_file() else None
     try:
-        return zarr.open_group(str(path), mode="r")
+        return zarr.open_group(str(path), mode="r", zarr_format=zarr_format)
     except Exception as exc:  # noqa: BLE001 - zarr raises several types for "not a group"
         raise DinoscopeError(
             f"not a readable zarr group ({type(exc).__name__}: {exc})",

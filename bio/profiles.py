@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ import zarr
 
 from core.errors import DinoscopeError
 from core.io import atomic_path
+
+_WELL_NAME = re.compile(r"^([A-Za-z]+)0*(\d+)$")  # a well: row letters, column number
 
 META_PREFIX = "Metadata_"
 FEATURE_PREFIX = "emb_"
@@ -88,11 +91,18 @@ def metadata_columns(profiles: pd.DataFrame) -> list[str]:
 def normalise_well_names(wells: pd.Series) -> pd.Series:
     """``a1``, ``A1`` and ``A001`` all become ``A01``, so run and plate map match whatever the zero padding."""
     text = wells.astype(str).str.strip()
-    parts = text.str.extract(r"^([A-Za-z]+)0*(\d+)$")
+    parts = text.str.extract(_WELL_NAME.pattern)
     ok = parts[0].notna()
     out = text.copy()
     out[ok] = parts.loc[ok, 0].str.upper() + parts.loc[ok, 1].astype(int).map("{:02d}".format)
     return out
+
+
+def normalise_well_name(well: str) -> str:
+    """:func:`normalise_well_names` of one name, without pandas (a thousand times cheaper for one value)."""
+    text = str(well).strip()
+    match = _WELL_NAME.match(text)
+    return f"{match[1].upper()}{int(match[2]):02d}" if match else text
 
 
 def open_run(run_dir: str | os.PathLike) -> EmbeddingRun:

@@ -96,7 +96,12 @@ def measure_cells(crops: np.ndarray, levels: np.ndarray, nuclear: int | None) ->
         ..., 1:-1, 1:-1
     ]
     focus = _variance(lap) / (_variance(half - half.mean(axis=(2, 3), keepdims=True)) + 1e-12)
-    saturated = (x >= levels.astype(np.float32)[None, :, None, None]).mean(axis=(2, 3)).max(axis=1)
+    # integer pixels never reach an infinite level (a channel without a clipped plateau): only the others are compared
+    clipped = np.isfinite(levels) | (crops.dtype.kind not in "ui")
+    saturated = np.zeros(n)
+    if clipped.any():
+        level = levels[clipped].astype(np.float32)[None, :, None, None]
+        saturated = (x[:, clipped] >= level).mean(axis=(2, 3)).max(axis=1)
     area = np.full(n, np.nan, np.float32)
     if nuclear is not None:
         area[:] = nucleus_areas(x[:, nuclear])
@@ -205,11 +210,12 @@ def focus_score(focus: np.ndarray) -> np.ndarray:
 
 
 def plate_medians(measured: Iterable[tuple[str, dict[str, np.ndarray]]]) -> dict[str, dict[str, float]]:
-    """Median focus score and nucleus area per plate, from ``(plate, measurements)`` of every field."""
+    """Median focus score and nucleus area per plate, from ``(plate, measurements)`` of every field; a field's
+    measurements give ``focus [n, C]`` or its :func:`focus_score` ``focus_score [n]``, and ``nucleus_area``."""
     focus: dict[str, list[np.ndarray]] = {}
     area: dict[str, list[np.ndarray]] = {}
     for plate, rows in measured:
-        focus.setdefault(plate, []).append(focus_score(rows["focus"]))
+        focus.setdefault(plate, []).append(rows["focus_score"] if "focus_score" in rows else focus_score(rows["focus"]))
         area.setdefault(plate, []).append(rows["nucleus_area"])
     medians = {}
     for plate in focus:

@@ -89,7 +89,7 @@ def test_a_crash_mid_plate_resumes_to_the_same_store(
     with pytest.raises(RuntimeError, match="killed"):
         _embed(screen, weights, run)
     part = run / "parts" / "rank-0000"
-    assert len((part / "committed.jsonl").read_text().splitlines()) == 4 and (part / "field-00000004.npz").exists()
+    assert len((part / "committed.jsonl").read_text().splitlines()) == 4 and (part / "field-00000004.rows").exists()
     with (part / "committed.jsonl").open("a") as handle:
         handle.write('{"field": 9, "ro')  # a commit line torn by the crash
     monkeypatch.setattr(store_mod.PartWriter, "_commit", real_commit)

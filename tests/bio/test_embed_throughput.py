@@ -1,6 +1,6 @@
 """The fast paths of ``dinoscope cells embed`` give what the plain ones give, to the bit: crops cut in one gather,
-nucleus areas of a whole batch at once, the pinned staging of host-to-device copies, and the background writer's
-error and stop handling."""
+nucleus areas of a whole batch at once, saturation compared on the clipped channels only, the pinned staging of
+host-to-device copies, and the background writer's error and stop handling."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from skimage.filters import threshold_otsu
 from bio.backbone import stage_batch
 from bio.cells import crop_cells
 from bio.embed_fields import BackgroundWriter
-from bio.qc import nucleus_areas
+from bio.qc import measure_cells, nucleus_areas
 
 
 def _area_one_by_one(plane: np.ndarray) -> float:
@@ -94,3 +94,13 @@ def test_background_writer_writes_in_order_and_hands_errors_back() -> None:
     writer.put(0)
     writer.abandon()  # returns at once although a write is stuck
     gate.set()
+
+
+def test_saturation_compares_only_the_clipped_channels_and_gives_the_full_comparison() -> None:
+    rng = np.random.default_rng(2)
+    crops = rng.integers(0, 4096, (9, 4, 16, 16)).astype(np.uint16)
+    for levels in ([np.inf] * 4, [np.inf, 4000.0, np.inf, 3900.0], [4000.0] * 4):
+        levels = np.array(levels)
+        want = (crops.astype(np.float32) >= levels.astype(np.float32)[None, :, None, None]).mean(axis=(2, 3)).max(1)
+        got = measure_cells(crops, levels, None)["saturated_fraction"]
+        np.testing.assert_array_equal(got, want.astype(np.float32))
