@@ -50,7 +50,7 @@ from geodino.tiling import StripAccumulator, TileGrid
 log = logging.getLogger(__name__)
 
 # Finished rows are stored once this many bytes of them wait (or the blending thread is idle): see BlendStage.
-COMMIT_BYTES = 16 << 20
+COMMIT_BYTES = 8 << 20
 ModelFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
