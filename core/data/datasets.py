@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from core.data.images import CONTRACT_DTYPES, IMAGE_EXTENSIONS, read_image, read_num_channels
 from core.data.manifest import ManifestDataset, read_manifest
-from core.data.synthetic_scenes import SyntheticScenesDataset
+from core.data.synthetic_scenes import SyntheticScenesDataset, balanced_classes
 from core.errors import DinoscopeError
 from core.logging import progress
 from core.weights.meta import default_channel_names
@@ -174,14 +174,9 @@ class SyntheticShapesDataset(Dataset):
                 f"need n >= 1, size >= 8 and channels >= 1, got n={n}, size={size}, channels={channels}",
                 field="synthetic_shapes",
             )
-        if not 2 <= num_classes <= len(self.CLASS_NAMES):
-            raise DinoscopeError(
-                f"num_classes must be 2..{len(self.CLASS_NAMES)}, got {num_classes}", field="num_classes"
-            )
         self.n, self.size, self.channels, self.seed = n, size, channels, seed
         self.labelled = labelled
-        self.classes = list(self.CLASS_NAMES[:num_classes])
-        self.targets = [i % num_classes for i in range(n)]
+        self.classes, self.targets = balanced_classes(self.CLASS_NAMES, num_classes, n)
         self.channel_names = default_channel_names(channels)
 
     def __len__(self) -> int:

@@ -31,6 +31,14 @@ OBJECT_RANGE = (0.55, 1.0)  # per-channel range of object colours: light, of any
 RADIUS_RANGE = (0.12, 0.34)  # object radius as a fraction of the image side
 
 
+def balanced_classes(names: tuple[str, ...], num_classes: int, n: int) -> tuple[list[str], list[int]]:
+    """The first ``num_classes`` of a synthetic dataset's class ``names`` and the label of each of its ``n`` images
+    (round robin, so every class is equally frequent); a clear error for a count outside ``2..len(names)``."""
+    if not 2 <= num_classes <= len(names):
+        raise DinoscopeError(f"num_classes must be 2..{len(names)}, got {num_classes}", field="num_classes")
+    return list(names[:num_classes]), [i % num_classes for i in range(n)]
+
+
 class SyntheticScenesDataset(Dataset):
     """Labelled objects in cluttered, colourful scenes (see the module docstring).
 
@@ -60,14 +68,9 @@ class SyntheticScenesDataset(Dataset):
                 f"need n >= 1, size >= 16 and clutter >= 0, got n={n}, size={size}, clutter={clutter}",
                 field="synthetic_scenes",
             )
-        if not 2 <= num_classes <= len(self.CLASS_NAMES):
-            raise DinoscopeError(
-                f"num_classes must be 2..{len(self.CLASS_NAMES)}, got {num_classes}", field="num_classes"
-            )
         self.n, self.size, self.seed, self.clutter = n, size, seed, clutter
         self.labelled = labelled
-        self.classes = list(self.CLASS_NAMES[:num_classes])
-        self.targets = [i % num_classes for i in range(n)]
+        self.classes, self.targets = balanced_classes(self.CLASS_NAMES, num_classes, n)
         self.channel_names = default_channel_names(3)
 
     def __len__(self) -> int:
